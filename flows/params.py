@@ -1,0 +1,436 @@
+"""Pipeline parameters: params.yaml parsed once into frozen, validated configs.
+
+One frozen dataclass per params.yaml section; `PipelineParams` holds one of each, its field names
+being the section names. Every value is checked when a config is built (`__post_init__`), so a bad
+params.yaml or `-S section.key=value` override fails before any stage runs, with a message that
+starts with the key path: `quantize.bits: must be an integer in 2..8, got 9`.
+
+Types are strict: a bool must be a YAML bool (not `yes` in quotes), an int must not be a bool or a
+float; a float key accepts an int. List values are stored as tuples so configs stay immutable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import yaml
+
+__all__ = [
+    "CALIB_SPLITS",
+    "DTYPES",
+    "EVAL_SPLITS",
+    "METHODS",
+    "PACK_FORMATS",
+    "SECTIONS",
+    "EvaluateParams",
+    "FetchModelParams",
+    "PackParams",
+    "ParamsError",
+    "PipelineParams",
+    "PrepareDataParams",
+    "QatParams",
+    "QuantizeParams",
+    "RegisterParams",
+    "dump_default_params",
+    "flatten",
+    "load_params",
+    "params_from_dict",
+    "params_to_dict",
+    "section_keys",
+]
+
+METHODS = ("rtn", "gptq")
+DTYPES = ("float32", "bfloat16", "float16")
+CALIB_SPLITS = ("first_half", "all")
+EVAL_SPLITS = ("second_half", "all")
+PACK_FORMATS = ("gptq", "compressed-tensors")
+
+
+class ParamsError(ValueError):
+    """An invalid params.yaml, section, key, value or override; the message starts with its path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks. Each takes (key path, value) and returns the value, normalized (lists -> tuples,
+# ints -> floats for float keys), or raises ParamsError.
+
+Check = Callable[[str, Any], Any]
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _expected(path: str, kind: str, value: Any) -> ParamsError:
+    return ParamsError(f"{path}: expected {kind}, got {_describe(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _boolean() -> Check:
+    def check(path: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _expected(path, "bool", value)
+        return value
+
+    return check
+
+
+def _integer(lo: int | None = None, hi: int | None = None, *, nullable: bool = False) -> Check:
+    if lo is not None and hi is not None:
+        rule = f"an integer in {lo}..{hi}"
+    elif lo == 1:
+        rule = "a positive integer"
+    else:
+        rule = "an integer" if lo is None else f"an integer >= {lo}"
+    rule += " or null" if nullable else ""
+
+    def check(path: str, value: Any) -> int | None:
+        if value is None and nullable:
+            return None
+        if not _is_int(value):
+            raise _expected(path, "int or null" if nullable else "int", value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ParamsError(f"{path}: must be {rule}, got {value}")
+        return value
+
+    return check
+
+
+def _open_interval(lo: float, hi: float) -> Check:
+    def check(path: str, value: Any) -> float:
+        if not (_is_int(value) or isinstance(value, float)):
+            raise _expected(path, "float", value)
+        if not lo < value < hi:  # also rejects nan
+            raise ParamsError(f"{path}: must be in the open interval ({lo}, {hi}), got {value}")
+        return float(value)
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(path: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            allowed = ", ".join(repr(o) for o in options)
+            raise ParamsError(f"{path}: must be one of {allowed}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _text(*, nullable: bool = False, pattern: str | None = None, rule: str = "") -> Check:
+    """A non-empty string, optionally null, optionally matching `pattern` (explained by `rule`)."""
+
+    def check(path: str, value: Any) -> str | None:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise _expected(path, "str or null" if nullable else "str", value)
+        if not value.strip():
+            raise ParamsError(f"{path}: must be a non-empty string")
+        if pattern is not None and not re.fullmatch(pattern, value):
+            raise ParamsError(f"{path}: {rule}, got {value!r}")
+        return value
+
+    return check
+
+
+def _text_list() -> Check:
+    def check(path: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise _expected(path, "a list of str", value)
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise ParamsError(f"{path}: item {i} must be a non-empty string, got {_describe(item)}")
+        if len(set(value)) != len(value):
+            raise ParamsError(f"{path}: items must be unique, got {list(value)}")
+        return tuple(value)
+
+    return check
+
+
+def _key(default: Any, check: Check) -> Any:
+    """A section key: its default and the check run on every value it is given."""
+    return field(default=default, metadata={"check": check})
+
+
+class _Section:
+    """Base of the section configs: runs each field's check with its key path as prefix."""
+
+    SECTION: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = f.metadata["check"](f"{self.SECTION}.{f.name}", getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # normalized value; the dataclass is frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections, in stage order. The first docstring line is the section's comment in params.yaml.
+
+
+@dataclass(frozen=True)
+class FetchModelParams(_Section):
+    """The model to quantize (a known name, Hub repo id or local dir) and its load dtype."""
+
+    SECTION: ClassVar[str] = "fetch_model"
+    source: str = _key("smollm2-135m", _text())
+    trust_remote_code: bool = _key(False, _boolean())
+    dtype: str = _key("float32", _choice(DTYPES))
+
+
+@dataclass(frozen=True)
+class PrepareDataParams(_Section):
+    """Calibration and evaluation token ids (defaults = the benchmark protocol).
+
+    calib_split first_half is the protocol's calibration pool; eval_split second_half the held-out
+    half. eval_windows null scores every window; mirror null reads env PTQ_DATA_MIRROR.
+    """
+
+    SECTION: ClassVar[str] = "prepare_data"
+    calib_source: str = _key("wikitext2", _text())
+    calib_split: str = _key("first_half", _choice(CALIB_SPLITS))
+    n_samples: int = _key(128, _integer(1))
+    seqlen: int = _key(512, _integer(1))
+    seed: int = _key(0, _integer())
+    eval_sources: tuple[str, ...] = _key(("wikitext2",), _text_list())
+    eval_split: str = _key("second_half", _choice(EVAL_SPLITS))
+    eval_window: int = _key(1024, _integer(2))
+    eval_windows: int | None = _key(16, _integer(1, nullable=True))
+    mirror: str | None = _key(None, _text(nullable=True))
+
+    def resolved_mirror(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The data mirror to read from: `mirror`, else $PTQ_DATA_MIRROR, else None."""
+        return self.mirror if self.mirror is not None else (environ.get("PTQ_DATA_MIRROR") or None)
+
+
+@dataclass(frozen=True)
+class QuantizeParams(_Section):
+    """Method, scheme (bits, group_size: null = per output channel, sym) and solver options."""
+
+    SECTION: ClassVar[str] = "quantize"
+    method: str = _key("gptq", _choice(METHODS))
+    bits: int = _key(4, _integer(2, 8))
+    group_size: int | None = _key(64, _integer(1, nullable=True))
+    sym: bool = _key(False, _boolean())
+    act_order: bool = _key(True, _boolean())
+    damp: float = _key(0.01, _open_interval(0, 1))
+    block_size: int = _key(128, _integer(1))
+    true_sequential: bool = _key(True, _boolean())
+    clip_search: bool = _key(False, _boolean())
+    batch_size: int = _key(8, _integer(1))
+    spill_to_disk: bool = _key(False, _boolean())
+    device: str = _key(
+        "auto", _text(pattern=r"auto|cpu|cuda(:\d+)?", rule="must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    )
+
+
+@dataclass(frozen=True)
+class QatParams(_Section):
+    """Global QAT refinement after block-wise PTQ; disabled = pass the quantized state through."""
+
+    SECTION: ClassVar[str] = "qat"
+    enabled: bool = _key(False, _boolean())
+
+
+@dataclass(frozen=True)
+class PackParams(_Section):
+    """Release checkpoint format."""
+
+    SECTION: ClassVar[str] = "pack"
+    format: str = _key("gptq", _choice(PACK_FORMATS))
+
+
+@dataclass(frozen=True)
+class EvaluateParams(_Section):
+    """Perplexity on the prepared windows, plus optional lm-eval tasks (limit null = all docs)."""
+
+    SECTION: ClassVar[str] = "evaluate"
+    lm_eval_tasks: tuple[str, ...] = _key((), _text_list())
+    lm_eval_limit: int | None = _key(None, _integer(1, nullable=True))
+    batch_size: int = _key(4, _integer(1))
+
+
+@dataclass(frozen=True)
+class RegisterParams(_Section):
+    """MLflow run and registry (null tracking_uri = $MLFLOW_TRACKING_URI or ./mlflow.db).
+
+    tracking_uri null = env MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db.
+    model_name null = derived by the register stage as `ptq-<model>-<scheme>`.
+    """
+
+    SECTION: ClassVar[str] = "register"
+    tracking_uri: str | None = _key(None, _text(nullable=True))
+    experiment: str = _key("ptq-pipeline", _text())
+    model_name: str | None = _key(
+        None, _text(nullable=True, pattern=r"[^/:]+", rule="must not contain '/' or ':' (MLflow)")
+    )
+    alias: str = _key(
+        "candidate",
+        _text(
+            pattern=r"(?!(?i:latest|v\d+)$)[\w-]+",
+            rule="must be letters, digits, '_' or '-', and not 'latest' or 'v<N>' (reserved by MLflow)",
+        ),
+    )
+
+    def resolved_tracking_uri(self, project_root: Path, environ: Mapping[str, str] = os.environ) -> str:
+        """`tracking_uri`, else $MLFLOW_TRACKING_URI, else SQLite in the project root."""
+        if self.tracking_uri is not None:
+            return self.tracking_uri
+        return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """All of params.yaml: one validated config per section (field name = section name)."""
+
+    fetch_model: FetchModelParams = field(default_factory=FetchModelParams)
+    prepare_data: PrepareDataParams = field(default_factory=PrepareDataParams)
+    quantize: QuantizeParams = field(default_factory=QuantizeParams)
+    qat: QatParams = field(default_factory=QatParams)
+    pack: PackParams = field(default_factory=PackParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), f.default_factory):
+                raise _expected(f.name, f.default_factory.__name__, getattr(self, f.name))
+
+
+SECTIONS: Mapping[str, type[_Section]] = MappingProxyType(
+    {f.name: f.default_factory for f in fields(PipelineParams)}  # type: ignore[misc]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, export.
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading scalars as YAML 1.2 (and DVC's ruamel.yaml) do where 1.1 differs:
+    only true/false are bools (`yes`, `on` stay strings), and `1e-3` is a float."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_params(path: Path, overrides: Sequence[str] = ()) -> PipelineParams:
+    """Read params.yaml, apply `section.key=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        raw = _parse_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: invalid YAML: {e}") from e
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {_describe(raw)}")
+    for text in overrides:
+        _apply_override(raw, text)
+    return params_from_dict(raw)
+
+
+def _apply_override(raw: dict[str, Any], text: str) -> None:
+    """Set raw[section][key] from `section.key=value`; checking the result is left to the loader."""
+    path, sep, value_text = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not (sep and dot and section and key) or "." in key:
+        raise ParamsError(f"{text}: malformed override (expected section.key=value)")
+    try:
+        value = _parse_yaml(value_text)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{section}.{key}: cannot parse override value {value_text!r}: {e}") from e
+    body = raw.get(section)
+    if body is None:
+        body = raw[section] = {}
+    if not isinstance(body, dict):
+        raise _expected(section, "a mapping of keys", body)
+    body[key] = value
+
+
+def params_from_dict(raw: Mapping[str, Any]) -> PipelineParams:
+    """Build and validate configs from a {section: {key: value}} mapping; missing ones default."""
+    for name in raw:
+        if name not in SECTIONS:
+            raise ParamsError(f"{name}: unknown section (allowed: {', '.join(SECTIONS)})")
+    return PipelineParams(**{name: _section_from_dict(cls, raw.get(name)) for name, cls in SECTIONS.items()})
+
+
+def _section_from_dict(cls: type[_Section], body: Any) -> _Section:
+    body = {} if body is None else body
+    if not isinstance(body, Mapping):
+        raise _expected(cls.SECTION, "a mapping of keys", body)
+    allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    for key in body:
+        if key not in allowed:
+            raise ParamsError(f"{cls.SECTION}.{key}: unknown key (allowed: {', '.join(allowed)})")
+    return cls(**body)
+
+
+def params_to_dict(params: PipelineParams) -> dict[str, dict[str, Any]]:
+    """Plain {section: {key: value}} with lists, for YAML and MLflow."""
+    return {
+        s.name: {f.name: _plain(getattr(getattr(params, s.name), f.name)) for f in fields(SECTIONS[s.name])}
+        for s in fields(params)
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"quantize": {"bits": 4}} -> {"quantize.bits": "4"}; each value is YAML text that parses back."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = _yaml_scalar(value)
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None or isinstance(value, (bool, list, tuple)):
+        return json.dumps(_plain(value))  # null, true/false, ["a", "b"]: all valid YAML
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def section_keys(section_name: str) -> list[str]:
+    """The `section.key` names of one section, e.g. for a DVC stage's `params:` list."""
+    if section_name not in SECTIONS:
+        raise ParamsError(f"{section_name}: unknown section (allowed: {', '.join(SECTIONS)})")
+    return [f"{section_name}.{f.name}" for f in fields(SECTIONS[section_name])]  # type: ignore[arg-type]
+
+
+def dump_default_params() -> str:
+    """params.yaml text holding every default, one comment line per section."""
+    chunks = [
+        "# ptq-pipeline parameters: one section per DVC stage. Keys, types and allowed values are\n"
+        "# defined and checked in flows/params.py; override one with `-S section.key=value`.\n"
+    ]
+    for name, body in params_to_dict(PipelineParams()).items():
+        comment = (SECTIONS[name].__doc__ or "").strip().splitlines()[0]
+        chunks.append(f"# {comment}\n" + yaml.safe_dump({name: body}, sort_keys=False, default_flow_style=False))
+    return "\n".join(chunks)

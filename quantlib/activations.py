@@ -1,0 +1,59 @@
+"""Where calibration activations live between blocks: CPU memory, or safetensors shards on disk."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["ActivationStore"]
+
+
+class ActivationStore:
+    """An append-only list of (b, T, d) batches. With `spill_dir` each batch is a file
+    (batch_00000.safetensors) and only the batch being used is in memory."""
+
+    def __init__(self, spill_dir: str | os.PathLike | None = None) -> None:
+        self._mem: list[torch.Tensor] = []
+        self._dir = Path(spill_dir) if spill_dir is not None else None
+        self._n = 0
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_batches(cls, batches: list[torch.Tensor], spill_dir=None) -> "ActivationStore":
+        store = cls(spill_dir)
+        for b in batches:
+            store.append(b)
+        return store
+
+    def _path(self, i: int) -> Path:
+        return self._dir / f"batch_{i:05d}.safetensors"
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu").contiguous()
+        if self._dir is None:
+            self._mem.append(x)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=self._dir, suffix=".tmp")
+            os.close(fd)
+            save_file({"x": x}, tmp)
+            os.replace(tmp, self._path(self._n))
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._mem[i] if self._dir is None else load_file(str(self._path(i)))["x"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(self._n))
+
+    def cat(self) -> torch.Tensor:
+        return torch.cat(list(self), dim=0)

@@ -1,0 +1,141 @@
+"""GPTQ (Frantar et al. 2022): second-order error compensation, column by column.
+
+Math kept apart from the driver (engine.py): `accumulate_hessian` folds calibration inputs into H,
+`gptq_quantize` solves one weight given H.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .primitives import expand, minmax_qparams, qparams_from_range, search_qparams
+from .qweight import QuantizedWeight
+from .spec import QuantSpec
+
+__all__ = ["GPTQConfig", "accumulate_hessian", "damped_inverse_cholesky", "gptq_quantize"]
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """block_size: columns per lazy-update block; damp: fraction of mean(diag H) added to the
+    diagonal (x10 on each Cholesky failure, up to max_damp_tries); act_order: columns by decreasing
+    diag H with static groups (qparams fixed from the unpermuted weight, so g_idx stays j // g);
+    clip_search: grid-search clipping ratio per group weighted by diag H."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    clip_search: bool = False
+    max_damp_tries: int = 6
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+
+def accumulate_hessian(
+    h: torch.Tensor | None, count: int, x: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Running H = 2/N sum x x^T. x: (..., in) calibration inputs of one Linear; h: (in, in) fp32.
+
+    Returns the updated (H, N); the running mean keeps H's scale independent of N.
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    n = x.shape[0]
+    if h is None:
+        h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    total = count + n
+    h = h * (count / total) + (2.0 / total) * (x.t() @ x)
+    return h, total
+
+
+def damped_inverse_cholesky(h: torch.Tensor, damp: float, tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean(diag H), escalating lambda
+    tenfold until H is numerically positive definite. Does not modify h."""
+    mean_diag = torch.mean(torch.diag(h)).clamp_min(1e-12)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lam = damp
+    for _ in range(tries):
+        l, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u
+        lam *= 10
+    raise RuntimeError(f"Hessian is not positive definite even with damping {lam / 10:g} x mean(diag H)")
+
+
+def _initial_qparams(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig):
+    if cfg.clip_search:
+        return search_qparams(w, spec, weight=torch.diag(h))
+    return minmax_qparams(w, spec)
+
+
+def gptq_quantize(
+    w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig()
+) -> QuantizedWeight:
+    """w: (out, in) weight; h: (in, in) Hessian of its inputs. Neither argument is modified."""
+    w = w.float().clone()
+    h = h.float().clone()
+    out, n = w.shape
+    gw = spec.group_width(n)
+    spec.groups(n)
+    dead = torch.diag(h) == 0  # columns never excited by calibration data
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    # static qparams from the unpermuted weight (act-order, or per-channel); else lazily per group
+    static = cfg.act_order or spec.group_size is None
+    scale, zero = _initial_qparams(w, h, spec, cfg)
+    perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(n)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = damped_inverse_cholesky(h, cfg.damp, cfg.max_damp_tries)
+    groups = (perm // gw).to(w.device)
+    q = _sweep(w, u, scale, zero, groups, spec, cfg, static)
+    q = q[:, torch.argsort(perm)]
+    g_idx = torch.arange(n, dtype=torch.int32) // gw
+    return QuantizedWeight(q.to(torch.uint8).cpu(), scale.cpu(), zero.cpu(), g_idx, spec)
+
+
+def _sweep(w, u, scale, zero, groups, spec, cfg, static):
+    """Column sweep in blocks of cfg.block_size (the GPTQ lazy-batch update).
+
+    w: (out, in) permuted weight, updated in place; u: upper Cholesky of H^-1 (permuted);
+    groups[j]: group of permuted column j. Returns codes (out, in) in permuted order. When not
+    static, each group's (scale, zero) is computed from the error-updated weight at its first column.
+    """
+    out, n = w.shape
+    gw = spec.group_width(n)
+    q = torch.zeros_like(w)
+    for i1 in range(0, n, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(groups[j])
+            if not static and j % gw == 0:
+                block = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gw]
+                scale[:, g], zero[:, g] = (t[:, 0] for t in _group_qparams(block, spec, cfg))
+            col = w1[:, i]
+            s, z = scale[:, g], zero[:, g]
+            qc = torch.clamp(torch.round(col / s) + z, 0, spec.maxq)
+            q[:, j] = qc
+            e = (col - s * (qc - z)) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return q
+
+
+def _group_qparams(block: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig):
+    """(scale, zero) of shape (out, 1) for one group's current columns (out, g)."""
+    one = QuantSpec(bits=spec.bits, group_size=None, sym=spec.sym)
+    if cfg.clip_search:
+        return search_qparams(block, one)
+    return qparams_from_range(block.amin(1, keepdim=True), block.amax(1, keepdim=True), one)

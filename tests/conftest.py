@@ -1,0 +1,39 @@
+"""Test session setup: offline Hugging Face, private caches, the shared data mirror.
+
+Set in pytest_configure, which runs before any test module (and so transformers/datasets/prefect)
+is imported. Values already in the environment win, so CI can point elsewhere. Markers are
+registered in pyproject.toml.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_MIRROR = REPO_ROOT.parent / "shared" / "data"
+
+_TMP_HOME = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    home = config.stash[_TMP_HOME] = tempfile.mkdtemp(prefix="ptq-tests-")
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": os.path.join(home, "hf"),
+        "PREFECT_HOME": os.path.join(home, "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PTQ_DATA_MIRROR": str(DATA_MIRROR),
+        "DO_NOT_TRACK": "1",
+    }
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TMP_HOME in config.stash:
+        shutil.rmtree(config.stash[_TMP_HOME], ignore_errors=True)

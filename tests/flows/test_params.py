@@ -1,0 +1,237 @@
+"""flows.params: defaults, overrides, strict validation with key-path messages, export helpers."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.params import (
+    METHODS,
+    SECTIONS,
+    ParamsError,
+    PipelineParams,
+    QuantizeParams,
+    PrepareDataParams,
+    RegisterParams,
+    dump_default_params,
+    flatten,
+    load_params,
+    params_from_dict,
+    params_to_dict,
+    section_keys,
+)
+from flows.params import _open_interval
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(tmp_path: Path, text: str = "", overrides: tuple[str, ...] = ()) -> PipelineParams:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_params(path, overrides)
+
+
+def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
+    p = _load(tmp_path)
+    assert p == PipelineParams()
+    assert (p.fetch_model.source, p.fetch_model.trust_remote_code, p.fetch_model.dtype) == (
+        "smollm2-135m",
+        False,
+        "float32",
+    )
+    d = p.prepare_data
+    assert (d.calib_source, d.calib_split, d.n_samples, d.seqlen, d.seed) == ("wikitext2", "first_half", 128, 512, 0)
+    assert (d.eval_sources, d.eval_split, d.eval_window, d.eval_windows, d.mirror) == (
+        ("wikitext2",),
+        "second_half",
+        1024,
+        16,
+        None,
+    )
+    q = p.quantize
+    assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, 0.01, 128)
+    assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
+    assert q.method in METHODS
+    assert p.qat.enabled is False
+    assert p.pack.format == "gptq"
+    assert (p.evaluate.lm_eval_tasks, p.evaluate.lm_eval_limit, p.evaluate.batch_size) == ((), None, 4)
+    r = p.register
+    assert (r.tracking_uri, r.experiment, r.model_name, r.alias) == (None, "ptq-pipeline", None, "candidate")
+
+
+def test_missing_keys_and_sections_take_defaults(tmp_path: Path) -> None:
+    p = _load(tmp_path, "quantize:\n  bits: 3\nqat:\n")
+    assert p.quantize == dataclasses.replace(QuantizeParams(), bits=3)
+    assert p.qat == PipelineParams().qat
+    assert p.register == RegisterParams()
+
+
+def test_overrides_parse_as_yaml(tmp_path: Path) -> None:
+    p = _load(
+        tmp_path,
+        "quantize:\n  bits: 4\n",
+        (
+            "quantize.bits=3",
+            "quantize.group_size=null",
+            "quantize.damp=1e-3",
+            "quantize.sym=true",
+            "quantize.device=cuda:1",
+            "prepare_data.eval_sources=[wikitext2, c4]",
+            "register.tracking_uri=sqlite:///x.db?mode=rw",  # only the first '=' splits
+            "evaluate.lm_eval_limit=10",  # section absent from the file
+        ),
+    )
+    assert p.quantize.bits == 3 and type(p.quantize.bits) is int
+    assert p.quantize.group_size is None
+    assert p.quantize.damp == pytest.approx(1e-3) and type(p.quantize.damp) is float
+    assert p.quantize.sym is True
+    assert p.quantize.device == "cuda:1"
+    assert p.prepare_data.eval_sources == ("wikitext2", "c4")
+    assert p.register.tracking_uri == "sqlite:///x.db?mode=rw"
+    assert p.evaluate.lm_eval_limit == 10
+
+
+def test_later_override_wins(tmp_path: Path) -> None:
+    assert _load(tmp_path, "", ("quantize.bits=3", "quantize.bits=2")).quantize.bits == 2
+
+
+def test_float_key_accepts_int() -> None:
+    # No int lies in damp's (0, 1), so check the rule itself; `quantize.damp=1` below fails on range, not type.
+    value = _open_interval(0, 10)("x.y", 2)
+    assert value == 2.0 and type(value) is float
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "prefix"),
+    [
+        ("quantize:\n  grup_size: 64\n", (), "quantize.grup_size: unknown key (allowed: method, bits,"),
+        ("", ("quantize.grup_size=64",), "quantize.grup_size: unknown key"),
+        ("prepare_dta:\n  seed: 1\n", (), "prepare_dta: unknown section (allowed: fetch_model,"),
+        ("", ("prepare_dta.seed=1",), "prepare_dta: unknown section"),
+        ("fetch_model:\n  trust_remote_code: 'yes'\n", (), "fetch_model.trust_remote_code: expected bool, got str 'yes'"),
+        ("fetch_model:\n  trust_remote_code: yes\n", (), "fetch_model.trust_remote_code: expected bool, got str 'yes'"),
+        ("", ("quantize.sym=1",), "quantize.sym: expected bool, got int 1"),
+        ("quantize:\n  bits: true\n", (), "quantize.bits: expected int, got bool True"),
+        ("quantize:\n  bits: 4.0\n", (), "quantize.bits: expected int, got float 4.0"),
+        ("", ("quantize.batch_size=8.5",), "quantize.batch_size: expected int, got float 8.5"),
+        ("", ("quantize.bits=9",), "quantize.bits: must be an integer in 2..8, got 9"),
+        ("", ("quantize.bits=1",), "quantize.bits: must be an integer in 2..8, got 1"),
+        ("", ("quantize.group_size=0",), "quantize.group_size: must be a positive integer or null, got 0"),
+        ("", ("quantize.damp=-0.01",), "quantize.damp: must be in the open interval (0, 1), got -0.01"),
+        ("", ("quantize.damp=1",), "quantize.damp: must be in the open interval (0, 1), got 1"),
+        ("", ("quantize.damp=1.5",), "quantize.damp: must be in the open interval (0, 1)"),
+        ("", ("quantize.damp=.nan",), "quantize.damp: must be in the open interval (0, 1)"),
+        ("", ("quantize.damp=high",), "quantize.damp: expected float, got str 'high'"),
+        ("", ("quantize.method=awq",), "quantize.method: must be one of 'rtn', 'gptq', got str 'awq'"),
+        ("", ("quantize.device=gpu",), "quantize.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ("", ("fetch_model.dtype=fp8",), "fetch_model.dtype: must be one of"),
+        ("", ("fetch_model.source=",), "fetch_model.source: expected str, got null"),
+        ("", ("prepare_data.calib_split=second_half",), "prepare_data.calib_split: must be one of"),
+        ("", ("prepare_data.eval_window=1",), "prepare_data.eval_window: must be an integer >= 2, got 1"),
+        ("", ("prepare_data.eval_windows=0",), "prepare_data.eval_windows: must be a positive integer or null"),
+        ("", ("prepare_data.n_samples=-1",), "prepare_data.n_samples: must be a positive integer, got -1"),
+        ("", ("prepare_data.eval_sources=wikitext2",), "prepare_data.eval_sources: expected a list of str"),
+        ("", ("prepare_data.eval_sources=[a, a]",), "prepare_data.eval_sources: items must be unique"),
+        ("", ("evaluate.lm_eval_tasks=[1]",), "evaluate.lm_eval_tasks: item 0 must be a non-empty string"),
+        ("", ("pack.format=gguf",), "pack.format: must be one of 'gptq', 'compressed-tensors'"),
+        ("", ("register.alias=latest",), "register.alias: must be letters"),
+        ("", ("register.alias=v3",), "register.alias: must be letters"),
+        ("", ("register.model_name=a/b",), "register.model_name: must not contain"),
+        ("quantize: 4\n", (), "quantize: expected a mapping of keys, got int 4"),
+        ("- quantize\n", (), "params.yaml: expected a mapping of sections"),
+        ("quantize: [\n", (), "params.yaml: invalid YAML"),
+        ("", ("quantize.bits",), "quantize.bits: malformed override (expected section.key=value)"),
+        ("", ("bits=3",), "bits=3: malformed override"),
+        ("", ("quantize.=3",), "quantize.=3: malformed override"),
+        ("", (".bits=3",), ".bits=3: malformed override"),
+        ("", ("quantize.bits.x=3",), "quantize.bits.x=3: malformed override"),
+        ("", ("quantize.bits=[",), "quantize.bits: cannot parse override value"),
+    ],
+)
+def test_invalid_params_name_the_key(tmp_path: Path, text: str, overrides: tuple[str, ...], prefix: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        _load(tmp_path, text, overrides)
+    message = str(info.value)
+    if prefix.startswith("params.yaml"):
+        assert message.startswith(str(tmp_path / "params.yaml") + prefix[len("params.yaml") :])
+    else:
+        assert message.startswith(prefix), message
+    assert isinstance(info.value, ValueError)
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(ParamsError, match=r"^quantize\.bits: must be an integer in 2\.\.8, got 9$"):
+        QuantizeParams(bits=9)
+    with pytest.raises(ParamsError, match=r"^quantize: expected QuantizeParams"):
+        PipelineParams(quantize={"bits": 4})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_accepted(method: str) -> None:
+    assert QuantizeParams(method=method).method == method
+
+
+def test_configs_are_frozen() -> None:
+    p = PipelineParams()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.quantize.bits = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.quantize = QuantizeParams()  # type: ignore[misc]
+    assert isinstance(p.prepare_data.eval_sources, tuple)
+    hash(p)  # frozen and tuple-valued: hashable
+
+
+def test_sections_match_pipeline_fields() -> None:
+    assert list(SECTIONS) == ["fetch_model", "prepare_data", "quantize", "qat", "pack", "evaluate", "register"]
+    assert all(cls.SECTION == name for name, cls in SECTIONS.items())
+
+
+def test_committed_params_yaml_is_the_defaults() -> None:
+    assert load_params(REPO / "params.yaml") == PipelineParams()
+
+
+def test_default_dump_round_trips_with_one_comment_per_section() -> None:
+    text = dump_default_params()
+    assert params_from_dict(yaml.safe_load(text)) == PipelineParams()
+    for name in SECTIONS:
+        before = text.split(f"\n{name}:\n")[0].rstrip("\n").splitlines()
+        assert before[-1].startswith("# "), name
+
+
+def test_params_to_dict_is_plain_and_round_trips() -> None:
+    p = params_from_dict({"quantize": {"bits": 3, "group_size": None}, "evaluate": {"lm_eval_tasks": ["arc"]}})
+    d = params_to_dict(p)
+    assert d["quantize"]["bits"] == 3 and d["evaluate"]["lm_eval_tasks"] == ["arc"]
+    assert params_from_dict(yaml.safe_load(yaml.safe_dump(d))) == p  # safe_dump: no python tags
+
+
+def test_flatten_gives_overrides_that_round_trip(tmp_path: Path) -> None:
+    p = params_from_dict(
+        {"quantize": {"group_size": None, "damp": 1e-5}, "prepare_data": {"eval_sources": ["a", "b"]}}
+    )
+    flat = flatten(params_to_dict(p))
+    assert flat["quantize.bits"] == "4"
+    assert flat["quantize.group_size"] == "null"
+    assert flat["quantize.sym"] == "false"
+    assert flat["prepare_data.eval_sources"] == '["a", "b"]'
+    assert flatten({"a": {"b": {"c": 1}}}) == {"a.b.c": "1"}
+    assert _load(tmp_path, "", tuple(f"{k}={v}" for k, v in flat.items())) == p
+
+
+def test_section_keys() -> None:
+    assert section_keys("qat") == ["qat.enabled"]
+    assert section_keys("quantize")[:3] == ["quantize.method", "quantize.bits", "quantize.group_size"]
+    with pytest.raises(ParamsError, match="^nope: unknown section"):
+        section_keys("nope")
+
+
+def test_null_resolution() -> None:
+    assert PrepareDataParams().resolved_mirror({}) is None
+    assert PrepareDataParams().resolved_mirror({"PTQ_DATA_MIRROR": "/m"}) == "/m"
+    assert PrepareDataParams(mirror="/x").resolved_mirror({"PTQ_DATA_MIRROR": "/m"}) == "/x"
+    root = Path("/proj")
+    assert RegisterParams().resolved_tracking_uri(root, {}) == "sqlite:////proj/mlflow.db"
+    assert RegisterParams().resolved_tracking_uri(root, {"MLFLOW_TRACKING_URI": "http://h"}) == "http://h"
+    assert RegisterParams(tracking_uri="sqlite:///a.db").resolved_tracking_uri(root, {}) == "sqlite:///a.db"

