@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AttentionGeometry", "Family", "ModelAdapter", "FAMILIES", "get_adapter", "UnsupportedModelError"]
+__all__ = ["AttentionGeometry", "Family", "ModelAdapter", "FAMILIES", "get_adapter", "check_spec_fits", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -159,3 +159,16 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             "pass a *ForCausalLM model"
         ) from e
     return adapter
+
+
+def check_spec_fits(adapter: ModelAdapter, group_size: int | None) -> None:
+    """Fail before any work if a group size does not divide some Linear's in_features."""
+    if group_size is None:
+        return
+    for name, m in adapter.linears(adapter.blocks[0]).items():
+        n = adapter.get_weight(m).shape[1]
+        if n % group_size:
+            raise ValueError(
+                f"group_size {group_size} does not divide in_features {n} of {name}; "
+                "choose a divisor of every Linear's input size (e.g. 32 or 64) or per-channel"
+            )

@@ -111,6 +111,8 @@ def _sweep(w, u, scale, zero, groups, spec, cfg, static):
     out, n = w.shape
     gw = spec.group_width(n)
     q = torch.zeros_like(w)
+    # per-column qparams (out, in); for lazy groups the columns are filled as each group starts
+    s_cols, z_cols = scale[:, groups], zero[:, groups]
     for i1 in range(0, n, cfg.block_size):
         i2 = min(i1 + cfg.block_size, n)
         w1 = w[:, i1:i2].clone()
@@ -118,18 +120,19 @@ def _sweep(w, u, scale, zero, groups, spec, cfg, static):
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            g = int(groups[j])
             if not static and j % gw == 0:
-                block = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gw]
-                scale[:, g], zero[:, g] = (t[:, 0] for t in _group_qparams(block, spec, cfg))
-            col = w1[:, i]
-            s, z = scale[:, g], zero[:, g]
+                cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gw]
+                sg, zg = _group_qparams(cols, spec, cfg)
+                g = j // gw
+                scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
+                s_cols[:, j : j + gw], z_cols[:, j : j + gw] = sg, zg
+            col, s, z = w1[:, i], s_cols[:, j], z_cols[:, j]
             qc = torch.clamp(torch.round(col / s) + z, 0, spec.maxq)
             q[:, j] = qc
             e = (col - s * (qc - z)) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
             err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
     return q
 
 

@@ -1,0 +1,147 @@
+"""`ptq bench quality` (DESIGN.md protocol, one subprocess per row for honest time and peak memory)
+and `ptq demo`.
+
+Rows are appended to docs/benchmarks/quality.json; docs/benchmarks/quality.md is regenerated from it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import quantlib
+from quantlib.spec import parse_scheme
+from tasks.io import atomic_write_bytes, atomic_write_json
+from tasks.sources import load_model, load_tokenizer
+
+from . import commands as C
+
+__all__ = ["run_quality", "run_demo", "render_quality_md"]
+
+CALIB = dict(n=128, seqlen=512, seed=0, window=1024, n_windows=16)
+
+
+def _versions() -> dict:
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"quantlib": quantlib.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "git": commit or None, "threads": torch.get_num_threads()}
+
+
+def _worker(job: dict) -> dict:
+    """One benchmark row in this process: load, (quantize,) evaluate."""
+    model_dir = Path(job["model_dir"])
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    data = C.protocol_data(tok, "wikitext2", None, mirror=job.get("mirror"), **CALIB)
+    seconds = 0.0
+    settings = dict(CALIB, dtype="float32", device=job["device"])
+    if job["method"] != "fp32":
+        spec = parse_scheme(job["scheme"])
+        cfg = C.method_config(job["method"], **job["solver"])
+        engine = C.EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
+        _, _, seconds = C.quantize_loaded(model, data.calib, spec, cfg, engine)
+        settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
+    ppl = C.eval_ppl(model, data.windows)
+    return {"method": job["method"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "settings": settings}
+
+
+def _run_job(job: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        r = subprocess.run([sys.executable, "-m", "flows.bench", json.dumps(job), str(out)])
+        if r.returncode != 0:
+            raise RuntimeError(f"benchmark worker failed for {job['method']} {job['scheme']} (exit {r.returncode})")
+        return json.loads(out.read_text())
+
+
+def _jobs(args: argparse.Namespace, model_dir: Path) -> list[dict]:
+    from .cli_impl import resolve_device
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    for m in methods:
+        C.method_config(m)  # unknown methods fail before any work
+    for s in schemes:
+        parse_scheme(s)
+    base = {"model_dir": str(model_dir), "mirror": args.mirror, "device": resolve_device(args.device),
+            "batch_size": args.batch_size, "true_sequential": args.true_sequential,
+            "solver": {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
+                       "clip_search": args.clip_search}}
+    jobs = [dict(base, method="fp32", scheme="fp32")] if args.fp32 else []
+    return jobs + [dict(base, method=m, scheme=s) for s in schemes for m in methods]
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from .cli_impl import print_table
+
+    model_dir = C.cached_model(args.model)
+    jobs = _jobs(args, model_dir)
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.exists() else []
+    command = "ptq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows = []
+    for job in jobs:
+        row = _run_job(job) | {"model": args.model, "versions": _versions(), "command": command,
+                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        rows.append(row)
+        records.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, records)  # after every row: a killed bench keeps what finished
+        atomic_write_bytes(out.with_suffix(".md"), render_quality_md(records).encode())
+        print(f"{row['method']:>6} {row['scheme']:>6}  ppl {row['ppl']:.2f}  {row['quant_seconds']:.0f} s", flush=True)
+    print_table(rows, ["method", "scheme", "ppl", "quant_seconds", "peak_rss_mb"])
+    return 0
+
+
+def render_quality_md(records: list[dict]) -> str:
+    """Latest record per (model, method, scheme) as a markdown table, with the commands that made them."""
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        latest[(r.get("model", "smollm2-135m"), r["method"], r["scheme"])] = r
+    lines = ["# Quality benchmark", "",
+             "DESIGN.md protocol: WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
+             "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
+             "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
+             "| model | method | scheme | ppl | quant s | peak RSS MB | date |", "|---|---|---|---:|---:|---:|---|"]
+    for (model, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['date'][:10]} |")
+    lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
+    return "\n".join(lines) + "\n"
+
+
+def run_demo() -> int:
+    """fp32 vs RTN vs GPTQ at W4 g64 on the default model, on this machine."""
+    from .cli_impl import print_table, resolve_device
+
+    spec = parse_scheme("w4g64")
+    model_dir = C.cached_model("smollm2-135m")
+    tok = load_tokenizer(model_dir)
+    data = C.protocol_data(tok, "wikitext2", None, **CALIB)
+    engine = C.EngineConfig(device=resolve_device("auto"))
+    rows = []
+    for method in ("fp32", "rtn", "gptq"):
+        model = load_model(model_dir)
+        seconds = 0.0
+        if method != "fp32":
+            _, _, seconds = C.quantize_loaded(model, data.calib, spec, C.method_config(method), engine)
+        rows.append({"method": method, "scheme": "fp32" if method == "fp32" else spec.name,
+                     "quant_seconds": seconds, "ppl": C.eval_ppl(model, data.windows, desc=f"{method} perplexity")})
+    print_table(rows, ["method", "scheme", "quant_seconds", "ppl"])
+    return 0
+
+
+if __name__ == "__main__":
+    row = _worker(json.loads(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(row))

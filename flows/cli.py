@@ -1,0 +1,100 @@
+"""The `ptq` command line. Parses arguments into frozen configs and hands them to flows/commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _add_scheme(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, help="2..8")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--group-size", type=int, default=None, help="input columns per (scale, zero) group")
+    g.add_argument("--per-channel", action="store_true", help="one (scale, zero) per output channel (default)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (zero fixed at mid-range)")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="wikitext2", help="text source: wikitext2, c4, hf:NAME, or a .txt/.jsonl/.parquet file")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mirror", default=None, help="offline data mirror folder (default $PTQ_DATA_MIRROR)")
+
+
+def _add_solver(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-act-order", dest="act_order", action="store_false")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--clip-search", action="store_true", help="grid-search the clipping ratio per group")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--spill-dir", default=None, help="keep calibration activations on disk here")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ptq", description="Post-training weight quantization of causal LMs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model with one method and write it to --out")
+    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, hf:ORG/NAME[@REV], a local HF folder or a .gguf file")
+    q.add_argument("--method", default="gptq", help="rtn or gptq")
+    _add_scheme(q)
+    _add_calib(q)
+    _add_solver(q)
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--eval", action="store_true", help="print fp32 and quantized perplexity afterwards")
+    q.add_argument("--trust-remote-code", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text source")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", default="wikitext2")
+    e.add_argument("--split", choices=("second_half", "all"), default="second_half")
+    e.add_argument("--window", type=int, default=1024)
+    e.add_argument("--windows", type=int, default=16, help="number of windows (0 = all)")
+    e.add_argument("--stride", type=int, default=None, help="window stride; < window scores only the last stride tokens")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--mirror", default=None)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bq = bsub.add_parser("quality", help="DESIGN.md quality protocol; appends to docs/benchmarks/quality.json")
+    bq.add_argument("--model", default="smollm2-135m")
+    bq.add_argument("--methods", default="rtn,gptq")
+    bq.add_argument("--schemes", default="w4pc,w3g64,w2g64")
+    bq.add_argument("--out", default="docs/benchmarks/quality.json")
+    bq.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 reference row")
+    _add_solver(bq)
+    bq.add_argument("--mirror", default=None)
+
+    sub.add_parser("demo", help="quantize the default model (GPTQ W4 g64) and compare fp32 / RTN / GPTQ")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_env()
+    args = _parser().parse_args(argv)
+    from . import cli_impl  # heavy imports (torch, transformers) only after argument parsing
+
+    try:
+        return cli_impl.dispatch(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ptq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Command implementations behind flows/cli.py: validate everything, then do the work."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from quantlib.adapters import check_spec_fits, get_adapter
+from quantlib.data import eval_windows, split_halves
+from quantlib.engine import EngineConfig
+from quantlib.spec import QuantSpec
+from tasks.sources import load_model, load_tokenizer
+from tasks.textdata import load_text, parse_text_source, tokenize_text
+
+from . import commands as C
+
+__all__ = ["dispatch", "resolve_device", "engine_config", "print_table"]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(batch_size=args.batch_size, true_sequential=args.true_sequential,
+                        device=resolve_device(args.device), spill_dir=args.spill_dir)
+
+
+def _method_cfg(args: argparse.Namespace, method: str):
+    return C.method_config(method, act_order=args.act_order, damp=args.damp, block_size=args.block_size,
+                           clip_search=args.clip_search)
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    print(line(cols))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line([_fmt(r.get(c)) for c in cols]))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 1e5 else f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym)
+    method_cfg = _method_cfg(args, args.method)
+    engine = engine_config(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "quantization.json").exists():
+        raise ValueError(f"--out {out} exists and is not a ptq output folder; choose an empty or new folder")
+    parse_text_source(args.calib)
+    model_dir = C.cached_model(args.model, args.trust_remote_code)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    check_spec_fits(get_adapter(model), spec.group_size)
+    data = C.protocol_data(tok, args.calib, None, n=args.n_samples, seqlen=args.seqlen, seed=args.seed,
+                           mirror=args.mirror)
+    fp_ppl = C.eval_ppl(model, data.windows, desc="fp32 perplexity") if args.eval else None
+    results, stats, seconds = C.quantize_loaded(model, data.calib, spec, method_cfg, engine)
+    info = {"method": args.method, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
+            "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
+            "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    C.save_quantized(tmp, model, tok, results, info)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    rows = [{"model": "quantized", "method": args.method, "scheme": spec.name, "seconds": seconds}]
+    if args.eval:
+        rows[0]["ppl"] = C.eval_ppl(model, data.windows, desc="quantized perplexity")
+        rows.insert(0, {"model": "fp32", "method": "-", "scheme": "-", "ppl": fp_ppl})
+    print_table(rows, ["model", "method", "scheme", "seconds", "ppl"])
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    source = parse_text_source(args.data)
+    model_dir = C.cached_model(args.model)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    ids = tokenize_text(load_text(source, args.mirror), tok)
+    if args.split == "second_half":
+        ids = split_halves(ids)[1]
+    stride = args.stride or args.window
+    windows = eval_windows(ids, args.window, args.windows or None, stride)
+    ppl = C.perplexity_strided(model, windows, args.window - stride, args.batch_size)
+    print_table([{"model": args.model, "data": args.data, "windows": windows.shape[0], "ppl": ppl}],
+                ["model", "data", "windows", "ppl"])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .bench import run_demo
+
+    return run_demo()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_quality
+
+    return run_quality(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    return {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command](args)

@@ -1,0 +1,150 @@
+"""Stand-alone commands (`ptq quantize`, `ptq eval`): thin glue over tasks/ and quantlib.
+
+Every argument is validated and every input located before any model is loaded or quantized.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantlib.adapters import get_adapter
+from quantlib.data import eval_windows, sample_calibration, split_halves
+from quantlib.engine import BlockStats, EngineConfig, quantize_model
+from quantlib.gptq import GPTQConfig
+from quantlib.perplexity import perplexity
+from quantlib.qweight import QuantizedWeight
+from quantlib.rtn import RTNConfig
+from quantlib.spec import QuantSpec
+from tasks.io import atomic_save_safetensors, atomic_write_json, read_manifest, write_manifest
+from tasks.sources import load_model, load_tokenizer, materialize_model, parse_model_source
+from tasks.textdata import load_text, parse_text_source, tokenize_text
+
+__all__ = [
+    "METHOD_NAMES",
+    "ProtocolData",
+    "cache_dir",
+    "cached_model",
+    "method_config",
+    "protocol_data",
+    "quantize_loaded",
+    "save_quantized",
+    "eval_ppl",
+]
+
+METHOD_NAMES = ("rtn", "gptq")
+
+
+def cache_dir() -> Path:
+    """Where materialized models live between commands: $PTQ_CACHE or ~/.cache/ptq-pipeline."""
+    return Path(os.environ.get("PTQ_CACHE", Path.home() / ".cache" / "ptq-pipeline"))
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[:120]
+
+
+def cached_model(spec: str, trust_remote_code: bool = False) -> Path:
+    """A verified local HF folder for any model source; a local HF folder is used in place."""
+    source = parse_model_source(spec)  # validates the spec and that local paths exist
+    if source.kind == "local":
+        return Path(source.path)
+    folder = cache_dir() / "models" / _slug(spec)
+    try:
+        read_manifest(folder)
+        return folder
+    except (FileNotFoundError, ValueError):
+        materialize_model(source, folder, trust_remote_code=trust_remote_code)
+        return folder
+
+
+def method_config(method: str, *, act_order: bool = True, damp: float = 0.01, block_size: int = 128,
+                  clip_search: bool = False):
+    """The frozen quantlib config for a method name."""
+    if method == "rtn":
+        return RTNConfig(clip_search=clip_search)
+    if method == "gptq":
+        return GPTQConfig(block_size=block_size, damp=damp, act_order=act_order, clip_search=clip_search)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+
+
+@dataclass(frozen=True)
+class ProtocolData:
+    """Calibration (n, seqlen) and evaluation windows (W, window) from the DESIGN.md protocol."""
+
+    calib: torch.Tensor
+    windows: torch.Tensor
+
+
+def protocol_data(tokenizer, calib_spec: str, eval_spec: str | None, *, n: int = 128, seqlen: int = 512,
+                  seed: int = 0, window: int = 1024, n_windows: int | None = 16,
+                  mirror: str | None = None) -> ProtocolData:
+    """Tokenize whole texts (no BOS); calibration from the first half of calib text, evaluation
+    windows from the second half of the eval text (same text by default)."""
+    calib_ids = tokenize_text(load_text(parse_text_source(calib_spec), mirror), tokenizer)
+    pool, rest = split_halves(calib_ids)
+    if eval_spec is not None and eval_spec != calib_spec:
+        _, rest = split_halves(tokenize_text(load_text(parse_text_source(eval_spec), mirror), tokenizer))
+    if len(pool) < seqlen:
+        raise ValueError(
+            f"calibration text {calib_spec!r} has {len(pool)} tokens in its first half, fewer than "
+            f"seqlen={seqlen}; use a longer text or a smaller --seqlen"
+        )
+    return ProtocolData(sample_calibration(pool, n, seqlen, seed), eval_windows(rest, window, n_windows))
+
+
+def _block_bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="block", leave=False)
+
+    def on_block(st: BlockStats) -> None:
+        bar.update(1)
+        if st.layer_errors:
+            bar.set_postfix(err=f"{max(st.layer_errors.values()):.2e}")
+        if bar.n == total:
+            bar.close()
+
+    return on_block
+
+
+def quantize_loaded(model, calib: torch.Tensor, spec: QuantSpec, method_cfg, engine: EngineConfig):
+    """Quantize a loaded model in place; returns (results, stats, seconds)."""
+    adapter = get_adapter(model)
+    t0 = time.perf_counter()
+    results, stats = quantize_model(adapter, calib, spec, method_cfg, engine,
+                                    on_block=_block_bar(len(adapter.blocks), type(method_cfg).__name__))
+    return results, stats, time.perf_counter() - t0
+
+
+def save_quantized(out_dir: Path, model, tokenizer, results: dict[str, QuantizedWeight], info: dict) -> None:
+    """DIR: the dense (dequantized) model as an HF folder, quantized.safetensors with integers +
+    scales + zeros + g_idx for every quantized Linear, quantization.json, MANIFEST.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
+    info = dict(info, quantized_sha256=atomic_save_safetensors(out_dir / "quantized.safetensors", tensors))
+    atomic_write_json(out_dir / "quantization.json", info)
+    write_manifest(out_dir)
+
+
+def eval_ppl(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
+    with tqdm(total=windows.shape[0], desc=desc, unit="win", leave=False) as bar:
+        return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
+
+
+def spec_dict(spec: QuantSpec) -> dict:
+    return asdict(spec) | {"name": spec.name}
+
+
+def load_for_quantization(model_dir: Path, device: str = "cpu"):
+    return load_model(model_dir, dtype=torch.float32, device="cpu"), load_tokenizer(model_dir)
+
+
+def perplexity_strided(model, windows: torch.Tensor, score_from: int, batch_size: int) -> float:
+    with tqdm(total=windows.shape[0], desc="perplexity", unit="win", leave=False) as bar:
+        return perplexity(model, windows, batch_size=batch_size, score_from=score_from, progress=bar.update)
