@@ -80,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_solver(bq)
     bq.add_argument("--mirror", default=None)
 
+    r = sub.add_parser("run", help="run the whole pipeline (fetch_model ... register) as one Prefect flow")
+    r.add_argument("-p", "--params", default="params.yaml")
+    r.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    st = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    st.add_argument("name")
+    st.add_argument("-p", "--params", default="params.yaml")
+    st.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    li = sub.add_parser("lineage", help="print and verify the lineage of a release")
+    li.add_argument("ref", help="a release folder, models:/NAME/VERSION or models:/NAME@ALIAS")
+    li.add_argument("--tracking-uri", default=None)
+    li.add_argument("--project", default=".", help="project root whose data/ and dvc.lock to check")
+
     sub.add_parser("demo", help="quantize the default model (GPTQ W4 g64) and compare fp32 / RTN / GPTQ")
     return ap
 
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return cli_impl.dispatch(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"ptq {args.command}: error: {e}", file=sys.stderr)
         return 2
 

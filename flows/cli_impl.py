@@ -114,4 +114,101 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    return {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}[args.command](args)
+    return {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "run": cmd_run,
+            "stage": cmd_stage, "lineage": cmd_lineage}[args.command](args)
+
+
+def _pipeline_env(root: Path) -> None:
+    """Project-local Prefect home and result cache, quiet logs; values the user set win."""
+    import logging
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(root / ".cache" / "prefect-home"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the leaf
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("ptq").setLevel(logging.INFO)
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from flows.params import load_params
+
+    path = Path(args.params)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} not found; run from the project root or pass -p PATH")
+    params = load_params(path, args.overrides)
+    preflight(params)
+    return path.resolve().parent, params
+
+
+def preflight(params) -> None:
+    """Everything checkable without loading a model, before any stage runs."""
+    from tasks.sources import parse_model_source
+    from tasks.textdata import parse_text_source
+
+    from .pipeline import quantize_job
+
+    try:
+        parse_model_source(params.fetch_model.source)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"fetch_model.source: {e}") from None
+    for key, spec in [("prepare_data.calib_source", params.prepare_data.calib_source),
+                      *[("prepare_data.eval_sources", s) for s in params.prepare_data.eval_sources]]:
+        try:
+            parse_text_source(spec)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{key}: {e}") from None
+    quantize_job(params)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    root, params = _load_pipeline(args)
+    _pipeline_env(root)
+    from .pipeline import Project, pipeline_flow
+
+    t0 = time.perf_counter()
+    results = pipeline_flow(Project(root), params)
+    _summary(results, time.perf_counter() - t0, root)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    root, params = _load_pipeline(args)
+    _pipeline_env(root)
+    from .pipeline import Project, run_stage
+
+    r = run_stage(Project(root), params, args.name)
+    print(f"{r.name}: {r.status} in {r.seconds:.1f} s")
+    return 0
+
+
+def _summary(results, seconds: float, root: Path) -> None:
+    from . import stages as S
+
+    print_table([{"stage": r.name, "status": r.status, "seconds": r.seconds} for r in results],
+                ["stage", "status", "seconds"])
+    reg = next((r.details for r in results if r.name == "register"), {})
+    ev = next((r.details for r in results if r.name == "evaluate"), {})
+    print(f"\ntotal {seconds:.0f} s; ppl {ev.get('ppl', float('nan')):.2f} (fp32 {ev.get('fp32_ppl', float('nan')):.2f})")
+    print(f"release: {root / S.RELEASE}\nreport:  {root / S.REPORT / 'report.md'}")
+    if reg:
+        print(f"mlflow:  run {reg['run_id']} at {reg['tracking_uri']}; model {reg['model_uri']} (@{reg['alias']})")
+        print(f"         browse with: mlflow ui --backend-store-uri {reg['tracking_uri']}")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import audit, format_audit
+
+    import os
+
+    root = Path(args.project).resolve()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and (root / "mlflow.db").is_file():
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = audit(args.ref, uri, root)
+    print(format_audit(result))
+    return 0 if result.ok else 1

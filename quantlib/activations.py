@@ -30,6 +30,21 @@ class ActivationStore:
             store.append(b)
         return store
 
+    @classmethod
+    def open(cls, spill_dir: str | os.PathLike) -> "ActivationStore":
+        """A store over batch files already in spill_dir (batch_00000.safetensors, ...)."""
+        store = cls(spill_dir)
+        store._n = len(list(Path(spill_dir).glob("batch_*.safetensors")))
+        return store
+
+    def files(self) -> list[Path]:
+        if self._dir is None:
+            raise ValueError("an in-memory store has no files")
+        return [self._path(i) for i in range(self._n)]
+
+    def in_memory(self) -> "ActivationStore":
+        return self if self._dir is None else ActivationStore.from_batches(list(self))
+
     def _path(self, i: int) -> Path:
         return self._dir / f"batch_{i:05d}.safetensors"
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 
-__all__ = ["BlockCall", "capture_block_inputs", "run_block"]
+__all__ = ["BlockCall", "capture_block_inputs", "capture_block_calls", "run_block"]
 
 _DROP = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "cache_position")
 
@@ -96,6 +96,14 @@ def capture_block_inputs(
             base(input_ids=ids[i : i + batch_size], use_cache=False)
         inputs = list(recs[0].inputs)
     return inputs, calls
+
+
+@torch.no_grad()
+def capture_block_calls(adapter: ModelAdapter, ids: torch.Tensor) -> list[BlockCall]:
+    """Each block's call arguments from one batch-1 forward of ids[:1] (embeddings only)."""
+    with _recording(adapter) as recs:
+        adapter.base_model(input_ids=ids[:1], use_cache=False)
+        return [r.call for r in recs]
 
 
 def run_block(block: nn.Module, x: torch.Tensor, call: BlockCall) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "write_manifest",
     "read_manifest",
     "verify_manifest",
+    "fresh_dir",
+    "publish_dir",
 ]
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -203,3 +206,32 @@ def verify_manifest(
         if not path.is_file() or sha256_file(path) != digest:
             bad.append(rel)
     return bad
+
+
+def fresh_dir(folder: str | os.PathLike) -> Path:
+    """An empty folder at `folder` (leftovers of a killed run removed)."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def publish_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make dst a copy of src (hard links where the filesystem allows, else copies), atomically:
+    built beside dst, then renamed over it; an old dst is removed only once the new one is complete."""
+    src, dst = Path(src), Path(dst)
+    tmp = fresh_dir(dst.with_name(dst.name + ".publish.tmp"))
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = tmp / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(dst.parent)

@@ -76,6 +76,7 @@ class RunInfo:
     stage: str | None
     stage_status: str | None
     status: str
+    start_time: int  # ms since the epoch
     metrics: dict[str, float]
 
 
@@ -137,17 +138,26 @@ def _local_path(uri: str) -> Path | None:
     return None
 
 
+def _missing_sqlite(tracking_uri: str) -> bool:
+    """A sqlite URI whose file does not exist (opening it would create an empty database)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return False
+    return not Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).is_file()
+
+
 def _release_in_model(model_dir: Path) -> Path:
     """The release folder inside an MLflow model logged by register_release (path from MLmodel)."""
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
     try:
         rel = mlmodel["flavors"]["python_function"]["artifacts"][RELEASE_ARTIFACT]["path"]
     except (KeyError, TypeError) as e:
-        raise FileNotFoundError(f"{model_dir}/MLmodel has no '{RELEASE_ARTIFACT}' artifact; not a ptq release model") from e
+        raise FileNotFoundError(f"{model_dir}/MLmodel has no '{RELEASE_ARTIFACT}' artifact: not a ptq release") from e
     return model_dir / rel
 
 
-def _resolve(ref: str, tracking_uri: str | None, dst_dir: str | os.PathLike | None) -> tuple[Path, ModelVersionInfo | None]:
+def _resolve(
+    ref: str, tracking_uri: str | None, dst_dir: str | os.PathLike | None
+) -> tuple[Path, ModelVersionInfo | None]:
     match = _MODEL_URI.match(ref)
     if match is None:
         folder = Path(ref)
@@ -156,16 +166,19 @@ def _resolve(ref: str, tracking_uri: str | None, dst_dir: str | os.PathLike | No
         return folder, None
     if tracking_uri is None:
         raise ValueError(f"{ref}: a models:/ reference needs a tracking URI")
-    import mlflow
-
+    if _missing_sqlite(tracking_uri):
+        raise FileNotFoundError(f"{ref}: no MLflow database at {tracking_uri}")
     client = Tracker(tracking_uri).client
+    import mlflow  # after Tracker: it quiets MLflow before the first import
+
     name, version, alias = match["name"], match["version"], match["alias"]
     mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     uri = client.get_model_version_download_uri(mv.name, mv.version)
     model_dir = _local_path(uri)
     if model_dir is None or not model_dir.is_dir():
         target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="ptq-release-"))
-        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri)
+        model_dir = Path(local)
     return _release_in_model(model_dir), _version_info(mv)
 
 
@@ -219,7 +232,8 @@ def _check_model(result: AuditResult, root: Path, deep: bool) -> None:
         bad = [rel for rel, digest in sorted(files.items()) if _sha_or_none(model_dir / rel) != digest]
         for rel in bad:
             result.mismatches.append(Mismatch(str(model_dir / rel), files[rel], _sha_or_none(model_dir / rel)))
-        result.checks.append((f"{model_dir} files ({len(files)}) vs its MANIFEST.json", "ok" if not bad else "MISMATCH"))
+        outcome = "ok" if not bad else "MISMATCH"
+        result.checks.append((f"{model_dir} files ({len(files)}) vs its MANIFEST.json", outcome))
     source_json, recorded = model_dir / "source.json", inputs.get("source") or {}
     if recorded and source_json.is_file():
         current = json.loads(source_json.read_text(encoding="utf-8"))
@@ -291,6 +305,7 @@ def _run_info(run: Any) -> RunInfo:
         stage=tags.get(TAG_STAGE),
         stage_status=tags.get(TAG_STAGE_STATUS),
         status=run.info.status,
+        start_time=run.info.start_time or 0,
         metrics=dict(run.data.metrics),
     )
 
@@ -298,7 +313,7 @@ def _run_info(run: Any) -> RunInfo:
 def _collect_mlflow(result: AuditResult, tracking_uri: str) -> None:
     """Runs (with their parent pipeline run and its stage runs) and versions tagged with the
     release MANIFEST sha256; checks the version's tag against the MANIFEST actually read."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if _missing_sqlite(tracking_uri):
         result.notes.append(f"no MLflow database at {tracking_uri}; runs not looked up")
         return
     tracker, sha = Tracker(tracking_uri), result.manifest_sha256
@@ -309,9 +324,12 @@ def _collect_mlflow(result: AuditResult, tracking_uri: str) -> None:
         runs.setdefault(parent, tracker.client.get_run(parent))
         for child in tracker.runs_with_tag("mlflow.parentRunId", parent):
             runs.setdefault(child.info.run_id, child)
-    result.runs = sorted((_run_info(r) for r in runs.values()), key=lambda r: (r.parent_run_id is not None, r.name))
+    infos = (_run_info(r) for r in runs.values())
+    result.runs = sorted(infos, key=lambda r: (r.parent_run_id is not None, r.start_time))  # parents first
     found = tracker.client.search_model_versions(f"tags.`{TAG_RELEASE_MANIFEST}` = '{sha}'")
-    result.versions = sorted((_version_info(v) for v in found), key=lambda v: (v.name, v.version))
+    # Search results carry no aliases on every backend: read each version.
+    full = (tracker.client.get_model_version(v.name, v.version) for v in found)
+    result.versions = sorted((_version_info(v) for v in full), key=lambda v: (v.name, v.version))
 
 
 def _collect_chain(result: AuditResult, root: Path | None) -> None:
@@ -351,7 +369,8 @@ def audit(
     result.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if version is not None:
         pinned = version.tags.get(TAG_RELEASE_MANIFEST)
-        result.compare(str(manifest_path), pinned, result.manifest_sha256, f"MANIFEST.json vs {version.name} v{version.version} tag")
+        what = f"MANIFEST.json vs {version.name} v{version.version} tag"
+        result.compare(str(manifest_path), pinned, result.manifest_sha256, what)
     _check_release_files(result)
     _check_params(result)
     root = Path(project_root) if project_root is not None else None
@@ -374,7 +393,9 @@ def _format_inputs(manifest: dict[str, Any]) -> list[str]:
     inputs = manifest.get("inputs", {})
     source = inputs.get("source") or {}
     lines = [f"source     {source.get('source', '?')} ({source.get('kind', '?')})"]
-    lines += [f"             {rel}  sha256 {_short(d)}" for rel, d in sorted((source.get("source_files") or {}).items())[:8]]
+    files = sorted((source.get("source_files") or {}).items())
+    lines += [f"             {rel}  sha256 {_short(d)}" for rel, d in files[:8]]
+    lines += [f"             ... {len(files) - 8} more"] if len(files) > 8 else []
     lines.append(f"model      data/model MANIFEST sha256 {_short(inputs.get('model_manifest_sha256'))}")
     lines.append(f"calib      sha256 {_short(inputs.get('calib_sha256'))}")
     lines += [f"eval       {n}  sha256 {_short(d)}" for n, d in sorted((inputs.get("eval_sha256") or {}).items())]
@@ -387,15 +408,15 @@ def _format_inputs(manifest: dict[str, Any]) -> list[str]:
 def _format_code(result: AuditResult) -> list[str]:
     lineage = result.manifest.get("lineage", {})
     dirty = " (dirty)" if lineage.get("git_dirty") else ""
-    lines = [
-        f"code       git {lineage.get('git_commit') or 'none'}{dirty}, quantlib {lineage.get('quantlib_version', '?')}, "
-        f"dvc.lock sha256 {_short(lineage.get('dvc_lock_sha256'))}"
-    ]
+    git, version = lineage.get("git_commit") or "none", lineage.get("quantlib_version", "?")
+    lock = lineage.get("dvc_lock_sha256")
+    lines = [f"code       git {git}{dirty}, quantlib {version}, dvc.lock sha256 {_short(lock)}"]
     timings = lineage.get("stages") or {}
-    for stage in dict.fromkeys([*timings, *result.dvc_stages]):
+    for stage in dict.fromkeys([*result.dvc_stages, *timings]):  # dvc.lock keeps pipeline order
         t = timings.get(stage)
         timing = f"{t['status']:6} {t['seconds']:8.1f}s" if t else f"{'':6} {'':9}"
-        outs = ", ".join(f"{p} md5 {_short(m)}" for p, m in sorted(result.dvc_stages.get(stage, {}).get("outs", {}).items()))
+        outs = sorted(result.dvc_stages.get(stage, {}).get("outs", {}).items())
+        outs = ", ".join(f"{p} md5 {_short(m)}" for p, m in outs)
         lines.append(f"  {stage:13} {timing}  {outs}".rstrip())
     return lines
 
@@ -416,14 +437,17 @@ def _format_metrics(metrics: dict[str, Any]) -> list[str]:
     flat = []
     for key, value in sorted(metrics.items()):
         items = value.items() if isinstance(value, dict) else [("", value)]
-        flat += [f"{key}{'.' + k if k else ''}={v:.4g}" if isinstance(v, (int, float)) else f"{key}{'.' + k if k else ''}={v}" for k, v in items]
+        for sub, v in items:
+            text = f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+            flat.append(f"{key}.{sub}={text}" if sub else f"{key}={text}")
     return [f"metrics    {', '.join(flat)}"] if flat else []
 
 
 def format_audit(result: AuditResult) -> str:
     """The lineage chain and every check, one per line; mismatches last, naming the file."""
     where = f" (registered {result.model_version.name} v{result.model_version.version})" if result.model_version else ""
-    lines = [f"release    {result.ref} -> {result.release_dir}{where}", f"manifest   sha256 {result.manifest_sha256}"]
+    target = "" if Path(result.ref) == result.release_dir else f" -> {result.release_dir}"
+    lines = [f"release    {result.ref}{target}{where}", f"manifest   sha256 {result.manifest_sha256}"]
     lines += _format_inputs(result.manifest) + _format_code(result) + _format_metrics(result.metrics)
     lines += _format_mlflow(result)
     lines += [f"check      {what}: {outcome}" for what, outcome in result.checks]
@@ -432,5 +456,7 @@ def format_audit(result: AuditResult) -> str:
         lines.append("result     OK: every recorded hash matches")
     else:
         lines.append(f"result     FAILED: {len(result.mismatches)} mismatch(es)")
-        lines += [f"MISMATCH   {m.path}: expected {m.expected or '(not recorded)'}, actual {m.actual or '(missing)'}" for m in result.mismatches]
+        for m in result.mismatches:
+            expected, actual = m.expected or "(not recorded)", m.actual or "(missing)"
+            lines.append(f"MISMATCH   {m.path}: expected {expected}, actual {actual}")
     return "\n".join(lines)

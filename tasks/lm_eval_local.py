@@ -274,10 +274,13 @@ def _task_manager(tasks: list[str], include_path: Path | None) -> Any:
     manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
-        searched = f"YAML files under {include_path}" if include_path is not None else "no include_path given"
+        where = (
+            f"and no YAML under include_path {include_path} defines them" if include_path is not None
+            else "and no include_path was given for local tasks"
+        )
         raise ValueError(
-            f"unknown lm-eval task(s) {missing}: not lm-eval built-ins and not defined by the "
-            f"{searched}; write local tasks with write_task_yaml into that folder"
+            f"unknown lm-eval task(s) {missing}: not lm-eval built-ins, {where}; "
+            f"write local tasks with write_task_yaml into the include_path folder"
         )
     return manager
 
@@ -291,7 +294,8 @@ def _flatten(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             metric, _, filt = key.partition(",")
-            flat[f"{task}/{metric if filt in ('', 'none') else f'{metric}.{filt}'}"] = float(value)
+            name = metric if filt in ("", "none") else f"{metric}.{filt}"
+            flat[f"{task}/{name}"] = float(value)
     return flat
 
 
@@ -305,9 +309,12 @@ def run_lm_eval(
 ) -> dict[str, float]:
     """Evaluate an in-memory HF causal LM on lm-eval tasks; return {"<task>/<metric>": value}.
 
-    Local tasks come from YAMLs under include_path; other names are lm-eval built-ins. The model
-    is used where it lies (its device, its dtype); lm-eval calls model.eval() and tie_weights() on
-    it. The tokenizer is copied, since lm-eval sets a pad token on the one it gets.
+    Local tasks come from YAMLs under include_path; other names are lm-eval built-ins (which
+    download their data). `limit` takes the first `limit` docs of each task. The model is used
+    where it lies (its device, its dtype); lm-eval calls model.eval() and tie_weights() on it and
+    reseeds the global random/numpy/torch generators (fixed seeds: results are reproducible). The
+    tokenizer is copied, since lm-eval sets a pad token on the one it gets. Metrics are
+    "<task>/<metric>" (plus "<task>/<metric>_stderr" and "<task>/sample_len", the docs scored).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+import quantlib
+
 from .io import MANIFEST_NAME, IntegrityError, atomic_write_json, sha256_bytes, sha256_file, verify_manifest
 
 if TYPE_CHECKING:  # mlflow is imported where used: `import mlflow` costs about 1.2 s
@@ -117,9 +119,9 @@ _TRUNCATED = "...[truncated; full value in artifact params/params.json]"
 # Paths whose untracked files do not make the tree dirty: pipeline outputs and caches.
 _UNTRACKED_OK = ("data/", ".dvc/tmp/", ".dvc/cache/", ".cache/", ".prefect/", "mlruns/", "mlartifacts/", "out/")
 _UNTRACKED_OK_NAMES = ("__pycache__", ".pytest_cache", ".ipynb_checkpoints", "mlflow.db")
-# Tracked files that may differ from the commit without making the code dirty: DVC rewrites
-# dvc.lock during `dvc repro`, and its content is recorded by hash instead.
-_MODIFIED_OK = ("dvc.lock",)
+# Files that may differ from the commit (or be untracked) without making the code dirty: DVC
+# rewrites dvc.lock during `dvc repro`, and its content is recorded by hash instead.
+_RECORDED_BY_HASH = ("dvc.lock",)
 
 
 # ------------------------------------------------------------------------------- code lineage
@@ -137,13 +139,15 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _counts_as_dirty(line: str) -> bool:
-    # porcelain v1: "XY PATH" (or "XY OLD -> NEW"); "??" = untracked.
-    code, path = line[:2], line[3:].split(" -> ")[-1].strip('"')
+def _counts_as_dirty(line: str, prefix: str = "") -> bool:
+    # porcelain v1: "XY PATH" (or "XY OLD -> NEW"); "??" = untracked. PATH minus the project's prefix.
+    code, path = line[:2], line[3:].split(" -> ")[-1].strip('"').removeprefix(prefix)
+    if path in _RECORDED_BY_HASH:
+        return False
     if code == "??":
         parts = path.rstrip("/").split("/")
         return not (path.startswith(_UNTRACKED_OK) or any(p in _UNTRACKED_OK_NAMES for p in parts))
-    return path not in _MODIFIED_OK
+    return True
 
 
 def dvc_lock_stages(dvc_lock: str | os.PathLike) -> dict[str, dict[str, dict[str, str]]]:
@@ -164,13 +168,15 @@ def collect_code_lineage(project_root: str | os.PathLike) -> dict[str, Any]:
     untracked files under data/ and caches, and dvc.lock (recorded by hash). dvc_lock_sha256 and
     dvc_stages are None and {} where there is no dvc.lock.
     """
-    import quantlib
-
     root = Path(project_root)
     head = _git(root, "rev-parse", "--verify", "HEAD")
     commit = head.strip() if head else None
-    status = _git(root, "status", "--porcelain", "--untracked-files=all") if commit else None
-    dirty = any(_counts_as_dirty(line) for line in (status or "").splitlines() if line.strip())
+    dirty = False
+    if commit:
+        # porcelain paths are relative to the repository root; the project may be a subfolder
+        prefix = (_git(root, "rev-parse", "--show-prefix") or "").strip()
+        status = _git(root, "status", "--porcelain", "--untracked-files=all", "--", ".") or ""
+        dirty = any(_counts_as_dirty(line, prefix) for line in status.splitlines() if line.strip())
     lock = root / "dvc.lock"
     return {
         "git_commit": commit,
@@ -222,7 +228,9 @@ def _check_keys(what: str, got: Mapping[str, Any], required: Sequence[str]) -> N
     missing = [k for k in required if k not in got]
     unknown = [k for k in got if k not in required]
     if missing or unknown:
-        raise ValueError(f"release manifest {what}: missing keys {missing}, unknown keys {unknown} (expected {list(required)})")
+        raise ValueError(
+            f"release manifest {what}: missing keys {missing}, unknown keys {unknown} (expected {list(required)})"
+        )
 
 
 def _check_stages(stages: Any) -> None:
@@ -236,9 +244,8 @@ def _check_stages(stages: Any) -> None:
             and not isinstance(info.get("seconds"), bool)
         )
         if not ok:
-            raise ValueError(
-                f"release manifest lineage.stages.{name}: expected {{'status': 'run'|'cached', 'seconds': float}}, got {info!r}"
-            )
+            expected = "{'status': 'run'|'cached', 'seconds': float}"
+            raise ValueError(f"release manifest lineage.stages.{name}: expected {expected}, got {info!r}")
 
 
 def _files_hashes(folder: Path) -> dict[str, str]:
@@ -287,7 +294,10 @@ def lineage_tags(
     params_sha256: str | None = None,
     release_manifest_sha256: str | None = None,
 ) -> dict[str, str]:
-    """Run tags from `collect_code_lineage` output plus the hashes known so far (None: not set)."""
+    """Run tags from `collect_code_lineage` output plus the hashes known so far (None: not set).
+
+    The git commit is also set as `mlflow.source.git.commit`, which the MLflow UI shows.
+    """
     tags = {
         TAG_GIT_COMMIT: code.get("git_commit"),
         _MLFLOW_GIT_COMMIT: code.get("git_commit"),
@@ -379,9 +389,9 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str = "ptq-pipeline") -> None:
+        quiet_mlflow()  # before the first `import mlflow`, which starts its telemetry client
         from mlflow import MlflowClient
 
-        quiet_mlflow()
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -454,6 +464,8 @@ class Tracker:
         DVC runs each stage in its own process; a key they all derive (e.g. from params and git
         commit) lets them share one parent run. The last stage ends it with `end_run`.
         """
+        if not re.fullmatch(r"[\w.:-]+", key):
+            raise ValueError(f"pipeline key must be letters, digits, '_', '.', ':' or '-', got {key!r}")
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}' and attributes.status = 'RUNNING'",
@@ -479,7 +491,8 @@ class Tracker:
             if isinstance(value, Mapping):
                 raise TypeError(f"log_params: {key} is a mapping; pass flattened params (flows.params.flatten)")
             texts[key] = value if isinstance(value, str) else _tag_value(value)
-        cut = {k: v[: MAX_PARAM_CHARS - len(_TRUNCATED)] + _TRUNCATED for k, v in texts.items() if len(v) > MAX_PARAM_CHARS}
+        keep = MAX_PARAM_CHARS - len(_TRUNCATED)
+        cut = {k: v[:keep] + _TRUNCATED for k, v in texts.items() if len(v) > MAX_PARAM_CHARS}
         entries = [Param(k, cut.get(k, v)) for k, v in texts.items()]
         for chunk in _chunks(entries, _BATCH_PARAMS):
             self.client.log_batch(run_id, params=chunk)
@@ -661,8 +674,9 @@ def register_release(
     bad = verify_manifest(release_dir)
     if bad:
         raise IntegrityError(f"{release_dir}: files missing or not matching MANIFEST.json: {bad}; not registering")
-    version_tags = {**release_lineage_tags(release_dir), **{k: _tag_value(v) for k, v in (tags or {}).items()}}
-    tracker.set_tags(run_id, version_tags)
+    run_tags = {**release_lineage_tags(release_dir), **{k: _tag_value(v) for k, v in (tags or {}).items()}}
+    tracker.set_tags(run_id, run_tags)
+    version_tags = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}  # run-only (UI) tags
     model = _log_release_model(tracker, run_id, release_dir, version_tags)
     client = tracker.client
     _ensure_registered_model(client, model_name)

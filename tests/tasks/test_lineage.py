@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_tracking import log_pipeline, make_project, write_dvc_lock
+from test_tracking import HAVE_GIT, log_pipeline, make_project, write_dvc_lock
 
 import flows.stages as stages
 from tasks import lineage
@@ -24,7 +24,7 @@ NAME = release_model_name("smollm2-135m", "w4g64")
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     base = tmp_path_factory.mktemp("lineage")
-    project = make_project(base / "project")
+    project = make_project(base / "project", git=HAVE_GIT)
     uri = f"sqlite:///{base / 'mlflow.db'}"
     runs = log_pipeline(Tracker(uri, "ptq-test"), project, NAME)
     return {**project, **runs, "uri": uri, "base": base}
@@ -68,6 +68,9 @@ def test_resolve_rejects_bad_refs(registered, tmp_path):
         resolve_release(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="tracking URI"):
         resolve_release(f"models:/{NAME}@candidate")
+    with pytest.raises(FileNotFoundError, match="no MLflow database"):
+        resolve_release(f"models:/{NAME}@candidate", f"sqlite:///{tmp_path / 'absent.db'}")
+    assert not (tmp_path / "absent.db").exists()
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(MlflowException):
@@ -94,7 +97,7 @@ def test_audit_of_the_untouched_release_is_ok_and_shows_the_chain(registered):
         f"calib      sha256 {registered['calib_sha256'][:12]}",
         "eval       wikitext2",
         "quantize.bits=4",
-        "code       git none, quantlib",
+        f"code       git {registered['code']['git_commit'] or 'none'}, quantlib",
         "quantize      run        12.0s  data/quantized md5 q1.dir",
         "evaluate",
         "ppl.wikitext2=31.5",

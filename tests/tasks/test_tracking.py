@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from flows.params import PipelineParams, flatten, params_to_dict
+from tasks.lineage import audit, format_audit
 from tasks.io import MANIFEST_NAME, IntegrityError, read_manifest, sha256_file, write_manifest
 from tasks.textdata import write_token_ids
 from tasks.tracking import (
@@ -83,13 +84,34 @@ def write_dvc_lock(root: Path, stages: tuple[str, ...]) -> None:
     (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
 
 
-def make_project(root: Path) -> dict:
+HAVE_GIT = shutil.which("git") is not None
+
+
+def _git(root: Path, *args: str) -> str:
+    cmd = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _git_repo(root: Path) -> None:
+    """A repository with one commit of one code file (data/ and dvc.lock stay untracked)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "code.py").write_text("x = 1\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "code.py")
+    _git(root, "commit", "-q", "-m", "init")
+
+
+def make_project(root: Path, git: bool = False) -> dict:
     """A small but real project: data/model, data/tokens, dvc.lock, a packed data/release with its
-    MANIFEST, then the later stages' dvc.lock entries and metrics. Returns paths and hashes."""
+    MANIFEST, then the later stages' dvc.lock entries and metrics. Returns paths and hashes.
+    git=True makes it a git repository first, so the release records a commit."""
+    if git:
+        _git_repo(root)
     g = torch.Generator().manual_seed(0)
     model = root / "data" / "model"
-    model.mkdir(parents=True)
-    save_file({"model.layers.0.mlp.down_proj.weight": torch.randn(8, 16, generator=g)}, str(model / "model.safetensors"))
+    model.mkdir(parents=True, exist_ok=True)
+    weight = torch.randn(8, 16, generator=g)
+    save_file({"model.layers.0.mlp.down_proj.weight": weight}, str(model / "model.safetensors"))
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}), encoding="utf-8")
     (model / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}), encoding="utf-8")
     write_manifest(model)
@@ -97,17 +119,16 @@ def make_project(root: Path) -> dict:
 
     tokens = root / "data" / "tokens"
     calib_sha = write_token_ids(tokens / "calib.safetensors", {"ids": torch.randint(0, 100, (4, 8), generator=g)})
-    eval_sha = write_token_ids(tokens / "eval_wikitext2.safetensors", {"ids": torch.randint(0, 100, (2, 16), generator=g)})
+    eval_ids = torch.randint(0, 100, (2, 16), generator=g)
+    eval_sha = write_token_ids(tokens / "eval_wikitext2.safetensors", {"ids": eval_ids})
     (tokens / "tokens.json").write_text(json.dumps({"calib_sha256": calib_sha}), encoding="utf-8")
     write_dvc_lock(root, ("fetch_model", "prepare_data", "quantize", "qat"))  # what pack sees
 
     release = root / "data" / "release"
     release.mkdir(parents=True)
     qweight = torch.randint(-(2**31), 2**31 - 1, (2, 8), generator=g, dtype=torch.int64).to(torch.int32)
-    save_file(
-        {"model.layers.0.mlp.down_proj.qweight": qweight, "model.layers.0.mlp.down_proj.scales": torch.rand(1, 8, generator=g)},
-        str(release / "model.safetensors"),
-    )
+    packed = {"mlp.down_proj.qweight": qweight, "mlp.down_proj.scales": torch.rand(1, 8, generator=g)}
+    save_file({f"model.layers.0.{k}": v for k, v in packed.items()}, str(release / "model.safetensors"))
     shutil.copy(model / "config.json", release / "config.json")
     shutil.copy(model / "tokenizer.json", release / "tokenizer.json")
     (release / "quantization.json").write_text(json.dumps({"bits": 4, "group_size": 64}), encoding="utf-8")
@@ -194,7 +215,7 @@ def sandbox(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logged(sandbox):
-    project = make_project(sandbox / "project")
+    project = make_project(sandbox / "project", git=HAVE_GIT)
     tracker = Tracker(f"sqlite:///{sandbox / 'mlflow.db'}", "ptq-test")
     runs = log_pipeline(tracker, project, release_model_name("smollm2-135m", "w4g64"))
     return {**project, **runs, "tracker": tracker, "client": tracker.client}
@@ -242,17 +263,24 @@ def test_build_release_manifest_rejects_bad_sections(tmp_path):
     with pytest.raises(ValueError, match="missing keys \\['stages'\\]"):
         build_release_manifest(project["release"], inputs, project["code"])
     with pytest.raises(ValueError, match="lineage.stages.quantize"):
-        build_release_manifest(project["release"], inputs, {**lineage, "stages": {"quantize": {"status": "done", "seconds": 1}}})
+        bad_status = {"quantize": {"status": "done", "seconds": 1}}
+        build_release_manifest(project["release"], inputs, {**lineage, "stages": bad_status})
     with pytest.raises(ValueError, match="params_sha256"):
         build_release_manifest(project["release"], {**inputs, "params_sha256": "0" * 64}, lineage)
 
 
-def _git(root: Path, *args: str) -> str:
-    cmd = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+def test_lineage_tags_mirror_the_commit_and_skip_unknowns():
+    code = {"git_commit": "abc", "git_dirty": True, "dvc_lock_sha256": None, "quantlib_version": "0.1.0"}
+    assert lineage_tags(code, calib_sha256="c" * 64) == {
+        TAG_GIT_COMMIT: "abc",
+        "mlflow.source.git.commit": "abc",
+        TAG_GIT_DIRTY: "true",
+        TAG_QUANTLIB: "0.1.0",
+        TAG_CALIB: "c" * 64,
+    }
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+@pytest.mark.skipif(not HAVE_GIT, reason="git not installed")
 def test_collect_code_lineage_reads_git_and_dvc_lock(tmp_path):
     import quantlib
 
@@ -280,6 +308,18 @@ def test_collect_code_lineage_reads_git_and_dvc_lock(tmp_path):
     assert collect_code_lineage(tmp_path)["git_dirty"] is True
 
 
+@pytest.mark.skipif(not HAVE_GIT, reason="git not installed")
+def test_dirty_flag_of_a_project_in_a_repository_subfolder(tmp_path):
+    _git_repo(tmp_path)
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "x.bin").write_bytes(b"x")  # untracked output: clean
+    (project / "dvc.lock").write_text("schema: '2.0'\n")
+    assert collect_code_lineage(project)["git_dirty"] is False
+    (project / "new.py").write_text("y = 1\n")
+    assert collect_code_lineage(project)["git_dirty"] is True
+
+
 def test_collect_code_lineage_outside_git(tmp_path):
     code = collect_code_lineage(tmp_path)
     assert code["git_commit"] is None and code["git_dirty"] is False
@@ -290,9 +330,8 @@ def test_collect_code_lineage_outside_git(tmp_path):
 
 
 def _children(client, parent_run_id: str) -> dict:
-    runs = client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    )
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     return {r.info.run_name: r for r in runs}
 
 
@@ -310,7 +349,11 @@ def check_logged(logged: dict) -> None:
     assert parent.data.tags[TAG_CALIB] == inputs["calib_sha256"]
     assert parent.data.tags[TAG_PARAMS] == inputs["params_sha256"]
     assert parent.data.tags[TAG_QUANTLIB] == logged["code"]["quantlib_version"]
-    assert parent.data.tags[TAG_GIT_DIRTY] == "false" and TAG_GIT_COMMIT not in parent.data.tags  # not in git
+    commit = logged["code"]["git_commit"]
+    assert parent.data.tags[TAG_GIT_DIRTY] == "false"  # data/ and dvc.lock do not count
+    assert commit == (_git(logged["root"], "rev-parse", "HEAD") if HAVE_GIT else None)
+    assert parent.data.tags.get(TAG_GIT_COMMIT) == commit
+    assert parent.data.tags.get("mlflow.source.git.commit") == commit
 
     children = _children(client, logged["parent"])
     assert set(children) == {*STAGE_TIMES, "register"}
@@ -338,7 +381,8 @@ def check_logged(logged: dict) -> None:
     assert mv.tags[TAG_RELEASE_MANIFEST] == manifest_sha
     assert mv.tags[TAG_SOURCE_MODEL] == inputs["model_manifest_sha256"]
     assert mv.tags[TAG_CALIB] == inputs["calib_sha256"] and mv.tags[TAG_PARAMS] == inputs["params_sha256"]
-    assert TAG_DVC_LOCK in mv.tags
+    assert TAG_DVC_LOCK in mv.tags and mv.tags.get(TAG_GIT_COMMIT) == commit
+    assert not any(k.startswith("mlflow.") for k in mv.tags)
     assert client.get_model_version_by_alias(name, "candidate").version == mv.version
 
     release = Path(client.get_model_version_download_uri(name, str(version)).removeprefix("file://"))
@@ -366,7 +410,8 @@ def test_second_registration_is_version_2_and_takes_the_alias(logged):
     tracker, client, name = logged["tracker"], logged["client"], "ptq-second-w4g64"
     with tracker.run("pipeline-2") as run_id:
         assert register_release(tracker, run_id, logged["release"], name) == (name, 1)
-        assert register_release(tracker.tracking_uri, run_id, logged["release"], name, tags={"note": "again"}) == (name, 2)
+        again = register_release(tracker.tracking_uri, run_id, logged["release"], name, tags={"note": "again"})
+        assert again == (name, 2)
     assert int(client.get_model_version_by_alias(name, "candidate").version) == 2
     assert client.get_model_version(name, "2").tags["note"] == "again"
 
@@ -450,7 +495,7 @@ def test_logging_and_registry_through_a_tracking_server(tmp_path, sandbox):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
     try:
         _wait_healthy(url, proc)
-        project = make_project(tmp_path / "project")
+        project = make_project(tmp_path / "project", git=HAVE_GIT)
         tracker = Tracker(url, "ptq-server-test")
         runs = log_pipeline(tracker, project, release_model_name("smollm2-135m", "w4g64"))
         check_logged({**project, **runs, "tracker": tracker, "client": tracker.client})
@@ -458,6 +503,10 @@ def test_logging_and_registry_through_a_tracking_server(tmp_path, sandbox):
         assert source.startswith("mlflow-artifacts:"), source  # stored by the server, not a local path
         stored = list((tmp_path / "server-artifacts").rglob(f"release/{MANIFEST_NAME}"))
         assert [sha256_file(p) for p in stored] == [project["manifest_sha256"]]
+        result = audit(f"models:/{runs['name']}@candidate", url, project["root"], dst_dir=tmp_path / "download")
+        assert result.ok, format_audit(result)
+        assert result.release_dir.is_relative_to(tmp_path / "download")  # downloaded over HTTP
+        assert {r.run_id for r in result.runs} >= {runs["parent"], *runs["stages"].values()}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (uvicorn workers)
         try:

@@ -1,0 +1,51 @@
+"""Prefect tasks of the evaluate stage: perplexity (cached by model and window hashes) and lm-eval."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from .cache import key_fn
+from .evaluate import evaluate_perplexity
+from .lm_eval_local import make_cloze_jsonl, run_lm_eval, write_task_yaml
+from .release import load_release
+from .sources import load_model, load_tokenizer
+from .textdata import read_token_ids
+
+__all__ = ["ppl_task", "lm_eval_task", "LOCAL_TASKS", "prepare_local_tasks"]
+
+LOCAL_TASKS = ("ptq_cloze",)  # generated offline from the evaluation text
+
+
+def _load(kind: str, folder: str):
+    return load_release(folder) if kind == "release" else load_model(folder)
+
+
+def _windows(eval_files: dict[str, list[str]]) -> dict:
+    return {name: read_token_ids(path, sha)["windows"] for name, (path, sha) in eval_files.items()}
+
+
+@task(name="perplexity", cache_key_fn=key_fn("kind", "model_sha", "eval_files_sha", "batch_size"), persist_result=True)
+def ppl_task(kind: str, folder: str, model_sha: str, eval_files: dict, eval_files_sha: str, batch_size: int) -> dict:
+    """{source: perplexity} of a release (kind 'release') or the FP source model (kind 'model')."""
+    return evaluate_perplexity(_load(kind, folder), _windows(eval_files), batch_size)
+
+
+def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int = 0) -> Path | None:
+    """Write the project's offline lm-eval tasks that `names` asks for; returns the include path."""
+    wanted = [n for n in names if n in LOCAL_TASKS]
+    if not wanted:
+        return None
+    task_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = task_dir / "ptq_cloze.jsonl"
+    make_cloze_jsonl(text, jsonl, n_docs=500, seed=seed)
+    write_task_yaml(task_dir, "ptq_cloze", jsonl)
+    return task_dir
+
+
+@task(name="lm_eval", cache_key_fn=key_fn("model_sha", "tasks", "limit", "tasks_sha"), persist_result=True)
+def lm_eval_task(folder: str, model_sha: str, tasks: list[str], include_path: str | None, tasks_sha: str,
+                 limit: int | None, batch_size: int) -> dict:
+    model = load_release(folder)
+    return run_lm_eval(model, load_tokenizer(folder, verify=False), list(tasks),
+                       Path(include_path) if include_path else None, limit, batch_size)

@@ -1,0 +1,99 @@
+"""The release folder (pack stage) and loading it back as a dense model for evaluation.
+
+Layout (format `ptq-codes-v1`; the packed GPTQ / compressed-tensors formats build on the same codes):
+  model.safetensors   every tensor of the source model except the quantized Linears' weights, plus
+                      for each quantized Linear NAME: NAME.qweight (uint8 codes, (out, in)),
+                      NAME.scale / NAME.zero ((out, G) fp32), NAME.g_idx ((in,) int32), NAME.spec
+  config.json, generation_config.json, tokenizer files   copied from the source model folder
+  quantization.json   method, scheme, quantized module names, format
+  MANIFEST.json       sha256 of every file + the inputs and lineage it was made from
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from quantlib.adapters import get_adapter
+from quantlib.qweight import QuantizedWeight
+
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified, verify_manifest
+
+__all__ = ["RELEASE_FORMAT", "write_release_files", "load_release", "release_weights"]
+
+RELEASE_FORMAT = "ptq-codes-v1"
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def _model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Source tensors minus quantized weights, plus the codes of every quantized Linear."""
+    tensors = _model_tensors(model_dir)
+    for name in qweights:
+        if f"{name}.weight" not in tensors:
+            raise ValueError(f"quantized module {name} has no weight in {model_dir}; wrong source model?")
+        del tensors[f"{name}.weight"]
+    for name, qw in qweights.items():
+        tensors.update(qw.state_dict(name))
+    return tensors
+
+
+def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict) -> None:
+    """Write everything but MANIFEST.json into out_dir (which must be empty)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(out_dir / "model.safetensors", release_weights(model_dir, qweights),
+                            metadata={"format": RELEASE_FORMAT})
+    (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
+    for name in _COPY:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    atomic_write_json(out_dir / "quantization.json",
+                      info | {"format": RELEASE_FORMAT, "modules": sorted(qweights)})
+
+
+def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32):
+    """A dense causal LM whose quantized Linears hold their dequantized weights."""
+    release_dir = Path(release_dir)
+    if verify and (bad := verify_manifest(release_dir)):
+        raise_integrity(release_dir, bad)
+    info = json.loads((release_dir / "quantization.json").read_text())
+    if info.get("format") != RELEASE_FORMAT:
+        raise ValueError(f"{release_dir}: unsupported release format {info.get('format')!r}")
+    config = AutoConfig.from_pretrained(release_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    tensors = load_file(str(release_dir / "model.safetensors"))
+    adapter = get_adapter(model)
+    for name in info["modules"]:
+        qw = QuantizedWeight.from_state_dict(tensors, name)
+        adapter.set_weight(model.get_submodule(name), qw.dequantize())
+        for suffix in ("qweight", "scale", "zero", "g_idx", "spec"):
+            del tensors[f"{name}.{suffix}"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    expected_missing = {f"{n}.weight" for n in info["modules"]} | _tied(model)
+    if unexpected or set(missing) - expected_missing:
+        raise ValueError(f"{release_dir}: release does not match its config "
+                         f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    return model
+
+
+def _tied(model) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys if not isinstance(keys, dict) else keys.keys())
+
+
+def raise_integrity(folder: Path, bad: list[str]) -> None:
+    from .io import IntegrityError
+
+    raise IntegrityError(f"{folder}: files differ from MANIFEST.json: {', '.join(bad)}")

@@ -1,0 +1,58 @@
+"""Activation shards: a folder of batch_NNNNN.safetensors files (quantlib.ActivationStore layout)
+plus SHARD.json with each file's sha256. A shard's identity is the sha256 of its SHARD.json."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from quantlib.activations import ActivationStore
+
+from .io import IntegrityError, atomic_write_json, sha256_bytes, sha256_file
+
+__all__ = ["seal_shard", "open_shard", "shard_ok"]
+
+_INDEX = "SHARD.json"
+
+
+def seal_shard(tmp_dir: Path, final_dir: Path) -> str:
+    """Index the batch files written into tmp_dir, then move it to final_dir (replacing any old
+    one). Returns the shard hash."""
+    files = ActivationStore.open(tmp_dir).files()
+    atomic_write_json(tmp_dir / _INDEX, {"batches": [sha256_file(f) for f in files]})
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp_dir.rename(final_dir)
+    return sha256_bytes((final_dir / _INDEX).read_bytes())
+
+
+def shard_ok(folder: Path, sha: str) -> bool:
+    """True if the shard exists and every file matches its recorded hash."""
+    try:
+        _verify(folder, sha)
+        return True
+    except (IntegrityError, FileNotFoundError):
+        return False
+
+
+def _verify(folder: Path, sha: str) -> ActivationStore:
+    index = folder / _INDEX
+    if not index.is_file():
+        raise FileNotFoundError(f"activation shard {folder} is missing")
+    if sha256_bytes(index.read_bytes()) != sha:
+        raise IntegrityError(f"activation shard {folder}: index hash differs from the recorded {sha[:12]}")
+    store = ActivationStore.open(folder)
+    expected = json.loads(index.read_text())["batches"]
+    files = store.files()
+    if len(files) != len(expected):
+        raise IntegrityError(f"activation shard {folder}: {len(files)} batch files, index lists {len(expected)}")
+    for f, digest in zip(files, expected):
+        if sha256_file(f) != digest:
+            raise IntegrityError(f"activation shard file {f} is corrupted (sha256 mismatch)")
+    return store
+
+
+def open_shard(folder: Path, sha: str, in_memory: bool) -> ActivationStore:
+    """Verified store over the shard: streamed from disk, or loaded into CPU memory."""
+    store = _verify(folder, sha)
+    return store.in_memory() if in_memory else store
