@@ -166,8 +166,8 @@ def preflight(params) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _pipeline_env(Path(args.params).resolve().parent)  # before anything imports prefect
     root, params = _load_pipeline(args)
-    _pipeline_env(root)
     from .pipeline import Project, pipeline_flow
 
     t0 = time.perf_counter()
@@ -177,8 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    _pipeline_env(Path(args.params).resolve().parent)
     root, params = _load_pipeline(args)
-    _pipeline_env(root)
     from .pipeline import Project, run_stage
 
     r = run_stage(Project(root), params, args.name)

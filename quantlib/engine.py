@@ -57,23 +57,32 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class _Zero(nn.Module):
-    """Stand-in for a Linear whose output is not needed in this pass: (..., in) -> zeros (..., out)."""
+    """Stand-in for a Linear whose output is not needed in this pass: (..., in) -> zeros (..., out).
+    With `probe`, it also folds its input into a running Hessian (it replaces the hooked Linear
+    itself, whose own matmul is then skipped too)."""
 
-    def __init__(self, out_features: int) -> None:
+    def __init__(self, out_features: int, probe: bool = False) -> None:
         super().__init__()
         self.out_features = out_features
+        self.probe = probe
+        self.h: torch.Tensor | None = None
+        self.count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.probe:
+            self.h, self.count = accumulate_hessian(self.h, self.count, x)
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
 @contextmanager
-def _stubbed(block: nn.Module, names: list[str], adapter: ModelAdapter) -> Iterator[None]:
-    saved = {n: block.get_submodule(n) for n in names}
-    for n, m in saved.items():
-        block.set_submodule(n, _Zero(adapter.out_features(m)))
+def _stubbed(block: nn.Module, names: list[str], probe: str | None, adapter: ModelAdapter) -> Iterator[_Zero | None]:
+    """Swap `names` (and the probed Linear) for _Zero stand-ins; restore them afterwards."""
+    saved = {n: block.get_submodule(n) for n in [*names, *([probe] if probe else [])]}
+    stubs = {n: _Zero(adapter.out_features(m), probe=n == probe) for n, m in saved.items()}
+    for n, stub in stubs.items():
+        block.set_submodule(n, stub)
     try:
-        yield
+        yield stubs.get(probe)
     finally:
         for n, m in saved.items():
             block.set_submodule(n, m)
@@ -83,7 +92,7 @@ def _stubbed(block: nn.Module, names: list[str], adapter: ModelAdapter) -> Itera
 def _collect_hessians(
     block: nn.Module, modules: dict[str, nn.Module], inputs: ActivationStore, call: BlockCall, device
 ) -> dict[str, torch.Tensor]:
-    """One forward over all batches; H for every Linear in `modules` (fp32, on device)."""
+    """One full forward over all batches; H for every Linear in `modules` (fp32, on device)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in modules}
 
     def hook(name):
@@ -101,13 +110,25 @@ def _collect_hessians(
     return {n: h for n, (h, _) in acc.items()}
 
 
-def _passes(adapter: ModelAdapter, true_sequential: bool) -> list[tuple[list[str], list[str]]]:
-    """[(Linears whose Hessians this pass collects, Linears stubbed out during it)]."""
+@torch.no_grad()
+def _probe_hessian(
+    block: nn.Module, group: list[str], later: list[str], inputs: ActivationStore, call: BlockCall, device, adapter
+) -> torch.Tensor:
+    """H of `group`'s shared input with the quantized prefix in place: group[0] becomes a probe,
+    the rest of the group and every later Linear return zeros (their outputs are not needed)."""
+    with _stubbed(block, group[1:] + later, group[0], adapter) as probe:
+        for x in inputs:
+            run_block(block, x.to(device), call)
+    return probe.h
+
+
+def _hessian_plan(adapter: ModelAdapter, true_sequential: bool) -> list[tuple[list[str], list[str]]]:
+    """[(Linears solved after this pass, Linears after them)]: one pass per group when true
+    sequential (groups share their input), else one pass for all Linears."""
     groups = [list(g) for g in adapter.family.groups]
     if not true_sequential:
         return [([n for g in groups for n in g], [])]
-    # one Hessian per group (its Linears share the input): hook the first, stub later groups
-    return [([g[0]], [n for later in groups[k + 1 :] for n in later]) for k, g in enumerate(groups)]
+    return [(g, [n for later in groups[k + 1 :] for n in later]) for k, g in enumerate(groups)]
 
 
 @torch.no_grad()
@@ -143,13 +164,11 @@ def quantize_block(
     ref = _outputs(block, inputs, call, device, None) if cfg.measure_block_error else None
     results: dict[str, QuantizedWeight] = {}
     errors: dict[str, float] = {}
-    for hooked, stubbed in _passes(adapter, cfg.true_sequential) if method.needs_hessian else [([], [])]:
-        if hooked:
-            with _stubbed(block, stubbed, adapter):
-                hessians = _collect_hessians(block, {n: linears[n] for n in hooked}, inputs, call, device)
-        group = _group_of(adapter, hooked) if cfg.true_sequential and hooked else list(linears)
+    plan = _hessian_plan(adapter, cfg.true_sequential) if method.needs_hessian else [(list(linears), None)]
+    for group, later in plan:
+        hessians = _group_hessians(block, linears, group, later, inputs, call, device, adapter, cfg)
         for name in group:
-            h = hessians[hooked[0] if cfg.true_sequential else name] if hooked else None
+            h = hessians.get(name)
             w = adapter.get_weight(linears[name]).float()
             qw = quantize_weight(w, h, spec, method_cfg)
             w_hat = qw.dequantize().to(device)
@@ -164,8 +183,14 @@ def quantize_block(
     return results, outputs, stats
 
 
-def _group_of(adapter: ModelAdapter, hooked: list[str]) -> list[str]:
-    return next(list(g) for g in adapter.family.groups if g[0] == hooked[0])
+def _group_hessians(block, linears, group, later, inputs, call, device, adapter, cfg) -> dict[str, torch.Tensor]:
+    """{name: H} for the Linears of `group` (empty when the method needs none: later is None)."""
+    if later is None:
+        return {}
+    if cfg.true_sequential:
+        h = _probe_hessian(block, group, later, inputs, call, device, adapter)
+        return {n: h for n in group}
+    return _collect_hessians(block, {n: linears[n] for n in group}, inputs, call, device)
 
 
 def _relative_error(out: ActivationStore, ref: ActivationStore) -> float:
