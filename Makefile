@@ -4,6 +4,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# the offline data mirror beside the checkout, when there is one (tests and the default pipeline)
+MIRROR := $(wildcard $(CURDIR)/../shared/data)
+ifneq ($(MIRROR),)
+export PTQ_DATA_MIRROR ?= $(MIRROR)
+endif
 
 .PHONY: setup demo test test-all bench clean
 

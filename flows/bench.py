@@ -122,22 +122,30 @@ def render_quality_md(records: list[dict]) -> str:
 
 
 def run_demo() -> int:
-    """fp32 vs RTN vs GPTQ at W4 g64 on the default model, on this machine."""
-    from .cli_impl import print_table, resolve_device
+    """The main job on the default model: `ptq run` with ./params.yaml (GPTQ W4 g64 by default),
+    then round-to-nearest on the same model and windows for comparison."""
+    from quantlib.rtn import RTNConfig
+    from tasks.textdata import read_token_ids
 
-    spec = parse_scheme("w4g64")
-    model_dir = C.cached_model("smollm2-135m")
-    tok = load_tokenizer(model_dir)
-    data = C.protocol_data(tok, "wikitext2", None, **CALIB)
-    engine = C.EngineConfig(device=resolve_device("auto"))
-    rows = []
-    for method in ("fp32", "rtn", "gptq"):
-        model = load_model(model_dir)
-        seconds = 0.0
-        if method != "fp32":
-            _, _, seconds = C.quantize_loaded(model, data.calib, spec, C.method_config(method), engine)
-        rows.append({"method": method, "scheme": "fp32" if method == "fp32" else spec.name,
-                     "quant_seconds": seconds, "ppl": C.eval_ppl(model, data.windows, desc=f"{method} perplexity")})
+    from . import stages as S
+    from .cli import main as cli_main
+    from .cli_impl import print_table
+
+    if cli_main(["run", "-p", "params.yaml"]) != 0:
+        return 1
+    tokens = json.loads(Path(S.TOKENS, "tokens.json").read_text())
+    first = next(iter(tokens["eval"].values()))
+    windows = read_token_ids(Path(S.TOKENS) / first["file"], first["sha256"])["windows"]
+    metrics = json.loads(Path(S.METRICS).read_text())
+    model = load_model(S.MODEL)
+    scheme = parse_scheme(metrics["scheme"])
+    _, _, seconds = C.quantize_loaded(model, None, scheme, RTNConfig(), C.EngineConfig())
+    rows = [{"method": "fp32", "scheme": "-", "ppl": next(iter(metrics["fp32_ppl"].values()))},
+            {"method": "rtn", "scheme": scheme.name, "ppl": C.eval_ppl(model, windows, desc="rtn perplexity"),
+             "quant_seconds": seconds},
+            {"method": metrics["method"], "scheme": scheme.name, "ppl": next(iter(metrics["ppl"].values())),
+             "quant_seconds": metrics["quant_seconds"]}]
+    print()
     print_table(rows, ["method", "scheme", "quant_seconds", "ppl"])
     return 0
 

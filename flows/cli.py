@@ -43,6 +43,17 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--spill-dir", default=None, help="keep calibration activations on disk here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r = p.add_argument_group("reconstruction (--method recon or recon-k2o1L0-lora-i100)")
+    r.add_argument("--window", type=int, help="blocks per window k")
+    r.add_argument("--overlap", type=int, help="blocks shared by consecutive windows o < k")
+    r.add_argument("--lookahead", type=int, help="frozen FP blocks after the window the loss is measured at")
+    r.add_argument("--rounding", choices=("nearest", "adaround", "lora"))
+    r.add_argument("--rank", type=int, help="LoRA-Rounding rank")
+    r.add_argument("--iters", type=int)
+    r.add_argument("--loss", choices=("mse", "kl", "mse+kl"))
+    r.add_argument("--lr", type=float)
+    r.add_argument("--recon-init", dest="init", choices=("rtn", "gptq"))
+    r.add_argument("--cfp", action="store_true", default=None, help="CBQ outlier pre-processing before each block")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model with one method and write it to --out")
     q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, hf:ORG/NAME[@REV], a local HF folder or a .gguf file")
-    q.add_argument("--method", default="gptq", help="rtn or gptq")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, recon (or recon-k2o1L0-lora-i100 style names)")
     _add_scheme(q)
     _add_calib(q)
     _add_solver(q)

@@ -33,9 +33,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=resolve_device(args.device), spill_dir=args.spill_dir)
 
 
+RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "init", "cfp")
+
+
+def recon_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in RECON_FLAGS if getattr(args, k, None) is not None}
+
+
 def _method_cfg(args: argparse.Namespace, method: str):
     return C.method_config(method, act_order=args.act_order, damp=args.damp, block_size=args.block_size,
-                           clip_search=args.clip_search)
+                           clip_search=args.clip_search, recon=recon_overrides(args))
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

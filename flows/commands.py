@@ -37,7 +37,7 @@ __all__ = [
     "eval_ppl",
 ]
 
-METHOD_NAMES = ("rtn", "gptq")
+METHOD_NAMES = ("rtn", "gptq", "recon")
 
 
 def cache_dir() -> Path:
@@ -63,13 +63,33 @@ def cached_model(spec: str, trust_remote_code: bool = False) -> Path:
         return folder
 
 
+def recon_config(name: str, **overrides) -> "ReconConfig":
+    """A ReconConfig from a method name such as `recon-k2o1L0-lora` (window 2, overlap 1, no
+    look-ahead, LoRA-Rounding) plus explicit overrides; bare `recon` means the defaults."""
+    from quantlib.recon import ROUNDINGS, ReconConfig
+
+    kw: dict = {}
+    for part in name.split("-")[1:]:
+        if m := re.fullmatch(r"k(\d+)o(\d+)(?:L(\d+))?", part):
+            kw |= {"window": int(m[1]), "overlap": int(m[2]), "lookahead": int(m[3] or 0)}
+        elif part in ROUNDINGS:
+            kw["rounding"] = part
+        elif m := re.fullmatch(r"i(\d+)", part):
+            kw["iters"] = int(m[1])
+        else:
+            raise ValueError(f"cannot parse {part!r} in method {name!r}; e.g. recon-k2o1L0-lora-i100")
+    return ReconConfig(**(kw | overrides))
+
+
 def method_config(method: str, *, act_order: bool = True, damp: float = 0.01, block_size: int = 128,
-                  clip_search: bool = False):
+                  clip_search: bool = False, recon: dict | None = None):
     """The frozen quantlib config for a method name."""
     if method == "rtn":
         return RTNConfig(clip_search=clip_search)
     if method == "gptq":
         return GPTQConfig(block_size=block_size, damp=damp, act_order=act_order, clip_search=clip_search)
+    if method == "recon" or method.startswith("recon-"):
+        return recon_config(method, **(recon or {}))
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
 
 
@@ -113,10 +133,21 @@ def _block_bar(total: int, desc: str):
 
 def quantize_loaded(model, calib: torch.Tensor, spec: QuantSpec, method_cfg, engine: EngineConfig):
     """Quantize a loaded model in place; returns (results, stats, seconds)."""
+    from quantlib.recon import ReconConfig
+    from quantlib.windows import reconstruct_model
+
     adapter = get_adapter(model)
     t0 = time.perf_counter()
-    results, stats = quantize_model(adapter, calib, spec, method_cfg, engine,
-                                    on_block=_block_bar(len(adapter.blocks), type(method_cfg).__name__))
+    if isinstance(method_cfg, ReconConfig):
+        windows = method_cfg.windows(len(adapter.blocks))
+        bar = tqdm(total=len(windows), desc="reconstruct", unit="window", leave=False)
+        results, stats = reconstruct_model(adapter, calib, spec, method_cfg, engine,
+                                           on_window=lambda st: (bar.update(1), bar.set_postfix(
+                                               loss=f"{st.loss_init:.3g}->{st.loss_final:.3g}")))
+        bar.close()
+    else:
+        results, stats = quantize_model(adapter, calib, spec, method_cfg, engine,
+                                        on_block=_block_bar(len(adapter.blocks), type(method_cfg).__name__))
     return results, stats, time.perf_counter() - t0
 
 

@@ -251,7 +251,7 @@ def pack_flow(project: Project, params: PipelineParams):
     out = project.path(S.RELEASE)
     tmp = fresh_dir(out.with_name(out.name + ".tmp"))
     write_release_files(tmp, project.path(S.MODEL), qweights,
-                        {"scheme": info["scheme"], "method": info["method"], "job": info["job"]})
+                        {"scheme": info["scheme"], "method": info["method"], "job": info["job"]}, fmt=params.pack.format)
     stages = {n: {"status": r["status"], "seconds": r["seconds"]} for n, r in _stage_records(project).items()
               if n in ("fetch_model", "prepare_data", "quantize", "qat")}
     build_release_manifest(
@@ -276,16 +276,19 @@ def _eval_files(project: Project) -> tuple[dict, str]:
 
 @_stage("evaluate")
 def evaluate_flow(project: Project, params: PipelineParams):
+    from tasks.cache import stable_hash
     from tasks.evaluation import lm_eval_task, ppl_task, prepare_local_tasks
     from tasks.inputs import manifest_sha
-    from tasks.io import atomic_write_json, fresh_dir, sha256_file
+    from tasks.io import atomic_write_json, fresh_dir
     from tasks.report import write_report
     from tasks.textdata import load_text, parse_text_source, resolve_mirror
 
     e = params.evaluate
     release, model_dir = project.path(S.RELEASE), project.path(S.MODEL)
     files, files_sha = _eval_files(project)
-    release_sha, model_sha = sha256_file(release / "MANIFEST.json"), manifest_sha(model_dir)
+    # the release's content (not its MANIFEST, which also records stage timings) identifies it
+    release_sha = stable_hash(json.loads((release / "MANIFEST.json").read_text())["files"])
+    model_sha = manifest_sha(model_dir)
     common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size)
     ppl, c1 = run_cached(project, ppl_task, lambda r: True, "perplexity (release)",
                          kind="release", folder=str(release), model_sha=release_sha, **common)
@@ -294,10 +297,10 @@ def evaluate_flow(project: Project, params: PipelineParams):
     lm, c3 = {}, True
     if e.lm_eval_tasks:
         text = load_text(parse_text_source(params.prepare_data.eval_sources[0]), resolve_mirror(params.prepare_data.mirror))
-        include = prepare_local_tasks(project.cache / "lm_eval_tasks", text, list(e.lm_eval_tasks))
+        include, tasks_sha = prepare_local_tasks(project.cache / "lm_eval_tasks", text, list(e.lm_eval_tasks))
         lm, c3 = run_cached(project, lm_eval_task, lambda r: True, "lm_eval", folder=str(release), model_sha=release_sha,
                             tasks=list(e.lm_eval_tasks), include_path=str(include) if include else None,
-                            tasks_sha=files_sha, limit=e.lm_eval_limit, batch_size=e.batch_size)
+                            tasks_sha=tasks_sha, limit=e.lm_eval_limit, batch_size=e.batch_size)
     info = json.loads((project.path(S.QAT) / "quantize.json").read_text())
     label = f"{info['method'].removesuffix('Config').lower()} {info['scheme']}"
     metrics = {"ppl": ppl, "fp32_ppl": fp, "lm_eval": lm, "scheme": info["scheme"], "method": label,

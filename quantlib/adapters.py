@@ -41,6 +41,9 @@ class Family:
     norm: str
     groups: tuple[tuple[str, ...], ...]
     head: str = "lm_head"
+    # (norm path in the block, index of the group it feeds): equivalent transforms fold into these
+    norms: tuple[tuple[str, int], ...] = (("input_layernorm", 0), ("post_attention_layernorm", 2))
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (offset + weight)
     rope: bool = True
     fused_qkv: bool = False
     transposed: bool = False
@@ -54,12 +57,17 @@ _LLAMA_GROUPS = (
 )
 
 
-def _llama_like(name: str) -> Family:
-    return Family(name, "model.layers", "model.embed_tokens", "model.norm", _LLAMA_GROUPS)
+def _llama_like(name: str, **kw) -> Family:
+    return Family(name, "model.layers", "model.embed_tokens", "model.norm", _LLAMA_GROUPS, **kw)
 
+
+_GEMMA2_NORMS = (("input_layernorm", 0), ("pre_feedforward_layernorm", 2))
 
 FAMILIES: dict[str, Family] = {
-    **{t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    **{t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gemma": _llama_like("gemma", norm_offset=1.0),
+    "gemma2": _llama_like("gemma2", norms=_GEMMA2_NORMS, norm_offset=1.0),
+    "gemma3_text": _llama_like("gemma3_text", norms=_GEMMA2_NORMS, norm_offset=1.0),
     "phi3": Family(
         "phi3", "model.layers", "model.embed_tokens", "model.norm",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
@@ -68,12 +76,12 @@ FAMILIES: dict[str, Family] = {
     "opt": Family(
         "opt", "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
-        rope=False,
+        norms=(("self_attn_layer_norm", 0), ("final_layer_norm", 2)), rope=False,
     ),
     "gpt2": Family(
         "gpt2", "transformer.h", "transformer.wte", "transformer.ln_f",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-        rope=False, fused_qkv=True, transposed=True,
+        norms=(("ln_1", 0), ("ln_2", 2)), rope=False, fused_qkv=True, transposed=True,
     ),
 }
 

@@ -166,14 +166,22 @@ def quantize_block(
     errors: dict[str, float] = {}
     plan = _hessian_plan(adapter, cfg.true_sequential) if method.needs_hessian else [(list(linears), None)]
     for group, later in plan:
-        hessians = _group_hessians(block, linears, group, later, inputs, call, device, adapter, cfg)
+        # a method may solve some Linears of the group jointly (BoA: q/k/v); the rest as usual
+        joint = {} if method.solve_group is None else method.solve_group(
+            adapter, block, group, inputs, call, spec, method_cfg, device)
+        rest = [n for n in group if n not in joint]
+        hessians = _group_hessians(block, linears, rest, later, inputs, call, device, adapter, cfg) if rest else {}
         for name in group:
             h = hessians.get(name)
             w = adapter.get_weight(linears[name]).float()
-            qw = quantize_weight(w, h, spec, method_cfg)
-            w_hat = qw.dequantize().to(device)
-            if h is not None:
-                errors[name] = hessian_error(w, w_hat, h)
+            if name in joint:
+                qw, errors[name] = joint[name]
+                w_hat = qw.dequantize().to(device)
+            else:
+                qw = quantize_weight(w, h, spec, method_cfg)
+                w_hat = qw.dequantize().to(device)
+                if h is not None:
+                    errors[name] = hessian_error(w, w_hat, h)
             adapter.set_weight(linears[name], w_hat)
             results[f"{prefix}.{name}"] = qw
     outputs = _outputs(block, inputs, call, device, out_spill_dir)
@@ -201,13 +209,14 @@ def _relative_error(out: ActivationStore, ref: ActivationStore) -> float:
 
 def quantize_model(
     adapter: ModelAdapter,
-    calib_ids: torch.Tensor,
+    calib_ids: torch.Tensor | None,
     spec: QuantSpec,
     method_cfg: object,
     cfg: EngineConfig = EngineConfig(),
     on_block: Callable[[BlockStats], None] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[BlockStats]]:
-    """Quantize every decoder-block Linear of adapter.model in place. calib_ids: (N, T)."""
+    """Quantize every decoder-block Linear of adapter.model in place. calib_ids: (N, T) token ids
+    (None for data-free methods such as RTN)."""
     results: dict[str, QuantizedWeight] = {}
     stats: list[BlockStats] = []
     needs_data = method_for(method_cfg).needs_hessian or cfg.measure_block_error

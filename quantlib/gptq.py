@@ -95,10 +95,11 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     u = damped_inverse_cholesky(h, cfg.damp, cfg.max_damp_tries)
     groups = (perm // gw).to(w.device)
-    q = _sweep(w, u, scale, zero, groups, spec, cfg, static)
-    q = q[:, torch.argsort(perm)]
+    q, pre = _sweep(w, u, scale, zero, groups, spec, cfg, static)
+    inv = torch.argsort(perm)
     g_idx = torch.arange(n, dtype=torch.int32) // gw
-    return QuantizedWeight(q.to(torch.uint8).cpu(), scale.cpu(), zero.cpu(), g_idx, spec)
+    return QuantizedWeight(q[:, inv].to(torch.uint8).cpu(), scale.cpu(), zero.cpu(), g_idx, spec,
+                           latent=pre[:, inv].cpu())
 
 
 def _sweep(w, u, scale, zero, groups, spec, cfg, static):
@@ -107,10 +108,12 @@ def _sweep(w, u, scale, zero, groups, spec, cfg, static):
     w: (out, in) permuted weight, updated in place; u: upper Cholesky of H^-1 (permuted);
     groups[j]: group of permuted column j. Returns codes (out, in) in permuted order. When not
     static, each group's (scale, zero) is computed from the error-updated weight at its first column.
+    Also returns each column as it was just before rounding (the error-updated "latent" weights).
     """
     out, n = w.shape
     gw = spec.group_width(n)
     q = torch.zeros_like(w)
+    pre = torch.zeros_like(w)
     # per-column qparams (out, in); for lazy groups the columns are filled as each group starts
     s_cols, z_cols = scale[:, groups], zero[:, groups]
     for i1 in range(0, n, cfg.block_size):
@@ -129,11 +132,12 @@ def _sweep(w, u, scale, zero, groups, spec, cfg, static):
             col, s, z = w1[:, i], s_cols[:, j], z_cols[:, j]
             qc = torch.clamp(torch.round(col / s) + z, 0, spec.maxq)
             q[:, j] = qc
+            pre[:, j] = col
             e = (col - s * (qc - z)) / u1[i, i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
             err1[:, i] = e
         w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
-    return q
+    return q, pre
 
 
 def _group_qparams(block: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig):

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .boa import BoAConfig, solve_attention
 from .gptq import GPTQConfig, gptq_quantize
 from .qweight import QuantizedWeight
 from .rtn import RTNConfig, rtn_quantize
@@ -16,11 +17,16 @@ __all__ = ["Method", "register_method", "method_for", "quantize_weight", "hessia
 
 @dataclass(frozen=True)
 class Method:
-    """solve(w (out, in), h (in, in) or None, spec, cfg) -> QuantizedWeight."""
+    """solve(w (out, in), h (in, in) or None, spec, cfg) -> QuantizedWeight.
+
+    solve_group (optional): for Linears that need more than their own input Hessian (BoA's q/k/v),
+    solve_group(adapter, block, group, inputs, call, spec, cfg, device) -> {name: (QuantizedWeight,
+    error)} for the names of `group` it solves jointly ({} when none); the engine solves the rest."""
 
     name: str
     solve: Callable[[torch.Tensor, torch.Tensor | None, QuantSpec, object], QuantizedWeight]
     needs_hessian: bool
+    solve_group: Callable[..., dict[str, tuple[QuantizedWeight, float]]] | None = None
 
 
 _REGISTRY: dict[type, Method] = {}
@@ -51,3 +57,8 @@ def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> floa
 
 register_method(RTNConfig, Method("rtn", lambda w, h, spec, cfg: rtn_quantize(w, spec, cfg), needs_hessian=False))
 register_method(GPTQConfig, Method("gptq", gptq_quantize, needs_hessian=True))
+register_method(
+    BoAConfig,
+    Method("boa", lambda w, h, spec, cfg: gptq_quantize(w, h, spec, cfg.gptq()), needs_hessian=True,
+           solve_group=solve_attention),
+)

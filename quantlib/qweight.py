@@ -1,7 +1,7 @@
 """The result of quantizing one Linear: integer codes + per-group scales and zeros + group index."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class QuantizedWeight:
     zero: torch.Tensor
     g_idx: torch.Tensor
     spec: QuantSpec
+    # (out, in) continuous weights the codes were rounded from (GPTQ's error-updated weights), kept
+    # in memory for learned rounding to start from; never serialized
+    latent: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         out, n = self.qweight.shape

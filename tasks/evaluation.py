@@ -31,16 +31,18 @@ def ppl_task(kind: str, folder: str, model_sha: str, eval_files: dict, eval_file
     return evaluate_perplexity(_load(kind, folder), _windows(eval_files), batch_size)
 
 
-def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int = 0) -> Path | None:
-    """Write the project's offline lm-eval tasks that `names` asks for; returns the include path."""
+def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int = 0, n_docs: int = 200) -> tuple[Path | None, str]:
+    """Write the project's offline lm-eval tasks that `names` asks for, from `text` (the evaluation
+    text's second half, so no question overlaps the calibration pool). Returns (include path or None,
+    sha256 of the generated data, part of the lm-eval cache key)."""
     wanted = [n for n in names if n in LOCAL_TASKS]
     if not wanted:
-        return None
+        return None, ""
     task_dir.mkdir(parents=True, exist_ok=True)
     jsonl = task_dir / "ptq_cloze.jsonl"
-    make_cloze_jsonl(text, jsonl, n_docs=500, seed=seed)
+    sha = make_cloze_jsonl(text[len(text) // 2 :], jsonl, n_docs=n_docs, seed=seed)
     write_task_yaml(task_dir, "ptq_cloze", jsonl)
-    return task_dir
+    return task_dir, sha
 
 
 @task(name="lm_eval", cache_key_fn=key_fn("model_sha", "tasks", "limit", "tasks_sha"), persist_result=True)

@@ -92,6 +92,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

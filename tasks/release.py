@@ -49,8 +49,14 @@ def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight]) -> di
     return tensors
 
 
-def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict) -> None:
-    """Write everything but MANIFEST.json into out_dir (which must be empty)."""
+def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
+                        fmt: str = RELEASE_FORMAT) -> None:
+    """Write everything but MANIFEST.json into out_dir (which must be empty), in format `fmt`:
+    RELEASE_FORMAT, or a packed format of tasks.release_formats (`gptq`, `compressed-tensors`)."""
+    if fmt != RELEASE_FORMAT:
+        from .release_formats import write_packed_release
+
+        return write_packed_release(out_dir, model_dir, qweights, info, fmt)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out_dir / "model.safetensors", release_weights(model_dir, qweights),
                             metadata={"format": RELEASE_FORMAT})
@@ -63,11 +69,16 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
 
 
 def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32):
-    """A dense causal LM whose quantized Linears hold their dequantized weights."""
+    """A causal LM of a release: for RELEASE_FORMAT a dense model whose quantized Linears hold their
+    dequantized weights; for a packed format (gptq, compressed-tensors) QuantLinear modules."""
     release_dir = Path(release_dir)
     if verify and (bad := verify_manifest(release_dir)):
         raise_integrity(release_dir, bad)
     info = json.loads((release_dir / "quantization.json").read_text())
+    from .release_formats import PACKED_FORMATS, load_packed_release
+
+    if info.get("format") in PACKED_FORMATS:  # QuantLinear modules, dequantizing on the fly
+        return load_packed_release(release_dir, verify=False, dtype=dtype)
     if info.get("format") != RELEASE_FORMAT:
         raise ValueError(f"{release_dir}: unsupported release format {info.get('format')!r}")
     config = AutoConfig.from_pretrained(release_dir)

@@ -34,6 +34,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(key, value)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow (minutes) run only with PTQ_RUN_SLOW=1 (`make test-all`)."""
+    if os.environ.get("PTQ_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set PTQ_RUN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _TMP_HOME in config.stash:
         shutil.rmtree(config.stash[_TMP_HOME], ignore_errors=True)

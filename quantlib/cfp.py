@@ -1,0 +1,132 @@
+"""CBQ's coarse-to-fine pre-processing (CFP) of outliers, applied to one block before quantization.
+
+Weights: per output channel, coarse candidates are |w| above Q3 + 1.5 IQR; the fine step sorts the
+candidates and picks the split maximizing (distance between the two sets' means) - lam x (sum of
+their variances); values beyond the split are outliers and get truncated to it (a lossy step,
+justified by the range it saves every other weight in the group).
+Activations: input channels of a norm-fed Linear group whose max |x| is an IQR outlier among the
+channels are scaled down by s_c = sqrt(max|x_c| / max|W[:, c]|) (SmoothQuant, alpha = 0.5); the
+group's weight columns are multiplied by s_c and the norm's scale divided by it, so the FP function
+is unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter
+
+__all__ = ["CFPConfig", "weight_outlier_threshold", "truncate_weight_outliers", "activation_scales", "fold_scales", "apply_cfp"]
+
+
+@dataclass(frozen=True)
+class CFPConfig:
+    weights: bool = True
+    activations: bool = True
+    iqr_k: float = 1.5
+    lam: float = 1.0  # weight of the intra-set variance in the fine split
+    max_scale: float = 16.0
+
+    def __post_init__(self) -> None:
+        if self.iqr_k <= 0 or self.lam < 0 or self.max_scale < 1:
+            raise ValueError("CFP needs iqr_k > 0, lam >= 0 and max_scale >= 1")
+
+
+def _iqr_upper(x: torch.Tensor, k: float) -> torch.Tensor:
+    """Q3 + k IQR along the last dimension."""
+    q1, q3 = torch.quantile(x, 0.25, dim=-1, keepdim=True), torch.quantile(x, 0.75, dim=-1, keepdim=True)
+    return q3 + k * (q3 - q1)
+
+
+def _fine_split(values: torch.Tensor, lam: float) -> float:
+    """values: sorted ascending 1-D candidates (>= 2). The threshold between the split sets that
+    maximizes mean distance - lam * (var_low + var_high)."""
+    best, thr = -float("inf"), float(values[-1])
+    for i in range(1, len(values)):
+        lo, hi = values[:i], values[i:]
+        score = float(hi.mean() - lo.mean()) - lam * float(lo.var(unbiased=False) + hi.var(unbiased=False))
+        if score > best:
+            best, thr = score, float(lo[-1])
+    return thr
+
+
+def weight_outlier_threshold(w_row: torch.Tensor, cfg: CFPConfig) -> float | None:
+    """Truncation threshold on |w| for one output channel, or None when it has no outliers."""
+    a = w_row.abs().float()
+    cand = a[a > _iqr_upper(a, cfg.iqr_k)]
+    if cand.numel() < 2:
+        return None
+    cand, _ = torch.sort(cand)
+    return _fine_split(cand, cfg.lam * float(a.var(unbiased=False)) / max(float(a.mean()) ** 2, 1e-12))
+
+
+def truncate_weight_outliers(w: torch.Tensor, cfg: CFPConfig) -> tuple[torch.Tensor, int]:
+    """(out, in) -> weights with each row's outliers clipped to its threshold; and how many."""
+    out = w.clone()
+    count = 0
+    for r in range(w.shape[0]):
+        thr = weight_outlier_threshold(w[r], cfg)
+        if thr is not None:
+            count += int((w[r].abs() > thr).sum())
+            out[r] = w[r].clamp(-thr, thr)
+    return out, count
+
+
+def activation_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, cfg: CFPConfig) -> torch.Tensor:
+    """Per input channel scale (in,): > 1 only on IQR-outlier channels of max |x|."""
+    outlier = x_absmax > _iqr_upper(x_absmax, cfg.iqr_k)
+    s = torch.sqrt(x_absmax.clamp_min(1e-8) / w_absmax.clamp_min(1e-8)).clamp(1.0, cfg.max_scale)
+    return torch.where(outlier, s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def fold_scales(adapter: ModelAdapter, block: nn.Module, norm: str, group: int, scales: torch.Tensor) -> None:
+    """x -> x / s at `norm`'s output, W[:, c] -> W[:, c] s_c for every Linear of `group`: exact."""
+    n = block.get_submodule(norm)
+    off = adapter.family.norm_offset
+    n.weight.copy_(((off + n.weight.float()) / scales - off).to(n.weight.dtype))
+    if getattr(n, "bias", None) is not None:
+        n.bias.copy_((n.bias.float() / scales).to(n.bias.dtype))
+    for name in adapter.family.groups[group]:
+        m = block.get_submodule(name)
+        adapter.set_weight(m, adapter.get_weight(m).float() * scales[None, :])
+
+
+@torch.no_grad()
+def apply_cfp(adapter: ModelAdapter, block: nn.Module, inputs, call, cfg: CFPConfig, device) -> dict[str, int]:
+    """CFP on one block in place, given its calibration inputs (an iterable of (b, T, d) batches).
+    Returns counts: scaled activation channels and truncated weights."""
+    from .capture import run_block
+
+    counts = {"scaled_channels": 0, "truncated_weights": 0}
+    if cfg.activations:
+        firsts = {g: block.get_submodule(adapter.family.groups[g][0]) for _, g in adapter.family.norms}
+        amax: dict[int, torch.Tensor] = {}
+
+        def hook(g):
+            def fn(_m, args, _out):
+                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+                amax[g] = a if g not in amax else torch.maximum(amax[g], a)
+            return fn
+
+        handles = [m.register_forward_hook(hook(g)) for g, m in firsts.items()]
+        try:
+            for x in inputs:
+                run_block(block, x.to(device), call)
+        finally:
+            for h in handles:
+                h.remove()
+        for norm, g in adapter.family.norms:
+            wmax = torch.stack([adapter.get_weight(block.get_submodule(n)).abs().amax(0).float()
+                                for n in adapter.family.groups[g]]).amax(0)
+            s = activation_scales(amax[g], wmax, cfg)
+            counts["scaled_channels"] += int((s > 1).sum())
+            fold_scales(adapter, block, norm, g, s)
+    if cfg.weights:
+        for name, m in adapter.linears(block).items():
+            w, c = truncate_weight_outliers(adapter.get_weight(m).float(), cfg)
+            adapter.set_weight(m, w)
+            counts["truncated_weights"] += c
+    return counts

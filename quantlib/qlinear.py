@@ -1,0 +1,118 @@
+"""QuantLinear: a Linear holding PackFormat.GPTQ buffers, dequantizing on the fly, and the model
+surgery that puts it in place of nn.Linear / GPT-2 Conv1D.
+
+Two phases (as gpt-fast / torchao): `make_quantlinears` computes the packed modules from the
+QuantizedWeights without touching the model; `replace_modules` does the surgery.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.ops import gptq_matmul, triton_available
+from .kernels.reference import dequantize_gptq
+from .packing import pack_gptq, packed_words, trivial_g_idx
+from .qweight import QuantizedWeight
+
+__all__ = ["QuantLinear", "BACKENDS", "make_quantlinears", "replace_modules", "swap_to_quantlinear"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored packed (PackFormat.GPTQ; state-dict keys qweight, qzeros, scales,
+    g_idx, and bias when present).
+
+    backend: "reference" dequantizes W to x.dtype with plain torch then runs F.linear; "triton" runs
+    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto" picks triton for CUDA inputs.
+    group_size > 0 records that g_idx[k] == k // group_size (the kernels then skip g_idx); 0 = not.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, groups: int, group_size: int,
+                 bias: bool = False, scale_dtype: torch.dtype = torch.float16, backend: str = "auto") -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.backend = bits, group_size, backend
+        i32 = dict(dtype=torch.int32)
+        self.register_buffer("qweight", torch.zeros(packed_words(in_features, bits), out_features, **i32))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_words(out_features, bits), **i32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scale_dtype))
+        self.register_buffer("g_idx", torch.zeros(in_features, **i32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_packed(cls, tensors: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None = None,
+                    backend: str = "auto") -> "QuantLinear":
+        """A QuantLinear around PackFormat.GPTQ tensors (keys qweight, qzeros, scales, g_idx)."""
+        scales, g_idx = tensors["scales"], tensors["g_idx"]
+        groups, out = scales.shape
+        n = g_idx.numel()
+        group_size = n // groups if trivial_g_idx(g_idx, groups) else 0
+        m = cls(n, out, bits, groups, group_size, bias is not None, scales.dtype, backend)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(m, name).copy_(tensors[name])
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       scale_dtype: torch.dtype = torch.float16, backend: str = "auto") -> "QuantLinear":
+        return cls.from_packed(pack_gptq(qw, scale_dtype), qw.spec.bits, bias, backend)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense (out, in) weight."""
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype, self.group_size)
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "auto":
+            return x.is_cuda and triton_available()
+        return self.backend == "triton"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._use_triton(x):
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)  # (B*T, in)
+        y = gptq_matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = "pc" if self.scales.shape[0] == 1 else f"g{self.in_features // self.scales.shape[0]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w{self.bits}{g}, "
+                f"bias={self.bias is not None}, backend={self.backend}")
+
+
+def make_quantlinears(model: nn.Module, qweights: dict[str, QuantizedWeight],
+                      scale_dtype: torch.dtype = torch.float16, backend: str = "auto") -> dict[str, QuantLinear]:
+    """Phase 1: one QuantLinear per quantized module (biases copied from the model); the model is
+    not modified. QuantizedWeights are (out, in) whatever the module's own layout (GPT-2 Conv1D)."""
+    out = {}
+    for name, qw in qweights.items():
+        module = model.get_submodule(name)
+        if tuple(module.weight.shape) not in (qw.shape, qw.shape[::-1]):
+            raise ValueError(f"{name}: weight {tuple(module.weight.shape)} does not match quantized {qw.shape}")
+        bias = getattr(module, "bias", None)
+        out[name] = QuantLinear.from_quantized(qw, None if bias is None else bias.detach(), scale_dtype, backend)
+    return out
+
+
+def replace_modules(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
+    """Phase 2: put each module at its dotted path (in place); returns the model."""
+    for name, new in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        device = next(iter(old.parameters()), torch.empty(0)).device
+        setattr(parent, child, new.to(device))
+    return model
+
+
+def swap_to_quantlinear(model: nn.Module, qweights: dict[str, QuantizedWeight],
+                        scale_dtype: torch.dtype = torch.float16, backend: str = "auto") -> nn.Module:
+    """Replace every quantized nn.Linear / Conv1D of `model` by a QuantLinear (in place)."""
+    return replace_modules(model, make_quantlinears(model, qweights, scale_dtype, backend))

@@ -1,0 +1,240 @@
+"""Block and cross-block reconstruction (SB-PTQ, MB-PTQ/CBQ windows with overlap, LA-PTQ look-ahead).
+
+A window of k consecutive blocks [i, i+k) has its Linears replaced by `LearnableLinear`s and is
+trained so that its output (or, with look-ahead L, the output of the next L frozen FP blocks) matches
+the FP target. What is learned, each switchable:
+  clipping   per-group sigmoid-bounded shrink of the init range [lo0, hi0] (OmniQuant LWC)
+  scale      per-group log-scale refinement on top of it
+  rounding   "nearest" (STE), "adaround" (a full rectified-sigmoid offset per weight) or "lora"
+             (CBQ LoRA-Rounding: the offset logits are V0 + A1 A2 with rank r, V0 frozen)
+  weights    the latent weights themselves (straight-through estimator; needs rounding "nearest")
+Codes: q = clamp(floor(W / s + z) + h, 0, 2^b - 1) with h in [0, 1] (hardened to {0, 1} at the end),
+w_hat = s (q - z). Initialization from RTN or GPTQ: with GPTQ the latent W is GPTQ's error-updated
+weight, whose rounding reproduces GPTQ's codes exactly; h starts at the fractional part of W/s + z
+(AdaRound), so the soft weight is the latent weight and hardening gives the initializer's codes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .primitives import expand, round_ste
+from .qweight import QuantizedWeight
+from .spec import QuantSpec
+
+__all__ = ["ReconConfig", "LearnableLinear", "window_starts", "recon_loss", "ZETA", "GAMMA"]
+
+ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+ROUNDINGS = ("nearest", "adaround", "lora")
+LOSSES = ("mse", "kl", "mse+kl")
+SCHEDULES = ("cosine", "linear", "constant")
+INITS = ("rtn", "gptq")
+TARGETS = ("fp", "qin")
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """window k, overlap o (next window starts k - o blocks later), lookahead L; k=1,o=0,L=0 is SB-PTQ.
+
+    target "fp": the FP model's activations (FP inputs); "qin": FP blocks applied to the quantized
+    prefix's activations."""
+
+    window: int = 2
+    overlap: int = 1
+    lookahead: int = 0
+    learn_clip: bool = True
+    learn_scale: bool = False
+    rounding: str = "lora"
+    rank: int = 4
+    hard_forward: bool = True  # train with hardened offsets (STE): no soft/hard gap at the end
+    learn_weights: bool = False
+    loss: str = "mse+kl"
+    kl_weight: float = 1.0
+    target: str = "fp"
+    cfp: bool = False  # CBQ coarse-to-fine outlier pre-processing of each block before its init
+    init: str = "gptq"
+    iters: int = 100
+    batch_size: int = 4
+    lr: float = 1e-2  # rounding parameters
+    clip_lr: float = 1e-2  # clipping / scale parameters
+    weight_lr: float = 1e-5
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    reg_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)  # annealed regularizer exponent, start -> end
+    warmup: float = 0.2  # fraction of iterations without the rounding regularizer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, f"window must be >= 1, got {self.window}")
+        _check(0 <= self.overlap < self.window, f"overlap must satisfy 0 <= overlap < window ({self.window}), got {self.overlap}")
+        _check(self.lookahead >= 0, f"lookahead must be >= 0, got {self.lookahead}")
+        _check(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
+        for name in ("lr", "clip_lr", "weight_lr", "kl_weight", "reg_weight", "grad_clip"):
+            _check(getattr(self, name) > 0 or (name in ("reg_weight", "kl_weight") and getattr(self, name) == 0),
+                   f"{name} must be positive, got {getattr(self, name)}")
+        _check(self.iters >= 0 and self.batch_size >= 1, "iters must be >= 0 and batch_size >= 1")
+        _check(not self.learn_weights or self.rounding == "nearest",
+               "learn_weights trains the latent weights through the straight-through rounding: set rounding: nearest")
+
+    def windows(self, n_blocks: int) -> list[tuple[int, int]]:
+        return window_starts(n_blocks, self.window, self.overlap, self.lookahead)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def window_starts(n_blocks: int, k: int, o: int, lookahead: int = 0) -> list[tuple[int, int]]:
+    """[(start, end)] windows of k blocks sliding by k - o, the last one clipped to n_blocks."""
+    if k > n_blocks:
+        raise ValueError(f"window {k} is larger than the model's {n_blocks} blocks")
+    out, start = [], 0
+    while True:
+        end = min(start + k, n_blocks)
+        out.append((start, end))
+        if end == n_blocks:
+            return out
+        start += k - o
+
+
+class LearnableLinear(nn.Module):
+    """Fake-quantized stand-in for one Linear (or Conv1D) during reconstruction.
+
+    latent: (out, in) continuous weight; (lo0, hi0): (out, G) init range whose min-max qparams are
+    the initializer's (scale, zero); h0: (out, in) init rounding offsets in {0, 1}.
+    """
+
+    def __init__(self, init: QuantizedWeight, latent: torch.Tensor, bias: torch.Tensor | None, cfg: ReconConfig,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        spec = init.spec
+        self.spec, self.cfg = spec, cfg
+        self.register_buffer("g_idx", init.g_idx.clone())
+        s0, z0 = init.scale.float(), init.zero.float()
+        self.register_buffer("lo0", -z0 * s0)  # the range [lo0, hi0] gives exactly (s0, z0)
+        self.register_buffer("hi0", (spec.maxq - z0) * s0)
+        self.latent = nn.Parameter(latent.float().clone(), requires_grad=cfg.learn_weights)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        g = s0.shape
+        self.clip_hi = nn.Parameter(torch.full(g, 4.0), requires_grad=cfg.learn_clip)
+        self.clip_lo = nn.Parameter(torch.full(g, 4.0), requires_grad=cfg.learn_clip)
+        self.log_scale = nn.Parameter(torch.zeros(g), requires_grad=cfg.learn_scale)
+        scale, zero = self.qparams()
+        v = self.latent.detach() / self._expand(scale) + self._expand(zero)
+        self._init_rounding(v - torch.floor(v), generator)
+
+    # -- parameters -> (scale, zero) and codes
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) each (out, G): the init range shrunk by sigmoid(c)/sigmoid(4) (1 at init)."""
+        gamma_hi = torch.sigmoid(self.clip_hi) / torch.sigmoid(torch.tensor(4.0))
+        gamma_lo = torch.sigmoid(self.clip_lo) / torch.sigmoid(torch.tensor(4.0))
+        hi, lo = gamma_hi * self.hi0, gamma_lo * self.lo0
+        maxq = self.spec.maxq
+        if self.spec.sym:
+            scale = 2 * torch.maximum(hi, -lo) / maxq
+            zero = torch.full_like(scale, (maxq + 1) // 2)
+        else:
+            scale = (hi - lo) / maxq
+        scale = (scale * torch.exp(self.log_scale)).clamp_min(1e-10)
+        if not self.spec.sym:
+            zero = torch.clamp(round_ste(-lo / scale), 0, maxq)
+        return scale, zero
+
+    def _expand(self, p: torch.Tensor) -> torch.Tensor:
+        return expand(p, self.latent.shape[1], self.g_idx)
+
+    def _floor(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.floor(self.latent / self._expand(scale) + self._expand(zero)).detach()
+
+    def _init_rounding(self, rest: torch.Tensor, generator) -> None:
+        # AdaRound init: the soft offset equals the fractional part of W/s + z, so the soft weight is
+        # the latent weight itself and hardening (h >= 0.5) gives back the initializer's codes
+        rest = rest.clamp(1e-4, 1 - 1e-4)
+        v0 = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        rounding = self.cfg.rounding
+        self.register_buffer("h0", (rest >= 0.5).float())
+        self.alpha = nn.Parameter(v0, requires_grad=rounding == "adaround")
+        if rounding == "lora":
+            out, n = rest.shape
+            r = self.cfg.rank
+            self.lora_a = nn.Parameter(torch.randn(out, r, generator=generator) / math.sqrt(r))
+            self.lora_b = nn.Parameter(torch.zeros(r, n))  # A1 A2 = 0 at init: offsets start at V0
+
+    def soft_offsets(self) -> torch.Tensor:
+        v = self.alpha
+        if self.cfg.rounding == "lora":
+            v = v + self.lora_a @ self.lora_b
+        return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def weight_hat(self, hard: bool = False) -> torch.Tensor:
+        """Fake-quantized (out, in) weight; `hard` uses offsets rounded to {0, 1}."""
+        scale, zero = self.qparams()
+        s, z = self._expand(scale), self._expand(zero)
+        if self.cfg.rounding == "nearest":
+            q = torch.clamp(round_ste(self.latent / s + z), 0, self.spec.maxq)
+        else:
+            h = self.soft_offsets()
+            if hard:
+                h = (h >= 0.5).float()
+            elif self.cfg.hard_forward:  # hard offsets forward, soft gradient (straight-through)
+                h = h + ((h >= 0.5).float() - h).detach()
+            q = torch.clamp(self._floor(scale, zero) + h, 0, self.spec.maxq)
+        return s * (q - z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_hat(hard=not self.training).to(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """sum(1 - |2h - 1|^beta): zero only when every offset is exactly 0 or 1."""
+        if self.cfg.rounding == "nearest":
+            return self.latent.new_zeros(())
+        return (1 - (2 * self.soft_offsets() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def harden(self) -> QuantizedWeight:
+        """Integer codes with hard offsets, and the final (scale, zero)."""
+        scale, zero = self.qparams()
+        s, z = self._expand(scale), self._expand(zero)
+        if self.cfg.rounding == "nearest":
+            q = torch.clamp(torch.round(self.latent / s + z), 0, self.spec.maxq)
+        else:
+            q = torch.clamp(self._floor(scale, zero) + (self.soft_offsets() >= 0.5).float(), 0, self.spec.maxq)
+        return QuantizedWeight(q.to(torch.uint8).cpu(), scale.detach().float().cpu(), zero.detach().float().cpu(),
+                               self.g_idx.cpu(), self.spec, latent=self.latent.detach().cpu())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"rounding": [], "clip": [], "weights": []}
+        if self.cfg.rounding == "adaround":
+            groups["rounding"].append(self.alpha)
+        if self.cfg.rounding == "lora":
+            groups["rounding"] += [self.lora_a, self.lora_b]
+        if self.cfg.learn_clip:
+            groups["clip"] += [self.clip_hi, self.clip_lo]
+        if self.cfg.learn_scale:
+            groups["clip"].append(self.log_scale)
+        if self.cfg.learn_weights:
+            groups["weights"].append(self.latent)
+        return groups
+
+
+def recon_loss(y: torch.Tensor, t: torch.Tensor, cfg: ReconConfig) -> torch.Tensor:
+    """MSE, KL(softmax(t) || softmax(y)) over the hidden dimension (CBQ), or MSE + w KL."""
+    y, t = y.float(), t.float()
+    mse = F.mse_loss(y, t)
+    if cfg.loss == "mse":
+        return mse
+    kl = F.kl_div(F.log_softmax(y, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1).mean()
+    return kl if cfg.loss == "kl" else mse + cfg.kl_weight * kl

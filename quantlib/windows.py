@@ -1,0 +1,275 @@
+"""The reconstruction driver: slide windows of blocks over the model, initialize each new block
+(GPTQ or RTN on the quantized prefix's activations), train the window, harden, move on.
+
+Only the window (and its look-ahead blocks) is on the compute device; activations stay in
+ActivationStores (CPU memory or disk).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .activations import ActivationStore
+from .adapters import ModelAdapter
+from .capture import BlockCall, capture_block_inputs, run_block
+from .cfp import CFPConfig, apply_cfp
+from .engine import EngineConfig, peak_memory_mb, quantize_block
+from .gptq import GPTQConfig
+from .qweight import QuantizedWeight
+from .recon import LearnableLinear, ReconConfig, recon_loss
+from .rtn import RTNConfig
+from .spec import QuantSpec
+
+__all__ = ["WindowStats", "ReconState", "init_block", "train_window", "finalize_block", "reconstruct_model",
+           "forward_blocks", "fp_boundaries"]
+
+
+@dataclass
+class WindowStats:
+    start: int
+    end: int
+    loss_init: float  # hardened init, on all calibration batches
+    loss_final: float  # hardened result (= loss_init when the guard kept the init)
+    kept_init: bool
+    seconds: float
+    peak_mb: float
+    curve: list[float] = field(default_factory=list)  # training loss every step
+
+
+@dataclass
+class ReconState:
+    """Blocks currently holding LearnableLinears (block index -> {linear name: module}) and the FP
+    copies of every block touched so far (for 'qin' targets)."""
+
+    learnables: dict[int, dict[str, LearnableLinear]] = field(default_factory=dict)
+    fp_blocks: dict[int, nn.Module] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def forward_blocks(blocks: list[nn.Module], calls: list[BlockCall], inputs: ActivationStore, device,
+                   spill_dir: str | None = None) -> ActivationStore:
+    """Run inputs through consecutive blocks (each with its own call), batch by batch."""
+    out = ActivationStore(spill_dir)
+    for x in inputs:
+        x = x.to(device)
+        for block, call in zip(blocks, calls):
+            x = run_block(block, x, call)
+        out.append(x)
+    return out
+
+
+def fp_boundaries(adapter: ModelAdapter, inputs: ActivationStore, calls: list[BlockCall], device) -> list[ActivationStore]:
+    """FP activations at every block boundary: [inputs, out(block 0), ..., out(block n-1)]."""
+    bounds = [inputs]
+    for i, block in enumerate(adapter.blocks):
+        block.to(device)
+        bounds.append(forward_blocks([block], [calls[i].to(device)], bounds[-1], device))
+        block.to("cpu")
+    return bounds
+
+
+def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call: BlockCall, spec: QuantSpec,
+               cfg: ReconConfig, engine: EngineConfig, state: ReconState) -> ActivationStore:
+    """GPTQ/RTN-initialize block `index` on the quantized prefix's inputs, swap its Linears for
+    LearnableLinears; returns the block's (init-quantized) outputs."""
+    block = adapter.blocks[index]
+    state.fp_blocks[index] = copy.deepcopy(block).cpu()
+    if cfg.cfp:
+        apply_cfp(adapter, block.to(engine.device), inputs, call.to(engine.device), CFPConfig(), engine.device)
+    fp_weights = {n: adapter.get_weight(m).detach().float().clone() for n, m in adapter.linears(block).items()}
+    method = GPTQConfig() if cfg.init == "gptq" else RTNConfig()
+    results, outputs, _ = quantize_block(adapter, index, inputs, call, spec, method, engine)
+    prefix = f"{adapter.family.layers}.{index}."
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + index)
+    modules = {}
+    for name, module in adapter.linears(block).items():
+        qw = results[prefix + name]
+        latent = qw.latent if cfg.init == "gptq" else fp_weights[name]
+        modules[name] = LearnableLinear(qw, latent, getattr(module, "bias", None), cfg, gen)
+        block.set_submodule(name, modules[name])
+    state.learnables[index] = modules
+    return outputs
+
+
+def _optimizer(modules: list[LearnableLinear], cfg: ReconConfig, steps: int):
+    groups = {"rounding": [], "clip": [], "weights": []}
+    for m in modules:
+        for k, ps in m.param_groups().items():
+            groups[k] += ps
+    lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "weights": cfg.weight_lr}
+    opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps], weight_decay=0.0)
+    shape = {"cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)), "linear": lambda t: 1 - t,
+             "constant": lambda t: 1.0}[cfg.schedule]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: shape(min(it / max(steps, 1), 1.0)))
+    return opt, sched
+
+
+def _beta(cfg: ReconConfig, it: int) -> float | None:
+    """Regularizer exponent at step it (None during warm-up): linear from beta[0] to beta[1]."""
+    start = int(cfg.warmup * cfg.iters)
+    if it < start:
+        return None
+    t = (it - start) / max(cfg.iters - start, 1)
+    return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * t
+
+
+@torch.no_grad()
+def _eval_loss(blocks, calls, inputs: ActivationStore, targets: ActivationStore, cfg, device) -> float:
+    total, n = 0.0, 0
+    for x, t in zip(inputs, targets):
+        y = x.to(device)
+        for block, call in zip(blocks, calls):
+            y = run_block(block, y, call)
+        total += float(recon_loss(y, t.to(device), cfg)) * x.shape[0]
+        n += x.shape[0]
+    return total / max(n, 1)
+
+
+def _set_mode(modules: list[LearnableLinear], training: bool) -> None:
+    for m in modules:
+        m.train(training)
+
+
+def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int, inputs: ActivationStore,
+                 targets: ActivationStore, calls: list[BlockCall], cfg: ReconConfig, state: ReconState,
+                 device) -> WindowStats:
+    """Train blocks [start, end) (their LearnableLinears) so that the output of block
+    lookahead_end - 1 (the window's last block, or L frozen FP blocks later) matches targets."""
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    idx = list(range(start, lookahead_end))
+    blocks = [adapter.blocks[i].to(device) for i in idx]
+    dcalls = [calls[i].to(device) for i in idx]
+    for b in blocks:
+        for p in b.parameters():
+            p.requires_grad_(False)
+    modules = [m for i in range(start, end) for m in state.learnables[i].values()]
+    for m in modules:
+        for ps in m.param_groups().values():
+            for p in ps:
+                p.requires_grad_(True)
+    init_state = {id(m): copy.deepcopy(m.state_dict()) for m in modules}
+    _set_mode(modules, False)
+    loss_init = _eval_loss(blocks, dcalls, inputs, targets, cfg, device)
+    curve = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start) if cfg.iters else []
+    _set_mode(modules, False)
+    loss_final = _eval_loss(blocks, dcalls, inputs, targets, cfg, device)
+    kept = loss_final > loss_init
+    if kept:  # never ship something worse than the initialization
+        for m in modules:
+            m.load_state_dict(init_state[id(m)])
+        loss_final = loss_init
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    for i in idx:
+        adapter.blocks[i].to("cpu")
+    return WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device), curve)
+
+
+def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, loss_init: float, start: int) -> list[float]:
+    opt, sched = _optimizer(modules, cfg, cfg.iters)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    _set_mode(modules, True)
+    curve = []
+    for it in range(cfg.iters):
+        b = int(torch.randint(len(inputs), (1,), generator=gen))
+        x, t = inputs[b], targets[b]
+        rows = torch.randperm(x.shape[0], generator=gen)[: cfg.batch_size]
+        with autocast:
+            y = x[rows].to(device)
+            for block, call in zip(blocks, calls):
+                y = run_block(block, y, call)
+            task = recon_loss(y, t[rows].to(device), cfg)
+        loss = task
+        beta = _beta(cfg, it)
+        if beta is not None and cfg.reg_weight > 0:
+            reg = torch.stack([m.regularizer(beta) / m.h0.numel() for m in modules]).mean()
+            loss = task + cfg.reg_weight * loss_init * reg  # scale-free: relative to the init loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        curve.append(float(task))
+    return curve
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def finalize_block(adapter: ModelAdapter, index: int, state: ReconState) -> dict[str, QuantizedWeight]:
+    """Harden block `index`, put plain Linears with the dequantized weights back; returns its codes."""
+    block = adapter.blocks[index]
+    fp = state.fp_blocks.pop(index)
+    results = {}
+    for name, ll in state.learnables.pop(index).items():
+        qw = ll.harden()
+        original = fp.get_submodule(name)
+        adapter.set_weight(original, qw.dequantize())
+        block.set_submodule(name, original.to(next(block.parameters()).device))
+        results[f"{adapter.family.layers}.{index}.{name}"] = qw
+    return results
+
+
+def _targets(adapter, state: ReconState, cfg: ReconConfig, x_in: ActivationStore, start: int, stop: int,
+             calls, bounds, device) -> ActivationStore:
+    if cfg.target == "fp":
+        return bounds[stop]
+    fp = [state.fp_blocks.get(i, adapter.blocks[i]).to(device) for i in range(start, stop)]
+    out = forward_blocks(fp, [calls[i].to(device) for i in range(start, stop)], x_in, device)
+    for i in range(start, stop):
+        state.fp_blocks.get(i, adapter.blocks[i]).to("cpu")
+    return out
+
+
+def reconstruct_model(
+    adapter: ModelAdapter, calib_ids: torch.Tensor, spec: QuantSpec, cfg: ReconConfig,
+    engine: EngineConfig = EngineConfig(), on_window: Callable[[WindowStats], None] | None = None,
+) -> tuple[dict[str, QuantizedWeight], list[WindowStats]]:
+    """Quantize every decoder-block Linear by windowed reconstruction; the model ends up holding
+    the dequantized weights. Returns ({module path: codes}, per-window stats)."""
+    n = len(adapter.blocks)
+    windows = cfg.windows(n)  # validates window <= n before any work
+    device = torch.device(engine.device)
+    batches, calls = capture_block_inputs(adapter, calib_ids, engine.batch_size)
+    x_in = ActivationStore.from_batches(batches)
+    bounds = fp_boundaries(adapter, x_in, calls, device) if cfg.target == "fp" else None
+    state, results, stats = ReconState(), {}, []
+    for w, (start, end) in enumerate(windows):
+        x = x_in
+        for i in range(start, end):
+            if i in state.learnables:
+                x = forward_blocks([adapter.blocks[i].to(device)], [calls[i].to(device)], x, device)
+                adapter.blocks[i].to("cpu")
+            else:
+                x = init_block(adapter, i, x, calls[i], spec, cfg, engine, state)
+        stop = min(end + cfg.lookahead, n)
+        targets = _targets(adapter, state, cfg, x_in, start, stop, calls, bounds, device)
+        st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
+        stats.append(st)
+        if on_window is not None:
+            on_window(st)
+        nxt = windows[w + 1][0] if w + 1 < len(windows) else n
+        done = list(range(start, nxt))
+        for i in done:
+            results.update(finalize_block(adapter, i, state))
+        x_in = forward_blocks([adapter.blocks[i].to(device) for i in done], [calls[i].to(device) for i in done],
+                              x_in, device)
+        for i in done:
+            adapter.blocks[i].to("cpu")
+    return results, stats

@@ -1,0 +1,182 @@
+"""Packed release folders (GPTQ or compressed-tensors) and loading them back through QuantLinear.
+
+Layout of a packed release (see quantlib.packing.PackFormat for each format's tensors):
+  model.safetensors   every quantized Linear NAME as its packed tensors (NAME.qweight ... or
+                      NAME.weight_packed ...), every other source tensor (embeddings, norms, head,
+                      biases) in `dtype` (fp16 by default)
+  config.json         the source config plus `quantization_config` (what GPTQ / compressed-tensors
+                      readers dispatch on) and `torch_dtype`
+  quantize_config.json   (GPTQ only) the same config, where GPTQModel / AutoGPTQ look for it
+  quantization.json   format, scheme, method, job, quantized module names (our loaders read it)
+  tokenizer and generation files copied from the source; MANIFEST.json is added by the pack stage.
+
+Scales are stored in fp16, so a released model differs from the fp32-scale fake-quant model by one
+fp16 rounding of each scale (and of the unquantized tensors).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from quantlib.packing import PackFormat, pack_gptq, pack_weight, trivial_g_idx, unpack_compressed_tensors
+from quantlib.qlinear import QuantLinear, replace_modules
+from quantlib.qweight import QuantizedWeight
+from quantlib.spec import QuantSpec
+
+from .io import atomic_save_safetensors, atomic_write_json, verify_manifest
+from .release import _COPY, _model_tensors, _tied, raise_integrity
+
+__all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release",
+           "load_packed_release"]
+
+PACKED_FORMATS = tuple(f.value for f in PackFormat)
+_GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+_CT_KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _common_spec(qweights: dict[str, QuantizedWeight]) -> QuantSpec:
+    specs = {qw.spec for qw in qweights.values()}
+    if len(specs) != 1:
+        raise ValueError(f"a packed release needs one scheme for all modules, got {sorted(s.name for s in specs)}")
+    return specs.pop()
+
+
+def _scale_dtype(fmt: PackFormat, dtype: torch.dtype) -> torch.dtype:
+    """GPTQ scales are fp16 by convention (its kernels read fp16); compressed-tensors follows `dtype`."""
+    return torch.float16 if PackFormat(fmt) is PackFormat.GPTQ else dtype
+
+
+def _gptq_config(spec: QuantSpec, desc_act: bool) -> dict:
+    return {
+        "quant_method": "gptq",
+        # qzeros hold the zero itself (v1 `gptq` stores zero - 1); `format` is the current key
+        # (transformers' GPTQConfig, GPTQModel), `checkpoint_format` its older alias
+        "format": "gptq_v2",
+        "checkpoint_format": "gptq_v2",
+        "bits": spec.bits,
+        "group_size": spec.group_size or -1,
+        "desc_act": desc_act,  # False: g_idx[j] == j // group_size (static groups)
+        "sym": spec.sym,
+        "pack_dtype": "int32",
+        "lm_head": False,
+        "meta": {"quantizer": ["ptq-pipeline"]},
+    }
+
+
+def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dtype: torch.dtype) -> dict:
+    weights = {
+        "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
+        "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size,
+        "scale_dtype": str(scale_dtype),
+    }
+    if not spec.sym:
+        weights["zp_dtype"] = "torch.int8"  # signed view z - 2^(b-1) before packing
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight],
+                        scale_dtype: torch.dtype = torch.float16) -> dict:
+    """config.json `quantization_config` of a packed release of `model` (a meta-device skeleton is
+    enough: compressed-tensors names the Linears it does not quantize) with these weights."""
+    fmt, spec = PackFormat(fmt), _common_spec(qweights)
+    if fmt is PackFormat.GPTQ:
+        return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()))
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if set(qweights) <= linears:  # the usual llm-compressor shape: all Linears but the ignored
+        return _ct_config(spec, ["Linear"], sorted(linears - set(qweights)), scale_dtype)
+    return _ct_config(spec, sorted(qweights), [], scale_dtype)  # e.g. GPT-2 Conv1D: by name
+
+
+def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight], fmt: PackFormat | str,
+                           dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Source tensors in `dtype` minus quantized weights, plus every quantized weight packed in `fmt`."""
+    tensors = _model_tensors(model_dir)
+    for name in qweights:
+        if f"{name}.weight" not in tensors:
+            raise ValueError(f"quantized module {name} has no weight in {model_dir}; wrong source model?")
+        del tensors[f"{name}.weight"]
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    for name, qw in qweights.items():
+        tensors.update({f"{name}.{k}": v for k, v in pack_weight(qw, fmt, _scale_dtype(fmt, dtype)).items()})
+    return tensors
+
+
+def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
+                         fmt: PackFormat | str, dtype: torch.dtype = torch.float16) -> None:
+    """Write everything but MANIFEST.json of a packed release into out_dir."""
+    fmt, out_dir, model_dir = PackFormat(fmt), Path(out_dir), Path(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):  # module names and types only, no memory
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype))
+    atomic_save_safetensors(out_dir / "model.safetensors", packed_release_tensors(model_dir, qweights, fmt, dtype),
+                            metadata={"format": "pt"})
+    (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
+    for name in _COPY:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    raw = json.loads((model_dir / "config.json").read_text())
+    # `dtype` for transformers >= 4.56, `torch_dtype` for older readers
+    raw.update(quantization_config=qconfig, dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
+    atomic_write_json(out_dir / "config.json", raw)
+    if fmt is PackFormat.GPTQ:
+        atomic_write_json(out_dir / "quantize_config.json", qconfig)
+    atomic_write_json(out_dir / "quantization.json", info | {"format": fmt.value, "modules": sorted(qweights)})
+
+
+def _module_tensors(tensors: dict[str, torch.Tensor], name: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: tensors.pop(f"{name}.{k}") for k in keys if f"{name}.{k}" in tensors}
+
+
+def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None) -> QuantLinear:
+    if fmt is PackFormat.GPTQ:
+        return QuantLinear.from_packed(t, bits, bias)
+    qw = unpack_compressed_tensors(t, bits)  # repack to the GPTQ layout QuantLinear holds
+    return QuantLinear.from_packed(pack_gptq(qw, t["weight_scale"].dtype), bits, bias)
+
+
+def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32):
+    """The causal LM of a packed release with QuantLinear modules (packed buffers, scales in their
+    stored dtype) in place of its quantized Linears; everything else in `dtype`."""
+    release_dir = Path(release_dir)
+    if verify and (bad := verify_manifest(release_dir)):
+        raise_integrity(release_dir, bad)
+    info = json.loads((release_dir / "quantization.json").read_text())
+    fmt = PackFormat(info["format"])
+    config = AutoConfig.from_pretrained(release_dir)
+    qconfig = config.quantization_config
+    bits = qconfig["bits"] if fmt is PackFormat.GPTQ else qconfig["config_groups"]["group_0"]["weights"]["num_bits"]
+    del config.quantization_config  # from_config must build a plain model; we do the surgery
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    tensors = load_file(str(release_dir / "model.safetensors"))
+    keys = _GPTQ_KEYS if fmt is PackFormat.GPTQ else _CT_KEYS
+    modules = {}
+    for name in info["modules"]:
+        bias = tensors.pop(f"{name}.bias", None)
+        modules[name] = _quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
+                                     None if bias is None else bias.to(dtype))
+    replace_modules(model, modules)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    quantized = {f"{n}.{k}" for n in info["modules"] for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    if unexpected or set(missing) - quantized - _tied(model):
+        raise ValueError(f"{release_dir}: release does not match its config "
+                         f"(missing {sorted(set(missing) - quantized - _tied(model))[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    return model

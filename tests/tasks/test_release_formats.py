@@ -1,0 +1,213 @@
+"""Packed releases (GPTQ, compressed-tensors): written from a tiny model's quantized weights, read
+back by our loader and by independent readers, which must recover the dense weights bit for bit.
+
+Independent readers: compressed-tensors' own decompressor and transformers' compressed-tensors
+loader (CPU) when compressed-tensors is installed; for GPTQ, a transcription of GPTQModel's torch
+`dequantize_weight` (gptq_v2, no zero offset): gptqmodel itself is not installable here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quantlib"))
+from tiny import tiny_ids, tiny_model  # noqa: E402
+
+from quantlib.adapters import get_adapter  # noqa: E402
+from quantlib.qlinear import QuantLinear  # noqa: E402
+from quantlib.rtn import rtn_quantize  # noqa: E402
+from quantlib.spec import QuantSpec  # noqa: E402
+from tasks.release import load_release, write_release_files  # noqa: E402
+from tasks.release_formats import load_packed_release, write_packed_release  # noqa: E402
+
+FORMATS = ("gptq", "compressed-tensors")
+
+
+def _setup(tmp_path: Path, family: str, spec: QuantSpec):
+    """(source dir, fp32 fake-quant model, qweights) for a tiny model saved to tmp_path/src."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "src")
+    adapter = get_adapter(model)
+    qweights = {}
+    for i, block in enumerate(adapter.blocks):
+        for name, module in adapter.linears(block).items():
+            qweights[f"{adapter.family.layers}.{i}.{name}"] = rtn_quantize(adapter.get_weight(module).detach(), spec)
+    for name, qw in qweights.items():  # the fake-quant model the evaluate stage scored before packing
+        adapter.set_weight(model.get_submodule(name), qw.dequantize())
+    return tmp_path / "src", model, qweights
+
+
+def _write(tmp_path, family, spec, fmt):
+    src, fake, qweights = _setup(tmp_path, family, spec)
+    write_packed_release(tmp_path / "rel", src, qweights, {"scheme": spec.name}, fmt)
+    return tmp_path / "rel", fake, qweights
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family,spec", [("llama", QuantSpec(4, 32)), ("qwen2", QuantSpec(3, None)),
+                                         ("gpt2", QuantSpec(4, 16, sym=True)), ("llama", QuantSpec(2, 64))])
+def test_packed_release_reproduces_fake_quant_logits(tmp_path, fmt, family, spec):
+    rel, fake, qweights = _write(tmp_path, family, spec, fmt)
+    model = load_packed_release(rel, verify=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(qweights)
+    ids = tiny_ids(2, 24)
+    a, b = _logits(fake, ids), _logits(model, ids)
+    # fp16 scales and fp16 embeddings/norms: a few fp16 roundings, relative error ~1e-3
+    assert (a - b).abs().max() <= 2e-3 * a.abs().max(), (a - b).abs().max()
+    # and exactly the fake-quant model once its scales and other tensors are rounded to fp16
+    exact = tiny_model(family)
+    adapter = get_adapter(exact)
+    with torch.no_grad():
+        for p in exact.parameters():
+            p.copy_(p.half().float())
+        for name, qw in qweights.items():
+            w = qw.scale.half().float()[:, qw.g_idx.long()] * (qw.qweight.float() - qw.zero[:, qw.g_idx.long()])
+            adapter.set_weight(exact.get_submodule(name), w)
+    torch.testing.assert_close(b, _logits(exact, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_release_files_and_dtypes(tmp_path, fmt):
+    rel, _, qweights = _write(tmp_path, "qwen2", QuantSpec(4, 32), fmt)
+    tensors = load_file(str(rel / "model.safetensors"))
+    name = next(iter(qweights))
+    assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in qweights for k in tensors)
+    floats = {k: v.dtype for k, v in tensors.items() if v.is_floating_point()}
+    assert set(floats.values()) == {torch.float16}  # scales, embeddings, norms, biases
+    info = json.loads((rel / "quantization.json").read_text())
+    assert info["format"] == fmt and info["modules"] == sorted(qweights)
+    config = json.loads((rel / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float16"
+    if fmt == "gptq":
+        assert {f"{name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")} <= set(tensors)
+        assert (rel / "quantize_config.json").is_file()
+    else:
+        assert {f"{name}.{k}" for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")} <= set(tensors)
+        assert tensors[f"{name}.weight_shape"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("spec,group", [(QuantSpec(4, 32), 32), (QuantSpec(3, None, sym=True), -1)])
+def test_gptq_config(tmp_path, spec, group):
+    rel, _, _ = _write(tmp_path, "llama", spec, "gptq")
+    q = json.loads((rel / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["checkpoint_format"] == "gptq_v2"
+    assert (q["bits"], q["group_size"], q["sym"], q["desc_act"]) == (spec.bits, group, spec.sym, False)
+    assert json.loads((rel / "quantize_config.json").read_text()) == q
+    from transformers import GPTQConfig
+
+    parsed = GPTQConfig.from_dict(q)  # what transformers' GPTQ loader would read
+    assert (parsed.format, parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act) == \
+        ("gptq_v2", spec.bits, group, spec.sym, False)
+
+
+def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits):
+    """GPTQModel PackableQuantLinear.dequantize_weight (torch path), transcribed; gptq_v2 zeros."""
+    maxq = 2**bits - 1
+    if bits in (2, 4, 8):
+        wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
+        zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, 32 // bits), wf.unsqueeze(0))
+        zeros = torch.bitwise_and(zeros, maxq).reshape(scales.shape)
+        weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, 32 // bits, -1), wf.unsqueeze(-1))
+        weight = torch.bitwise_and(weight, maxq).reshape(-1, scales.shape[1])
+    else:
+        wf = torch.tensor([[0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 0], [0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31],
+                           [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 0]], dtype=torch.int32).reshape(1, 3, 12)
+        zeros = qzeros.reshape(qzeros.shape[0], qzeros.shape[1] // 3, 3, 1).expand(-1, -1, -1, 12)
+        zeros = zeros >> wf.unsqueeze(0)
+        zeros[:, :, 0, 10] = (zeros[:, :, 0, 10] & 0x3) | ((zeros[:, :, 1, 0] << 2) & 0x4)
+        zeros[:, :, 1, 11] = (zeros[:, :, 1, 11] & 0x1) | ((zeros[:, :, 2, 0] << 1) & 0x6)
+        zeros = zeros & 0x7
+        zeros = torch.cat([zeros[:, :, 0, :11], zeros[:, :, 1, 1:12], zeros[:, :, 2, 1:11]], dim=2).reshape(scales.shape)
+        weight = qweight.reshape(qweight.shape[0] // 3, 3, 1, qweight.shape[1]).expand(-1, -1, 12, -1)
+        weight = (weight >> wf.unsqueeze(-1)) & 0x7
+        weight[:, 0, 10] = (weight[:, 0, 10] & 0x3) | ((weight[:, 1, 0] << 2) & 0x4)
+        weight[:, 1, 11] = (weight[:, 1, 11] & 0x1) | ((weight[:, 2, 0] << 1) & 0x6)
+        weight = weight & 0x7
+        weight = torch.cat([weight[:, 0, :11], weight[:, 1, 1:12], weight[:, 2, 1:11]], dim=1).reshape(-1, scales.shape[1])
+    g = g_idx.long()
+    return (scales[g] * (weight - zeros[g])).t()  # fp16 (out, in)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_release_read_by_gptqmodel_dequantizer(tmp_path, bits):
+    rel, _, qweights = _write(tmp_path, "llama", QuantSpec(bits, 32), "gptq")
+    tensors = load_file(str(rel / "model.safetensors"))
+    for name, qw in qweights.items():
+        t = [tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")]
+        w = _gptqmodel_dequantize(*t, bits)
+        assert w.dtype == torch.float16
+        assert torch.equal(w, _fp16_dense(qw)), name
+
+
+def _fp16_dense(qw):
+    """Our dense weight with fp16 scales, rounded once to fp16 (what an fp16 reader computes)."""
+    g = qw.g_idx.long()
+    return (qw.scale.half().float()[:, g] * (qw.qweight.float() - qw.zero[:, g])).half()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, None), QuantSpec(4, 16, sym=True), QuantSpec(8, 64)])
+def test_compressed_tensors_release_read_by_compressed_tensors(tmp_path, spec):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    rel, _, qweights = _write(tmp_path, "llama", spec, "compressed-tensors")
+    raw = json.loads((rel / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(raw).config_groups["group_0"]  # our config parses
+    assert scheme.weights.num_bits == spec.bits and scheme.weights.symmetric == spec.sym
+    tensors = load_file(str(rel / "model.safetensors"))
+    for name, qw in qweights.items():
+        local = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                     "weight_shape") if f"{name}.{k}" in tensors}
+        w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+        assert w.dtype == torch.float16 and torch.equal(w, _fp16_dense(qw)), name
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_compressed_tensors_release_loads_in_transformers(tmp_path):
+    """transformers' compressed-tensors loader (dequantize=True, CPU) gets every weight bit for bit."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    rel, fake, qweights = _write(tmp_path, "llama", QuantSpec(4, 32), "compressed-tensors")
+    model = AutoModelForCausalLM.from_pretrained(rel, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                                 dtype=torch.float32)
+    for name, qw in qweights.items():
+        assert torch.equal(model.get_submodule(name).weight.detach(), _fp16_dense(qw).float()), name
+    ours = load_packed_release(rel, verify=False)  # fp32 activations: W = s * (q - z) not rounded to fp16
+    ids = tiny_ids(2, 16)
+    a = _logits(model, ids)
+    assert (_logits(ours, ids) - a).abs().max() <= 2e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_release_dispatches_on_format(tmp_path, fmt):
+    src, fake, qweights = _setup(tmp_path, "llama", QuantSpec(4, 32))
+    write_release_files(tmp_path / "rel", src, qweights, {"scheme": "w4g32"}, fmt=fmt)
+    model = load_release(tmp_path / "rel", verify=False)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    ids = tiny_ids(1, 8)
+    a = _logits(fake, ids)
+    assert (_logits(model, ids) - a).abs().max() <= 2e-3 * a.abs().max()
+
+
+def test_compressed_tensors_refuses_act_order_g_idx(tmp_path):
+    src, _, qweights = _setup(tmp_path, "llama", QuantSpec(4, 32))
+    name = next(iter(qweights))
+    qw = qweights[name]
+    perm = torch.randperm(qw.g_idx.numel(), generator=torch.Generator().manual_seed(0))
+    qweights[name] = type(qw)(qw.qweight, qw.scale, qw.zero, qw.g_idx[perm].contiguous(), qw.spec)
+    with pytest.raises(ValueError, match="consecutive groups"):
+        write_packed_release(tmp_path / "ct", src, qweights, {}, "compressed-tensors")
+    write_packed_release(tmp_path / "gptq", src, qweights, {}, "gptq")  # GPTQ keeps g_idx, desc_act true
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["desc_act"] is True
