@@ -216,7 +216,7 @@ class LearnableLinear(nn.Module):
                                self.g_idx.cpu(), self.spec, latent=self.latent.detach().cpu())
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups = {"rounding": [], "clip": [], "weights": []}
+        groups = {"rounding": [], "clip": [], "scale": [], "weights": []}
         if self.cfg.rounding == "adaround":
             groups["rounding"].append(self.alpha)
         if self.cfg.rounding == "lora":
@@ -224,7 +224,7 @@ class LearnableLinear(nn.Module):
         if self.cfg.learn_clip:
             groups["clip"] += [self.clip_hi, self.clip_lo]
         if self.cfg.learn_scale:
-            groups["clip"].append(self.log_scale)
+            groups["scale"].append(self.log_scale)
         if self.cfg.learn_weights:
             groups["weights"].append(self.latent)
         return groups

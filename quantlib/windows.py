@@ -98,11 +98,12 @@ def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call:
 
 
 def _optimizer(modules: list[LearnableLinear], cfg: ReconConfig, steps: int):
-    groups = {"rounding": [], "clip": [], "weights": []}
+    groups = {"rounding": [], "clip": [], "scale": [], "weights": []}
     for m in modules:
         for k, ps in m.param_groups().items():
             groups[k] += ps
-    lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "weights": cfg.weight_lr}
+    # log-scale moves every weight of its group at once: a tenth of the clipping rate
+    lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "scale": cfg.clip_lr / 10, "weights": cfg.weight_lr}
     opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps], weight_decay=0.0)
     shape = {"cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)), "linear": lambda t: 1 - t,
              "constant": lambda t: 1.0}[cfg.schedule]
@@ -200,7 +201,7 @@ def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, lo
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        curve.append(float(task))
+        curve.append(task.item())
     return curve
 
 

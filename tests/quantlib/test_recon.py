@@ -34,7 +34,8 @@ def _one_window(cfg: ReconConfig, family="llama"):
 @pytest.mark.parametrize("what, cfg, moved", [
     ("adaround", ReconConfig(window=1, overlap=0, rounding="adaround", learn_clip=False, loss="mse", iters=40), "alpha"),
     ("clip", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=True, loss="mse", iters=40), "clip_hi"),
-    ("scale", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=False, learn_scale=True, loss="mse", iters=40), "log_scale"),
+    ("scale", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=False, learn_scale=True, init="rtn",
+                          loss="mse", iters=40), "log_scale"),
     ("weights", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=False, learn_weights=True,
                             weight_lr=1e-3, loss="mse", iters=40), "latent"),
     ("lora", ReconConfig(window=1, overlap=0, rounding="lora", learn_clip=False, init="rtn", loss="mse", iters=40), "lora_b"),
@@ -125,7 +126,7 @@ def test_overlap_reoptimizes_the_shared_block():
     import quantlib.windows as W
 
     def spy(adapter, start, end, *args, **kw):
-        state = args[4]
+        state = args[5]
         if 1 in state.learnables:
             snaps.setdefault((start, end), {n: m.alpha.detach().clone() for n, m in state.learnables[1].items()})
         st = original(adapter, start, end, *args, **kw)
