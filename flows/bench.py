@@ -88,14 +88,14 @@ def run_quality(args: argparse.Namespace) -> int:
     model_dir = C.cached_model(args.model)
     jobs = _jobs(args, model_dir)
     out = Path(args.out)
-    records = json.loads(out.read_text()) if out.exists() else []
     command = "ptq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = []
     for job in jobs:
         row = _run_job(job) | {"model": args.model, "versions": _versions(), "command": command,
                                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         rows.append(row)
-        records.append(row)
+        # re-read before appending: another bench may have added rows meanwhile
+        records = (json.loads(out.read_text()) if out.exists() else []) + [row]
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, records)  # after every row: a killed bench keeps what finished
         atomic_write_bytes(out.with_suffix(".md"), render_quality_md(records).encode())

@@ -37,7 +37,7 @@ __all__ = [
     "eval_ppl",
 ]
 
-METHOD_NAMES = ("rtn", "gptq", "recon")
+METHOD_NAMES = ("rtn", "gptq", "boa", "recon")
 
 
 def cache_dir() -> Path:
@@ -88,6 +88,10 @@ def method_config(method: str, *, act_order: bool = True, damp: float = 0.01, bl
         return RTNConfig(clip_search=clip_search)
     if method == "gptq":
         return GPTQConfig(block_size=block_size, damp=damp, act_order=act_order, clip_search=clip_search)
+    if method == "boa":
+        from quantlib.boa import BoAConfig
+
+        return BoAConfig(block_size=block_size, damp=damp, act_order=act_order)
     if method == "recon" or method.startswith("recon-"):
         return recon_config(method, **(recon or {}))
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")

@@ -45,7 +45,7 @@ __all__ = [
     "section_keys",
 ]
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "boa")
 DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")

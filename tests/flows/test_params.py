@@ -124,7 +124,7 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.damp=1.5",), "quantize.damp: must be in the open interval (0, 1)"),
         ("", ("quantize.damp=.nan",), "quantize.damp: must be in the open interval (0, 1)"),
         ("", ("quantize.damp=high",), "quantize.damp: expected float, got str 'high'"),
-        ("", ("quantize.method=awq",), "quantize.method: must be one of 'rtn', 'gptq', got str 'awq'"),
+        ("", ("quantize.method=awq",), "quantize.method: must be one of 'rtn', 'gptq', 'boa', got str 'awq'"),
         ("", ("quantize.device=gpu",), "quantize.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
         ("", ("fetch_model.dtype=fp8",), "fetch_model.dtype: must be one of"),
         ("", ("fetch_model.source=",), "fetch_model.source: expected str, got null"),
