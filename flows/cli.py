@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("--tracking-uri", default=None)
     li.add_argument("--project", default=".", help="project root whose data/ and dvc.lock to check")
 
+    bk = bsub.add_parser("kernels", help="packed matmul vs fp16 matmul per layer shape; appends to docs/benchmarks/kernels.json")
+    bk.add_argument("--out", default="docs/benchmarks/kernels.json")
+    bd = bsub.add_parser("decode", help="release size and decode tokens/s, packed vs dense")
+    bd.add_argument("--out", default="docs/benchmarks/kernels.json")
+    bd.add_argument("--model", default="smollm2-135m")
+    bd.add_argument("--scheme", default="w4g64")
+    bd.add_argument("--new-tokens", type=int, default=None)
+
     sub.add_parser("demo", help="quantize the default model (GPTQ W4 g64) and compare fp32 / RTN / GPTQ")
     return ap
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -116,8 +117,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_quality
+    from .bench_kernels import run_decode, run_kernels
 
-    return run_quality(args)
+    if args.bench == "kernels":
+        rows = run_kernels(args.out)
+    elif args.bench == "decode":
+        rows = run_decode(args.out, model=args.model, scheme=args.scheme, new_tokens=args.new_tokens)
+    else:
+        return run_quality(args)
+    print(json.dumps(rows, indent=1))
+    return 0
 
 
 def dispatch(args: argparse.Namespace) -> int:
