@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return cli_impl.dispatch(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
         print(f"ptq {args.command}: error: {e}", file=sys.stderr)
         return 2
 
