@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .adapters import AttentionGeometry, ModelAdapter, UnsupportedModelError
-from .capture import BlockCall, run_block
+from .capture import BlockCall, run_with_hooks
 from .gptq import GPTQConfig, accumulate_hessian, damped_inverse_cholesky
 from .primitives import qparams_from_range
 from .qweight import QuantizedWeight
@@ -521,12 +521,7 @@ def collect_attention_stats(
     handles = [attn.register_forward_pre_hook(observe, with_kwargs=True)]
     if layout.out is not None:
         handles.append(block.get_submodule(layout.out).register_forward_pre_hook(check))
-    try:
-        for x in inputs:
-            run_block(block, x.to(device), call)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(block, inputs, call, device, handles)
     return stats
 
 

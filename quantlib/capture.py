@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 
-__all__ = ["BlockCall", "capture_block_inputs", "capture_block_calls", "run_block"]
+__all__ = ["BlockCall", "capture_block_inputs", "capture_block_calls", "run_block", "run_with_hooks"]
 
 _DROP = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "cache_position")
 
@@ -110,3 +110,15 @@ def run_block(block: nn.Module, x: torch.Tensor, call: BlockCall) -> torch.Tenso
     """One block's forward on x (b, T, d) with its captured call arguments."""
     out = block(x, *call.args, **call.kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_with_hooks(block: nn.Module, inputs, call: BlockCall, device, handles: list) -> None:
+    """Run every (b, T, d) input batch through `block` for the hooks' side effects, then remove
+    the hook handles, also when the forward raises."""
+    try:
+        for x in inputs:
+            run_block(block, x.to(device), call)
+    finally:
+        for h in handles:
+            h.remove()

@@ -98,7 +98,7 @@ def fold_scales(adapter: ModelAdapter, block: nn.Module, norm: str, group: int, 
 def apply_cfp(adapter: ModelAdapter, block: nn.Module, inputs, call, cfg: CFPConfig, device) -> dict[str, int]:
     """CFP on one block in place, given its calibration inputs (an iterable of (b, T, d) batches).
     Returns counts: scaled activation channels and truncated weights."""
-    from .capture import run_block
+    from .capture import run_with_hooks
 
     counts = {"scaled_channels": 0, "truncated_weights": 0}
     if cfg.activations:
@@ -112,12 +112,7 @@ def apply_cfp(adapter: ModelAdapter, block: nn.Module, inputs, call, cfg: CFPCon
             return fn
 
         handles = [m.register_forward_hook(hook(g)) for g, m in firsts.items()]
-        try:
-            for x in inputs:
-                run_block(block, x.to(device), call)
-        finally:
-            for h in handles:
-                h.remove()
+        run_with_hooks(block, inputs, call, device, handles)
         for norm, g in adapter.family.norms:
             wmax = torch.stack([adapter.get_weight(block.get_submodule(n)).abs().amax(0).float()
                                 for n in adapter.family.groups[g]]).amax(0)

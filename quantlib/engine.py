@@ -18,7 +18,7 @@ from torch import nn
 
 from .activations import ActivationStore
 from .adapters import ModelAdapter
-from .capture import BlockCall, capture_block_inputs, run_block
+from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks
 from .gptq import accumulate_hessian
 from .methods import hessian_error, method_for, quantize_weight
 from .qweight import QuantizedWeight
@@ -101,12 +101,7 @@ def _collect_hessians(
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        for x in inputs:
-            run_block(block, x.to(device), call)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(block, inputs, call, device, handles)
     return {n: h for n, (h, _) in acc.items()}
 
 
