@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids = split_halves(ids)[1]
     stride = args.stride or args.window
     windows = eval_windows(ids, args.window, args.windows or None, stride)
-    ppl = C.perplexity_strided(model, windows, args.window - stride, args.batch_size)
+    ppl = C.eval_ppl(model, windows, args.batch_size, score_from=args.window - stride)
     print_table([{"model": args.model, "data": args.data, "windows": windows.shape[0], "ppl": ppl}],
                 ["model", "data", "windows", "ppl"])
     return 0

@@ -35,6 +35,8 @@ __all__ = [
     "quantize_loaded",
     "save_quantized",
     "eval_ppl",
+    "recon_config",
+    "spec_dict",
 ]
 
 METHOD_NAMES = ("rtn", "gptq", "boa", "recon")
@@ -167,19 +169,13 @@ def save_quantized(out_dir: Path, model, tokenizer, results: dict[str, Quantized
     write_manifest(out_dir)
 
 
-def eval_ppl(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
+def eval_ppl(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity", score_from: int = 0) -> float:
+    """Perplexity with a progress bar; score_from > 0 scores only the tokens after that context."""
     with tqdm(total=windows.shape[0], desc=desc, unit="win", leave=False) as bar:
-        return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
+        return perplexity(model, windows, batch_size=batch_size, score_from=score_from, progress=bar.update)
 
 
 def spec_dict(spec: QuantSpec) -> dict:
     return asdict(spec) | {"name": spec.name}
 
 
-def load_for_quantization(model_dir: Path, device: str = "cpu"):
-    return load_model(model_dir, dtype=torch.float32, device="cpu"), load_tokenizer(model_dir)
-
-
-def perplexity_strided(model, windows: torch.Tensor, score_from: int, batch_size: int) -> float:
-    with tqdm(total=windows.shape[0], desc="perplexity", unit="win", leave=False) as bar:
-        return perplexity(model, windows, batch_size=batch_size, score_from=score_from, progress=bar.update)

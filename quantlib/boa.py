@@ -94,10 +94,7 @@ class BoAConfig:
     max_damp_tries: int = 6
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        self.gptq()  # block_size and damp are validated by the GPTQ config they feed
         if self.clip_grid <= 0:
             raise ValueError(f"clip_grid must be positive, got {self.clip_grid}")
         if not 0 <= self.clip_max_shrink < 1:
