@@ -234,6 +234,7 @@ def _spill(cfg: EngineConfig, i: int) -> str | None:
     return None if cfg.spill_dir is None else f"{cfg.spill_dir}/acts_{i:04d}"
 
 
+@torch.no_grad()
 def _quantize_block_weights(adapter, index, spec, method_cfg):
     """Data-free path (RTN): no forward passes at all."""
     t0 = time.perf_counter()

@@ -9,9 +9,11 @@ the FP target. What is learned, each switchable:
              (CBQ LoRA-Rounding: the offset logits are V0 + A1 A2 with rank r, V0 frozen)
   weights    the latent weights themselves (straight-through estimator; needs rounding "nearest")
 Codes: q = clamp(floor(W / s + z) + h, 0, 2^b - 1) with h in [0, 1] (hardened to {0, 1} at the end),
-w_hat = s (q - z). Initialization from RTN or GPTQ: with GPTQ the latent W is GPTQ's error-updated
-weight, whose rounding reproduces GPTQ's codes exactly; h starts at the fractional part of W/s + z
-(AdaRound), so the soft weight is the latent weight and hardening gives the initializer's codes.
+w_hat = s (q - z). Initialization from RTN, GPTQ or BoA: with GPTQ the latent W is GPTQ's error-
+updated weight, whose rounding reproduces GPTQ's codes exactly; with BoA (no latent) it is the FP
+weight clamped to within half a step of BoA's codes (`latent_near_codes`); h starts at the fractional
+part of W/s + z (AdaRound), so the soft weight is the latent weight and hardening gives the
+initializer's codes.
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ from .primitives import expand, round_ste
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["ReconConfig", "LearnableLinear", "window_starts", "recon_loss", "ZETA", "GAMMA"]
+__all__ = ["ReconConfig", "LearnableLinear", "latent_near_codes", "window_starts", "recon_loss", "ZETA", "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 ROUNDINGS = ("nearest", "adaround", "lora")
 LOSSES = ("mse", "kl", "mse+kl")
 SCHEDULES = ("cosine", "linear", "constant")
-INITS = ("rtn", "gptq")
+INITS = ("rtn", "gptq", "boa")
 TARGETS = ("fp", "qin")
 
 
@@ -134,6 +136,16 @@ class LearnableLinear(nn.Module):
         v = self.latent.detach() / self._expand(scale) + self._expand(zero)
         self._init_rounding(v - torch.floor(v), generator)
 
+    @classmethod
+    def empty(cls, spec: QuantSpec, cfg: ReconConfig, out_features: int, in_features: int, groups: int,
+              bias: bool) -> "LearnableLinear":
+        """A module of the right shapes to `load_state_dict` a saved one into (resuming a window)."""
+        init = QuantizedWeight(torch.zeros(out_features, in_features, dtype=torch.uint8),
+                               torch.ones(out_features, groups), torch.zeros(out_features, groups),
+                               torch.zeros(in_features, dtype=torch.int32), spec)
+        b = torch.zeros(out_features) if bias else None
+        return cls(init, torch.zeros(out_features, in_features), b, cfg)
+
     # -- parameters -> (scale, zero) and codes
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +240,16 @@ class LearnableLinear(nn.Module):
         if self.cfg.learn_weights:
             groups["weights"].append(self.latent)
         return groups
+
+
+def latent_near_codes(qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
+    """(out, in) weight as close to w as possible whose nearest rounding on qw's grid gives qw's codes:
+    w / s + z clamped to [q - 1/2, q + 1/2) (minus a margin), for initializers without a latent."""
+    n = w.shape[1]
+    s, z = expand(qw.scale.float(), n, qw.g_idx), expand(qw.zero.float(), n, qw.g_idx)
+    q = qw.qweight.float()
+    v = torch.clamp(w.float() / s + z, q - 0.499, q + 0.499)
+    return s * (v - z)
 
 
 def recon_loss(y: torch.Tensor, t: torch.Tensor, cfg: ReconConfig) -> torch.Tensor:

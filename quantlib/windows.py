@@ -22,12 +22,12 @@ from .cfp import CFPConfig, apply_cfp
 from .engine import EngineConfig, peak_memory_mb, quantize_block
 from .gptq import GPTQConfig
 from .qweight import QuantizedWeight
-from .recon import LearnableLinear, ReconConfig, recon_loss
+from .recon import LearnableLinear, ReconConfig, latent_near_codes, recon_loss
 from .rtn import RTNConfig
 from .spec import QuantSpec
 
-__all__ = ["WindowStats", "ReconState", "init_block", "train_window", "finalize_block", "reconstruct_model",
-           "forward_blocks", "fp_boundaries"]
+__all__ = ["WindowStats", "WindowResult", "ReconState", "init_block", "install_block", "carry_block", "train_window",
+           "finalize_block", "run_window", "reconstruct_model", "forward_blocks", "fp_boundaries", "block_errors"]
 
 
 @dataclass
@@ -40,6 +40,8 @@ class WindowStats:
     seconds: float
     peak_mb: float
     curve: list[float] = field(default_factory=list)  # training loss every step
+    # [{"block", "before", "after"}]: relative output error of each finished block at init and after
+    block_errors: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -83,18 +85,53 @@ def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call:
     if cfg.cfp:
         apply_cfp(adapter, block.to(engine.device), inputs, call.to(engine.device), CFPConfig(), engine.device)
     fp_weights = {n: adapter.get_weight(m).detach().float().clone() for n, m in adapter.linears(block).items()}
-    method = GPTQConfig() if cfg.init == "gptq" else RTNConfig()
-    results, outputs, _ = quantize_block(adapter, index, inputs, call, spec, method, engine)
+    results, outputs, _ = quantize_block(adapter, index, inputs, call, spec, _init_method(cfg), engine)
     prefix = f"{adapter.family.layers}.{index}."
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + index)
     modules = {}
     for name, module in adapter.linears(block).items():
         qw = results[prefix + name]
-        latent = qw.latent if cfg.init == "gptq" else fp_weights[name]
+        latent = {"gptq": lambda: qw.latent, "rtn": lambda: fp_weights[name],
+                  "boa": lambda: latent_near_codes(qw, fp_weights[name])}[cfg.init]()
         modules[name] = LearnableLinear(qw, latent, getattr(module, "bias", None), cfg, gen)
         block.set_submodule(name, modules[name])
     state.learnables[index] = modules
     return outputs
+
+
+def _init_method(cfg: ReconConfig):
+    if cfg.init == "boa":
+        from .boa import BoAConfig
+
+        return BoAConfig()
+    return GPTQConfig() if cfg.init == "gptq" else RTNConfig()
+
+
+def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tensor], spec: QuantSpec,
+                  cfg: ReconConfig, state: ReconState) -> None:
+    """Put a block back in the state a previous window left it (`carry_block`'s output): its
+    LearnableLinears and any other parameter the window changed (e.g. CFP-scaled norms)."""
+    block = adapter.blocks[index]
+    state.fp_blocks[index] = copy.deepcopy(block).cpu()
+    modules = {}
+    for name, module in adapter.linears(block).items():
+        out, n = saved[f"{name}.latent"].shape
+        groups = saved[f"{name}.lo0"].shape[1]
+        modules[name] = LearnableLinear.empty(spec, cfg, out, n, groups, f"{name}.bias" in saved)
+        block.set_submodule(name, modules[name])
+    block.load_state_dict(saved, strict=True)
+    for m in modules.values():
+        m.requires_grad_(False)
+    state.learnables[index] = modules
+
+
+def carry_block(adapter: ModelAdapter, index: int, state: ReconState) -> dict[str, torch.Tensor]:
+    """Save block `index` (still being reconstructed) for the next window and put its FP original
+    back, so every block past the finished prefix is in FP state between windows."""
+    saved = {k: v.detach().cpu().clone() for k, v in adapter.blocks[index].state_dict().items()}
+    adapter.blocks[index] = state.fp_blocks.pop(index)
+    state.learnables.pop(index)
+    return saved
 
 
 def _optimizer(modules: list[LearnableLinear], cfg: ReconConfig, steps: int):
@@ -228,14 +265,87 @@ def finalize_block(adapter: ModelAdapter, index: int, state: ReconState) -> dict
 
 
 def _targets(adapter, state: ReconState, cfg: ReconConfig, x_in: ActivationStore, start: int, stop: int,
-             calls, bounds, device) -> ActivationStore:
-    if cfg.target == "fp":
-        return bounds[stop]
+             calls, device) -> ActivationStore:
+    """'qin' targets: the FP blocks [start, stop) applied to the quantized prefix's activations."""
     fp = [state.fp_blocks.get(i, adapter.blocks[i]).to(device) for i in range(start, stop)]
     out = forward_blocks(fp, [calls[i].to(device) for i in range(start, stop)], x_in, device)
     for i in range(start, stop):
         state.fp_blocks.get(i, adapter.blocks[i]).to("cpu")
     return out
+
+
+@torch.no_grad()
+def block_errors(adapter: ModelAdapter, indices: list[int], x_in: ActivationStore, calls: list[BlockCall],
+                 state: ReconState, device) -> list[float]:
+    """Per-block ||F_q(X_i) - F(X_i)||^2 / ||F(X_i)||^2, X_i the quantized window's input to block i
+    (the engine's block_error), for blocks whose FP copy is in `state` and that are in eval mode."""
+    errs, x = [], x_in
+    for i in indices:
+        _set_mode(list(state.learnables.get(i, {}).values()), False)
+        q, fp, call = adapter.blocks[i].to(device), state.fp_blocks[i].to(device), calls[i].to(device)
+        num = den = 0.0
+        out = ActivationStore()
+        for xb in x:
+            xb = xb.to(device)
+            yq, yf = run_block(q, xb, call).float(), run_block(fp, xb, call).float()
+            num += float((yq - yf).pow(2).sum())
+            den += float(yf.pow(2).sum())
+            out.append(yq)
+        fp.to("cpu")
+        q.to("cpu")
+        errs.append(num / max(den, 1e-30))
+        x = out
+    return errs
+
+
+@dataclass
+class WindowResult:
+    """What one window leaves behind: the codes of the blocks it finished ([start, next_start)), the
+    activations entering the next window, the saved state of blocks it shares with the next window."""
+
+    results: dict[str, QuantizedWeight]
+    outputs: ActivationStore
+    carry: dict[int, dict[str, torch.Tensor]]
+    stats: WindowStats
+
+
+def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationStore, targets: ActivationStore | None,
+               window: tuple[int, int], next_start: int, spec: QuantSpec, cfg: ReconConfig,
+               engine: EngineConfig = EngineConfig(), carry: dict[int, dict[str, torch.Tensor]] | None = None,
+               spill_dir: str | None = None) -> WindowResult:
+    """Reconstruct window [start, end): x_in enters block start (from the finished quantized prefix),
+    targets are the FP activations after block min(end + L, n) - 1 (None for target 'qin'); blocks
+    in `carry` resume from the previous window's state, the others are initialized. The model's
+    blocks from next_start on are left in FP state."""
+    start, end = window
+    n = len(adapter.blocks)
+    stop = min(end + cfg.lookahead, n)
+    device = torch.device(engine.device)
+    state, carry = ReconState(), carry or {}
+    x = x_in
+    for i in range(start, end):
+        if i in carry:
+            install_block(adapter, i, carry[i], spec, cfg, state)
+            x = forward_blocks([adapter.blocks[i].to(device)], [calls[i].to(device)], x, device)
+            adapter.blocks[i].to("cpu")
+        else:
+            x = init_block(adapter, i, x, calls[i], spec, cfg, engine, state)
+    if cfg.target == "qin":
+        targets = _targets(adapter, state, cfg, x_in, start, stop, calls, device)
+    done = list(range(start, next_start))
+    before = block_errors(adapter, done, x_in, calls, state, device)
+    st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
+    after = block_errors(adapter, done, x_in, calls, state, device)
+    st.block_errors = [{"block": i, "before": b, "after": a} for i, b, a in zip(done, before, after)]
+    results = {}
+    for i in done:
+        results.update(finalize_block(adapter, i, state))
+    saved = {i: carry_block(adapter, i, state) for i in range(next_start, end)}
+    outputs = forward_blocks([adapter.blocks[i].to(device) for i in done], [calls[i].to(device) for i in done],
+                             x_in, device, spill_dir)
+    for i in done:
+        adapter.blocks[i].to("cpu")
+    return WindowResult(results, outputs, saved, st)
 
 
 def reconstruct_model(
@@ -250,27 +360,14 @@ def reconstruct_model(
     batches, calls = capture_block_inputs(adapter, calib_ids, engine.batch_size)
     x_in = ActivationStore.from_batches(batches)
     bounds = fp_boundaries(adapter, x_in, calls, device) if cfg.target == "fp" else None
-    state, results, stats = ReconState(), {}, []
+    results, stats, carry = {}, [], {}
     for w, (start, end) in enumerate(windows):
-        x = x_in
-        for i in range(start, end):
-            if i in state.learnables:
-                x = forward_blocks([adapter.blocks[i].to(device)], [calls[i].to(device)], x, device)
-                adapter.blocks[i].to("cpu")
-            else:
-                x = init_block(adapter, i, x, calls[i], spec, cfg, engine, state)
-        stop = min(end + cfg.lookahead, n)
-        targets = _targets(adapter, state, cfg, x_in, start, stop, calls, bounds, device)
-        st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
-        stats.append(st)
-        if on_window is not None:
-            on_window(st)
         nxt = windows[w + 1][0] if w + 1 < len(windows) else n
-        done = list(range(start, nxt))
-        for i in done:
-            results.update(finalize_block(adapter, i, state))
-        x_in = forward_blocks([adapter.blocks[i].to(device) for i in done], [calls[i].to(device) for i in done],
-                              x_in, device)
-        for i in done:
-            adapter.blocks[i].to("cpu")
+        targets = bounds[min(end + cfg.lookahead, n)] if bounds is not None else None
+        r = run_window(adapter, calls, x_in, targets, (start, end), nxt, spec, cfg, engine, carry)
+        results |= r.results
+        x_in, carry = r.outputs, r.carry
+        stats.append(r.stats)
+        if on_window is not None:
+            on_window(r.stats)
     return results, stats

@@ -76,3 +76,9 @@ def test_quantlib_imports_no_orchestration_packages():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_data_free_path_returns_results_without_autograd_history():
+    # the model's weights require grad by default; the codes and qparams must not hold graphs to them
+    results, _ = quantize_model(get_adapter(tiny_model()), None, QuantSpec(4, 32), RTNConfig())
+    assert all(qw.scale.grad_fn is None and not qw.scale.requires_grad for qw in results.values())
