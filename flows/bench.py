@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -47,10 +48,19 @@ def _worker(job: dict) -> dict:
     settings = dict(CALIB, dtype="float32", device=job["device"])
     if job["method"] != "fp32":
         spec = parse_scheme(job["scheme"])
-        cfg = C.method_config(job["method"], **job["solver"])
+        base, with_qat = C.split_qat(job["method"])
+        cfg = C.method_config(base, **job["solver"], recon=job["recon"])
+        qat = C.qat_config(**job["qat"]) if with_qat else None
         engine = C.EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
-        _, _, seconds = C.quantize_loaded(model, data.calib, spec, cfg, engine)
+        t0 = time.perf_counter()
+        teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
+        results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
+        if qat is not None:
+            results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
+            settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
+                "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
+        seconds = time.perf_counter() - t0
     ppl = C.eval_ppl(model, data.windows)
     return {"method": job["method"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "settings": settings}
@@ -68,14 +78,20 @@ def _run_job(job: dict) -> dict:
 def _jobs(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     from .cli_impl import resolve_device
 
+    from .cli_impl import qat_overrides, recon_overrides
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    for m in methods:
-        C.method_config(m)  # unknown methods fail before any work
+    recon, qat = recon_overrides(args), qat_overrides(args)
+    for m in methods:  # unknown methods and bad settings fail before any work
+        base, with_qat = C.split_qat(m)
+        C.method_config(base, recon=recon)
+        if with_qat:
+            C.qat_config(**qat)
     for s in schemes:
         parse_scheme(s)
     base = {"model_dir": str(model_dir), "mirror": args.mirror, "device": resolve_device(args.device),
-            "batch_size": args.batch_size, "true_sequential": args.true_sequential,
+            "batch_size": args.batch_size, "true_sequential": args.true_sequential, "recon": recon, "qat": qat,
             "solver": {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
                        "clip_search": args.clip_search}}
     jobs = [dict(base, method="fp32", scheme="fp32")] if args.fp32 else []

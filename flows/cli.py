@@ -52,8 +52,16 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     r.add_argument("--iters", type=int)
     r.add_argument("--loss", choices=("mse", "kl", "mse+kl"))
     r.add_argument("--lr", type=float)
-    r.add_argument("--recon-init", dest="init", choices=("rtn", "gptq"))
+    r.add_argument("--recon-init", dest="init", choices=("rtn", "gptq", "boa"))
     r.add_argument("--cfp", action="store_true", default=None, help="CBQ outlier pre-processing before each block")
+    t = p.add_argument_group("global QAT refinement (method names ending in +qat, e.g. gptq+qat)")
+    t.add_argument("--qat-trainable", choices=("scales", "scales+zeros", "weights"))
+    t.add_argument("--qat-loss", choices=("ce", "kl", "ce+kl"))
+    t.add_argument("--qat-steps", type=int)
+    t.add_argument("--qat-lr", type=float)
+    t.add_argument("--qat-batch-size", type=int)
+    t.add_argument("--qat-heldout", type=float, help="fraction of calibration sequences held out for early stopping")
+    t.add_argument("--qat-topk", type=int, help="teacher logits cached as top-k (0 = full)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -41,6 +41,14 @@ def recon_overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in RECON_FLAGS if getattr(args, k, None) is not None}
 
 
+QAT_FLAGS = {"qat_trainable": "trainable", "qat_loss": "loss", "qat_steps": "steps", "qat_lr": "lr",
+             "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk"}
+
+
+def qat_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, f) for f, k in QAT_FLAGS.items() if getattr(args, f, None) is not None}
+
+
 def _method_cfg(args: argparse.Namespace, method: str):
     return C.method_config(method, act_order=args.act_order, damp=args.damp, block_size=args.block_size,
                            clip_search=args.clip_search, recon=recon_overrides(args))
@@ -63,7 +71,9 @@ def _fmt(v) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym)
-    method_cfg = _method_cfg(args, args.method)
+    base, with_qat = C.split_qat(args.method)
+    method_cfg = _method_cfg(args, base)
+    qat = C.qat_config(**qat_overrides(args)) if with_qat else None
     engine = engine_config(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "quantization.json").exists():
@@ -75,7 +85,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     data = C.protocol_data(tok, args.calib, None, n=args.n_samples, seqlen=args.seqlen, seed=args.seed,
                            mirror=args.mirror)
     fp_ppl = C.eval_ppl(model, data.windows, desc="fp32 perplexity") if args.eval else None
-    results, stats, seconds = C.quantize_loaded(model, data.calib, spec, method_cfg, engine)
+    t0 = time.perf_counter()
+    teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
+    results, stats, _ = C.quantize_loaded(model, data.calib, spec, method_cfg, engine)
+    if qat is not None:
+        results, _ = C.refine_qat(model, data.calib, results, qat, teacher)
+    seconds = time.perf_counter() - t0
     info = {"method": args.method, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
             "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}

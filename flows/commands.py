@@ -37,6 +37,10 @@ __all__ = [
     "eval_ppl",
     "recon_config",
     "spec_dict",
+    "split_qat",
+    "qat_config",
+    "qat_teacher",
+    "refine_qat",
 ]
 
 METHOD_NAMES = ("rtn", "gptq", "boa", "recon")
@@ -83,6 +87,42 @@ def recon_config(name: str, **overrides) -> "ReconConfig":
     return ReconConfig(**(kw | overrides))
 
 
+def split_qat(method: str) -> tuple[str, bool]:
+    """`gptq+qat` -> ("gptq", True): a block-wise method followed by global QAT refinement."""
+    return (method[: -len("+qat")], True) if method.endswith("+qat") else (method, False)
+
+
+def qat_config(**overrides) -> "QATConfig":
+    from quantlib.qat import QATConfig
+
+    return QATConfig(**overrides)
+
+
+def qat_teacher(model, calib: torch.Tensor, cfg) -> dict | None:
+    """The FP model's top-k next-token log-probs on calib: call before quantizing (None if unused)."""
+    from quantlib.qat import teacher_targets
+
+    if cfg is None or not cfg.needs_teacher:
+        return None
+    return teacher_targets(model, calib, cfg.topk)
+
+
+def refine_qat(model, calib: torch.Tensor, results: dict, cfg, teacher: dict | None):
+    """Global QAT on a quantized model (in place); returns (results, QATStats)."""
+    from quantlib.qat import train_qat
+
+    bar = tqdm(total=cfg.steps, desc="qat", unit="step", leave=False)
+
+    def on_step(step: int, loss: float, held: float | None) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3g}", **({"heldout": f"{held:.3g}"} if held is not None else {}))
+
+    try:
+        return train_qat(model, results, calib, cfg, teacher, on_step=on_step)
+    finally:
+        bar.close()
+
+
 def method_config(method: str, *, act_order: bool = True, damp: float = 0.01, block_size: int = 128,
                   clip_search: bool = False, recon: dict | None = None):
     """The frozen quantlib config for a method name."""
@@ -96,7 +136,8 @@ def method_config(method: str, *, act_order: bool = True, damp: float = 0.01, bl
         return BoAConfig(block_size=block_size, damp=damp, act_order=act_order)
     if method == "recon" or method.startswith("recon-"):
         return recon_config(method, **(recon or {}))
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)} "
+                     "(or recon-k2o1L0-lora style names), optionally followed by +qat")
 
 
 @dataclass(frozen=True)

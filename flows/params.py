@@ -36,6 +36,7 @@ __all__ = [
     "PrepareDataParams",
     "QatParams",
     "QuantizeParams",
+    "ReconParams",
     "RegisterParams",
     "dump_default_params",
     "flatten",
@@ -45,7 +46,13 @@ __all__ = [
     "section_keys",
 ]
 
-METHODS = ("rtn", "gptq", "boa")
+METHODS = ("rtn", "gptq", "boa", "recon")
+ROUNDINGS = ("nearest", "adaround", "lora")
+RECON_LOSSES = ("mse", "kl", "mse+kl")
+RECON_INITS = ("rtn", "gptq", "boa")
+SCHEDULES = ("cosine", "linear", "constant")
+QAT_TRAINABLES = ("scales", "scales+zeros", "weights")
+QAT_LOSSES = ("ce", "kl", "ce+kl")
 DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")
@@ -114,6 +121,10 @@ def _open_interval(lo: float, hi: float) -> Check:
         return float(value)
 
     return check
+
+
+def _positive() -> Check:
+    return _open_interval(0, float("inf"))
 
 
 def _choice(options: tuple[str, ...]) -> Check:
@@ -234,11 +245,68 @@ class QuantizeParams(_Section):
 
 
 @dataclass(frozen=True)
+class ReconParams(_Section):
+    """Cross-block reconstruction windows (used when quantize.method is recon).
+
+    window k blocks per window, overlap o < k shared with the next window, lookahead L frozen FP
+    blocks after the window the loss is measured at (k=1,o=0,L=0: single-block). learn_clip / learn_scale /
+    rounding (nearest | adaround | lora with rank) / learn_weights choose what is trained; init is the
+    method the codes start from; lr is the rounding rate, clip_lr the clipping/scale rate.
+    """
+
+    SECTION: ClassVar[str] = "recon"
+    window: int = _key(2, _integer(1))
+    overlap: int = _key(1, _integer(0))
+    lookahead: int = _key(0, _integer(0))
+    rounding: str = _key("lora", _choice(ROUNDINGS))
+    rank: int = _key(4, _integer(1))
+    learn_clip: bool = _key(True, _boolean())
+    learn_scale: bool = _key(False, _boolean())
+    learn_weights: bool = _key(False, _boolean())
+    loss: str = _key("mse+kl", _choice(RECON_LOSSES))
+    kl_weight: float = _key(1.0, _positive())
+    init: str = _key("gptq", _choice(RECON_INITS))
+    iters: int = _key(100, _integer(0))
+    batch_size: int = _key(4, _integer(1))
+    lr: float = _key(1e-2, _positive())
+    clip_lr: float = _key(1e-2, _positive())
+    schedule: str = _key("cosine", _choice(SCHEDULES))
+    seed: int = _key(0, _integer(0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.overlap >= self.window:
+            raise ParamsError(f"recon.overlap: must be smaller than recon.window ({self.window}), got {self.overlap}")
+        if self.learn_weights and self.rounding != "nearest":
+            raise ParamsError("recon.learn_weights: training the weights needs recon.rounding: nearest")
+
+
+@dataclass(frozen=True)
 class QatParams(_Section):
-    """Global QAT refinement after block-wise PTQ; disabled = pass the quantized state through."""
+    """Global QAT refinement after block-wise PTQ; disabled = pass the quantized state through.
+
+    trainable: scales | scales+zeros | weights; loss: kl (to the FP model's top-k logits) | ce | ce+kl;
+    heldout: fraction of calibration sequences kept for early stopping (same data budget);
+    checkpoint_every: steps between resumable checkpoints (0 = none).
+    """
 
     SECTION: ClassVar[str] = "qat"
     enabled: bool = _key(False, _boolean())
+    trainable: str = _key("scales", _choice(QAT_TRAINABLES))
+    loss: str = _key("kl", _choice(QAT_LOSSES))
+    kl_weight: float = _key(1.0, _positive())
+    topk: int = _key(64, _integer(0))
+    steps: int = _key(64, _integer(0))
+    lr: float = _key(5e-3, _positive())
+    batch_size: int = _key(4, _integer(1))
+    grad_accum: int = _key(1, _integer(1))
+    schedule: str = _key("cosine", _choice(SCHEDULES))
+    heldout: float = _key(0.125, _open_interval(0, 1))
+    eval_every: int = _key(8, _integer(1))
+    patience: int = _key(3, _integer(0))
+    grad_checkpoint: bool = _key(False, _boolean())
+    checkpoint_every: int = _key(8, _integer(0))
+    seed: int = _key(0, _integer(0))
 
 
 @dataclass(frozen=True)
@@ -295,6 +363,7 @@ class PipelineParams:
     fetch_model: FetchModelParams = field(default_factory=FetchModelParams)
     prepare_data: PrepareDataParams = field(default_factory=PrepareDataParams)
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
+    recon: ReconParams = field(default_factory=ReconParams)
     qat: QatParams = field(default_factory=QatParams)
     pack: PackParams = field(default_factory=PackParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)

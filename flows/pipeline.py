@@ -139,10 +139,11 @@ def quantize_job(params: PipelineParams):
     from .cli_impl import resolve_device
 
     q = params.quantize
+    recon = params.recon.__dict__ if q.method == "recon" else None
     return QuantizeJob(
         spec=QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym),
         method=method_config(q.method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
-                             clip_search=q.clip_search),
+                             clip_search=q.clip_search, recon=recon),
         engine=EngineConfig(batch_size=q.batch_size, true_sequential=q.true_sequential,
                             device=resolve_device(q.device), measure_block_error=True),
         stream_from_disk=q.spill_to_disk,
@@ -164,11 +165,9 @@ def _block_ok(r: dict) -> bool:
 
 @_stage("quantize")
 def quantize_flow(project: Project, params: PipelineParams):
-    from tqdm import tqdm
-
     from quantlib.adapters import check_spec_fits, get_adapter
     from tasks.inputs import manifest_sha
-    from tasks.quantize import capture_activations, quantize_block_task
+    from tasks.quantize import capture_activations
     from tasks.shards import shard_ok
     from tasks.sources import load_model
 
@@ -182,38 +181,90 @@ def quantize_flow(project: Project, params: PipelineParams):
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(project.cache))
     cap, cap_cached = run_cached(project, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", batch_size=job.engine.batch_size, **common)
+    if params.quantize.method == "recon":
+        blocks, all_cached, windows = _quantize_windows(project, job, len(adapter.blocks), cap, common)
+    else:
+        blocks, windows = _quantize_blocks(project, job, len(adapter.blocks), cap, common), []
+        all_cached = all(b["cached"] for b in blocks)
+    _write_quantized(project, job, blocks, windows, common)
+    return ("cached" if cap_cached and all_cached else "run"), {
+        "blocks": len(blocks), "computed": sum(not b["cached"] for b in blocks)}
+
+
+def _quantize_blocks(project: Project, job, n: int, cap: dict, common: dict) -> list[dict]:
+    """One cached task per block, each fed by the previous block's output shard."""
+    from tqdm import tqdm
+
+    from tasks.quantize import quantize_block_task
+
     prev, records = (cap["path"], cap["sha"]), []
-    for i in tqdm(range(len(adapter.blocks)), desc="quantize", unit="block"):
+    for i in tqdm(range(n), desc="quantize", unit="block"):
         rec, cached = run_cached(project, quantize_block_task, _block_ok, f"block {i}",
                                  index=i, in_path=prev[0], in_sha=prev[1], job=job, **common)
-        records.append(rec | {"cached": cached})
+        st = rec["stats"]
+        records.append({"block": i, "cached": cached, "names": rec["names"], "qweights": rec["qweights"],
+                        "qweights_sha": rec["qweights_sha"], "seconds": st["seconds"], "peak_mb": st["peak_mb"],
+                        "layer_errors": st["layer_errors"], "before": None, "block_error": st["block_error"]})
         prev = (rec["out"], rec["out_sha"])
-    _write_quantized(project, job, records, common)
-    all_cached = cap_cached and all(r["cached"] for r in records)
-    return ("cached" if all_cached else "run"), {"blocks": len(records), "computed": sum(not r["cached"] for r in records)}
+    return records
 
 
-def _write_quantized(project: Project, job, records: list[dict], common: dict) -> None:
+def _quantize_windows(project: Project, job, n: int, cap: dict, common: dict) -> tuple[list[dict], bool, list[dict]]:
+    """Cross-block reconstruction: FP targets once, then one cached task per window; a window's
+    key covers its input shard, target shard and the carried state of the blocks it shares with the
+    previous window, so a killed run resumes at the window it was in."""
+    from tqdm import tqdm
+
+    from tasks.quantize import fp_targets_task, recon_window_task, window_ok
+    from tasks.shards import shard_ok
+
+    cfg = job.method
+    fp, fp_cached = run_cached(project, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
+                               "fp_targets", in_path=cap["path"], in_sha=cap["sha"], job=job, **common)
+    windows = cfg.windows(n)
+    prev, carry, blocks, stats, all_cached = (cap["path"], cap["sha"]), None, [], [], fp_cached
+    for w, (start, end) in enumerate(tqdm(windows, desc="reconstruct", unit="window")):
+        nxt = windows[w + 1][0] if w + 1 < len(windows) else n
+        target = fp["bounds"][min(end + cfg.lookahead, n) - 1] if cfg.target == "fp" else None
+        rec, cached = run_cached(project, recon_window_task, window_ok, f"window {w} blocks [{start}, {end})",
+                                 window=(start, end), next_start=nxt, in_path=prev[0], in_sha=prev[1], target=target,
+                                 carry=carry, job=job, **common)
+        st = rec["stats"]
+        stats.append({"window": w, "cached": cached, **st})
+        share = {"cached": cached, "seconds": st["seconds"] / max(nxt - start, 1), "peak_mb": st["peak_mb"],
+                 "layer_errors": {}}
+        for i, e in enumerate(st["block_errors"]):  # the window's files hold every finished block's codes
+            files = {"names": rec["names"], "qweights": rec["qweights"], "qweights_sha": rec["qweights_sha"]} if i == 0 \
+                else {"names": [], "qweights": None, "qweights_sha": None}
+            blocks.append({"block": e["block"], **share, **files, "before": e["before"], "block_error": e["after"]})
+        all_cached &= cached
+        prev, carry = (rec["out"], rec["out_sha"]), rec["carry"]
+    return blocks, all_cached, stats
+
+
+def _write_quantized(project: Project, job, blocks: list[dict], windows: list[dict], common: dict) -> None:
     from tasks.cache import plain
     from tasks.io import atomic_save_safetensors, atomic_write_json, fresh_dir
     from tasks.quantize import load_block_weights
 
     out = project.path(S.QUANTIZED)
     tmp = fresh_dir(out.with_name(out.name + ".tmp"))
-    tensors = {}
-    for rec in records:
-        for name, qw in load_block_weights(rec).items():
-            tensors.update(qw.state_dict(name))
+    tensors, modules = {}, []
+    for b in blocks:
+        if b["qweights"] is not None:
+            for name, qw in load_block_weights(b).items():
+                tensors.update(qw.state_dict(name))
+            modules += b["names"]
     sha = atomic_save_safetensors(tmp / "quantized.safetensors", tensors)
-    blocks = [{"block": r["index"], "cached": r["cached"], **r["stats"]} for r in records]
+    keep = ("block", "cached", "seconds", "peak_mb", "layer_errors", "before", "block_error")
     atomic_write_json(tmp / "quantize.json", {
-        "job": plain(job),
-        "scheme": job.spec.name, "method": type(job.method).__name__, "modules": [n for r in records for n in r["names"]],
+        "job": plain(job), "scheme": job.spec.name, "method": type(job.method).__name__, "modules": modules,
         "model_sha": common["model_sha"], "calib_sha": common["calib_sha"], "quantized_sha256": sha,
-        "quant_seconds": sum(b["seconds"] for b in blocks if not b["cached"]), "blocks": blocks})
+        "quant_seconds": sum(b["seconds"] for b in blocks if not b["cached"]),
+        "blocks": [{k: b[k] for k in keep} for b in blocks], "windows": windows})
     _swap(tmp, out)
     atomic_write_json(project.path(S.BLOCK_ERRORS),
-                      [{"block": b["block"], "after": b["block_error"]} for b in blocks])
+                      [{"block": b["block"], "before": b["before"], "after": b["block_error"]} for b in blocks])
 
 
 def _swap(tmp: Path, out: Path) -> None:
@@ -226,13 +277,55 @@ def _swap(tmp: Path, out: Path) -> None:
 
 @_stage("qat")
 def qat_flow(project: Project, params: PipelineParams):
-    """Global QAT refinement; while disabled, the quantized state passes through unchanged."""
-    from tasks.io import publish_dir
+    """Global QAT refinement of the quantized model on the calibration sequences; while disabled,
+    the quantized state passes through unchanged."""
+    from tasks.inputs import manifest_sha
+    from tasks.io import atomic_save_safetensors, atomic_write_json, fresh_dir, load_safetensors_verified, publish_dir
+    from tasks.qat import qat_teacher_task, qat_train_task
 
-    if params.qat.enabled:
-        raise ValueError("qat.enabled: global QAT refinement is not implemented yet; set qat.enabled: false")
-    publish_dir(project.path(S.QUANTIZED), project.path(S.QAT))
-    return "run", {"enabled": False}
+    q = params.qat
+    if not q.enabled:
+        publish_dir(project.path(S.QUANTIZED), project.path(S.QAT))
+        return "run", {"enabled": False}
+    cfg = qat_config(params)
+    qdir, model_dir = project.path(S.QUANTIZED), project.path(S.MODEL)
+    info = json.loads((qdir / "quantize.json").read_text())
+    tokens_dir, tokens = _tokens(project)
+    common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
+                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(project.cache))
+    teacher, c1 = (None, True) if not cfg.needs_teacher else run_cached(
+        project, qat_teacher_task, lambda r: _file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
+    rec, c2 = run_cached(project, qat_train_task, lambda r: _file_ok(r["path"], r["sha"]), "qat",
+                         quantized_path=str(qdir / "quantized.safetensors"), quantized_sha=info["quantized_sha256"],
+                         names=info["modules"], teacher=teacher, cfg=cfg, checkpoint_every=q.checkpoint_every, **common)
+    st = rec["stats"]
+    if st["kept_init"]:
+        log.warning("qat: no step beat the initial held-out loss %.4g; keeping the quantized input", st["init_heldout"])
+    out = project.path(S.QAT)
+    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
+    sha = atomic_save_safetensors(tmp / "quantized.safetensors", load_safetensors_verified(rec["path"], rec["sha"]))
+    atomic_write_json(tmp / "quantize.json", info | {
+        "quantized_sha256": sha, "quant_seconds": info["quant_seconds"] + (0.0 if c2 else st["seconds"]),
+        "qat": st | {"config": cfg.__dict__, "resumed_at": rec["resumed_at"]}})
+    _swap(tmp, out)
+    return ("cached" if c1 and c2 else "run"), {"init_heldout": st["init_heldout"], "best_heldout": st["best_heldout"],
+                                                "kept_init": st["kept_init"]}
+
+
+def qat_config(params: PipelineParams):
+    """The quantlib QATConfig from the qat section."""
+    from quantlib.qat import QATConfig
+
+    q = params.qat
+    return QATConfig(trainable=q.trainable, loss=q.loss, kl_weight=q.kl_weight, topk=q.topk, steps=q.steps, lr=q.lr,
+                     batch_size=q.batch_size, grad_accum=q.grad_accum, schedule=q.schedule, heldout=q.heldout,
+                     eval_every=q.eval_every, patience=q.patience, grad_checkpoint=q.grad_checkpoint, seed=q.seed)
+
+
+def _file_ok(path: str, sha: str) -> bool:
+    from tasks.io import sha256_file
+
+    return Path(path).is_file() and sha256_file(path) == sha
 
 
 @_stage("pack")
@@ -302,7 +395,7 @@ def evaluate_flow(project: Project, params: PipelineParams):
                             tasks=list(e.lm_eval_tasks), include_path=str(include) if include else None,
                             tasks_sha=tasks_sha, limit=e.lm_eval_limit, batch_size=e.batch_size)
     info = json.loads((project.path(S.QAT) / "quantize.json").read_text())
-    label = f"{info['method'].removesuffix('Config').lower()} {info['scheme']}"
+    label = f"{info['method'].removesuffix('Config').lower()}{'+qat' if info.get('qat') else ''} {info['scheme']}"
     metrics = {"ppl": ppl, "fp32_ppl": fp, "lm_eval": lm, "scheme": info["scheme"], "method": label,
                "quant_seconds": info["quant_seconds"]}
     atomic_write_json(project.path(S.METRICS), metrics)
@@ -313,7 +406,7 @@ def evaluate_flow(project: Project, params: PipelineParams):
     blocks = json.loads(project.path(S.BLOCK_ERRORS).read_text())
     write_report(report, title=f"{params.fetch_model.source} {label}",
                  metrics={"ppl": ppl[first], "fp32 ppl": fp[first], "quant seconds": info["quant_seconds"], **lm},
-                 block_errors=[{"block": b["block"], "before": None, "after": b["after"]} for b in blocks
+                 block_errors=[{"block": b["block"], "before": b.get("before"), "after": b["after"]} for b in blocks
                                if b["after"] is not None],
                  history=[h for h in history if h["label"] != label], fp32_ppl=fp[first])
     return ("cached" if c1 and c2 and c3 else "run"), {"ppl": ppl[first], "fp32_ppl": fp[first]}
@@ -386,6 +479,18 @@ def _log_stages(tracker, project: Project, parent: str) -> None:
                 tracker.log_step_metric(run, "block_error", errs)
             tracker.log_metrics(run, {"peak_mb": max(b["peak_mb"] for b in info["blocks"]),
                                       "quant_seconds": info["quant_seconds"]})
+            for w in info.get("windows", []):  # per-window reconstruction loss curves
+                if w["curve"]:
+                    tracker.log_step_metric(run, f"recon_loss_window_{w['window']:03d}", w["curve"])
+            if info.get("windows"):
+                tracker.log_step_metric(run, "recon_loss_final", [w["loss_final"] for w in info["windows"]])
+        if name == "qat":
+            info = json.loads((project.path(S.QAT) / "quantize.json").read_text())
+            if info.get("qat"):
+                q = info["qat"]
+                tracker.log_step_metric(run, "qat_loss", q["curve"])
+                for step, loss in q["heldout_curve"]:
+                    tracker.log_metrics(run, {"qat_heldout_loss": loss}, step=step)
         tracker.end_run(run)
 
 

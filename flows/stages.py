@@ -102,7 +102,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "quantize",
         deps=(MODEL, TOKENS, *CODE_DEPS),
-        params=("quantize",),
+        params=("quantize", "recon"),
         outs=(Output(QUANTIZED),),
         plots=(Plot(BLOCK_ERRORS, x="block"),),
     ),
@@ -153,7 +153,10 @@ def _stage_entry(stage: Stage) -> dict[str, Any]:
 def render_dvc_yaml() -> str:
     """dvc.yaml text for STAGES, in order."""
     header = "# Generated from flows/stages.py by `python -m flows.stages`; do not edit by hand.\n"
-    body = {"stages": {stage.name: _stage_entry(stage) for stage in STAGES}}
+    body = {"stages": {stage.name: _stage_entry(stage) for stage in STAGES},
+            # per-block output error at the initialization (reconstruction) and after, on one chart
+            "plots": [{"block_error_before_after": {"template": "linear", "x": "block",
+                                                     "y": {BLOCK_ERRORS: ["before", "after"]}}}]}
     return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
 
 

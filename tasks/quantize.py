@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from prefect import task
 
 from quantlib.activations import ActivationStore
@@ -15,14 +16,16 @@ from quantlib.adapters import get_adapter
 from quantlib.capture import capture_block_calls, capture_block_inputs
 from quantlib.engine import BlockStats, EngineConfig, quantize_block
 from quantlib.qweight import QuantizedWeight
+from quantlib.windows import WindowStats, forward_blocks, run_window
 from quantlib.spec import QuantSpec
 
 from .cache import key_fn, stable_hash
-from .io import atomic_save_safetensors, fresh_dir, load_safetensors_verified
-from .shards import open_shard, seal_shard
+from .io import atomic_save_safetensors, fresh_dir, load_safetensors_verified, sha256_file
+from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
-__all__ = ["QuantizeJob", "capture_activations", "quantize_block_task", "load_block_weights"]
+__all__ = ["QuantizeJob", "capture_activations", "quantize_block_task", "fp_targets_task", "recon_window_task",
+           "load_block_weights", "window_ok"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,80 @@ def quantize_block_task(model, model_sha: str, index: int, in_path: str, in_sha:
 def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:
     tensors = load_safetensors_verified(record["qweights"], record["qweights_sha"])
     return {name: QuantizedWeight.from_state_dict(tensors, name) for name in record["names"]}
+
+
+# ---------------------------------------------------------------------------------- reconstruction
+
+
+@task(name="fp_targets", cache_key_fn=key_fn("model_sha", "in_sha", "calib_sha"), persist_result=True)
+def fp_targets_task(model, model_sha: str, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
+                    job: QuantizeJob, cache_dir: str) -> dict:
+    """FP activations after every block (reconstruction targets): bounds[i] = output of block i.
+    Run before any block of `model` is quantized."""
+    adapter = get_adapter(model)
+    device = torch.device(job.engine.device)
+    calls = capture_block_calls(adapter, _calib(calib_path, calib_sha))
+    x, bounds = open_shard(Path(in_path), in_sha, in_memory=False), []
+    for i, block in enumerate(adapter.blocks):
+        final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i])
+        tmp = fresh_dir(final.with_suffix(".tmp"))
+        forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
+        block.to("cpu")
+        bounds.append({"path": str(final), "sha": seal_shard(tmp, final)})
+        x = open_shard(final, bounds[-1]["sha"], in_memory=False)
+    return {"bounds": bounds}
+
+
+def _carry_file(carry: dict[int, dict[str, torch.Tensor]], path: Path) -> dict | None:
+    if not carry:
+        return None
+    tensors = {f"{i}/{k}": v.contiguous() for i, state in carry.items() for k, v in state.items()}
+    return {"path": str(path), "sha": atomic_save_safetensors(path, tensors)}
+
+
+def _read_carry(record: dict | None) -> dict[int, dict[str, torch.Tensor]]:
+    if record is None:
+        return {}
+    carry: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in load_safetensors_verified(record["path"], record["sha"]).items():
+        i, name = key.split("/", 1)
+        carry.setdefault(int(i), {})[name] = v
+    return carry
+
+
+def _window_stats(st: WindowStats) -> dict:
+    return {"start": st.start, "end": st.end, "loss_init": st.loss_init, "loss_final": st.loss_final,
+            "kept_init": st.kept_init, "seconds": st.seconds, "peak_mb": st.peak_mb, "curve": st.curve,
+            "block_errors": st.block_errors}
+
+
+@task(name="recon_window", cache_key_fn=key_fn("model_sha", "window", "next_start", "in_sha", "target", "carry",
+                                               "calib_sha", "job"), persist_result=True)
+def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start: int, in_path: str, in_sha: str,
+                      target: dict | None, carry: dict | None, calib_path: str, calib_sha: str, job: QuantizeJob,
+                      cache_dir: str) -> dict:
+    """Reconstruct one window: its input shard (the finished quantized prefix's activations), its FP
+    target shard, and the saved state of the blocks it shares with the previous window. Writes the
+    codes of the blocks it finishes, the next window's input shard and its own carry file."""
+    adapter = get_adapter(model)
+    in_memory = not job.stream_from_disk
+    inputs = open_shard(Path(in_path), in_sha, in_memory=in_memory)
+    targets = None if target is None else open_shard(Path(target["path"]), target["sha"], in_memory=in_memory)
+    calls = capture_block_calls(adapter, _calib(calib_path, calib_sha))
+    key = stable_hash(["window", model_sha, window, next_start, in_sha, target, carry, calib_sha, job])
+    final = Path(cache_dir) / "acts" / key
+    tmp = fresh_dir(final.with_suffix(".tmp"))
+    r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method, job.engine,
+                   _read_carry(carry), spill_dir=str(tmp))
+    tensors = {k: v for name, qw in r.results.items() for k, v in qw.state_dict(name).items()}
+    qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
+    return {"window": list(window), "names": sorted(r.results), "qweights": str(qpath),
+            "qweights_sha": atomic_save_safetensors(qpath, tensors), "out": str(final), "out_sha": seal_shard(tmp, final),
+            "carry": _carry_file(r.carry, Path(cache_dir) / "carry" / f"{key}.safetensors"),
+            "stats": _window_stats(r.stats)}
+
+
+def window_ok(r: dict) -> bool:
+    """A cached window's files are all present and intact."""
+    files = [(r["qweights"], r["qweights_sha"])] + ([(r["carry"]["path"], r["carry"]["sha"])] if r["carry"] else [])
+    return all(Path(f).is_file() and sha256_file(f) == sha for f, sha in files) and shard_ok(Path(r["out"]), r["out_sha"])

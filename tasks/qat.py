@@ -1,0 +1,95 @@
+"""Prefect tasks of the qat stage: the FP teacher's top-k logits (once per model and calibration
+set), then global QAT of the quantized model with resumable checkpoints.
+
+Both tasks load what they need from verified files and write content-addressed files under the
+project cache; a killed QAT run restarts from its last checkpoint (same key = same run).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from prefect import task
+
+from quantlib.adapters import get_adapter
+from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
+from quantlib.qweight import QuantizedWeight
+
+from .cache import key_fn, stable_hash
+from .io import atomic_path, atomic_save_safetensors, atomic_write_bytes, load_safetensors_verified, sha256_file
+from .sources import load_model
+from .textdata import read_token_ids
+
+__all__ = ["qat_teacher_task", "qat_train_task", "load_quantized", "apply_quantized"]
+
+
+def load_quantized(path: str | os.PathLike, sha: str, names: list[str]) -> dict[str, QuantizedWeight]:
+    tensors = load_safetensors_verified(path, sha)
+    return {n: QuantizedWeight.from_state_dict(tensors, n) for n in names}
+
+
+def apply_quantized(model, results: dict[str, QuantizedWeight]) -> None:
+    """Put the dequantized weights of `results` into the model's Linears (in place)."""
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        for name, qw in results.items():
+            adapter.set_weight(model.get_submodule(name), qw.dequantize())
+
+
+@task(name="qat_teacher", cache_key_fn=key_fn("model_sha", "calib_sha", "topk"), persist_result=True)
+def qat_teacher_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, topk: int, cache_dir: str) -> dict:
+    """The FP model's top-k next-token log-probs on the calibration sequences (safetensors)."""
+    model = load_model(model_dir)
+    teacher = teacher_targets(model, read_token_ids(calib_path, calib_sha)["calib"], topk)
+    path = Path(cache_dir) / "qat" / f"teacher-{stable_hash([model_sha, calib_sha, topk])}.safetensors"
+    return {"path": str(path), "sha": atomic_save_safetensors(path, teacher)}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        digest = sha256_file(tmp)
+    atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    """The last checkpoint, if it exists and matches its checksum (a torn one is ignored)."""
+    side = path.with_name(path.name + ".sha256")
+    if not (path.is_file() and side.is_file()) or sha256_file(path) != side.read_text().strip():
+        return None
+    return torch.load(path, weights_only=True)  # tensors and plain values only
+
+
+@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher", "cfg"),
+      persist_result=True)
+def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantized_sha: str, names: list[str],
+                   calib_path: str, calib_sha: str, teacher: dict | None, cfg: QATConfig, checkpoint_every: int,
+                   cache_dir: str) -> dict:
+    """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
+    from the last one. Writes the refined integers + scales + zeros."""
+    key = stable_hash([model_sha, quantized_sha, calib_sha, teacher, cfg])
+    ckpt = Path(cache_dir) / "qat" / f"checkpoint-{key}.pt"
+    model = load_model(model_dir)
+    results = load_quantized(quantized_path, quantized_sha, names)
+    apply_quantized(model, results)
+    targets = None if teacher is None else load_safetensors_verified(teacher["path"], teacher["sha"])
+    resume = _load_checkpoint(ckpt)
+    new, stats = train_qat(model, results, read_token_ids(calib_path, calib_sha)["calib"], cfg, targets,
+                           resume=resume, checkpoint_every=checkpoint_every,
+                           on_checkpoint=lambda state: _save_checkpoint(ckpt, state))
+    tensors = {k: v for name, qw in new.items() for k, v in qw.state_dict(name).items()}
+    out = Path(cache_dir) / "qat" / f"quantized-{key}.safetensors"
+    return {"path": str(out), "sha": atomic_save_safetensors(out, tensors), "names": sorted(new),
+            "resumed_at": None if resume is None else _resumed_step(resume), "stats": _stats(stats)}
+
+
+def _resumed_step(resume: dict) -> int:
+    return int(resume["state"]["step"])
+
+
+def _stats(st: QATStats) -> dict:
+    d = asdict(st)
+    d["heldout_curve"] = [list(x) for x in d["heldout_curve"]]
+    return d

@@ -1,0 +1,78 @@
+"""The qat stage's task: a run that dies after a checkpoint resumes from it and ends in the same
+integers + scales + zeros as an uninterrupted run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "quantlib"))
+
+from tiny import tiny_ids, tiny_model  # noqa: E402
+
+import tasks.qat as Q  # noqa: E402
+from quantlib.adapters import get_adapter  # noqa: E402
+from quantlib.engine import quantize_model  # noqa: E402
+from quantlib.qat import QATConfig  # noqa: E402
+from quantlib.rtn import RTNConfig  # noqa: E402
+from quantlib.spec import QuantSpec  # noqa: E402
+from tasks.io import atomic_save_safetensors, load_safetensors_verified  # noqa: E402
+from tasks.textdata import write_token_ids  # noqa: E402
+
+CFG = QATConfig(loss="ce", steps=6, eval_every=2, batch_size=2, heldout=0.25)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    model = tiny_model()
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    results, _ = quantize_model(get_adapter(model), None, QuantSpec(2, 32), RTNConfig())
+    tensors = {k: v for n, qw in results.items() for k, v in qw.state_dict(n).items()}
+    qsha = atomic_save_safetensors(tmp_path / "q.safetensors", tensors)
+    csha = write_token_ids(tmp_path / "calib.safetensors", {"calib": tiny_ids(8, 32)})
+    return dict(model_dir=str(model_dir), model_sha="m", quantized_path=str(tmp_path / "q.safetensors"),
+                quantized_sha=qsha, names=sorted(results), calib_path=str(tmp_path / "calib.safetensors"),
+                calib_sha=csha, teacher=None, cfg=CFG, checkpoint_every=2)
+
+
+def test_qat_task_resumes_from_its_last_checkpoint(inputs, tmp_path, monkeypatch):
+    whole = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "a"))
+    assert whole["resumed_at"] is None
+
+    real, calls = Q._save_checkpoint, []
+
+    def dies_after_second(path, state):
+        real(path, state)
+        calls.append(state["state"]["step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # a crash right after the step-4 checkpoint hit the disk
+
+    monkeypatch.setattr(Q, "_save_checkpoint", dies_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "b"))
+    monkeypatch.setattr(Q, "_save_checkpoint", real)
+    resumed = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "b"))
+    assert calls == [2, 4] and resumed["resumed_at"] == 4
+    assert resumed["sha"] == whole["sha"]  # same bytes: bit-exact continuation
+    assert resumed["stats"]["curve"] == whole["stats"]["curve"]
+
+
+def test_torn_checkpoint_is_ignored(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    Q._save_checkpoint(path, {"x": 1})
+    assert Q._load_checkpoint(path) == {"x": 1}
+    path.write_bytes(path.read_bytes()[:-3])
+    assert Q._load_checkpoint(path) is None
+
+
+def test_apply_quantized_puts_dequantized_weights_in_place(inputs):
+    from tasks.sources import load_model
+
+    model = load_model(inputs["model_dir"])
+    results = Q.load_quantized(inputs["quantized_path"], inputs["quantized_sha"], inputs["names"])
+    Q.apply_quantized(model, results)
+    name = inputs["names"][0]
+    assert (model.get_submodule(name).weight == results[name].dequantize()).all()
+    assert load_safetensors_verified(inputs["quantized_path"], inputs["quantized_sha"])
