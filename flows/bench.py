@@ -133,8 +133,28 @@ def render_quality_md(records: list[dict]) -> str:
     for (model, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['date'][:10]} |")
+    lines += _settings_table([r for r in latest.values() if r["method"].startswith("recon") or "+qat" in r["method"]])
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
     return "\n".join(lines) + "\n"
+
+
+RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "iters", "batch_size", "lr")
+QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init")
+
+
+def _settings_table(rows: list[dict]) -> list[str]:
+    """Reconstruction / QAT rows with the settings that distinguish them (ablation view)."""
+    if not rows:
+        return []
+    out = ["", "## Reconstruction and QAT settings", "",
+           "| method | scheme | ppl | quant s | reconstruction | qat |", "|---|---|---:|---:|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["scheme"], r["method"])):
+        st = r["settings"]
+        mc = st.get("method_config", {})
+        recon = ", ".join(f"{k}={mc[k]}" for k in RECON_KEYS if k in mc) if "window" in mc else ""
+        qat = ", ".join(f"{k}={st['qat'][k]}" for k in QAT_KEYS if k in st.get("qat", {}))
+        out.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | {recon} | {qat} |")
+    return out
 
 
 def run_demo() -> int:

@@ -70,21 +70,51 @@ def test_lora_rounding_hardens_to_binary_offsets():
         assert h.numel() == m.latent.numel()
 
 
-def test_gptq_init_reproduces_gptq_codes_exactly():
+@pytest.mark.parametrize("init", ["gptq", "boa"])
+def test_init_reproduces_the_initializers_codes_exactly(init):
+    from quantlib.boa import BoAConfig
+    from quantlib.engine import quantize_block
+    from quantlib.gptq import GPTQConfig
+
     model = tiny_model()
     a = get_adapter(model)
     batches, calls = capture_block_inputs(a, tiny_ids(8, 32), 4)
     state = ReconState()
-    init_block(a, 0, ActivationStore.from_batches(batches), calls[0], SPEC, ReconConfig(), ENGINE, state)
-    from quantlib.engine import quantize_block
-    from quantlib.gptq import GPTQConfig
-
-    ref_model = tiny_model()
-    ra = get_adapter(ref_model)
-    results, _, _ = quantize_block(ra, 0, ActivationStore.from_batches(batches), calls[0], SPEC, GPTQConfig(), ENGINE)
+    init_block(a, 0, ActivationStore.from_batches(batches), calls[0], SPEC, ReconConfig(init=init), ENGINE, state)
+    ra = get_adapter(tiny_model())
+    method = GPTQConfig() if init == "gptq" else BoAConfig()
+    results, _, _ = quantize_block(ra, 0, ActivationStore.from_batches(batches), calls[0], SPEC, method, ENGINE)
     for name, m in state.learnables[0].items():
         m.eval()
         torch.testing.assert_close(m.weight_hat(hard=True), results[f"model.layers.0.{name}"].dequantize())
+        assert torch.equal(m.harden().qweight, results[f"model.layers.0.{name}"].qweight)
+
+
+def test_carried_block_resumes_exactly_in_a_fresh_model():
+    """A window's shared block, saved by carry_block and installed into a fresh copy of the model,
+    computes the same outputs and hardens to the same codes (what a resumed pipeline window sees)."""
+    from quantlib.windows import carry_block, install_block
+
+    cfg = ReconConfig(window=2, overlap=1, rounding="adaround", iters=5)
+    a = get_adapter(tiny_model())
+    batches, calls = capture_block_inputs(a, tiny_ids(8, 32), 4)
+    x = ActivationStore.from_batches(batches)
+    state = ReconState()
+    init_block(a, 0, x, calls[0], SPEC, cfg, ENGINE, state)
+    bounds = fp_boundaries(get_adapter(tiny_model()), x, calls, torch.device("cpu"))
+    train_window(a, 0, 1, 1, x, bounds[1], calls, cfg, state, torch.device("cpu"))
+    trained = {n: m.harden() for n, m in state.learnables[0].items()}
+    with torch.no_grad():
+        y = run_block(a.blocks[0], x[0], calls[0])
+    saved = carry_block(a, 0, state)
+    assert not any(isinstance(m, LearnableLinear) for m in a.blocks[0].modules())  # FP original back
+    fresh, state2 = get_adapter(tiny_model()), ReconState()
+    install_block(fresh, 0, saved, SPEC, cfg, state2)
+    fresh.blocks[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run_block(fresh.blocks[0], x[0], calls[0]), y)
+    for n, m in state2.learnables[0].items():
+        assert torch.equal(m.harden().qweight, trained[n].qweight)
 
 
 def test_lookahead_target_equals_manual_fp_pass():

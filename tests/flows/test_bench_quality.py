@@ -1,0 +1,38 @@
+"""`ptq bench quality` end to end on the tiny Llama: rows for a reconstruction and a +qat method,
+appended to the JSON with their settings, and bad method names rejected before any work."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from pipeline_projects import MIRROR
+
+from flows.cli import main
+
+
+def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    rc = main(["bench", "quality", "--model", str(tiny_source), "--methods", "recon-k2o1-i2,rtn+qat",
+               "--schemes", "w3g32", "--no-fp32", "--out", str(out), "--qat-steps", "2", "--qat-loss", "ce",
+               "--device", "cpu", "--mirror", str(MIRROR)])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["scheme"]) for r in rows] == [("recon-k2o1-i2", "w3g32"), ("rtn+qat", "w3g32")]
+    assert all(math.isfinite(r["ppl"]) and r["quant_seconds"] > 0 for r in rows)
+    recon, qat = rows[0]["settings"], rows[1]["settings"]
+    assert recon["method_config"]["window"] == 2 and recon["method_config"]["iters"] == 2
+    assert qat["qat"]["steps"] <= 2 and qat["qat"]["loss"] == "ce"
+    assert "| rtn+qat | w3g32 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),
+                                               ("rtn+qat", "heldout")])
+def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods, message):
+    args = ["bench", "quality", "--model", str(tiny_source), "--methods", methods, "--schemes", "w3g32",
+            "--out", str(tmp_path / "q.json")]
+    if methods == "rtn+qat":
+        args += ["--qat-heldout", "1.5"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
