@@ -124,7 +124,7 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.damp=1.5",), "quantize.damp: must be in the open interval (0, 1)"),
         ("", ("quantize.damp=.nan",), "quantize.damp: must be in the open interval (0, 1)"),
         ("", ("quantize.damp=high",), "quantize.damp: expected float, got str 'high'"),
-        ("", ("quantize.method=awq",), "quantize.method: must be one of 'rtn', 'gptq', 'boa', got str 'awq'"),
+        ("", ("quantize.method=awq",), "quantize.method: must be one of 'rtn', 'gptq', 'boa', 'recon', got str 'awq'"),
         ("", ("quantize.device=gpu",), "quantize.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
         ("", ("fetch_model.dtype=fp8",), "fetch_model.dtype: must be one of"),
         ("", ("fetch_model.source=",), "fetch_model.source: expected str, got null"),
@@ -184,7 +184,7 @@ def test_configs_are_frozen() -> None:
 
 
 def test_sections_match_pipeline_fields() -> None:
-    assert list(SECTIONS) == ["fetch_model", "prepare_data", "quantize", "qat", "pack", "evaluate", "register"]
+    assert list(SECTIONS) == ["fetch_model", "prepare_data", "quantize", "recon", "qat", "pack", "evaluate", "register"]
     assert all(cls.SECTION == name for name, cls in SECTIONS.items())
 
 
@@ -221,7 +221,8 @@ def test_flatten_gives_overrides_that_round_trip(tmp_path: Path) -> None:
 
 
 def test_section_keys() -> None:
-    assert section_keys("qat") == ["qat.enabled"]
+    assert section_keys("qat")[:3] == ["qat.enabled", "qat.trainable", "qat.loss"]
+    assert section_keys("recon")[:3] == ["recon.window", "recon.overlap", "recon.lookahead"]
     assert section_keys("quantize")[:3] == ["quantize.method", "quantize.bits", "quantize.group_size"]
     with pytest.raises(ParamsError, match="^nope: unknown section"):
         section_keys("nope")
@@ -235,3 +236,29 @@ def test_null_resolution() -> None:
     assert RegisterParams().resolved_tracking_uri(root, {}) == "sqlite:////proj/mlflow.db"
     assert RegisterParams().resolved_tracking_uri(root, {"MLFLOW_TRACKING_URI": "http://h"}) == "http://h"
     assert RegisterParams(tracking_uri="sqlite:///a.db").resolved_tracking_uri(root, {}) == "sqlite:///a.db"
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"recon": {"window": 2, "overlap": 2}}, "recon.overlap: must be smaller than recon.window"),
+    ({"recon": {"rank": 0}}, "recon.rank"),
+    ({"recon": {"lr": -1e-3}}, "recon.lr"),
+    ({"recon": {"learn_weights": True}}, "recon.learn_weights"),
+    ({"qat": {"heldout": 1.0}}, "qat.heldout"),
+    ({"qat": {"trainable": "everything"}}, "qat.trainable"),
+    ({"qat": {"steps": -1}}, "qat.steps"),
+])
+def test_bad_recon_and_qat_settings_name_the_key(body, message) -> None:
+    with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
+        params_from_dict(body)
+
+
+def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
+    from flows.pipeline import qat_config, quantize_job
+
+    p = params_from_dict({"quantize": {"method": "recon", "device": "cpu"}, "recon": {"window": 3, "overlap": 1,
+                                                                                      "lookahead": 2, "iters": 7},
+                          "qat": {"enabled": True, "steps": 5, "trainable": "scales+zeros"}})
+    cfg = quantize_job(p).method
+    assert (cfg.window, cfg.overlap, cfg.lookahead, cfg.iters) == (3, 1, 2, 7)
+    q = qat_config(p)
+    assert (q.steps, q.trainable) == (5, "scales+zeros")

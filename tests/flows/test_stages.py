@@ -28,8 +28,10 @@ def test_committed_dvc_yaml_is_in_sync() -> None:
 
 
 def test_one_stage_per_section_in_pipeline_order() -> None:
-    assert [s.name for s in STAGES] == list(SECTIONS)
-    assert [s.params for s in STAGES] == [(name,) for name in SECTIONS]
+    # every section belongs to exactly one stage, in pipeline order; recon configures the quantize stage
+    assert [sec for s in STAGES for sec in s.params] == list(SECTIONS)
+    assert [s.params[0] for s in STAGES] == [s.name for s in STAGES]
+    assert get_stage("quantize").params == ("quantize", "recon")
 
 
 def test_data_deps_come_from_earlier_stages_and_code_is_a_dep() -> None:
@@ -62,18 +64,21 @@ def test_no_output_is_inside_another() -> None:
 
 def test_rendered_yaml_structure() -> None:
     doc = yaml.safe_load(render_dvc_yaml())
-    assert list(doc) == ["stages"] and list(doc["stages"]) == [s.name for s in STAGES]
+    assert list(doc) == ["stages", "plots"] and list(doc["stages"]) == [s.name for s in STAGES]
     for stage in STAGES:
         entry = doc["stages"][stage.name]
         assert entry["cmd"] == stage.cmd
         assert entry["deps"] == list(stage.deps)
-        assert entry["params"] == section_keys(stage.name)  # only its own section
+        assert entry["params"] == [k for sec in stage.params for k in section_keys(sec)]  # only its own sections
         for item in entry.get("metrics", []) + entry.get("plots", []):
             ((_, options),) = item.items()
             assert options["cache"] is False
     assert doc["stages"]["quantize"]["plots"] == [{"data/reports/block_errors.json": {"cache": False, "x": "block"}}]
     assert doc["stages"]["evaluate"]["metrics"] == [{"data/reports/metrics.json": {"cache": False}}]
     assert doc["stages"]["register"]["outs"] == [{"data/reports/registry.json": {"cache": False}}]
+    # one chart with each block's error at initialization and after reconstruction
+    (plot,) = doc["plots"]
+    assert plot["block_error_before_after"]["y"] == {"data/reports/block_errors.json": ["before", "after"]}
 
 
 def test_stage_is_frozen_and_checks_its_sections() -> None:
