@@ -70,20 +70,26 @@ def cached_model(spec: str, trust_remote_code: bool = False) -> Path:
 
 
 def recon_config(name: str, **overrides) -> "ReconConfig":
-    """A ReconConfig from a method name such as `recon-k2o1L0-lora` (window 2, overlap 1, no
-    look-ahead, LoRA-Rounding) plus explicit overrides; bare `recon` means the defaults."""
-    from quantlib.recon import ROUNDINGS, ReconConfig
+    """A ReconConfig from a method name plus explicit overrides; bare `recon` means the defaults.
+    Parts after `recon-`: `k2o1` (window 2, overlap 1; `k3` = no overlap), `L2` or `la2` (look-ahead
+    2 blocks), a rounding (`nearest`, `adaround`, `lora`), a loss (`mse`, `kl`, `mse+kl`), `i100`
+    (iterations), e.g. recon-k2o1-lora-kl, recon-k1-la2-i40."""
+    from quantlib.recon import LOSSES, ROUNDINGS, ReconConfig
 
     kw: dict = {}
     for part in name.split("-")[1:]:
-        if m := re.fullmatch(r"k(\d+)o(\d+)(?:L(\d+))?", part):
-            kw |= {"window": int(m[1]), "overlap": int(m[2]), "lookahead": int(m[3] or 0)}
+        if m := re.fullmatch(r"k(\d+)(?:o(\d+))?(?:L(\d+))?", part):
+            kw |= {"window": int(m[1]), "overlap": int(m[2] or 0)} | ({"lookahead": int(m[3])} if m[3] else {})
+        elif m := re.fullmatch(r"(?:L|la)(\d+)", part):
+            kw["lookahead"] = int(m[1])
         elif part in ROUNDINGS:
             kw["rounding"] = part
+        elif part in LOSSES:
+            kw["loss"] = part
         elif m := re.fullmatch(r"i(\d+)", part):
             kw["iters"] = int(m[1])
         else:
-            raise ValueError(f"cannot parse {part!r} in method {name!r}; e.g. recon-k2o1L0-lora-i100")
+            raise ValueError(f"cannot parse {part!r} in method {name!r}; e.g. recon-k2o1-lora-kl or recon-k1-la2-i40")
     return ReconConfig(**(kw | overrides))
 
 
