@@ -43,9 +43,10 @@ def _worker(job: dict) -> dict:
     """One benchmark row in this process: load, (quantize,) evaluate."""
     model_dir = Path(job["model_dir"])
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    data = C.protocol_data(tok, "wikitext2", None, mirror=job.get("mirror"), **CALIB)
+    calib = CALIB | job["calib"]
+    data = C.protocol_data(tok, "wikitext2", None, mirror=job.get("mirror"), **calib)
     seconds = 0.0
-    settings = dict(CALIB, dtype="float32", device=job["device"])
+    settings = dict(calib, dtype="float32", device=job["device"])
     if job["method"] != "fp32":
         spec = parse_scheme(job["scheme"])
         base, with_qat = C.split_qat(job["method"])
@@ -83,6 +84,8 @@ def _jobs(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     recon, qat = recon_overrides(args), qat_overrides(args)
+    if args.n_samples < 1 or args.seqlen < 2:
+        raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {args.n_samples} and {args.seqlen}")
     for m in methods:  # unknown methods and bad settings fail before any work
         base, with_qat = C.split_qat(m)
         C.method_config(base, recon=recon)
@@ -92,6 +95,7 @@ def _jobs(args: argparse.Namespace, model_dir: Path) -> list[dict]:
         parse_scheme(s)
     base = {"model_dir": str(model_dir), "mirror": args.mirror, "device": resolve_device(args.device),
             "batch_size": args.batch_size, "true_sequential": args.true_sequential, "recon": recon, "qat": qat,
+            "calib": {"n": args.n_samples, "seqlen": args.seqlen},
             "solver": {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
                        "clip_search": args.clip_search}}
     jobs = [dict(base, method="fp32", scheme="fp32")] if args.fp32 else []
@@ -129,10 +133,11 @@ def render_quality_md(records: list[dict]) -> str:
              "DESIGN.md protocol: WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
              "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
-             "| model | method | scheme | ppl | quant s | peak RSS MB | date |", "|---|---|---|---:|---:|---:|---|"]
+             "| model | method | scheme | ppl | quant s | peak RSS MB | calib | date |", "|---|---|---|---:|---:|---:|---|---|"]
     for (model, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        calib = f"{r['settings'].get('n', CALIB['n'])}x{r['settings'].get('seqlen', CALIB['seqlen'])}"
         lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['date'][:10]} |")
+                     f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
     lines += _settings_table([r for r in latest.values() if r["method"].startswith("recon") or "+qat" in r["method"]])
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
     return "\n".join(lines) + "\n"

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     bq.add_argument("--schemes", default="w4pc,w3g64,w2g64")
     bq.add_argument("--out", default="docs/benchmarks/quality.json")
     bq.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 reference row")
+    bq.add_argument("--n-samples", type=int, default=128, help="calibration sequences (protocol: 128)")
+    bq.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (protocol: 512)")
     _add_solver(bq)
     bq.add_argument("--mirror", default=None)
 

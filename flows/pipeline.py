@@ -232,11 +232,11 @@ def _quantize_windows(project: Project, job, n: int, cap: dict, common: dict) ->
         st = rec["stats"]
         stats.append({"window": w, "cached": cached, **st})
         share = {"cached": cached, "seconds": st["seconds"] / max(nxt - start, 1), "peak_mb": st["peak_mb"],
-                 "layer_errors": {}}
-        for i, e in enumerate(st["block_errors"]):  # the window's files hold every finished block's codes
-            files = {"names": rec["names"], "qweights": rec["qweights"], "qweights_sha": rec["qweights_sha"]} if i == 0 \
-                else {"names": [], "qweights": None, "qweights_sha": None}
-            blocks.append({"block": e["block"], **share, **files, "before": e["before"], "block_error": e["after"]})
+                 "layer_errors": {}, "names": [], "qweights": None, "qweights_sha": None}
+        finished = [dict(share, block=e["block"], before=e["before"], block_error=e["after"]) for e in st["block_errors"]]
+        # the window's one codes file holds every block it finished: attach it to the first of them
+        finished[0] |= {k: rec[k] for k in ("names", "qweights", "qweights_sha")}
+        blocks += finished
         all_cached &= cached
         prev, carry = (rec["out"], rec["out_sha"]), rec["carry"]
     return blocks, all_cached, stats
