@@ -184,7 +184,7 @@ def run_demo() -> int:
     rows = [{"method": "fp32", "scheme": "-", "ppl": next(iter(metrics["fp32_ppl"].values()))},
             {"method": "rtn", "scheme": scheme.name, "ppl": C.eval_ppl(model, windows, desc="rtn perplexity"),
              "quant_seconds": seconds},
-            {"method": metrics["method"], "scheme": scheme.name, "ppl": next(iter(metrics["ppl"].values())),
+            {"method": metrics["method"].split()[0], "scheme": scheme.name, "ppl": next(iter(metrics["ppl"].values())),
              "quant_seconds": metrics["quant_seconds"]}]
     print()
     print_table(rows, ["method", "scheme", "quant_seconds", "ppl"])
