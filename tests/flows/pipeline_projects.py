@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 __all__ = ["MIRROR", "N_BLOCKS", "REPO", "SETTINGS", "WIKITEXT", "Project", "build_tiny_source", "git_commit_all",
-           "have_git", "ptq_many", "release_files", "write_params"]
+           "have_git", "ptq_many", "release_files", "run_and_kill", "write_params"]
 
 REPO = Path(__file__).resolve().parents[2]
 MIRROR = Path(os.environ.get("PTQ_DATA_MIRROR") or REPO.parent / "shared" / "data")
@@ -64,6 +68,30 @@ class Project:
         done = self.ptq(*args)
         assert done.returncode == 0, f"ptq {' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-6000:]}"
         return done
+
+
+def run_and_kill(project: Project, ready: Callable[[str], Any], timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, Any]:
+    """Start `ptq run` and SIGKILL its process group (the run and its Prefect server: a crash, not a
+    shutdown) as soon as ready(stderr so far) returns something other than None; returns (exit
+    code, stderr, what ready returned). Fails if the run ends first."""
+    proc = subprocess.Popen(project.command("run"), cwd=project.root, env=dict(project.env), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    deadline, seen = time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and seen is None:
+            seen = ready("".join(chunks))
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
+    log = "".join(chunks)
+    assert seen is not None, f"run ended (rc {proc.returncode}) before it was ready to be killed:\n{log[-4000:]}"
+    return proc.returncode, log, seen
 
 
 def ptq_many(jobs: Sequence[tuple[Project, Sequence[str]]],

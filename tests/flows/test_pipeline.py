@@ -14,14 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_projects import N_BLOCKS, REPO, Project, git_commit_all, ptq_many, release_files, write_params
+from pipeline_projects import (N_BLOCKS, REPO, Project, git_commit_all, ptq_many, release_files, run_and_kill,
+                               write_params)
 
 from tasks.cache import code_fingerprint
 from tasks.io import sha256_file
@@ -68,30 +67,15 @@ class Resumed:
     code: tuple[str, str]  # code fingerprint before the killed run, after the resumed run
 
 
-def _run_until_blocks_done(project: Project, n: int, timeout: float = 600) -> tuple[int, str, dict]:
-    """Start `ptq run`, SIGKILL its process group once block n-1 is logged computed (its checkpoint
-    written, its task result recorded) while block n runs; return (rc, stderr, block files then)."""
-    proc = subprocess.Popen(project.command("run"), cwd=project.root, env=dict(project.env), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    chunks: list[str] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
-    deadline, kept = time.monotonic() + timeout, None
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            files = _block_files(project) if project.blocks_dir.is_dir() else []
-            if len(files) >= n and f"block {n - 1}: computed" in "".join(chunks):
-                kept = _file_ids(files)
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the run and its Prefect server: a crash, not a shutdown
-        proc.wait()
-        reader.join(timeout=10)
-    log = "".join(chunks)
-    assert kept is not None, f"run ended (rc {proc.returncode}) before {n} blocks were done:\n{log[-4000:]}"
-    return proc.returncode, log, kept
+def _run_until_blocks_done(project: Project, n: int) -> tuple[int, str, dict]:
+    """`ptq run`, SIGKILLed once block n-1 is logged computed (its checkpoint written, its task
+    result recorded) while block n runs; returns (rc, stderr, block files then)."""
+
+    def ready(log: str):
+        files = _block_files(project) if project.blocks_dir.is_dir() else []
+        return _file_ids(files) if len(files) >= n and f"block {n - 1}: computed" in log else None
+
+    return run_and_kill(project, ready)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,10 @@ its curves and is labelled `+qat`; MLflow holds the loss curves.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import threading
-import time
-from pathlib import Path
 
 import pytest
-from pipeline_projects import N_BLOCKS, Project, release_files, write_params
+from pipeline_projects import N_BLOCKS, Project, release_files, run_and_kill, write_params
 
 EXTRA = {
     "quantize": {"method": "recon", "bits": 3},
@@ -37,34 +32,13 @@ def _project(tmp_path_factory, tiny_source, base_env, name: str) -> Project:
     return Project(root, base_env)
 
 
-def _run_until(project: Project, line: str, timeout: float = 600) -> tuple[int, str]:
-    """Start `ptq run` and SIGKILL its process group as soon as `line` is logged."""
-    proc = subprocess.Popen(project.command("run"), cwd=project.root, env=dict(project.env), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    chunks: list[str] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
-    deadline, seen = time.monotonic() + timeout, False
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and not seen:
-            seen = line in "".join(chunks)
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        reader.join(timeout=10)
-    log = "".join(chunks)
-    assert seen, f"run ended (rc {proc.returncode}) before {line!r}:\n{log[-4000:]}"
-    return proc.returncode, log
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_source, base_env):
     clean = _project(tmp_path_factory, tiny_source, base_env, "recon-clean")
     clean.run_ok()
     killed = _project(tmp_path_factory, tiny_source, base_env, "recon-killed")
-    rc, killed_log = _run_until(killed, f"{_label(1)}: computed")
+    line = f"{_label(1)}: computed"
+    rc, killed_log, _ = run_and_kill(killed, lambda log: True if line in log else None)
     log = killed.run_ok().stderr
     return {"clean": clean, "killed": killed, "rc": rc, "killed_log": killed_log, "log": log}
 
