@@ -123,6 +123,15 @@ def _open_interval(lo: float, hi: float) -> Check:
     return check
 
 
+def _bool_or_auto() -> Check:
+    def check(path: str, value: Any) -> bool | str:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise _expected(path, "true, false or 'auto'", value)
+        return value
+
+    return check
+
+
 def _positive() -> Check:
     return _open_interval(0, float("inf"))
 
@@ -285,13 +294,15 @@ class ReconParams(_Section):
 class QatParams(_Section):
     """Global QAT refinement after block-wise PTQ; disabled = pass the quantized state through.
 
+    enabled: true, false, or auto = on for 2- and 3-bit schemes (quantize.bits <= 3), where it measured
+    best (docs/benchmarks/quality.md: GPTQ W3 g64 47.73 -> 32.16 with QAT), off at 4 bits and above.
     trainable: scales | scales+zeros | weights; loss: kl (to the FP model's top-k logits) | ce | ce+kl;
     heldout: fraction of calibration sequences kept for early stopping (same data budget);
     checkpoint_every: steps between resumable checkpoints (0 = none).
     """
 
     SECTION: ClassVar[str] = "qat"
-    enabled: bool = _key(False, _boolean())
+    enabled: bool | str = _key("auto", _bool_or_auto())
     trainable: str = _key("scales", _choice(QAT_TRAINABLES))
     loss: str = _key("kl", _choice(QAT_LOSSES))
     kl_weight: float = _key(1.0, _positive())
@@ -307,6 +318,10 @@ class QatParams(_Section):
     grad_checkpoint: bool = _key(False, _boolean())
     checkpoint_every: int = _key(8, _integer(0))
     seed: int = _key(0, _integer(0))
+
+    def active(self, bits: int) -> bool:
+        """Whether the qat stage trains for a scheme of `bits` bits."""
+        return bits <= 3 if self.enabled == "auto" else self.enabled
 
 
 @dataclass(frozen=True)

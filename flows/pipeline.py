@@ -284,7 +284,7 @@ def qat_flow(project: Project, params: PipelineParams):
     from tasks.qat import qat_teacher_task, qat_train_task
 
     q = params.qat
-    if not q.enabled:
+    if not q.active(params.quantize.bits):
         publish_dir(project.path(S.QUANTIZED), project.path(S.QAT))
         return "run", {"enabled": False}
     cfg = qat_config(params)

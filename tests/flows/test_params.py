@@ -54,7 +54,7 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, 0.01, 128)
     assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
     assert q.method in METHODS
-    assert p.qat.enabled is False
+    assert p.qat.enabled == "auto" and not p.qat.active(4) and p.qat.active(3) and p.qat.active(2)
     assert p.pack.format == "gptq"
     assert (p.evaluate.lm_eval_tasks, p.evaluate.lm_eval_limit, p.evaluate.batch_size) == ((), None, 4)
     r = p.register
@@ -244,6 +244,7 @@ def test_null_resolution() -> None:
     ({"recon": {"lr": -1e-3}}, "recon.lr"),
     ({"recon": {"learn_weights": True}}, "recon.learn_weights"),
     ({"qat": {"heldout": 1.0}}, "qat.heldout"),
+    ({"qat": {"enabled": "yes"}}, "qat.enabled: expected true, false or 'auto'"),
     ({"qat": {"trainable": "everything"}}, "qat.trainable"),
     ({"qat": {"steps": -1}}, "qat.steps"),
 ])
