@@ -156,11 +156,10 @@ def _tokens(project: Project) -> tuple[Path, dict]:
 
 
 def _block_ok(r: dict) -> bool:
-    from tasks.io import sha256_file
+    from tasks.io import file_ok
     from tasks.shards import shard_ok
 
-    q = Path(r["qweights"])
-    return q.is_file() and sha256_file(q) == r["qweights_sha"] and shard_ok(Path(r["out"]), r["out_sha"])
+    return file_ok(r["qweights"], r["qweights_sha"]) and shard_ok(Path(r["out"]), r["out_sha"])
 
 
 @_stage("quantize")
@@ -280,7 +279,7 @@ def qat_flow(project: Project, params: PipelineParams):
     """Global QAT refinement of the quantized model on the calibration sequences; while disabled,
     the quantized state passes through unchanged."""
     from tasks.inputs import manifest_sha
-    from tasks.io import atomic_save_safetensors, atomic_write_json, fresh_dir, load_safetensors_verified, publish_dir
+    from tasks.io import atomic_save_safetensors, atomic_write_json, file_ok, fresh_dir, load_safetensors_verified, publish_dir
     from tasks.qat import qat_teacher_task, qat_train_task
 
     q = params.qat
@@ -294,8 +293,8 @@ def qat_flow(project: Project, params: PipelineParams):
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(project.cache))
     teacher, c1 = (None, True) if not cfg.needs_teacher else run_cached(
-        project, qat_teacher_task, lambda r: _file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
-    rec, c2 = run_cached(project, qat_train_task, lambda r: _file_ok(r["path"], r["sha"]), "qat",
+        project, qat_teacher_task, lambda r: file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
+    rec, c2 = run_cached(project, qat_train_task, lambda r: file_ok(r["path"], r["sha"]), "qat",
                          quantized_path=str(qdir / "quantized.safetensors"), quantized_sha=info["quantized_sha256"],
                          names=info["modules"], teacher=teacher, cfg=cfg, checkpoint_every=q.checkpoint_every, **common)
     st = rec["stats"]
@@ -320,12 +319,6 @@ def qat_config(params: PipelineParams):
     return QATConfig(trainable=q.trainable, loss=q.loss, kl_weight=q.kl_weight, topk=q.topk, steps=q.steps, lr=q.lr,
                      batch_size=q.batch_size, grad_accum=q.grad_accum, schedule=q.schedule, heldout=q.heldout,
                      eval_every=q.eval_every, patience=q.patience, grad_checkpoint=q.grad_checkpoint, seed=q.seed)
-
-
-def _file_ok(path: str, sha: str) -> bool:
-    from tasks.io import sha256_file
-
-    return Path(path).is_file() and sha256_file(path) == sha
 
 
 @_stage("pack")

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "file_ok",
     "IntegrityError",
     "MANIFEST_NAME",
     "SIDECAR_SUFFIX",
@@ -56,6 +57,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_ok(path: str | os.PathLike, sha: str) -> bool:
+    """True if the file exists and its sha256 is `sha`."""
+    return Path(path).is_file() and sha256_file(path) == sha
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -20,7 +20,7 @@ from quantlib.windows import WindowStats, forward_blocks, run_window
 from quantlib.spec import QuantSpec
 
 from .cache import key_fn, stable_hash
-from .io import atomic_save_safetensors, fresh_dir, load_safetensors_verified, sha256_file
+from .io import atomic_save_safetensors, file_ok, fresh_dir, load_safetensors_verified
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
@@ -154,4 +154,4 @@ def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start
 def window_ok(r: dict) -> bool:
     """A cached window's files are all present and intact."""
     files = [(r["qweights"], r["qweights_sha"])] + ([(r["carry"]["path"], r["carry"]["sha"])] if r["carry"] else [])
-    return all(Path(f).is_file() and sha256_file(f) == sha for f, sha in files) and shard_ok(Path(r["out"]), r["out_sha"])
+    return all(file_ok(f, sha) for f, sha in files) and shard_ok(Path(r["out"]), r["out_sha"])
