@@ -143,7 +143,7 @@ def render_quality_md(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "iters", "batch_size", "lr")
+RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "grid", "iters", "batch_size", "lr", "clip_lr")
 QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init")
 
 

@@ -51,8 +51,11 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     r.add_argument("--rank", type=int, help="LoRA-Rounding rank")
     r.add_argument("--iters", type=int)
     r.add_argument("--loss", choices=("mse", "kl", "mse+kl"))
-    r.add_argument("--lr", type=float)
+    r.add_argument("--lr", type=float, help="rounding learning rate")
+    r.add_argument("--clip-lr", type=float, help="clipping (learned grid) or dequantization-scale (frozen grid) rate")
     r.add_argument("--recon-init", dest="init", choices=("rtn", "gptq", "boa"))
+    r.add_argument("--grid", choices=("auto", "init", "learned"),
+                   help="init: codes stay on the initializer's grid (auto for gptq/boa); learned: LWC clipping")
     r.add_argument("--cfp", action="store_true", default=None, help="CBQ outlier pre-processing before each block")
     t = p.add_argument_group("global QAT refinement (method names ending in +qat, e.g. gptq+qat)")
     t.add_argument("--qat-trainable", choices=("scales", "scales+zeros", "weights"))

@@ -34,7 +34,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=resolve_device(args.device), spill_dir=args.spill_dir)
 
 
-RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "init", "cfp")
+RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp")
 
 
 def recon_overrides(args: argparse.Namespace) -> dict:

@@ -50,6 +50,7 @@ METHODS = ("rtn", "gptq", "boa", "recon")
 ROUNDINGS = ("nearest", "adaround", "lora")
 RECON_LOSSES = ("mse", "kl", "mse+kl")
 RECON_INITS = ("rtn", "gptq", "boa")
+RECON_GRIDS = ("auto", "init", "learned")
 SCHEDULES = ("cosine", "linear", "constant")
 QAT_TRAINABLES = ("scales", "scales+zeros", "weights")
 QAT_LOSSES = ("ce", "kl", "ce+kl")
@@ -260,7 +261,9 @@ class ReconParams(_Section):
     window k blocks per window, overlap o < k shared with the next window, lookahead L frozen FP
     blocks after the window the loss is measured at (k=1,o=0,L=0: single-block). learn_clip / learn_scale /
     rounding (nearest | adaround | lora with rank) / learn_weights choose what is trained; init is the
-    method the codes start from; lr is the rounding rate, clip_lr the clipping/scale rate.
+    method the codes start from; grid: init keeps the codes on the initializer's grid and learns the
+    dequantization scale (auto: for gptq/boa inits), learned re-derives them on learned clipping (auto:
+    for rtn); lr is the rounding rate, clip_lr the clipping/scale rate.
     """
 
     SECTION: ClassVar[str] = "recon"
@@ -275,9 +278,10 @@ class ReconParams(_Section):
     loss: str = _key("mse+kl", _choice(RECON_LOSSES))
     kl_weight: float = _key(1.0, _positive())
     init: str = _key("gptq", _choice(RECON_INITS))
+    grid: str = _key("auto", _choice(RECON_GRIDS))
     iters: int = _key(100, _integer(0))
     batch_size: int = _key(4, _integer(1))
-    lr: float = _key(1e-2, _positive())
+    lr: float = _key(1e-3, _positive())
     clip_lr: float = _key(1e-2, _positive())
     schedule: str = _key("cosine", _choice(SCHEDULES))
     seed: int = _key(0, _integer(0))

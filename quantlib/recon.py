@@ -9,7 +9,12 @@ the FP target. What is learned, each switchable:
              (CBQ LoRA-Rounding: the offset logits are V0 + A1 A2 with rank r, V0 frozen)
   weights    the latent weights themselves (straight-through estimator; needs rounding "nearest")
 Codes: q = clamp(floor(W / s + z) + h, 0, 2^b - 1) with h in [0, 1] (hardened to {0, 1} at the end),
-w_hat = s (q - z). Initialization from RTN, GPTQ or BoA: with GPTQ the latent W is GPTQ's error-
+w_hat = s (q - z).
+Grid: "learned" re-derives the codes on the learned (s, z) (OmniQuant LWC: right for an RTN init);
+"init" keeps the codes on the initializer's grid (s0, z0) and learns only the dequantization scale
+s = s0 exp(log_scale) and the rounding offsets: a GPTQ/BoA solution is error-compensated code by code,
+and re-rounding it on a shifted grid undoes that (on SmolLM2 W3 g64 a learned grid raised the GPTQ-
+initialized window loss in every step). "auto" = "init" for GPTQ/BoA, "learned" for RTN. Initialization from RTN, GPTQ or BoA: with GPTQ the latent W is GPTQ's error-
 updated weight, whose rounding reproduces GPTQ's codes exactly; with BoA (no latent) it is the FP
 weight clamped to within half a step of BoA's codes (`latent_near_codes`); h starts at the fractional
 part of W/s + z (AdaRound), so the soft weight is the latent weight and hardening gives the
@@ -35,6 +40,7 @@ ROUNDINGS = ("nearest", "adaround", "lora")
 LOSSES = ("mse", "kl", "mse+kl")
 SCHEDULES = ("cosine", "linear", "constant")
 INITS = ("rtn", "gptq", "boa")
+GRIDS = ("auto", "init", "learned")
 TARGETS = ("fp", "qin")
 
 
@@ -59,10 +65,11 @@ class ReconConfig:
     target: str = "fp"
     cfp: bool = False  # CBQ coarse-to-fine outlier pre-processing of each block before its init
     init: str = "gptq"
+    grid: str = "auto"
     iters: int = 100
     batch_size: int = 4
-    lr: float = 1e-2  # rounding parameters
-    clip_lr: float = 1e-2  # clipping / scale parameters
+    lr: float = 1e-3  # rounding parameters (1e-2 flipped GPTQ codes for the worse on SmolLM2 W3)
+    clip_lr: float = 1e-2  # clipping (learned grid) / dequantization scale (frozen grid)
     weight_lr: float = 1e-5
     schedule: str = "cosine"
     grad_clip: float = 1.0
@@ -80,6 +87,7 @@ class ReconConfig:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        _check(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
         for name in ("lr", "clip_lr", "weight_lr", "kl_weight", "reg_weight", "grad_clip"):
             _check(getattr(self, name) > 0 or (name in ("reg_weight", "kl_weight") and getattr(self, name) == 0),
@@ -87,6 +95,11 @@ class ReconConfig:
         _check(self.iters >= 0 and self.batch_size >= 1, "iters must be >= 0 and batch_size >= 1")
         _check(not self.learn_weights or self.rounding == "nearest",
                "learn_weights trains the latent weights through the straight-through rounding: set rounding: nearest")
+
+    @property
+    def frozen_grid(self) -> bool:
+        """Codes stay on the initializer's grid; only the dequantization scale and offsets learn."""
+        return self.grid == "init" or (self.grid == "auto" and self.init != "rtn")
 
     def windows(self, n_blocks: int) -> list[tuple[int, int]]:
         return window_starts(n_blocks, self.window, self.overlap, self.lookahead)
@@ -124,6 +137,8 @@ class LearnableLinear(nn.Module):
         self.spec, self.cfg = spec, cfg
         self.register_buffer("g_idx", init.g_idx.clone())
         s0, z0 = init.scale.float(), init.zero.float()
+        self.register_buffer("s0", s0.clone())
+        self.register_buffer("z0", z0.clone())
         self.register_buffer("lo0", -z0 * s0)  # the range [lo0, hi0] gives exactly (s0, z0)
         self.register_buffer("hi0", (spec.maxq - z0) * s0)
         self.latent = nn.Parameter(latent.float().clone(), requires_grad=cfg.learn_weights)
@@ -149,26 +164,30 @@ class LearnableLinear(nn.Module):
     # -- parameters -> (scale, zero) and codes
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) each (out, G): the init range shrunk by sigmoid(c)/sigmoid(4) (1 at init)."""
+        """(scale, zero) each (out, G). Frozen grid: (s0 exp(log_scale), z0). Learned grid: the init
+        range shrunk by sigmoid(c)/sigmoid(4) (1 at init), then times exp(log_scale)."""
+        if self.cfg.frozen_grid:
+            return self.s0 * torch.exp(self.log_scale), self.z0
         gamma_hi = torch.sigmoid(self.clip_hi) / torch.sigmoid(torch.tensor(4.0))
         gamma_lo = torch.sigmoid(self.clip_lo) / torch.sigmoid(torch.tensor(4.0))
-        hi, lo = gamma_hi * self.hi0, gamma_lo * self.lo0
         maxq = self.spec.maxq
-        if self.spec.sym:
-            scale = 2 * torch.maximum(hi, -lo) / maxq
-            zero = torch.full_like(scale, (maxq + 1) // 2)
-        else:
-            scale = (hi - lo) / maxq
-        scale = (scale * torch.exp(self.log_scale)).clamp_min(1e-10)
-        if not self.spec.sym:
-            zero = torch.clamp(round_ste(-lo / scale), 0, maxq)
+        if self.spec.sym:  # one range factor; the zero stays mid-grid
+            return (self.s0 * gamma_hi * torch.exp(self.log_scale)).clamp_min(1e-10), self.z0
+        hi, lo = gamma_hi * self.hi0, gamma_lo * self.lo0
+        scale = ((hi - lo) / maxq * torch.exp(self.log_scale)).clamp_min(1e-10)
+        zero = torch.clamp(round_ste(-lo / scale), 0, maxq)
         return scale, zero
+
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) the codes are rounded on: the init's when the grid is frozen."""
+        return (self.s0, self.z0) if self.cfg.frozen_grid else self.qparams()
 
     def _expand(self, p: torch.Tensor) -> torch.Tensor:
         return expand(p, self.latent.shape[1], self.g_idx)
 
-    def _floor(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return torch.floor(self.latent / self._expand(scale) + self._expand(zero)).detach()
+    def _floor(self) -> torch.Tensor:
+        s, z = self._grid()
+        return torch.floor(self.latent / self._expand(s) + self._expand(z)).detach()
 
     def _init_rounding(self, rest: torch.Tensor, generator) -> None:
         # AdaRound init: the soft offset equals the fractional part of W/s + z, so the soft weight is
@@ -195,14 +214,15 @@ class LearnableLinear(nn.Module):
         scale, zero = self.qparams()
         s, z = self._expand(scale), self._expand(zero)
         if self.cfg.rounding == "nearest":
-            q = torch.clamp(round_ste(self.latent / s + z), 0, self.spec.maxq)
+            gs, gz = self._grid()
+            q = torch.clamp(round_ste(self.latent / self._expand(gs) + self._expand(gz)), 0, self.spec.maxq)
         else:
             h = self.soft_offsets()
             if hard:
                 h = (h >= 0.5).float()
             elif self.cfg.hard_forward:  # hard offsets forward, soft gradient (straight-through)
                 h = h + ((h >= 0.5).float() - h).detach()
-            q = torch.clamp(self._floor(scale, zero) + h, 0, self.spec.maxq)
+            q = torch.clamp(self._floor() + h, 0, self.spec.maxq)
         return s * (q - z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,11 +239,11 @@ class LearnableLinear(nn.Module):
     def harden(self) -> QuantizedWeight:
         """Integer codes with hard offsets, and the final (scale, zero)."""
         scale, zero = self.qparams()
-        s, z = self._expand(scale), self._expand(zero)
         if self.cfg.rounding == "nearest":
-            q = torch.clamp(torch.round(self.latent / s + z), 0, self.spec.maxq)
+            gs, gz = self._grid()
+            q = torch.clamp(torch.round(self.latent / self._expand(gs) + self._expand(gz)), 0, self.spec.maxq)
         else:
-            q = torch.clamp(self._floor(scale, zero) + (self.soft_offsets() >= 0.5).float(), 0, self.spec.maxq)
+            q = torch.clamp(self._floor() + (self.soft_offsets() >= 0.5).float(), 0, self.spec.maxq)
         return QuantizedWeight(q.to(torch.uint8).cpu(), scale.detach().float().cpu(), zero.detach().float().cpu(),
                                self.g_idx.cpu(), self.spec, latent=self.latent.detach().cpu())
 
@@ -233,9 +253,10 @@ class LearnableLinear(nn.Module):
             groups["rounding"].append(self.alpha)
         if self.cfg.rounding == "lora":
             groups["rounding"] += [self.lora_a, self.lora_b]
-        if self.cfg.learn_clip:
+        frozen = self.cfg.frozen_grid
+        if self.cfg.learn_clip and not frozen:
             groups["clip"] += [self.clip_hi, self.clip_lo]
-        if self.cfg.learn_scale:
+        if self.cfg.learn_scale or (frozen and self.cfg.learn_clip):  # on a frozen grid the range is the scale
             groups["scale"].append(self.log_scale)
         if self.cfg.learn_weights:
             groups["weights"].append(self.latent)

@@ -139,8 +139,10 @@ def _optimizer(modules: list[LearnableLinear], cfg: ReconConfig, steps: int):
     for m in modules:
         for k, ps in m.param_groups().items():
             groups[k] += ps
-    # log-scale moves every weight of its group at once: a tenth of the clipping rate
-    lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "scale": cfg.clip_lr / 10, "weights": cfg.weight_lr}
+    # on a learned grid the log-scale refines the clipped range (a tenth of the clipping rate); on a
+    # frozen grid it is the range parameter itself
+    scale_lr = cfg.clip_lr if cfg.frozen_grid else cfg.clip_lr / 10
+    lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "scale": scale_lr, "weights": cfg.weight_lr}
     opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps], weight_decay=0.0)
     shape = {"cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)), "linear": lambda t: 1 - t,
              "constant": lambda t: 1.0}[cfg.schedule]

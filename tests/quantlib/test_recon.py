@@ -33,7 +33,10 @@ def _one_window(cfg: ReconConfig, family="llama"):
 
 @pytest.mark.parametrize("what, cfg, moved", [
     ("adaround", ReconConfig(window=1, overlap=0, rounding="adaround", learn_clip=False, loss="mse", iters=40), "alpha"),
-    ("clip", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=True, loss="mse", iters=40), "clip_hi"),
+    ("clip", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=True, init="rtn", clip_lr=0.1, loss="mse", iters=40),
+     "clip_hi"),
+    ("gptq-grid-scale", ReconConfig(window=1, overlap=0, rounding="nearest", init="gptq", loss="mse", iters=40),
+     "log_scale"),
     ("scale", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=False, learn_scale=True, init="rtn",
                           loss="mse", iters=40), "log_scale"),
     ("weights", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=False, learn_weights=True,
@@ -47,9 +50,24 @@ def test_each_learnable_moves_and_lowers_the_window_loss(what, cfg, moved):
     assert any(not torch.equal(m.state_dict()[moved], before[n][moved]) for n, m in mods.items())
 
 
+def test_frozen_grid_keeps_the_initializers_codes_and_learns_the_scale():
+    """GPTQ init (grid auto = init), nearest rounding: only the dequantization scale learns, the codes
+    are the initializer's, and the learned grid (LWC) re-derives them."""
+    frozen = ReconConfig(window=1, overlap=0, rounding="nearest", init="gptq", loss="mse", iters=30)
+    _, mods, before = _one_window(frozen)
+    for n, m in mods.items():
+        assert m.param_groups()["clip"] == [] and m.param_groups()["scale"] == [m.log_scale]
+        qw = m.harden()
+        assert torch.equal(qw.zero, m.z0.cpu())
+        torch.testing.assert_close(qw.scale, m.s0.cpu() * torch.exp(m.log_scale.detach().cpu()))
+    learned = ReconConfig(window=1, overlap=0, rounding="nearest", init="gptq", grid="learned", iters=0)
+    _, mods2, _ = _one_window(learned)
+    assert all(m.param_groups()["clip"] == [m.clip_hi, m.clip_lo] for m in mods2.values())
+
+
 def test_guard_keeps_the_initialization_when_training_makes_it_worse():
     # a huge learning rate wrecks the clipping: the guard must restore the init and say so
-    cfg = ReconConfig(window=1, overlap=0, rounding="nearest", clip_lr=50.0, loss="mse", iters=10)
+    cfg = ReconConfig(window=1, overlap=0, rounding="nearest", clip_lr=50.0, init="rtn", loss="mse", iters=10)
     stats, mods, before = _one_window(cfg)
     assert stats.kept_init and stats.loss_final == stats.loss_init
     assert all(torch.equal(m.state_dict()["clip_hi"], before[n]["clip_hi"]) for n, m in mods.items())
@@ -62,7 +80,7 @@ def test_lora_rounding_hardens_to_binary_offsets():
     for m in mods.values():
         h = m.soft_offsets().detach()
         qw = m.harden()
-        offsets = qw.qweight.float() - m._floor(*m.qparams())
+        offsets = qw.qweight.float() - m._floor()
         # codes are the floor plus a hard 0/1 offset (up to clamping at the grid ends)
         inside = (offsets >= 0) & (offsets <= 1)
         assert inside.float().mean() > 0.99
