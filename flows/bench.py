@@ -39,14 +39,21 @@ def _versions() -> dict:
             "python": platform.python_version(), "git": commit or None, "threads": torch.get_num_threads()}
 
 
-def _worker(job: dict) -> dict:
-    """One benchmark row in this process: load, (quantize,) evaluate."""
+def _rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _worker(job: dict) -> list[dict]:
+    """One benchmark row in this process: load, (quantize,) evaluate. A `<method>+qat` job also
+    evaluates the block-wise result before QAT and returns it as a `<method>` row first (its time is
+    the block-wise quantization alone), so both come from one quantization."""
     model_dir = Path(job["model_dir"])
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     calib = CALIB | job["calib"]
     data = C.protocol_data(tok, "wikitext2", None, mirror=job.get("mirror"), **calib)
     seconds = 0.0
     settings = dict(calib, dtype="float32", device=job["device"])
+    rows = []
     if job["method"] != "fp32":
         spec = parse_scheme(job["scheme"])
         base, with_qat = C.split_qat(job["method"])
@@ -58,16 +65,20 @@ def _worker(job: dict) -> dict:
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
         if qat is not None:
+            t_eval = time.perf_counter()
+            rows.append({"method": base, "scheme": job["scheme"], "ppl": C.eval_ppl(model, data.windows),
+                         "quant_seconds": round(t_eval - t0, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
+            t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
             settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
                 "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
         seconds = time.perf_counter() - t0
     ppl = C.eval_ppl(model, data.windows)
-    return {"method": job["method"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "settings": settings}
+    return rows + [{"method": job["method"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
+                    "peak_rss_mb": _rss_mb(), "settings": settings}]
 
 
-def _run_job(job: dict) -> dict:
+def _run_job(job: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         r = subprocess.run([sys.executable, "-m", "flows.bench", json.dumps(job), str(out)])
@@ -111,31 +122,32 @@ def run_quality(args: argparse.Namespace) -> int:
     command = "ptq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = []
     for job in jobs:
-        row = _run_job(job) | {"model": args.model, "versions": _versions(), "command": command,
-                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        rows.append(row)
+        new = [r | {"model": args.model, "versions": _versions(), "command": command,
+                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")} for r in _run_job(job)]
+        rows += new
         # re-read before appending: another bench may have added rows meanwhile
-        records = (json.loads(out.read_text()) if out.exists() else []) + [row]
+        records = (json.loads(out.read_text()) if out.exists() else []) + new
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, records)  # after every row: a killed bench keeps what finished
+        atomic_write_json(out, records)  # after every job: a killed bench keeps what finished
         atomic_write_bytes(out.with_suffix(".md"), render_quality_md(records).encode())
-        print(f"{row['method']:>6} {row['scheme']:>6}  ppl {row['ppl']:.2f}  {row['quant_seconds']:.0f} s", flush=True)
+        for row in new:
+            print(f"{row['method']:>6} {row['scheme']:>6}  ppl {row['ppl']:.2f}  {row['quant_seconds']:.0f} s", flush=True)
     print_table(rows, ["method", "scheme", "ppl", "quant_seconds", "peak_rss_mb"])
     return 0
 
 
 def render_quality_md(records: list[dict]) -> str:
-    """Latest record per (model, method, scheme) as a markdown table, with the commands that made them."""
+    """Latest record per (model, method, scheme, calibration size) as a markdown table, with the
+    commands that made them."""
     latest: dict[tuple, dict] = {}
     for r in records:
-        latest[(r.get("model", "smollm2-135m"), r["method"], r["scheme"])] = r
+        latest[(r.get("model", "smollm2-135m"), r["method"], r["scheme"], _calib(r))] = r
     lines = ["# Quality benchmark", "",
              "DESIGN.md protocol: WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
              "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
              "| model | method | scheme | ppl | quant s | peak RSS MB | calib | date |", "|---|---|---|---:|---:|---:|---|---|"]
-    for (model, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
-        calib = f"{r['settings'].get('n', CALIB['n'])}x{r['settings'].get('seqlen', CALIB['seqlen'])}"
+    for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
     lines += _settings_table([r for r in latest.values() if r["method"].startswith("recon") or "+qat" in r["method"]])
@@ -147,18 +159,22 @@ RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip"
 QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init")
 
 
+def _calib(r: dict) -> str:
+    return f"{r['settings'].get('n', CALIB['n'])}x{r['settings'].get('seqlen', CALIB['seqlen'])}"
+
+
 def _settings_table(rows: list[dict]) -> list[str]:
     """Reconstruction / QAT rows with the settings that distinguish them (ablation view)."""
     if not rows:
         return []
     out = ["", "## Reconstruction and QAT settings", "",
-           "| method | scheme | ppl | quant s | reconstruction | qat |", "|---|---|---:|---:|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["scheme"], r["method"])):
+           "| method | scheme | calib | ppl | quant s | reconstruction | qat |", "|---|---|---|---:|---:|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["scheme"], _calib(r), r["method"])):
         st = r["settings"]
         mc = st.get("method_config", {})
         recon = ", ".join(f"{k}={mc[k]}" for k in RECON_KEYS if k in mc) if "window" in mc else ""
         qat = ", ".join(f"{k}={st['qat'][k]}" for k in QAT_KEYS if k in st.get("qat", {}))
-        out.append(f"| {r['method']} | {r['scheme']} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | {recon} | {qat} |")
+        out.append(f"| {r['method']} | {r['scheme']} | {_calib(r)} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | {recon} | {qat} |")
     return out
 
 
@@ -192,5 +208,5 @@ def run_demo() -> int:
 
 
 if __name__ == "__main__":
-    row = _worker(json.loads(sys.argv[1]))
-    Path(sys.argv[2]).write_text(json.dumps(row))
+    rows = _worker(json.loads(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(rows))

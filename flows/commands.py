@@ -72,9 +72,9 @@ def cached_model(spec: str, trust_remote_code: bool = False) -> Path:
 def recon_config(name: str, **overrides) -> "ReconConfig":
     """A ReconConfig from a method name plus explicit overrides; bare `recon` means the defaults.
     Parts after `recon-`: `k2o1` (window 2, overlap 1; `k3` = no overlap), `L2` or `la2` (look-ahead
-    2 blocks), a rounding (`nearest`, `adaround`, `lora`), a loss (`mse`, `kl`, `mse+kl`), `i100`
-    (iterations), e.g. recon-k2o1-lora-kl, recon-k1-la2-i40."""
-    from quantlib.recon import LOSSES, ROUNDINGS, ReconConfig
+    2 blocks), a rounding (`nearest`, `adaround`, `lora`), a loss (`mse`, `kl`, `mse+kl`), an init
+    (`rtn`, `gptq`, `boa`), `i100` (iterations), e.g. recon-k2o1-lora-kl, recon-k1-la2-i40, recon-k2o1-boa."""
+    from quantlib.recon import INITS, LOSSES, ROUNDINGS, ReconConfig
 
     kw: dict = {}
     for part in name.split("-")[1:]:
@@ -86,6 +86,8 @@ def recon_config(name: str, **overrides) -> "ReconConfig":
             kw["rounding"] = part
         elif part in LOSSES:
             kw["loss"] = part
+        elif part in INITS:
+            kw["init"] = part
         elif m := re.fullmatch(r"i(\d+)", part):
             kw["iters"] = int(m[1])
         else:

@@ -18,13 +18,17 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
                "--device", "cpu", "--mirror", str(MIRROR), "--n-samples", "16", "--seqlen", "64"])
     assert rc == 0, capsys.readouterr().err
     rows = json.loads(out.read_text())
-    assert [(r["method"], r["scheme"]) for r in rows] == [("recon-k2o1-i2", "w3g32"), ("rtn+qat", "w3g32")]
+    # a +qat job also reports its block-wise starting point, from the same quantization
+    assert [(r["method"], r["scheme"]) for r in rows] == [("recon-k2o1-i2", "w3g32"), ("rtn", "w3g32"),
+                                                          ("rtn+qat", "w3g32")]
     assert all(math.isfinite(r["ppl"]) and r["quant_seconds"] > 0 for r in rows)
-    recon, qat = rows[0]["settings"], rows[1]["settings"]
+    assert rows[2]["quant_seconds"] > rows[1]["quant_seconds"] and "qat" not in rows[1]["settings"]
+    recon, qat = rows[0]["settings"], rows[2]["settings"]
     assert recon["n"] == 16 and recon["seqlen"] == 64  # a reduced calibration is recorded with the row
     assert recon["method_config"]["window"] == 2 and recon["method_config"]["iters"] == 2
     assert qat["qat"]["steps"] <= 2 and qat["qat"]["loss"] == "ce"
-    assert "| rtn+qat | w3g32 |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| rtn+qat | w3g32 |" in md and "| rtn | w3g32 |" in md
 
 
 @pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),

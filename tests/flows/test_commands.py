@@ -11,6 +11,8 @@ from flows.commands import method_config, recon_config, split_qat
     ("recon-k2o1-lora-kl", dict(window=2, overlap=1, lookahead=0, rounding="lora", loss="kl")),
     ("recon-k1-la2-i40", dict(window=1, overlap=0, lookahead=2, iters=40)),
     ("recon-k3o1L1-adaround-mse", dict(window=3, overlap=1, lookahead=1, rounding="adaround", loss="mse")),
+    ("recon-k2o1-boa-nearest", dict(window=2, overlap=1, init="boa", rounding="nearest", frozen_grid=True)),
+    ("recon-k1-rtn", dict(window=1, init="rtn", frozen_grid=False)),
 ])
 def test_recon_names_spell_the_configuration(name, expect):
     cfg = recon_config(name)
