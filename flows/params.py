@@ -46,7 +46,10 @@ __all__ = [
     "section_keys",
 ]
 
-METHODS = ("rtn", "gptq", "boa", "recon")
+METHODS = ("auto", "rtn", "gptq", "boa", "recon")
+# quantize.method auto: the method measured best at <= 3 bits (with the qat stage, docs/benchmarks/quality.md:
+# boa+qat W3 g64 31.34 and W2 g64 77.70 against gptq+qat 32.16 and 91.02), GPTQ at 4 bits and above
+LOW_BIT_METHOD, HIGH_BIT_METHOD = "boa", "gptq"
 ROUNDINGS = ("nearest", "adaround", "lora")
 RECON_LOSSES = ("mse", "kl", "mse+kl")
 RECON_INITS = ("rtn", "gptq", "boa")
@@ -235,10 +238,11 @@ class PrepareDataParams(_Section):
 
 @dataclass(frozen=True)
 class QuantizeParams(_Section):
-    """Method, scheme (bits, group_size: null = per output channel, sym) and solver options."""
+    """Method (auto = boa at <= 3 bits, gptq above), scheme (bits, group_size: null = per output channel, sym)
+    and solver options."""
 
     SECTION: ClassVar[str] = "quantize"
-    method: str = _key("gptq", _choice(METHODS))
+    method: str = _key("auto", _choice(METHODS))
     bits: int = _key(4, _integer(2, 8))
     group_size: int | None = _key(64, _integer(1, nullable=True))
     sym: bool = _key(False, _boolean())
@@ -252,6 +256,13 @@ class QuantizeParams(_Section):
     device: str = _key(
         "auto", _text(pattern=r"auto|cpu|cuda(:\d+)?", rule="must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     )
+
+    @property
+    def resolved_method(self) -> str:
+        """The method that runs: `method`, with auto chosen by bits (LOW_BIT_METHOD at <= 3 bits)."""
+        if self.method != "auto":
+            return self.method
+        return LOW_BIT_METHOD if self.bits <= 3 else HIGH_BIT_METHOD
 
 
 @dataclass(frozen=True)

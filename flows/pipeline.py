@@ -139,10 +139,11 @@ def quantize_job(params: PipelineParams):
     from .cli_impl import resolve_device
 
     q = params.quantize
-    recon = params.recon.__dict__ if q.method == "recon" else None
+    method = q.resolved_method
+    recon = params.recon.__dict__ if method == "recon" else None
     return QuantizeJob(
         spec=QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym),
-        method=method_config(q.method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
+        method=method_config(method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
                              clip_search=q.clip_search, recon=recon),
         engine=EngineConfig(batch_size=q.batch_size, true_sequential=q.true_sequential,
                             device=resolve_device(q.device), measure_block_error=True),
@@ -180,7 +181,7 @@ def quantize_flow(project: Project, params: PipelineParams):
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(project.cache))
     cap, cap_cached = run_cached(project, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", batch_size=job.engine.batch_size, **common)
-    if params.quantize.method == "recon":
+    if params.quantize.resolved_method == "recon":
         blocks, all_cached, windows = _quantize_windows(project, job, len(adapter.blocks), cap, common)
     else:
         blocks, windows = _quantize_blocks(project, job, len(adapter.blocks), cap, common), []

@@ -53,7 +53,9 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     q = p.quantize
     assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, 0.01, 128)
     assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
-    assert q.method in METHODS
+    assert q.method == "auto" and q.resolved_method == "gptq"
+    assert QuantizeParams(bits=3).resolved_method == QuantizeParams(bits=2).resolved_method == "boa"
+    assert QuantizeParams(bits=3, method="recon").resolved_method == "recon"
     assert p.qat.enabled == "auto" and not p.qat.active(4) and p.qat.active(3) and p.qat.active(2)
     assert p.pack.format == "gptq"
     assert (p.evaluate.lm_eval_tasks, p.evaluate.lm_eval_limit, p.evaluate.batch_size) == ((), None, 4)
@@ -124,7 +126,7 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.damp=1.5",), "quantize.damp: must be in the open interval (0, 1)"),
         ("", ("quantize.damp=.nan",), "quantize.damp: must be in the open interval (0, 1)"),
         ("", ("quantize.damp=high",), "quantize.damp: expected float, got str 'high'"),
-        ("", ("quantize.method=awq",), "quantize.method: must be one of 'rtn', 'gptq', 'boa', 'recon', got str 'awq'"),
+        ("", ("quantize.method=awq",), "quantize.method: must be one of 'auto', 'rtn', 'gptq', 'boa', 'recon', got str 'awq'"),
         ("", ("quantize.device=gpu",), "quantize.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
         ("", ("fetch_model.dtype=fp8",), "fetch_model.dtype: must be one of"),
         ("", ("fetch_model.source=",), "fetch_model.source: expected str, got null"),
