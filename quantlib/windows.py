@@ -335,9 +335,11 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
     if cfg.target == "qin":
         targets = _targets(adapter, state, cfg, x_in, start, stop, calls, device)
     done = list(range(start, next_start))
-    before = block_errors(adapter, done, x_in, calls, state, device)
+    # per-block errors cost 4 block passes over the calibration set: only when the engine asks for them
+    errors = (lambda: block_errors(adapter, done, x_in, calls, state, device)) if engine.measure_block_error else list
+    before = errors()
     st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
-    after = block_errors(adapter, done, x_in, calls, state, device)
+    after = errors()
     st.block_errors = [{"block": i, "before": b, "after": a} for i, b, a in zip(done, before, after)]
     results = {}
     for i in done:

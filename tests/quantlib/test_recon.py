@@ -250,3 +250,21 @@ def test_cfp_truncates_planted_weight_outliers():
     out, count = truncate_weight_outliers(w, CFPConfig())
     assert count >= 16 and out.abs().max() < 10
     assert torch.equal(out[:, 10:], w[:, 10:]) or (out[:, 10:] - w[:, 10:]).abs().max() < 4
+
+
+@pytest.mark.parametrize("measure", [True, False])
+def test_window_block_errors_only_when_the_engine_measures_them(measure):
+    from quantlib.windows import run_window
+
+    a = get_adapter(tiny_model())
+    batches, calls = capture_block_inputs(a, tiny_ids(8, 32), 4)
+    x = ActivationStore.from_batches(batches)
+    bounds = fp_boundaries(get_adapter(tiny_model()), x, calls, torch.device("cpu"))
+    cfg = ReconConfig(window=2, overlap=1, rounding="adaround", loss="mse", iters=10)
+    engine = EngineConfig(batch_size=4, measure_block_error=measure)
+    r = run_window(a, calls, x, bounds[2], (0, 2), 1, SPEC, cfg, engine)
+    if not measure:
+        assert r.stats.block_errors == []
+        return
+    [e] = r.stats.block_errors  # only the finished block 0
+    assert e["block"] == 0 and 0 < e["after"] and 0 < e["before"]
