@@ -46,7 +46,7 @@ def _rss_mb() -> float:
 def _worker(job: dict) -> list[dict]:
     """One benchmark row in this process: load, (quantize,) evaluate. A `<method>+qat` job also
     evaluates the block-wise result before QAT and returns it as a `<method>` row first (its time is
-    the block-wise quantization alone), so both come from one quantization."""
+    the block-wise quantization alone, without the FP teacher pass), so both come from one quantization."""
     model_dir = Path(job["model_dir"])
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     calib = CALIB | job["calib"]
@@ -62,12 +62,13 @@ def _worker(job: dict) -> list[dict]:
         engine = C.EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
         t0 = time.perf_counter()
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
+        t_quant = time.perf_counter()
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
         if qat is not None:
             t_eval = time.perf_counter()
             rows.append({"method": base, "scheme": job["scheme"], "ppl": C.eval_ppl(model, data.windows),
-                         "quant_seconds": round(t_eval - t0, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
+                         "quant_seconds": round(t_eval - t_quant, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
             settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
