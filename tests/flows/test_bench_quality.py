@@ -21,7 +21,8 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     # a +qat job also reports its block-wise starting point, from the same quantization
     assert [(r["method"], r["scheme"]) for r in rows] == [("recon-k2o1-i2", "w3g32"), ("rtn", "w3g32"),
                                                           ("rtn+qat", "w3g32")]
-    assert all(math.isfinite(r["ppl"]) and r["quant_seconds"] > 0 for r in rows)
+    assert all(math.isfinite(r["ppl"]) and r["quant_seconds"] >= 0 for r in rows)  # tiny RTN rounds to 0.0 s
+    assert rows[0]["quant_seconds"] > 0
     assert rows[2]["quant_seconds"] > rows[1]["quant_seconds"] and "qat" not in rows[1]["settings"]
     recon, qat = rows[0]["settings"], rows[2]["settings"]
     assert recon["n"] == 16 and recon["seqlen"] == 64  # a reduced calibration is recorded with the row
