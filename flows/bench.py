@@ -147,9 +147,11 @@ def render_quality_md(records: list[dict]) -> str:
              "DESIGN.md protocol: WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
              "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
-             "| model | method | scheme | ppl | quant s | peak RSS MB | calib | date |", "|---|---|---|---:|---:|---:|---|---|"]
+             "| model | method | scheme | ppl | quant s | threads | peak RSS MB | calib | date |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
     for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
+                     f"{r.get('versions', {}).get('threads', '')} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
     lines += _settings_table([r for r in latest.values() if r["method"].startswith("recon") or "+qat" in r["method"]])
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
