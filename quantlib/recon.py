@@ -3,7 +3,7 @@
 A window of k consecutive blocks [i, i+k) has its Linears replaced by `LearnableLinear`s and is
 trained so that its output (or, with look-ahead L, the output of the next L frozen FP blocks) matches
 the FP target. What is learned, each switchable:
-  clipping   per-group sigmoid-bounded shrink of the init range [lo0, hi0] (OmniQuant LWC)
+  clipping   per-group sigmoid-bounded shrink of the init range [-z0 s0, (maxq - z0) s0] (OmniQuant LWC)
   scale      per-group log-scale refinement on top of it
   rounding   "nearest" (STE), "adaround" (a full rectified-sigmoid offset per weight) or "lora"
              (CBQ LoRA-Rounding: the offset logits are V0 + A1 A2 with rank r, V0 frozen)
@@ -14,7 +14,8 @@ Grid: "learned" re-derives the codes on the learned (s, z) (OmniQuant LWC: right
 "init" keeps the codes on the initializer's grid (s0, z0) and learns only the dequantization scale
 s = s0 exp(log_scale) and the rounding offsets: a GPTQ/BoA solution is error-compensated code by code,
 and re-rounding it on a shifted grid undoes that (on SmolLM2 W3 g64 a learned grid raised the GPTQ-
-initialized window loss in every step). "auto" = "init" for GPTQ/BoA, "learned" for RTN. Initialization from RTN, GPTQ or BoA: with GPTQ the latent W is GPTQ's error-
+initialized window loss in every step). "auto" = "init" for GPTQ/BoA, "learned" for RTN.
+Initialization from RTN, GPTQ or BoA: with GPTQ the latent W is GPTQ's error-
 updated weight, whose rounding reproduces GPTQ's codes exactly; with BoA (no latent) it is the FP
 weight clamped to within half a step of BoA's codes (`latent_near_codes`); h starts at the fractional
 part of W/s + z (AdaRound), so the soft weight is the latent weight and hardening gives the
@@ -126,8 +127,8 @@ def window_starts(n_blocks: int, k: int, o: int, lookahead: int = 0) -> list[tup
 class LearnableLinear(nn.Module):
     """Fake-quantized stand-in for one Linear (or Conv1D) during reconstruction.
 
-    latent: (out, in) continuous weight; (lo0, hi0): (out, G) init range whose min-max qparams are
-    the initializer's (scale, zero); h0: (out, in) init rounding offsets in {0, 1}.
+    latent: (out, in) continuous weight; (s0, z0): (out, G) the initializer's scale and zero (the
+    grid a frozen-grid window keeps); h0: (out, in) init rounding offsets in {0, 1}.
     """
 
     def __init__(self, init: QuantizedWeight, latent: torch.Tensor, bias: torch.Tensor | None, cfg: ReconConfig,
@@ -137,10 +138,8 @@ class LearnableLinear(nn.Module):
         self.spec, self.cfg = spec, cfg
         self.register_buffer("g_idx", init.g_idx.clone())
         s0, z0 = init.scale.float(), init.zero.float()
-        self.register_buffer("s0", s0.clone())
+        self.register_buffer("s0", s0.clone())  # the initializer's grid
         self.register_buffer("z0", z0.clone())
-        self.register_buffer("lo0", -z0 * s0)  # the range [lo0, hi0] gives exactly (s0, z0)
-        self.register_buffer("hi0", (spec.maxq - z0) * s0)
         self.latent = nn.Parameter(latent.float().clone(), requires_grad=cfg.learn_weights)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         g = s0.shape
@@ -173,21 +172,34 @@ class LearnableLinear(nn.Module):
         maxq = self.spec.maxq
         if self.spec.sym:  # one range factor; the zero stays mid-grid
             return (self.s0 * gamma_hi * torch.exp(self.log_scale)).clamp_min(1e-10), self.z0
-        hi, lo = gamma_hi * self.hi0, gamma_lo * self.lo0
+        # the init range [lo0, hi0] = [-z0 s0, (maxq - z0) s0] gives exactly (s0, z0)
+        hi, lo = gamma_hi * (maxq - self.z0) * self.s0, -gamma_lo * self.z0 * self.s0
         scale = ((hi - lo) / maxq * torch.exp(self.log_scale)).clamp_min(1e-10)
         zero = torch.clamp(round_ste(-lo / scale), 0, maxq)
         return scale, zero
 
-    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) the codes are rounded on: the init's when the grid is frozen."""
-        return (self.s0, self.z0) if self.cfg.frozen_grid else self.qparams()
-
     def _expand(self, p: torch.Tensor) -> torch.Tensor:
         return expand(p, self.latent.shape[1], self.g_idx)
 
+    def _v(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """(out, in) W / s + z on the grid the codes are rounded on: the init's when it is frozen."""
+        s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
+        return self.latent / self._expand(s) + self._expand(z)
+
     def _floor(self) -> torch.Tensor:
-        s, z = self._grid()
-        return torch.floor(self.latent / self._expand(s) + self._expand(z)).detach()
+        return torch.floor(self._v(*self.qparams())).detach()
+
+    def _codes(self, scale: torch.Tensor, zero: torch.Tensor, hard: bool) -> torch.Tensor:
+        """(out, in) codes (float, differentiable through the STE) for the learned (scale, zero)."""
+        v = self._v(scale, zero)
+        if self.cfg.rounding == "nearest":
+            return torch.clamp(round_ste(v), 0, self.spec.maxq)
+        h = self.soft_offsets()
+        if hard:
+            h = (h >= 0.5).float()
+        elif self.cfg.hard_forward:  # hard offsets forward, soft gradient (straight-through)
+            h = h + ((h >= 0.5).float() - h).detach()
+        return torch.clamp(torch.floor(v).detach() + h, 0, self.spec.maxq)
 
     def _init_rounding(self, rest: torch.Tensor, generator) -> None:
         # AdaRound init: the soft offset equals the fractional part of W/s + z, so the soft weight is
@@ -212,18 +224,7 @@ class LearnableLinear(nn.Module):
     def weight_hat(self, hard: bool = False) -> torch.Tensor:
         """Fake-quantized (out, in) weight; `hard` uses offsets rounded to {0, 1}."""
         scale, zero = self.qparams()
-        s, z = self._expand(scale), self._expand(zero)
-        if self.cfg.rounding == "nearest":
-            gs, gz = self._grid()
-            q = torch.clamp(round_ste(self.latent / self._expand(gs) + self._expand(gz)), 0, self.spec.maxq)
-        else:
-            h = self.soft_offsets()
-            if hard:
-                h = (h >= 0.5).float()
-            elif self.cfg.hard_forward:  # hard offsets forward, soft gradient (straight-through)
-                h = h + ((h >= 0.5).float() - h).detach()
-            q = torch.clamp(self._floor() + h, 0, self.spec.maxq)
-        return s * (q - z)
+        return self._expand(scale) * (self._codes(scale, zero, hard) - self._expand(zero))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_hat(hard=not self.training).to(x.dtype),
@@ -239,11 +240,7 @@ class LearnableLinear(nn.Module):
     def harden(self) -> QuantizedWeight:
         """Integer codes with hard offsets, and the final (scale, zero)."""
         scale, zero = self.qparams()
-        if self.cfg.rounding == "nearest":
-            gs, gz = self._grid()
-            q = torch.clamp(torch.round(self.latent / self._expand(gs) + self._expand(gz)), 0, self.spec.maxq)
-        else:
-            q = torch.clamp(self._floor() + (self.soft_offsets() >= 0.5).float(), 0, self.spec.maxq)
+        q = self._codes(scale, zero, hard=True)
         return QuantizedWeight(q.to(torch.uint8).cpu(), scale.detach().float().cpu(), zero.detach().float().cpu(),
                                self.g_idx.cpu(), self.spec, latent=self.latent.detach().cpu())
 

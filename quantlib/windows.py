@@ -116,7 +116,7 @@ def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tens
     modules = {}
     for name, module in adapter.linears(block).items():
         out, n = saved[f"{name}.latent"].shape
-        groups = saved[f"{name}.lo0"].shape[1]
+        groups = saved[f"{name}.s0"].shape[1]
         modules[name] = LearnableLinear.empty(spec, cfg, out, n, groups, f"{name}.bias" in saved)
         block.set_submodule(name, modules[name])
     block.load_state_dict(saved, strict=True)
