@@ -56,9 +56,8 @@ def _worker(job: dict) -> list[dict]:
     rows = []
     if job["method"] != "fp32":
         spec = parse_scheme(job["scheme"])
-        base, with_qat = C.split_qat(job["method"])
+        base, qat = C.method_qat(job["method"], job["qat"])
         cfg = C.method_config(base, **job["solver"], recon=job["recon"])
-        qat = C.qat_config(**job["qat"]) if with_qat else None
         engine = C.EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
         t0 = time.perf_counter()
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
@@ -99,10 +98,8 @@ def _jobs(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     if args.n_samples < 1 or args.seqlen < 2:
         raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {args.n_samples} and {args.seqlen}")
     for m in methods:  # unknown methods and bad settings fail before any work
-        base, with_qat = C.split_qat(m)
+        base, _ = C.method_qat(m, qat)
         C.method_config(base, recon=recon)
-        if with_qat:
-            C.qat_config(**qat)
     for s in schemes:
         parse_scheme(s)
     base = {"model_dir": str(model_dir), "mirror": args.mirror, "device": resolve_device(args.device),

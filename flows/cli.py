@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model with one method and write it to --out")
     q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, hf:ORG/NAME[@REV], a local HF folder or a .gguf file")
-    q.add_argument("--method", default="gptq", help="rtn, gptq, boa, recon (or recon-k2o1L0-lora-i100 style names)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, boa, recon (or recon-k2o1L0-lora-i100 style names); +qat or +qat128 appends global QAT (128 steps)")
     _add_scheme(q)
     _add_calib(q)
     _add_solver(q)

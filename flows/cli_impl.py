@@ -71,9 +71,8 @@ def _fmt(v) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym)
-    base, with_qat = C.split_qat(args.method)
+    base, qat = C.method_qat(args.method, qat_overrides(args))
     method_cfg = _method_cfg(args, base)
-    qat = C.qat_config(**qat_overrides(args)) if with_qat else None
     engine = engine_config(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "quantization.json").exists():

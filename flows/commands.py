@@ -38,6 +38,7 @@ __all__ = [
     "recon_config",
     "spec_dict",
     "split_qat",
+    "method_qat",
     "qat_config",
     "qat_teacher",
     "refine_qat",
@@ -95,9 +96,25 @@ def recon_config(name: str, **overrides) -> "ReconConfig":
     return ReconConfig(**(kw | overrides))
 
 
-def split_qat(method: str) -> tuple[str, bool]:
-    """`gptq+qat` -> ("gptq", True): a block-wise method followed by global QAT refinement."""
-    return (method[: -len("+qat")], True) if method.endswith("+qat") else (method, False)
+def split_qat(method: str) -> tuple[str, dict | None]:
+    """`gptq+qat` -> ("gptq", {}): a block-wise method followed by global QAT refinement; a step count
+    may follow (`boa+qat128` -> ("boa", {"steps": 128})); a plain method -> (method, None)."""
+    m = re.fullmatch(r"(.+)\+qat(\d+)?", method)
+    if m is None:
+        return method, None
+    return m[1], ({"steps": int(m[2])} if m[2] else {})
+
+
+def method_qat(method: str, flags: dict) -> tuple[str, "QATConfig | None"]:
+    """The block-wise method and its QAT config (None without `+qat`): the CLI's --qat-* flags, with
+    a step count spelled in the name on top; a name and a flag that disagree fail before any work."""
+    base, named = split_qat(method)
+    if named is None:
+        return base, None
+    if "steps" in named and flags.get("steps", named["steps"]) != named["steps"]:
+        raise ValueError(f"method {method!r} asks for {named['steps']} QAT steps but --qat-steps says "
+                         f"{flags['steps']}; drop one of them")
+    return base, qat_config(**(flags | named))
 
 
 def qat_config(**overrides) -> "QATConfig":

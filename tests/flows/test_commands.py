@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.commands import method_config, recon_config, split_qat
+from flows.commands import method_config, method_qat, recon_config, split_qat
 
 
 @pytest.mark.parametrize("name, expect", [
@@ -27,5 +27,15 @@ def test_bad_names_fail_clearly(name, message):
 
 
 def test_split_qat():
-    assert split_qat("recon-k2o1-kl+qat") == ("recon-k2o1-kl", True)
-    assert split_qat("gptq") == ("gptq", False)
+    assert split_qat("recon-k2o1-kl+qat") == ("recon-k2o1-kl", {})
+    assert split_qat("boa+qat128") == ("boa", {"steps": 128})
+    assert split_qat("gptq") == ("gptq", None)
+
+
+def test_method_qat_takes_steps_from_the_name():
+    base, cfg = method_qat("boa+qat128", {"lr": 1e-3})
+    assert base == "boa" and cfg.steps == 128 and cfg.lr == 1e-3
+    assert method_qat("boa+qat", {"steps": 7})[1].steps == 7
+    assert method_qat("gptq", {"steps": 7}) == ("gptq", None)
+    with pytest.raises(ValueError, match="drop one"):
+        method_qat("boa+qat128", {"steps": 64})
