@@ -49,7 +49,9 @@ __all__ = [
 METHODS = ("auto", "rtn", "gptq", "boa", "recon")
 # quantize.method auto: the method measured best at <= 3 bits (with the qat stage, docs/benchmarks/quality.md:
 # boa+qat W3 g64 31.34 and W2 g64 77.70 against gptq+qat 32.16 and 91.02), GPTQ at 4 bits and above
-LOW_BIT_METHOD, HIGH_BIT_METHOD = "boa", "gptq"
+# quantize.method: auto, by bits: the best measured on the DESIGN.md protocol with qat on
+# (docs/benchmarks/quality.md: W2 g64 recon+qat 67.71 < boa+qat 77.70; W3 g64 boa+qat 31.34 < recon+qat 31.57)
+AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
 ROUNDINGS = ("nearest", "adaround", "lora")
 RECON_LOSSES = ("mse", "kl", "mse+kl")
 RECON_INITS = ("rtn", "gptq", "boa")
@@ -238,7 +240,7 @@ class PrepareDataParams(_Section):
 
 @dataclass(frozen=True)
 class QuantizeParams(_Section):
-    """Method (auto = boa at <= 3 bits, gptq above), scheme (bits, group_size: null = per output channel, sym)
+    """Method (auto = recon at 2 bits, boa at 3, gptq above), scheme (bits, group_size: null = per output channel, sym)
     and solver options."""
 
     SECTION: ClassVar[str] = "quantize"
@@ -259,10 +261,10 @@ class QuantizeParams(_Section):
 
     @property
     def resolved_method(self) -> str:
-        """The method that runs: `method`, with auto chosen by bits (LOW_BIT_METHOD at <= 3 bits)."""
+        """The method that runs: `method`, with auto chosen by bits (AUTO_METHODS, else HIGH_BIT_METHOD)."""
         if self.method != "auto":
             return self.method
-        return LOW_BIT_METHOD if self.bits <= 3 else HIGH_BIT_METHOD
+        return AUTO_METHODS.get(self.bits, HIGH_BIT_METHOD)
 
 
 @dataclass(frozen=True)
@@ -288,9 +290,9 @@ class ReconParams(_Section):
     learn_weights: bool = _key(False, _boolean())
     loss: str = _key("mse+kl", _choice(RECON_LOSSES))
     kl_weight: float = _key(1.0, _positive())
-    init: str = _key("gptq", _choice(RECON_INITS))
+    init: str = _key("boa", _choice(RECON_INITS))
     grid: str = _key("auto", _choice(RECON_GRIDS))
-    iters: int = _key(100, _integer(0))
+    iters: int = _key(40, _integer(0))
     batch_size: int = _key(4, _integer(1))
     lr: float = _key(1e-3, _positive())
     clip_lr: float = _key(1e-2, _positive())

@@ -54,7 +54,8 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, 0.01, 128)
     assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
     assert q.method == "auto" and q.resolved_method == "gptq"
-    assert QuantizeParams(bits=3).resolved_method == QuantizeParams(bits=2).resolved_method == "boa"
+    assert QuantizeParams(bits=3).resolved_method == "boa"
+    assert QuantizeParams(bits=2).resolved_method == "recon"
     assert QuantizeParams(bits=3, method="recon").resolved_method == "recon"
     assert p.qat.enabled == "auto" and not p.qat.active(4) and p.qat.active(3) and p.qat.active(2)
     assert p.pack.format == "gptq"
