@@ -69,11 +69,12 @@ class Resumed:
 
 def _run_until_blocks_done(project: Project, n: int) -> tuple[int, str, dict]:
     """`ptq run`, SIGKILLed once block n-1 is logged computed (its checkpoint written, its task
-    result recorded) while block n runs; returns (rc, stderr, block files then)."""
+    result recorded) while block n runs; returns (rc, stderr, the files of blocks 0..n-1 then).
+    On a loaded machine block n may still finish before the signal lands: see _finished."""
 
     def ready(log: str):
         files = _block_files(project) if project.blocks_dir.is_dir() else []
-        return _file_ids(files) if len(files) >= n and f"block {n - 1}: computed" in log else None
+        return _file_ids(files[:n]) if len(files) >= n and f"block {n - 1}: computed" in log else None
 
     return run_and_kill(project, ready)
 
@@ -87,17 +88,24 @@ def resumed(make_project) -> Resumed:
                    len(_block_files(project)), log, release_files(project.release), (code, _code()))
 
 
+def _finished(killed_log: str) -> int:
+    """Blocks the killed run logged as computed: KILL_AFTER, or more if the kill landed late."""
+    return sum(f"block {i}: computed" in killed_log for i in range(N_BLOCKS))
+
+
 def test_killed_run_stopped_mid_quantize(resumed):
     assert resumed.killed_rc == -signal.SIGKILL
     assert len(resumed.kept) == KILL_AFTER
-    assert f"block {KILL_AFTER}: computed" not in resumed.killed_log
+    assert KILL_AFTER <= _finished(resumed.killed_log) < N_BLOCKS
 
 
 def test_resume_reuses_finished_blocks(resumed):
     assert resumed.code[0] == resumed.code[1], CODE_CHANGED
-    for i in range(KILL_AFTER):
+    done = _finished(resumed.killed_log)
+    for i in range(done):
         assert f"block {i}: cached" in resumed.log
-    for i in range(KILL_AFTER, N_BLOCKS):
+    # block `done` may have recorded its result in the instant before the kill, so either is right
+    for i in range(done + 1, N_BLOCKS):
         assert f"block {i}: computed" in resumed.log
     for label in ("fetch_model", "prepare_data", "capture_activations"):
         assert f"{label}: cached" in resumed.log
