@@ -47,8 +47,6 @@ __all__ = [
 ]
 
 METHODS = ("auto", "rtn", "gptq", "boa", "recon")
-# quantize.method auto: the method measured best at <= 3 bits (with the qat stage, docs/benchmarks/quality.md:
-# boa+qat W3 g64 31.34 and W2 g64 77.70 against gptq+qat 32.16 and 91.02), GPTQ at 4 bits and above
 # quantize.method: auto, by bits: the best measured on the DESIGN.md protocol with qat on
 # (docs/benchmarks/quality.md: W2 g64 recon+qat 67.71 < boa+qat 77.70; W3 g64 boa+qat 31.34 < recon+qat 31.57)
 AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
