@@ -288,7 +288,7 @@ class ReconParams(_Section):
     learn_weights: bool = _key(False, _boolean())
     loss: str = _key("mse+kl", _choice(RECON_LOSSES))
     kl_weight: float = _key(1.0, _positive())
-    init: str = _key("boa", _choice(RECON_INITS))
+    init: str = _key("gptq", _choice(RECON_INITS))
     grid: str = _key("auto", _choice(RECON_GRIDS))
     iters: int = _key(40, _integer(0))
     batch_size: int = _key(4, _integer(1))
