@@ -1,11 +1,11 @@
-"""`ptq bench quality` (DESIGN.md protocol, one subprocess per row for honest time and peak memory)
+"""`ptq bench quality` (docs/protocol.md, one subprocess per row for honest time and peak memory)
 and `ptq demo`.
 
 Rows are appended to docs/benchmarks/quality.json; docs/benchmarks/quality.md is regenerated from it.
+Methods arrive parsed (flows/methods.py); a worker receives its MethodChoice as JSON.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import platform
@@ -15,20 +15,81 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import quantlib
+from quantlib.boa import BoAConfig
+from quantlib.engine import EngineConfig
+from quantlib.gptq import GPTQConfig
+from quantlib.qat import QATConfig
+from quantlib.recon import ReconConfig
+from quantlib.rtn import RTNConfig
 from quantlib.spec import parse_scheme
 from tasks.io import atomic_write_bytes, atomic_write_json
 from tasks.sources import load_model, load_tokenizer
+from tasks.textdata import read_token_ids
 
 from . import commands as C
+from . import stages as S
+from .methods import MethodChoice
+from .table import print_table
 
-__all__ = ["run_quality", "run_demo", "render_quality_md"]
+__all__ = ["QualityBench", "run_quality", "run_demo", "render_quality_md"]
 
 CALIB = dict(n=128, seqlen=512, seed=0, window=1024, n_windows=16)
+
+
+@dataclass(frozen=True)
+class QualityBench:
+    """One `ptq bench quality` invocation: every method on every scheme (plus an fp32 row if fp32),
+    calibrated on n_samples x seqlen tokens (protocol: 128 x 512), each row in its own process.
+
+    schemes are QuantSpec names (w4pc, w3g64, ...); device is a resolved torch device ("cpu", "cuda")."""
+
+    model: str
+    methods: tuple[MethodChoice, ...]
+    schemes: tuple[str, ...]
+    out: Path
+    fp32: bool = True
+    n_samples: int = 128
+    seqlen: int = 512
+    device: str = "cpu"
+    batch_size: int = 8
+    true_sequential: bool = True
+    mirror: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.seqlen < 2:
+            raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {self.n_samples} and {self.seqlen}")
+        if not all(isinstance(m, MethodChoice) for m in self.methods):
+            raise TypeError("methods must be MethodChoice objects (flows.methods.parse_method)")
+        for s in self.schemes:
+            parse_scheme(s)
+
+
+_CONFIG_TYPES = {t.__name__: t for t in (RTNConfig, GPTQConfig, BoAConfig, ReconConfig, QATConfig)}
+
+
+def _config_to_json(cfg) -> dict:
+    return {"type": type(cfg).__name__, "fields": asdict(cfg)}
+
+
+def _config_from_json(d: dict):
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d["fields"].items()}  # JSON lists were tuples
+    return _CONFIG_TYPES[d["type"]](**values)
+
+
+def _choice_to_json(m: MethodChoice) -> dict:
+    return {"base": _config_to_json(m.base), "qat": None if m.qat is None else _config_to_json(m.qat),
+            "label": m.label, "base_label": m.base_label}
+
+
+def _choice_from_json(d: dict) -> MethodChoice:
+    return MethodChoice(_config_from_json(d["base"]), None if d["qat"] is None else _config_from_json(d["qat"]),
+                        label=d["label"], base_label=d["base_label"])
 
 
 def _versions() -> dict:
@@ -54,11 +115,11 @@ def _worker(job: dict) -> list[dict]:
     seconds = 0.0
     settings = dict(calib, dtype="float32", device=job["device"])
     rows = []
-    if job["method"] != "fp32":
+    if job["method"] is not None:
+        method = _choice_from_json(job["method"])
+        cfg, qat = method.base, method.qat
         spec = parse_scheme(job["scheme"])
-        base, qat = C.method_qat(job["method"], job["qat"])
-        cfg = C.method_config(base, **job["solver"], recon=job["recon"])
-        engine = C.EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
+        engine = EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
         t0 = time.perf_counter()
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
         t_quant = time.perf_counter()
@@ -66,7 +127,7 @@ def _worker(job: dict) -> list[dict]:
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
         if qat is not None:
             t_eval = time.perf_counter()
-            rows.append({"method": base, "scheme": job["scheme"], "ppl": C.eval_ppl(model, data.windows),
+            rows.append({"method": method.base_label, "scheme": job["scheme"], "ppl": C.eval_ppl(model, data.windows),
                          "quant_seconds": round(t_eval - t_quant, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
@@ -74,7 +135,7 @@ def _worker(job: dict) -> list[dict]:
                 "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
         seconds = time.perf_counter() - t0
     ppl = C.eval_ppl(model, data.windows)
-    return rows + [{"method": job["method"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
+    return rows + [{"method": job["label"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
                     "peak_rss_mb": _rss_mb(), "settings": settings}]
 
 
@@ -83,44 +144,29 @@ def _run_job(job: dict) -> list[dict]:
         out = Path(tmp) / "row.json"
         r = subprocess.run([sys.executable, "-m", "flows.bench", json.dumps(job), str(out)])
         if r.returncode != 0:
-            raise RuntimeError(f"benchmark worker failed for {job['method']} {job['scheme']} (exit {r.returncode})")
+            raise RuntimeError(f"benchmark worker failed for {job['label']} {job['scheme']} (exit {r.returncode})")
         return json.loads(out.read_text())
 
 
-def _jobs(args: argparse.Namespace, model_dir: Path) -> list[dict]:
-    from .cli_impl import resolve_device
-
-    from .cli_impl import qat_overrides, recon_overrides
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    recon, qat = recon_overrides(args), qat_overrides(args)
-    if args.n_samples < 1 or args.seqlen < 2:
-        raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {args.n_samples} and {args.seqlen}")
-    for m in methods:  # unknown methods and bad settings fail before any work
-        base, _ = C.method_qat(m, qat)
-        C.method_config(base, recon=recon)
-    for s in schemes:
-        parse_scheme(s)
-    base = {"model_dir": str(model_dir), "mirror": args.mirror, "device": resolve_device(args.device),
-            "batch_size": args.batch_size, "true_sequential": args.true_sequential, "recon": recon, "qat": qat,
-            "calib": {"n": args.n_samples, "seqlen": args.seqlen},
-            "solver": {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
-                       "clip_search": args.clip_search}}
-    jobs = [dict(base, method="fp32", scheme="fp32")] if args.fp32 else []
-    return jobs + [dict(base, method=m, scheme=s) for s in schemes for m in methods]
+def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
+    """One JSON job per row: fp32 first (if asked), then every method per scheme."""
+    base = {"model_dir": str(model_dir), "mirror": bench.mirror, "device": bench.device,
+            "batch_size": bench.batch_size, "true_sequential": bench.true_sequential,
+            "calib": {"n": bench.n_samples, "seqlen": bench.seqlen}}
+    jobs = [dict(base, method=None, label="fp32", scheme="fp32")] if bench.fp32 else []
+    return jobs + [dict(base, method=_choice_to_json(m), label=m.label, scheme=s)
+                   for s in bench.schemes for m in bench.methods]
 
 
-def run_quality(args: argparse.Namespace) -> int:
-    from .cli_impl import print_table
-
-    model_dir = C.cached_model(args.model)
-    jobs = _jobs(args, model_dir)
-    out = Path(args.out)
+def run_quality(bench: QualityBench) -> int:
+    """Run every row of `bench`, appending each to bench.out (JSON) and regenerating its .md."""
+    model_dir = C.cached_model(bench.model)
+    jobs = _jobs(bench, model_dir)
+    out = bench.out
     command = "ptq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = []
     for job in jobs:
-        new = [r | {"model": args.model, "versions": _versions(), "command": command,
+        new = [r | {"model": bench.model, "versions": _versions(), "command": command,
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")} for r in _run_job(job)]
         rows += new
         # re-read before appending: another bench may have added rows meanwhile
@@ -141,7 +187,7 @@ def render_quality_md(records: list[dict]) -> str:
     for r in records:
         latest[(r.get("model", "smollm2-135m"), r["method"], r["scheme"], _calib(r))] = r
     lines = ["# Quality benchmark", "",
-             "DESIGN.md protocol: WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
+             "Protocol (docs/protocol.md): WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
              "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
              "| model | method | scheme | ppl | quant s | threads | peak RSS MB | calib | date |",
@@ -150,7 +196,7 @@ def render_quality_md(records: list[dict]) -> str:
         lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
                      f"{r.get('versions', {}).get('threads', '')} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
-    lines += _settings_table([r for r in latest.values() if r["method"].startswith("recon") or "+qat" in r["method"]])
+    lines += _settings_table([r for r in latest.values() if _is_recon(r) or "qat" in r["settings"]])
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
     return "\n".join(lines) + "\n"
 
@@ -163,6 +209,10 @@ def _calib(r: dict) -> str:
     return f"{r['settings'].get('n', CALIB['n'])}x{r['settings'].get('seqlen', CALIB['seqlen'])}"
 
 
+def _is_recon(r: dict) -> bool:
+    return "window" in r["settings"].get("method_config", {})  # a ReconConfig's fields
+
+
 def _settings_table(rows: list[dict]) -> list[str]:
     """Reconstruction / QAT rows with the settings that distinguish them (ablation view)."""
     if not rows:
@@ -172,23 +222,22 @@ def _settings_table(rows: list[dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["scheme"], _calib(r), r["method"])):
         st = r["settings"]
         mc = st.get("method_config", {})
-        recon = ", ".join(f"{k}={mc[k]}" for k in RECON_KEYS if k in mc) if "window" in mc else ""
+        recon = ", ".join(f"{k}={mc[k]}" for k in RECON_KEYS if k in mc) if _is_recon(r) else ""
         qat = ", ".join(f"{k}={st['qat'][k]}" for k in QAT_KEYS if k in st.get("qat", {}))
         out.append(f"| {r['method']} | {r['scheme']} | {_calib(r)} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | {recon} | {qat} |")
     return out
 
 
+def _stage_seconds(*names: str) -> float:
+    """Wall time of the pipeline stages `names` when they last ran (metrics/stages/<name>.json)."""
+    files = [Path(S.get_stage(n).timings) for n in names]
+    return sum(json.loads(f.read_text())["seconds"] for f in files if f.is_file())
+
+
 def run_demo() -> int:
-    """The main job on the default model: `ptq run` with ./params.yaml (GPTQ W4 g64 by default),
-    then round-to-nearest on the same model and windows for comparison."""
-    from quantlib.rtn import RTNConfig
-    from tasks.textdata import read_token_ids
-
-    from . import stages as S
-    from .cli import main as cli_main
-    from .cli_impl import print_table
-
-    if cli_main(["run", "-p", "params.yaml"]) != 0:
+    """The main job on the default model: `ptq run` with ./params.yaml (GPTQ W4 g64 by default) in a
+    child process, then round-to-nearest on the same model and windows for comparison."""
+    if subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", "params.yaml"]).returncode != 0:
         return 1
     tokens = json.loads(Path(S.TOKENS, "tokens.json").read_text())
     first = next(iter(tokens["eval"].values()))
@@ -196,12 +245,12 @@ def run_demo() -> int:
     metrics = json.loads(Path(S.METRICS).read_text())
     model = load_model(S.MODEL)
     scheme = parse_scheme(metrics["scheme"])
-    _, _, seconds = C.quantize_loaded(model, None, scheme, RTNConfig(), C.EngineConfig())
+    _, _, seconds = C.quantize_loaded(model, None, scheme, RTNConfig(), EngineConfig())
     rows = [{"method": "fp32", "scheme": "-", "ppl": next(iter(metrics["fp32_ppl"].values()))},
             {"method": "rtn", "scheme": scheme.name, "ppl": C.eval_ppl(model, windows, desc="rtn perplexity"),
              "quant_seconds": seconds},
-            {"method": metrics["method"].split()[0], "scheme": scheme.name, "ppl": next(iter(metrics["ppl"].values())),
-             "quant_seconds": metrics["quant_seconds"]}]
+            {"method": metrics["method"], "scheme": scheme.name, "ppl": next(iter(metrics["ppl"].values())),
+             "quant_seconds": _stage_seconds("quantize", "qat")}]
     print()
     print_table(rows, ["method", "scheme", "quant_seconds", "ppl"])
     return 0

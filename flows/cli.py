@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model with one method and write it to --out")
     q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, hf:ORG/NAME[@REV], a local HF folder or a .gguf file")
-    q.add_argument("--method", default="gptq", help="rtn, gptq, boa, recon (or recon-k2o1L0-lora-i100 style names); +qat or +qat128 appends global QAT (128 steps)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, boa, recon (or recon-k2o1L0-lora-i100 style names; "
+                   "grammar in flows/methods.py); +qat or +qat128 appends global QAT (128 steps)")
     _add_scheme(q)
     _add_calib(q)
     _add_solver(q)
@@ -93,10 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    bq = bsub.add_parser("quality", help="DESIGN.md quality protocol; appends to docs/benchmarks/quality.json")
+    bq = bsub.add_parser("quality", help="docs/protocol.md quality protocol; appends to docs/benchmarks/quality.json")
     bq.add_argument("--model", default="smollm2-135m")
-    bq.add_argument("--methods", default="rtn,gptq")
-    bq.add_argument("--schemes", default="w4pc,w3g64,w2g64")
+    bq.add_argument("--methods", default="rtn,gptq", help="comma-separated method names, as for quantize --method")
+    bq.add_argument("--schemes", default="w4pc,w3g64,w2g64", help="comma-separated schemes (protocol: w4pc, w3g64, w2g64)")
     bq.add_argument("--out", default="docs/benchmarks/quality.json")
     bq.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 reference row")
     bq.add_argument("--n-samples", type=int, default=128, help="calibration sequences (protocol: 128)")
@@ -104,19 +105,25 @@ def _parser() -> argparse.ArgumentParser:
     _add_solver(bq)
     bq.add_argument("--mirror", default=None)
 
-    r = sub.add_parser("run", help="run the whole pipeline (fetch_model ... register) as one Prefect flow")
+    r = sub.add_parser("run", help="run every stage DVC reports changed (inputs ... register), in process; "
+                       "-S values are written into params.yaml")
     r.add_argument("-p", "--params", default="params.yaml")
     r.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    r.add_argument("--to", default=None, metavar="STAGE", help="stop after this stage (e.g. --to pack)")
 
     st = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     st.add_argument("name")
     st.add_argument("-p", "--params", default="params.yaml")
     st.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
-    li = sub.add_parser("lineage", help="print and verify the lineage of a release")
+    li = sub.add_parser("lineage", help="print and verify the lineage of a release against its own record")
     li.add_argument("ref", help="a release folder, models:/NAME/VERSION or models:/NAME@ALIAS")
-    li.add_argument("--tracking-uri", default=None)
-    li.add_argument("--project", default=".", help="project root whose data/ and dvc.lock to check")
+    li.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    li.add_argument("--project", default=".", help="project root (its mlflow.db; with --workspace, its data/)")
+    li.add_argument("--workspace", action="store_true",
+                    help="also check the project's data/ and the running code against the release's record")
+    li.add_argument("--rebuild", action="store_true",
+                    help="re-run the recorded pipeline in a temporary project and compare the release byte for byte")
 
     bk = bsub.add_parser("kernels", help="packed matmul vs fp16 matmul per layer shape; appends to docs/benchmarks/kernels.json")
     bk.add_argument("--out", default="docs/benchmarks/kernels.json")
@@ -126,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("--scheme", default="w4g64")
     bd.add_argument("--new-tokens", type=int, default=None)
 
+    bo = bsub.add_parser("orchestration", help="full, no-op `ptq run` and no-op `dvc repro` of the default pipeline in a "
+                                                "fresh clone; appends to docs/benchmarks/orchestration.json")
+    bo.add_argument("--out", default="docs/benchmarks/orchestration.json")
+    bo.add_argument("--keep", default=None, metavar="DIR", help="build the clone here and keep it (default: a temp dir)")
+
     sub.add_parser("demo", help="quantize the default model (GPTQ W4 g64) and compare fp32 / RTN / GPTQ")
     return ap
 
@@ -133,12 +145,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     args = _parser().parse_args(argv)
-    from . import cli_impl  # heavy imports (torch, transformers) only after argument parsing
-
     try:
+        if args.command in ("run", "stage", "lineage"):
+            from . import cli_pipeline  # imports what a stage needs, when it needs it
+
+            return cli_pipeline.dispatch(args)
+        from . import cli_impl  # heavy imports (torch, transformers) only after argument parsing
+
         return cli_impl.dispatch(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
-        print(f"ptq {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
+        print(f"ptq {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,7 @@
 """Stand-alone commands (`ptq quantize`, `ptq eval`): thin glue over tasks/ and quantlib.
 
-Every argument is validated and every input located before any model is loaded or quantized.
+Every argument is validated and every input located before any model is loaded or quantized. Methods
+arrive as typed configs (flows/methods.py parses the names).
 """
 from __future__ import annotations
 
@@ -16,35 +17,30 @@ from tqdm import tqdm
 from quantlib.adapters import get_adapter
 from quantlib.data import eval_windows, sample_calibration, split_halves
 from quantlib.engine import BlockStats, EngineConfig, quantize_model
-from quantlib.gptq import GPTQConfig
 from quantlib.perplexity import perplexity
+from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
 from quantlib.qweight import QuantizedWeight
-from quantlib.rtn import RTNConfig
+from quantlib.recon import ReconConfig
 from quantlib.spec import QuantSpec
+from quantlib.windows import reconstruct_model
 from tasks.io import atomic_save_safetensors, atomic_write_json, read_manifest, write_manifest
-from tasks.sources import load_model, load_tokenizer, materialize_model, parse_model_source
+from tasks.sources import materialize_model, parse_model_source
 from tasks.textdata import load_text, parse_text_source, tokenize_text
 
+from .methods import BlockConfig
+
 __all__ = [
-    "METHOD_NAMES",
     "ProtocolData",
     "cache_dir",
     "cached_model",
-    "method_config",
     "protocol_data",
     "quantize_loaded",
     "save_quantized",
     "eval_ppl",
-    "recon_config",
     "spec_dict",
-    "split_qat",
-    "method_qat",
-    "qat_config",
     "qat_teacher",
     "refine_qat",
 ]
-
-METHOD_NAMES = ("rtn", "gptq", "boa", "recon")
 
 
 def cache_dir() -> Path:
@@ -70,72 +66,16 @@ def cached_model(spec: str, trust_remote_code: bool = False) -> Path:
         return folder
 
 
-def recon_config(name: str, **overrides) -> "ReconConfig":
-    """A ReconConfig from a method name plus explicit overrides; bare `recon` means the defaults.
-    Parts after `recon-`: `k2o1` (window 2, overlap 1; `k3` = no overlap), `L2` or `la2` (look-ahead
-    2 blocks), a rounding (`nearest`, `adaround`, `lora`), a loss (`mse`, `kl`, `mse+kl`), an init
-    (`rtn`, `gptq`, `boa`), `i100` (iterations), e.g. recon-k2o1-lora-kl, recon-k1-la2-i40, recon-k2o1-boa."""
-    from quantlib.recon import INITS, LOSSES, ROUNDINGS, ReconConfig
-
-    kw: dict = {}
-    for part in name.split("-")[1:]:
-        if m := re.fullmatch(r"k(\d+)(?:o(\d+))?(?:L(\d+))?", part):
-            kw |= {"window": int(m[1]), "overlap": int(m[2] or 0)} | ({"lookahead": int(m[3])} if m[3] else {})
-        elif m := re.fullmatch(r"(?:L|la)(\d+)", part):
-            kw["lookahead"] = int(m[1])
-        elif part in ROUNDINGS:
-            kw["rounding"] = part
-        elif part in LOSSES:
-            kw["loss"] = part
-        elif part in INITS:
-            kw["init"] = part
-        elif m := re.fullmatch(r"i(\d+)", part):
-            kw["iters"] = int(m[1])
-        else:
-            raise ValueError(f"cannot parse {part!r} in method {name!r}; e.g. recon-k2o1-lora-kl or recon-k1-la2-i40")
-    return ReconConfig(**(kw | overrides))
-
-
-def split_qat(method: str) -> tuple[str, dict | None]:
-    """`gptq+qat` -> ("gptq", {}): a block-wise method followed by global QAT refinement; a step count
-    may follow (`boa+qat128` -> ("boa", {"steps": 128})); a plain method -> (method, None)."""
-    m = re.fullmatch(r"(.+)\+qat(\d+)?", method)
-    if m is None:
-        return method, None
-    return m[1], ({"steps": int(m[2])} if m[2] else {})
-
-
-def method_qat(method: str, flags: dict) -> tuple[str, "QATConfig | None"]:
-    """The block-wise method and its QAT config (None without `+qat`): the CLI's --qat-* flags, with
-    a step count spelled in the name on top; a name and a flag that disagree fail before any work."""
-    base, named = split_qat(method)
-    if named is None:
-        return base, None
-    if "steps" in named and flags.get("steps", named["steps"]) != named["steps"]:
-        raise ValueError(f"method {method!r} asks for {named['steps']} QAT steps but --qat-steps says "
-                         f"{flags['steps']}; drop one of them")
-    return base, qat_config(**(flags | named))
-
-
-def qat_config(**overrides) -> "QATConfig":
-    from quantlib.qat import QATConfig
-
-    return QATConfig(**overrides)
-
-
-def qat_teacher(model, calib: torch.Tensor, cfg) -> dict | None:
+def qat_teacher(model, calib: torch.Tensor, cfg: QATConfig | None) -> dict | None:
     """The FP model's top-k next-token log-probs on calib: call before quantizing (None if unused)."""
-    from quantlib.qat import teacher_targets
-
     if cfg is None or not cfg.needs_teacher:
         return None
     return teacher_targets(model, calib, cfg.topk)
 
 
-def refine_qat(model, calib: torch.Tensor, results: dict, cfg, teacher: dict | None):
+def refine_qat(model, calib: torch.Tensor, results: dict[str, QuantizedWeight], cfg: QATConfig,
+               teacher: dict | None) -> tuple[dict[str, QuantizedWeight], QATStats]:
     """Global QAT on a quantized model (in place); returns (results, QATStats)."""
-    from quantlib.qat import train_qat
-
     bar = tqdm(total=cfg.steps, desc="qat", unit="step", leave=False)
 
     def on_step(step: int, loss: float, held: float | None) -> None:
@@ -148,26 +88,9 @@ def refine_qat(model, calib: torch.Tensor, results: dict, cfg, teacher: dict | N
         bar.close()
 
 
-def method_config(method: str, *, act_order: bool = True, damp: float = 0.01, block_size: int = 128,
-                  clip_search: bool = False, recon: dict | None = None):
-    """The frozen quantlib config for a method name."""
-    if method == "rtn":
-        return RTNConfig(clip_search=clip_search)
-    if method == "gptq":
-        return GPTQConfig(block_size=block_size, damp=damp, act_order=act_order, clip_search=clip_search)
-    if method == "boa":
-        from quantlib.boa import BoAConfig
-
-        return BoAConfig(block_size=block_size, damp=damp, act_order=act_order)
-    if method == "recon" or method.startswith("recon-"):
-        return recon_config(method, **(recon or {}))
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)} "
-                     "(or recon-k2o1L0-lora style names), optionally followed by +qat")
-
-
 @dataclass(frozen=True)
 class ProtocolData:
-    """Calibration (n, seqlen) and evaluation windows (W, window) from the DESIGN.md protocol."""
+    """Calibration (n, seqlen) and evaluation windows (W, window) from the docs/protocol.md protocol."""
 
     calib: torch.Tensor
     windows: torch.Tensor
@@ -203,11 +126,9 @@ def _block_bar(total: int, desc: str):
     return on_block
 
 
-def quantize_loaded(model, calib: torch.Tensor, spec: QuantSpec, method_cfg, engine: EngineConfig):
-    """Quantize a loaded model in place; returns (results, stats, seconds)."""
-    from quantlib.recon import ReconConfig
-    from quantlib.windows import reconstruct_model
-
+def quantize_loaded(model, calib: torch.Tensor, spec: QuantSpec, method_cfg: BlockConfig,
+                    engine: EngineConfig) -> tuple[dict[str, QuantizedWeight], list, float]:
+    """Quantize a loaded model in place with a typed method config; returns (results, stats, seconds)."""
     adapter = get_adapter(model)
     t0 = time.perf_counter()
     if isinstance(method_cfg, ReconConfig):

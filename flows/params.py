@@ -39,6 +39,7 @@ __all__ = [
     "ReconParams",
     "RegisterParams",
     "dump_default_params",
+    "dump_params",
     "flatten",
     "load_params",
     "params_from_dict",
@@ -138,6 +139,15 @@ def _bool_or_auto() -> Check:
 
 def _positive() -> Check:
     return _open_interval(0, float("inf"))
+
+
+def _positive_or_null() -> Check:
+    inner = _positive()
+
+    def check(path: str, value: Any) -> float | None:
+        return None if value is None else inner(path, value)
+
+    return check
 
 
 def _choice(options: tuple[str, ...]) -> Check:
@@ -363,6 +373,8 @@ class RegisterParams(_Section):
 
     tracking_uri null = env MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db.
     model_name null = derived by the register stage as `ptq-<model>-<scheme>`.
+    max_ppl_ratio: the quality gate; the alias moves to a new version only when its perplexity is
+    at most this multiple of the FP model's (on the first evaluation source). null = no gate.
     """
 
     SECTION: ClassVar[str] = "register"
@@ -378,6 +390,7 @@ class RegisterParams(_Section):
             rule="must be letters, digits, '_' or '-', and not 'latest' or 'v<N>' (reserved by MLflow)",
         ),
     )
+    max_ppl_ratio: float | None = _key(None, _positive_or_null())
 
     def resolved_tracking_uri(self, project_root: Path, environ: Mapping[str, str] = os.environ) -> str:
         """`tracking_uri`, else $MLFLOW_TRACKING_URI, else SQLite in the project root."""
@@ -525,11 +538,16 @@ def section_keys(section_name: str) -> list[str]:
 
 def dump_default_params() -> str:
     """params.yaml text holding every default, one comment line per section."""
+    return dump_params(PipelineParams())
+
+
+def dump_params(params: PipelineParams) -> str:
+    """params.yaml text holding `params`, one comment line per section."""
     chunks = [
         "# ptq-pipeline parameters: one section per DVC stage. Keys, types and allowed values are\n"
         "# defined and checked in flows/params.py; override one with `-S section.key=value`.\n"
     ]
-    for name, body in params_to_dict(PipelineParams()).items():
+    for name, body in params_to_dict(params).items():
         comment = (SECTIONS[name].__doc__ or "").strip().splitlines()[0]
         chunks.append(f"# {comment}\n" + yaml.safe_dump({name: body}, sort_keys=False, default_flow_style=False))
     return "\n".join(chunks)

@@ -1,59 +1,34 @@
-"""The pipeline: one Prefect flow per DVC stage, and a parent flow that runs them in order.
+"""The stages: each reads only what flows/stages.py declares for it (through a StageContext) and
+writes only its declared outputs; flows/runner.py runs them, in one process (`ptq run`) or one
+process per stage (`dvc repro` calling `ptq stage NAME`).
 
-Flows only wire tasks: resolve paths from flows/stages.py, call tasks (cached by content hash in
-.cache/ptq, outside every DVC out), verify what a cache hit points to, and publish results into
-the stage's out folder. `ptq stage NAME` runs one flow (what dvc.yaml calls); `ptq run` runs all.
+Stages only wire tasks: call cached tasks (content-hash keys, results under .cache/ptq, outside
+every DVC out), verify what a cache hit points to, and publish results into the stage's outputs.
+The stages that call tasks are Prefect flows. Every output is a function of the declared inputs
+only: no timing, date, host or cached/run flag is written to one (those go to the stage's metrics
+file and to MLflow, which nothing downstream reads). Each stage returns its metrics for those.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import flow, get_run_logger
-
 from . import stages as S
-from .params import PipelineParams
+from .context import StageContext
 
-__all__ = ["Project", "StageResult", "STAGE_FLOWS", "run_stage", "pipeline_flow", "run_cached"]
+__all__ = ["STAGE_FUNCTIONS", "quantize_job", "qat_config", "release_label", "run_cached"]
 
 log = logging.getLogger("ptq")
 
 
-@dataclass(frozen=True)
-class Project:
-    """Where the pipeline reads and writes: root holds dvc.yaml, params.yaml, data/ and .cache/."""
-
-    root: Path
-
-    def path(self, rel: str) -> Path:
-        return self.root / rel
-
-    @property
-    def cache(self) -> Path:
-        from tasks.cache import CACHE_DIR
-
-        return self.root / CACHE_DIR
-
-    @property
-    def results(self) -> Path:
-        return self.cache / "prefect-results"
-
-
-@dataclass
-class StageResult:
-    name: str
-    status: str  # "run" | "cached"
-    seconds: float
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def run_cached(project: Project, task: Any, verify: Callable[[dict], bool], label: str, **kwargs) -> tuple[dict, bool]:
-    """Call a cached task; if a cache hit points at missing or corrupted files, say so and recompute."""
-    t = task.with_options(result_storage=project.results, persist_result=True)
+def run_cached(ctx: StageContext, task: Any, verify: Callable[[dict], bool], label: str, **kwargs) -> tuple[dict, bool]:
+    """Call a cached task; if a cache hit points at missing or corrupted files, say so and recompute.
+    Results are small JSON records (paths + sha256), never pickles."""
+    t = task.with_options(result_storage=ctx.cache / "prefect-results", persist_result=True,
+                          result_serializer="json")
     state = t(return_state=True, **kwargs)
     result = state.result()
     cached = state.name == "Cached"
@@ -65,95 +40,131 @@ def run_cached(project: Project, task: Any, verify: Callable[[dict], bool], labe
     return result, cached
 
 
-def _record(project: Project, result: StageResult) -> StageResult:
-    from tasks.io import atomic_write_json
+def _prefect_flow(name: str) -> Callable[[Callable[[StageContext], dict]], Callable[[StageContext], dict]]:
+    """Run the stage as a Prefect flow; Prefect is imported (and its API server started) only when a
+    stage that calls tasks actually runs, so light stages and up-to-date checks never pay for it."""
 
-    atomic_write_json(project.cache / "stages" / f"{result.name}.json", result.__dict__)
-    return result
+    def wrap(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
+        @functools.wraps(fn)
+        def run(ctx: StageContext) -> dict:
+            from prefect import flow
 
+            return flow(name=name, validate_parameters=False)(fn)(ctx)
 
-def _stage(name: str):
-    """Decorator: a Prefect flow for stage `name` that times itself and records its StageResult."""
-
-    def wrap(fn):
-        @flow(name=name, validate_parameters=False, log_prints=False)
-        def stage_flow(project: Project, params: PipelineParams) -> StageResult:
-            t0 = time.perf_counter()
-            status, details = fn(project, params)
-            return _record(project, StageResult(name, status, time.perf_counter() - t0, details))
-
-        return stage_flow
+        return run
 
     return wrap
 
 
-@_stage("fetch_model")
-def fetch_model_flow(project: Project, params: PipelineParams):
-    from tasks.inputs import fetch_model_task, source_fingerprint
-    from tasks.io import atomic_write_json, publish_dir, verify_manifest
-    from tasks.sources import parse_model_source
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
 
-    p = params.fetch_model
+
+def _swap(tmp: Path, out: Path) -> None:
+    from tasks.io import swap_dir
+
+    swap_dir(tmp, out)
+
+
+def _fresh_tmp(out: Path) -> Path:
+    from tasks.io import fresh_dir
+
+    return fresh_dir(out.with_name(f".{out.name}.tmp"))
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def inputs_stage(ctx: StageContext) -> dict:
+    """Content hashes of the model source and of every text source (they live outside the project,
+    where DVC cannot hash them): the declared file that fetch_model and prepare_data depend on."""
+    from tasks.fingerprints import source_fingerprint, text_fingerprint
+    from tasks.io import atomic_write_json
+    from tasks.specs import parse_model_source
+
+    p, d = ctx.params.fetch_model, ctx.params.prepare_data
+    texts = dict.fromkeys([d.calib_source, *d.eval_sources])
+    atomic_write_json(ctx.path(S.INPUTS), {
+        "model": {"source": p.source, "fingerprint": source_fingerprint(parse_model_source(p.source))},
+        "texts": {spec: text_fingerprint(spec, d.mirror) for spec in texts}})
+    return {}
+
+
+# ------------------------------------------------------------------------ fetch and prepare
+
+
+@_prefect_flow("fetch_model")
+def fetch_model_stage(ctx: StageContext) -> dict:
+    from tasks.inputs import fetch_model_task
+    from tasks.io import atomic_write_json, publish_dir, verify_manifest
+
+    p = ctx.params.fetch_model
+    fingerprint = _read_json(ctx.path(S.INPUTS))["model"]["fingerprint"]
     record, cached = run_cached(
-        project, fetch_model_task, lambda r: Path(r["path"]).is_dir() and not verify_manifest(r["path"]),
-        "fetch_model", spec=p.source, trust_remote_code=p.trust_remote_code,
-        fingerprint=source_fingerprint(parse_model_source(p.source)), cache_dir=str(project.cache))
-    out = project.path(S.MODEL)
+        ctx, fetch_model_task, lambda r: Path(r["path"]).is_dir() and not verify_manifest(r["path"]), "fetch_model",
+        spec=p.source, trust_remote_code=p.trust_remote_code, fingerprint=fingerprint, cache_dir=str(ctx.cache))
+    out = ctx.path(S.MODEL)
     publish_dir(record["path"], out)
-    atomic_write_json(out / "source.json", {k: v for k, v in record.items() if k not in ("path", "out_dir", "manifest")})
-    return ("cached" if cached else "run"), {"model_sha": record["manifest_sha"]}
+    source = {k: v for k, v in record.items() if k not in ("path", "out_dir", "manifest", "manifest_sha")}
+    atomic_write_json(out / "source.json", source | {"source": p.source})
+    return {"computed": int(not cached)}
 
 
 def _tokens_ok(r: dict) -> bool:
-    from tasks.io import sha256_file
+    from tasks.io import file_ok
 
     folder = Path(r["path"])
     files = [r["tokens"]["calib"]] + list(r["tokens"]["eval"].values())
-    return all((folder / f["file"]).is_file() and sha256_file(folder / f["file"]) == f["sha256"] for f in files)
+    return all(file_ok(folder / f["file"], f["sha256"]) for f in files)
 
 
-@_stage("prepare_data")
-def prepare_data_flow(project: Project, params: PipelineParams):
-    from tasks.inputs import manifest_sha, prepare_data_task, text_fingerprint
+@_prefect_flow("prepare_data")
+def prepare_data_stage(ctx: StageContext) -> dict:
+    from tasks.inputs import manifest_sha, prepare_data_task
     from tasks.io import publish_dir
 
-    p = params.prepare_data
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.__dict__.items()}
-    sources = [p.calib_source, *p.eval_sources]
-    text_shas = {s: text_fingerprint(s, p.mirror) for s in dict.fromkeys(sources)}
-    model_dir = project.path(S.MODEL)
-    record, cached = run_cached(project, prepare_data_task, _tokens_ok, "prepare_data",
-                                model_dir=str(model_dir), model_sha=manifest_sha(model_dir), settings=settings,
-                                text_shas=text_shas, cache_dir=str(project.cache))
-    publish_dir(record["path"], project.path(S.TOKENS))
-    return ("cached" if cached else "run"), {"calib_sha": record["tokens"]["calib"]["sha256"]}
+    settings = ctx.params.declared()["prepare_data"]
+    mirror = settings.pop("mirror")  # a folder: the texts it holds are keyed by content (inputs.json)
+    model_dir = ctx.path(S.MODEL)
+    record, cached = run_cached(ctx, prepare_data_task, _tokens_ok, "prepare_data", model_dir=str(model_dir),
+                                model_sha=manifest_sha(model_dir), settings=settings, mirror=mirror,
+                                text_shas=_read_json(ctx.path(S.INPUTS))["texts"], cache_dir=str(ctx.cache))
+    publish_dir(record["path"], ctx.path(S.TOKENS))
+    return {"computed": int(not cached)}
 
 
-def quantize_job(params: PipelineParams):
-    """Frozen quantlib configs from the quantize section."""
+# ----------------------------------------------------------------------------------- quantize
+
+
+def quantize_job(quantize: Any, recon: Any):
+    """Frozen quantlib configs from the quantize and recon sections (params or their views)."""
     from quantlib.engine import EngineConfig
     from quantlib.spec import QuantSpec
     from tasks.quantize import QuantizeJob
 
-    from .commands import method_config
-    from .cli_impl import resolve_device
+    from .methods import method_config, resolve_device
 
-    q = params.quantize
-    method = q.resolved_method
-    recon = params.recon.__dict__ if method == "recon" else None
+    method = quantize.resolved_method
     return QuantizeJob(
-        spec=QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym),
-        method=method_config(method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
-                             clip_search=q.clip_search, recon=recon),
-        engine=EngineConfig(batch_size=q.batch_size, true_sequential=q.true_sequential,
-                            device=resolve_device(q.device), measure_block_error=True),
-        stream_from_disk=q.spill_to_disk,
+        spec=QuantSpec(bits=quantize.bits, group_size=quantize.group_size, sym=quantize.sym),
+        method=method_config(method, act_order=quantize.act_order, damp=quantize.damp,
+                             block_size=quantize.block_size, clip_search=quantize.clip_search,
+                             recon={f: getattr(recon, f) for f in _recon_keys()} if method == "recon" else None),
+        engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,
+                            device=resolve_device(quantize.device), measure_block_error=True),
+        stream_from_disk=quantize.spill_to_disk,
     )
 
 
-def _tokens(project: Project) -> tuple[Path, dict]:
-    folder = project.path(S.TOKENS)
-    return folder, json.loads((folder / "tokens.json").read_text())
+def _recon_keys() -> list[str]:
+    from .params import section_keys
+
+    return [k.split(".", 1)[1] for k in section_keys("recon")]
+
+
+def _tokens(ctx: StageContext) -> tuple[Path, dict]:
+    folder = ctx.path(S.TOKENS)
+    return folder, _read_json(folder / "tokens.json")
 
 
 def _block_ok(r: dict) -> bool:
@@ -163,53 +174,55 @@ def _block_ok(r: dict) -> bool:
     return file_ok(r["qweights"], r["qweights_sha"]) and shard_ok(Path(r["out"]), r["out_sha"])
 
 
-@_stage("quantize")
-def quantize_flow(project: Project, params: PipelineParams):
+@_prefect_flow("quantize")
+def quantize_stage(ctx: StageContext) -> dict:
     from quantlib.adapters import check_spec_fits, get_adapter
     from tasks.inputs import manifest_sha
     from tasks.quantize import capture_activations
     from tasks.shards import shard_ok
     from tasks.sources import load_model
 
-    job = quantize_job(params)
-    model_dir = project.path(S.MODEL)
-    tokens_dir, tokens = _tokens(project)
+    job = quantize_job(ctx.params.quantize, ctx.params.recon)
+    model_dir = ctx.path(S.MODEL)
+    tokens_dir, tokens = _tokens(ctx)
     model = load_model(model_dir)
     adapter = get_adapter(model)
     check_spec_fits(adapter, job.spec.group_size)
     common = dict(model=model, model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
-                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(project.cache))
-    cap, cap_cached = run_cached(project, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
+                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache))
+    cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", batch_size=job.engine.batch_size, **common)
-    if params.quantize.resolved_method == "recon":
-        blocks, all_cached, windows = _quantize_windows(project, job, len(adapter.blocks), cap, common)
+    n = len(adapter.blocks)
+    if ctx.params.quantize.resolved_method == "recon":
+        blocks, windows, computed = _quantize_windows(ctx, job, n, cap, common)
     else:
-        blocks, windows = _quantize_blocks(project, job, len(adapter.blocks), cap, common), []
-        all_cached = all(b["cached"] for b in blocks)
-    _write_quantized(project, job, blocks, windows, common)
-    return ("cached" if cap_cached and all_cached else "run"), {
-        "blocks": len(blocks), "computed": sum(not b["cached"] for b in blocks)}
+        (blocks, computed), windows = _quantize_blocks(ctx, job, n, cap, common), []
+    _write_quantized(ctx, job, blocks, windows, common)
+    return {"blocks": n, "computed": computed + int(not cap_cached)}
 
 
-def _quantize_blocks(project: Project, job, n: int, cap: dict, common: dict) -> list[dict]:
+def _quantize_blocks(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
     """One cached task per block, each fed by the previous block's output shard."""
     from tqdm import tqdm
 
     from tasks.quantize import quantize_block_task
 
-    prev, records = (cap["path"], cap["sha"]), []
+    prev, records, computed = (cap["path"], cap["sha"]), [], 0
     for i in tqdm(range(n), desc="quantize", unit="block"):
-        rec, cached = run_cached(project, quantize_block_task, _block_ok, f"block {i}",
+        rec, cached = run_cached(ctx, quantize_block_task, _block_ok, f"block {i}",
                                  index=i, in_path=prev[0], in_sha=prev[1], job=job, **common)
         st = rec["stats"]
-        records.append({"block": i, "cached": cached, "names": rec["names"], "qweights": rec["qweights"],
-                        "qweights_sha": rec["qweights_sha"], "seconds": st["seconds"], "peak_mb": st["peak_mb"],
-                        "layer_errors": st["layer_errors"], "before": None, "block_error": st["block_error"]})
+        records.append({"block": i, "names": rec["names"], "qweights": rec["qweights"],
+                        "qweights_sha": rec["qweights_sha"], "layer_errors": st["layer_errors"], "before": None,
+                        "block_error": st["block_error"]})
+        if st["block_error"] is not None:
+            ctx.log_metrics({"block_error": st["block_error"]}, i)
+        computed += not cached
         prev = (rec["out"], rec["out_sha"])
-    return records
+    return records, computed
 
 
-def _quantize_windows(project: Project, job, n: int, cap: dict, common: dict) -> tuple[list[dict], bool, list[dict]]:
+def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], list[dict], int]:
     """Cross-block reconstruction: FP targets once, then one cached task per window; a window's
     key covers its input shard, target shard and the carried state of the blocks it shares with the
     previous window, so a killed run resumes at the window it was in."""
@@ -219,36 +232,38 @@ def _quantize_windows(project: Project, job, n: int, cap: dict, common: dict) ->
     from tasks.shards import shard_ok
 
     cfg = job.method
-    fp, fp_cached = run_cached(project, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
+    fp, fp_cached = run_cached(ctx, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
                                "fp_targets", in_path=cap["path"], in_sha=cap["sha"], job=job, **common)
     windows = cfg.windows(n)
-    prev, carry, blocks, stats, all_cached = (cap["path"], cap["sha"]), None, [], [], fp_cached
+    prev, carry, blocks, stats, computed = (cap["path"], cap["sha"]), None, [], [], int(not fp_cached)
     for w, (start, end) in enumerate(tqdm(windows, desc="reconstruct", unit="window")):
         nxt = windows[w + 1][0] if w + 1 < len(windows) else n
         target = fp["bounds"][min(end + cfg.lookahead, n) - 1] if cfg.target == "fp" else None
-        rec, cached = run_cached(project, recon_window_task, window_ok, f"window {w} blocks [{start}, {end})",
+        rec, cached = run_cached(ctx, recon_window_task, window_ok, f"window {w} blocks [{start}, {end})",
                                  window=(start, end), next_start=nxt, in_path=prev[0], in_sha=prev[1], target=target,
                                  carry=carry, job=job, **common)
         st = rec["stats"]
-        stats.append({"window": w, "cached": cached, **st})
-        share = {"cached": cached, "seconds": st["seconds"] / max(nxt - start, 1), "peak_mb": st["peak_mb"],
-                 "layer_errors": {}, "names": [], "qweights": None, "qweights_sha": None}
+        stats.append({"window": w, **{k: st[k] for k in ("start", "end", "loss_init", "loss_final", "kept_init", "curve")}})
+        for step, loss in enumerate(st["curve"]):
+            ctx.log_metrics({f"recon_loss_window_{w:03d}": loss}, step)
+        ctx.log_metrics({"recon_loss_final": st["loss_final"]}, w)
+        share = {"layer_errors": {}, "names": [], "qweights": None, "qweights_sha": None}
         finished = [dict(share, block=e["block"], before=e["before"], block_error=e["after"]) for e in st["block_errors"]]
         # the window's one codes file holds every block it finished: attach it to the first of them
         finished[0] |= {k: rec[k] for k in ("names", "qweights", "qweights_sha")}
         blocks += finished
-        all_cached &= cached
+        computed += not cached
         prev, carry = (rec["out"], rec["out_sha"]), rec["carry"]
-    return blocks, all_cached, stats
+    return blocks, stats, computed
 
 
-def _write_quantized(project: Project, job, blocks: list[dict], windows: list[dict], common: dict) -> None:
+def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[dict], common: dict) -> None:
     from tasks.cache import plain
-    from tasks.io import atomic_save_safetensors, atomic_write_json, fresh_dir
+    from tasks.io import atomic_save_safetensors, atomic_write_json
     from tasks.quantize import load_block_weights
 
-    out = project.path(S.QUANTIZED)
-    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
+    out = ctx.path(S.QUANTIZED)
+    tmp = _fresh_tmp(out)
     tensors, modules = {}, []
     for b in blocks:
         if b["qweights"] is not None:
@@ -256,248 +271,233 @@ def _write_quantized(project: Project, job, blocks: list[dict], windows: list[di
                 tensors.update(qw.state_dict(name))
             modules += b["names"]
     sha = atomic_save_safetensors(tmp / "quantized.safetensors", tensors)
-    keep = ("block", "cached", "seconds", "peak_mb", "layer_errors", "before", "block_error")
+    keep = ("block", "layer_errors", "before", "block_error")
     atomic_write_json(tmp / "quantize.json", {
         "job": plain(job), "scheme": job.spec.name, "method": type(job.method).__name__, "modules": modules,
         "model_sha": common["model_sha"], "calib_sha": common["calib_sha"], "quantized_sha256": sha,
-        "quant_seconds": sum(b["seconds"] for b in blocks if not b["cached"]),
         "blocks": [{k: b[k] for k in keep} for b in blocks], "windows": windows})
     _swap(tmp, out)
-    atomic_write_json(project.path(S.BLOCK_ERRORS),
+    atomic_write_json(ctx.path(S.BLOCK_ERRORS),
                       [{"block": b["block"], "before": b["before"], "after": b["block_error"]} for b in blocks])
 
 
-def _swap(tmp: Path, out: Path) -> None:
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+# ---------------------------------------------------------------------------------------- qat
 
 
-@_stage("qat")
-def qat_flow(project: Project, params: PipelineParams):
-    """Global QAT refinement of the quantized model on the calibration sequences; while disabled,
-    the quantized state passes through unchanged."""
-    from tasks.inputs import manifest_sha
-    from tasks.io import atomic_save_safetensors, atomic_write_json, file_ok, fresh_dir, load_safetensors_verified, publish_dir
-    from tasks.qat import qat_teacher_task, qat_train_task
-
-    q = params.qat
-    if not q.active(params.quantize.bits):
-        publish_dir(project.path(S.QUANTIZED), project.path(S.QAT))
-        return "run", {"enabled": False}
-    cfg = qat_config(params)
-    qdir, model_dir = project.path(S.QUANTIZED), project.path(S.MODEL)
-    info = json.loads((qdir / "quantize.json").read_text())
-    tokens_dir, tokens = _tokens(project)
-    common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
-                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(project.cache))
-    teacher, c1 = (None, True) if not cfg.needs_teacher else run_cached(
-        project, qat_teacher_task, lambda r: file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
-    rec, c2 = run_cached(project, qat_train_task, lambda r: file_ok(r["path"], r["sha"]), "qat",
-                         quantized_path=str(qdir / "quantized.safetensors"), quantized_sha=info["quantized_sha256"],
-                         names=info["modules"], teacher=teacher, cfg=cfg, checkpoint_every=q.checkpoint_every, **common)
-    st = rec["stats"]
-    if st["kept_init"]:
-        log.warning("qat: no step beat the initial held-out loss %.4g; keeping the quantized input", st["init_heldout"])
-    out = project.path(S.QAT)
-    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
-    sha = atomic_save_safetensors(tmp / "quantized.safetensors", load_safetensors_verified(rec["path"], rec["sha"]))
-    atomic_write_json(tmp / "quantize.json", info | {
-        "quantized_sha256": sha, "quant_seconds": info["quant_seconds"] + (0.0 if c2 else st["seconds"]),
-        "qat": st | {"config": cfg.__dict__, "resumed_at": rec["resumed_at"]}})
-    _swap(tmp, out)
-    return ("cached" if c1 and c2 else "run"), {"init_heldout": st["init_heldout"], "best_heldout": st["best_heldout"],
-                                                "kept_init": st["kept_init"]}
-
-
-def qat_config(params: PipelineParams):
-    """The quantlib QATConfig from the qat section."""
+def qat_config(qat: Any):
+    """The quantlib QATConfig from the qat section (params or its view)."""
     from quantlib.qat import QATConfig
 
-    q = params.qat
-    return QATConfig(trainable=q.trainable, loss=q.loss, kl_weight=q.kl_weight, topk=q.topk, steps=q.steps, lr=q.lr,
-                     batch_size=q.batch_size, grad_accum=q.grad_accum, schedule=q.schedule, heldout=q.heldout,
-                     eval_every=q.eval_every, patience=q.patience, grad_checkpoint=q.grad_checkpoint, seed=q.seed)
+    return QATConfig(trainable=qat.trainable, loss=qat.loss, kl_weight=qat.kl_weight, topk=qat.topk, steps=qat.steps,
+                     lr=qat.lr, batch_size=qat.batch_size, grad_accum=qat.grad_accum, schedule=qat.schedule,
+                     heldout=qat.heldout, eval_every=qat.eval_every, patience=qat.patience,
+                     grad_checkpoint=qat.grad_checkpoint, seed=qat.seed)
 
 
-@_stage("pack")
-def pack_flow(project: Project, params: PipelineParams):
+@_prefect_flow("qat")
+def qat_stage(ctx: StageContext) -> dict:
+    """Global QAT refinement of the quantized model on the calibration sequences; while inactive,
+    the quantized state passes through unchanged. Records the block-wise state's sha256 (the chain
+    link from quantized codes to QAT codes)."""
+    from tasks.io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified
+
+    active = ctx.params.qat.active(ctx.params.quantize.bits)
+    qdir, out = ctx.path(S.QUANTIZED), ctx.path(S.QAT)
+    info = _read_json(qdir / "quantize.json")
+    tmp = _fresh_tmp(out)
+    chain = {"block_quantized_sha256": info["quantized_sha256"]}
+    if not active:
+        tensors = load_safetensors_verified(qdir / "quantized.safetensors", info["quantized_sha256"])
+        atomic_save_safetensors(tmp / "quantized.safetensors", tensors)
+        atomic_write_json(tmp / "quantize.json", info | chain | {"qat": None})
+        _swap(tmp, out)
+        return {"enabled": 0}
+    rec, computed = _train_qat(ctx, qdir, info)
+    st = rec["stats"]
+    for step, loss in enumerate(st["curve"]):
+        ctx.log_metrics({"qat_loss": loss}, step)
+    for step, loss in st["heldout_curve"]:
+        ctx.log_metrics({"qat_heldout_loss": loss}, step)
+    if st["kept_init"]:
+        log.warning("qat: no step beat the initial held-out loss %.4g; keeping the quantized input", st["init_heldout"])
+    sha = atomic_save_safetensors(tmp / "quantized.safetensors", load_safetensors_verified(rec["path"], rec["sha"]))
+    stats = {k: v for k, v in st.items() if k not in ("seconds", "peak_mb")}
+    atomic_write_json(tmp / "quantize.json", info | chain | {
+        "quantized_sha256": sha, "qat": stats | {"config": qat_config(ctx.params.qat).__dict__}})
+    _swap(tmp, out)
+    return {"enabled": 1, "computed": computed, "init_heldout": st["init_heldout"], "best_heldout": st["best_heldout"],
+            "resumed_at_step": -1 if rec["resumed_at"] is None else rec["resumed_at"]}
+
+
+def _train_qat(ctx: StageContext, qdir: Path, info: dict) -> tuple[dict, int]:
+    from tasks.inputs import manifest_sha
+    from tasks.io import file_ok
+    from tasks.qat import qat_teacher_task, qat_train_task
+
+    cfg, model_dir = qat_config(ctx.params.qat), ctx.path(S.MODEL)
+    tokens_dir, tokens = _tokens(ctx)
+    common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
+                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache))
+    teacher, c1 = (None, True) if not cfg.needs_teacher else run_cached(
+        ctx, qat_teacher_task, lambda r: file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
+    rec, c2 = run_cached(ctx, qat_train_task, lambda r: file_ok(r["path"], r["sha"]), "qat",
+                         quantized_path=str(qdir / "quantized.safetensors"), quantized_sha=info["quantized_sha256"],
+                         names=info["modules"], teacher=teacher, teacher_sha=teacher and teacher["sha"], cfg=cfg,
+                         checkpoint_every=ctx.params.qat.checkpoint_every, **common)
+    return rec, int(not c1) + int(not c2)
+
+
+# --------------------------------------------------------------------------------------- pack
+
+
+def pack_stage(ctx: StageContext) -> dict:
+    """The release folder and its MANIFEST: every file's sha256, the params of every stage that made
+    it, the hash chain source -> model -> tokens -> quantized -> qat codes, and the code identity."""
     from quantlib.qweight import QuantizedWeight
-    from tasks.io import fresh_dir, load_safetensors_verified
+    from tasks.codeid import code_identity
+    from tasks.io import load_safetensors_verified
+    from tasks.manifest import build_release_manifest
     from tasks.release import write_release_files
-    from tasks.tracking import build_release_manifest, collect_code_lineage, collect_release_inputs
 
-    from .params import flatten, params_to_dict
-
-    qdir = project.path(S.QAT)
-    info = json.loads((qdir / "quantize.json").read_text())
+    qdir, model_dir = ctx.path(S.QAT), ctx.path(S.MODEL)
+    info = _read_json(qdir / "quantize.json")
     tensors = load_safetensors_verified(qdir / "quantized.safetensors", info["quantized_sha256"])
     qweights = {n: QuantizedWeight.from_state_dict(tensors, n) for n in info["modules"]}
-    out = project.path(S.RELEASE)
-    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
-    write_release_files(tmp, project.path(S.MODEL), qweights,
-                        {"scheme": info["scheme"], "method": info["method"], "job": info["job"]}, fmt=params.pack.format)
-    stages = {n: {"status": r["status"], "seconds": r["seconds"]} for n, r in _stage_records(project).items()
-              if n in ("fetch_model", "prepare_data", "quantize", "qat")}
-    build_release_manifest(
-        tmp, collect_release_inputs(project.path(S.MODEL), project.path(S.TOKENS), flatten(params_to_dict(params))),
-        collect_code_lineage(project.root) | {"stages": stages})
+    out = ctx.path(S.RELEASE)
+    tmp = _fresh_tmp(out)
+    write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
+                        fmt=ctx.params.pack.format)
+    build_release_manifest(tmp, params=ctx.params.declared(), chain=_chain(ctx, info), code=code_identity())
     _swap(tmp, out)
-    return "run", {}
+    return {"files": sum(1 for p in out.rglob("*") if p.is_file())}
 
 
-def _stage_records(project: Project) -> dict[str, dict]:
-    folder = project.cache / "stages"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
-
-
-def _eval_files(project: Project) -> tuple[dict, str]:
-    from tasks.cache import stable_hash
-
-    folder, tokens = _tokens(project)
-    files = {name: [str(folder / e["file"]), e["sha256"]] for name, e in tokens["eval"].items()}
-    return files, stable_hash(files and {k: v[1] for k, v in files.items()})
-
-
-@_stage("evaluate")
-def evaluate_flow(project: Project, params: PipelineParams):
-    from tasks.cache import stable_hash
-    from tasks.evaluation import lm_eval_task, ppl_task, prepare_local_tasks
+def _chain(ctx: StageContext, info: dict) -> dict:
     from tasks.inputs import manifest_sha
-    from tasks.io import atomic_write_json, fresh_dir
-    from tasks.report import write_report
+
+    model_dir = ctx.path(S.MODEL)
+    _, tokens = _tokens(ctx)
+    source = _read_json(model_dir / "source.json")
+    return {"source": source, "model": manifest_sha(model_dir), "calib": tokens["calib"]["sha256"],
+            "eval": {name: e["sha256"] for name, e in tokens["eval"].items()},
+            "quantized": info["block_quantized_sha256"], "qat": info["quantized_sha256"]}
+
+
+def release_label(manifest: dict) -> tuple[str, str]:
+    """(method label, scheme name) of a release from the params its MANIFEST records, e.g.
+    ("boa+qat", "w3g64")."""
+    from quantlib.spec import QuantSpec
+
+    from .params import params_from_dict
+
+    params = params_from_dict(manifest["params"])
+    q = params.quantize
+    qat = "+qat" if params.qat.active(q.bits) else ""
+    return f"{q.resolved_method}{qat}", QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym).name
+
+
+# ----------------------------------------------------------------------------------- evaluate
+
+
+def _eval_files(ctx: StageContext) -> tuple[dict, str]:
+    from tasks.cache import stable_hash
+
+    folder, tokens = _tokens(ctx)
+    files = {name: [str(folder / e["file"]), e["sha256"]] for name, e in tokens["eval"].items()}
+    return files, stable_hash({k: v[1] for k, v in files.items()})
+
+
+@_prefect_flow("evaluate")
+def evaluate_stage(ctx: StageContext) -> dict:
+    from tasks.evaluation import ppl_task
+    from tasks.inputs import manifest_sha
+    from tasks.io import atomic_write_json, sha256_file
+
+    e, release, model_dir = ctx.params.evaluate, ctx.path(S.RELEASE), ctx.path(S.MODEL)
+    files, files_sha = _eval_files(ctx)
+    release_sha = sha256_file(release / "MANIFEST.json")  # deterministic: identifies the release
+    common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size)
+    ppl, c1 = run_cached(ctx, ppl_task, lambda r: True, "perplexity (release)",
+                         kind="release", folder=str(release), model_sha=release_sha, **common)
+    fp, c2 = run_cached(ctx, ppl_task, lambda r: True, "perplexity (fp source)",
+                        kind="model", folder=str(model_dir), model_sha=manifest_sha(model_dir), **common)
+    lm, c3 = _lm_eval(ctx, release, release_sha)
+    manifest = _read_json(release / "MANIFEST.json")
+    method, scheme = release_label(manifest)
+    metrics = {"ppl": ppl, "fp32_ppl": fp, "lm_eval": lm, "scheme": scheme, "method": method}
+    atomic_write_json(ctx.path(S.METRICS), metrics)
+    first = next(iter(ppl))
+    atomic_write_json(ctx.path(S.PPL), [{"model": "fp32", "ppl": fp[first]}, {"model": method, "ppl": ppl[first]}])
+    _report(ctx, f"{manifest['params']['fetch_model']['source']} {method} {scheme}", ppl[first], fp[first], lm)
+    ctx.log_metrics({"ppl": ppl[first], "fp32_ppl": fp[first], **lm}, 0)
+    return {"computed": int(not c1) + int(not c2) + int(not c3)}
+
+
+def _lm_eval(ctx: StageContext, release: Path, release_sha: str) -> tuple[dict, bool]:
+    from tasks.evaluation import lm_eval_task, prepare_local_tasks
     from tasks.textdata import load_text, parse_text_source, resolve_mirror
 
-    e = params.evaluate
-    release, model_dir = project.path(S.RELEASE), project.path(S.MODEL)
-    files, files_sha = _eval_files(project)
-    # the release's content (not its MANIFEST, which also records stage timings) identifies it
-    release_sha = stable_hash(json.loads((release / "MANIFEST.json").read_text())["files"])
-    model_sha = manifest_sha(model_dir)
-    common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size)
-    ppl, c1 = run_cached(project, ppl_task, lambda r: True, "perplexity (release)",
-                         kind="release", folder=str(release), model_sha=release_sha, **common)
-    fp, c2 = run_cached(project, ppl_task, lambda r: True, "perplexity (fp source)",
-                        kind="model", folder=str(model_dir), model_sha=model_sha, **common)
-    lm, c3 = {}, True
-    if e.lm_eval_tasks:
-        text = load_text(parse_text_source(params.prepare_data.eval_sources[0]), resolve_mirror(params.prepare_data.mirror))
-        include, tasks_sha = prepare_local_tasks(project.cache / "lm_eval_tasks", text, list(e.lm_eval_tasks))
-        lm, c3 = run_cached(project, lm_eval_task, lambda r: True, "lm_eval", folder=str(release), model_sha=release_sha,
-                            tasks=list(e.lm_eval_tasks), include_path=str(include) if include else None,
-                            tasks_sha=tasks_sha, limit=e.lm_eval_limit, batch_size=e.batch_size)
-    info = json.loads((project.path(S.QAT) / "quantize.json").read_text())
-    label = f"{info['method'].removesuffix('Config').lower()}{'+qat' if info.get('qat') else ''} {info['scheme']}"
-    metrics = {"ppl": ppl, "fp32_ppl": fp, "lm_eval": lm, "scheme": info["scheme"], "method": label,
-               "quant_seconds": info["quant_seconds"]}
-    atomic_write_json(project.path(S.METRICS), metrics)
-    first = next(iter(ppl))
-    atomic_write_json(project.path(S.PPL), [{"model": "fp32", "ppl": fp[first]}, {"model": label, "ppl": ppl[first]}])
-    history = _history(project, model_sha, label, ppl[first])
-    report = fresh_dir(project.path(S.REPORT))
-    blocks = json.loads(project.path(S.BLOCK_ERRORS).read_text())
-    write_report(report, title=f"{params.fetch_model.source} {label}",
-                 metrics={"ppl": ppl[first], "fp32 ppl": fp[first], "quant seconds": info["quant_seconds"], **lm},
-                 block_errors=[{"block": b["block"], "before": b.get("before"), "after": b["after"]} for b in blocks
-                               if b["after"] is not None],
-                 history=[h for h in history if h["label"] != label], fp32_ppl=fp[first])
-    return ("cached" if c1 and c2 and c3 else "run"), {"ppl": ppl[first], "fp32_ppl": fp[first]}
+    e, d = ctx.params.evaluate, ctx.params.prepare_data
+    if not e.lm_eval_tasks:
+        return {}, True
+    text = load_text(parse_text_source(d.eval_sources[0]), resolve_mirror(d.mirror))
+    include, tasks_sha = prepare_local_tasks(ctx.cache / "lm_eval_tasks", text, list(e.lm_eval_tasks))
+    return run_cached(ctx, lm_eval_task, lambda r: True, "lm_eval", folder=str(release), model_sha=release_sha,
+                      tasks=list(e.lm_eval_tasks), include_path=str(include) if include else None,
+                      tasks_sha=tasks_sha, limit=e.lm_eval_limit, batch_size=e.batch_size)
 
 
-def _history(project: Project, model_sha: str, label: str, ppl: float) -> list[dict]:
-    """Perplexities of every configuration evaluated on this source model here (latest per label)."""
+def _report(ctx: StageContext, title: str, ppl: float, fp: float, lm: dict) -> None:
+    from tasks.report import write_report
+
+    out = ctx.path(S.REPORT)
+    tmp = _fresh_tmp(out)
+    blocks = _read_json(ctx.path(S.BLOCK_ERRORS))
+    write_report(tmp, title=title, metrics={"ppl": ppl, "fp32 ppl": fp, **lm},
+                 block_errors=[b for b in blocks if b["after"] is not None], history=[], fp32_ppl=fp)
+    _swap(tmp, out)
+
+
+# ----------------------------------------------------------------------------------- register
+
+
+class GateError(RuntimeError):
+    """The release did not pass register.max_ppl_ratio: registered, but the alias was not moved."""
+
+
+def register_stage(ctx: StageContext) -> dict:
+    """Register the release once per MANIFEST (a version already registered is reused), and move the
+    alias only when the quality gate passes; the outcome is written to metrics/registry.json."""
     from tasks.io import atomic_write_json
+    from tasks.registry import register_release, release_model_name
 
-    path = project.cache / "history" / f"{model_sha[:16]}.json"
-    runs = json.loads(path.read_text()) if path.is_file() else {}
-    runs[label] = ppl
-    atomic_write_json(path, runs)
-    return [{"label": k, "ppl": v} for k, v in runs.items()]
-
-
-@_stage("register")
-def register_flow(project: Project, params: PipelineParams):
-    """One MLflow parent run with a nested run per stage; the release registered and aliased."""
-    from tasks.io import atomic_write_json, sha256_file
-    from tasks.tracking import Tracker, collect_code_lineage, lineage_tags, register_release, release_model_name
-
-    from .params import flatten, params_to_dict
-
-    r = params.register
-    tracker = Tracker(r.resolved_tracking_uri(project.root), r.experiment)
-    release = project.path(S.RELEASE)
-    metrics = json.loads(project.path(S.METRICS).read_text())
-    manifest = json.loads((release / "MANIFEST.json").read_text())
-    flat = flatten(params_to_dict(params))
-    tags = lineage_tags(collect_code_lineage(project.root),
-                        source_model_sha256=manifest["inputs"]["model_manifest_sha256"],
-                        calib_sha256=manifest["inputs"]["calib_sha256"], params_sha256=manifest["inputs"]["params_sha256"],
-                        release_manifest_sha256=sha256_file(release / "MANIFEST.json"))
-    parent = tracker.start_run(f"ptq {metrics['method']}", tags=tags)
-    tracker.log_params(parent, flat)
-    tracker.log_metrics(parent, _numeric(metrics))
-    _log_stages(tracker, project, parent)
-    tracker.log_artifact(parent, project.path(S.REPORT), "report")
-    tracker.log_artifact(parent, release / "MANIFEST.json", "release")
-    name = r.model_name or release_model_name(params.fetch_model.source, metrics["scheme"])
-    name, version = register_release(tracker, parent, release, name, r.alias)
-    tracker.end_run(parent)
-    record = {"model_name": name, "version": version, "alias": r.alias, "run_id": parent,
-              "tracking_uri": tracker.tracking_uri, "model_uri": f"models:/{name}/{version}"}
-    atomic_write_json(project.path(S.REGISTRY), record)
-    return "run", record
+    r, release = ctx.params.register, ctx.path(S.RELEASE)
+    if ctx.tracking is None:
+        raise RuntimeError("the register stage needs MLflow tracking (register.tracking_uri)")
+    metrics = _read_json(ctx.path(S.METRICS))
+    passed, reason = _gate(metrics, r.max_ppl_ratio)
+    source = _read_json(release / "MANIFEST.json")["params"]["fetch_model"]["source"]
+    name = r.model_name or release_model_name(source, metrics["scheme"])
+    reg = register_release(ctx.tracking.tracker, ctx.tracking.parent_run_id, release, name, r.alias,
+                           move_alias=passed, reason=reason)
+    atomic_write_json(ctx.path(S.REGISTRY), {
+        "model_name": reg.name, "version": reg.version, "new_version": reg.new, "alias": r.alias,
+        "alias_moved": reg.alias_moved, "gate": reason or "passed", "model_uri": f"models:/{reg.name}/{reg.version}",
+        "tracking_uri": ctx.tracking.tracker.tracking_uri})
+    if not passed:
+        raise GateError(f"register: {reason}; version {reg.version} is registered, alias {r.alias!r} not moved")
+    return {"version": reg.version, "new_version": int(reg.new)}
 
 
-def _numeric(metrics: dict) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in _numeric(value).items()})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
+def _gate(metrics: dict, max_ratio: float | None) -> tuple[bool, str]:
+    first = next(iter(metrics["ppl"]))
+    ratio = metrics["ppl"][first] / metrics["fp32_ppl"][first]
+    if max_ratio is None or ratio <= max_ratio:
+        return True, ""
+    return False, f"quality gate failed: ppl ratio {ratio:.4f} on {first} exceeds register.max_ppl_ratio {max_ratio}"
 
 
-def _log_stages(tracker, project: Project, parent: str) -> None:
-    for name, rec in _stage_records(project).items():
-        if name == "register":
-            continue
-        run = tracker.start_stage_run(parent, name, rec["status"])
-        tracker.log_metrics(run, {"seconds": rec["seconds"]})
-        if name == "quantize":
-            info = json.loads((project.path(S.QUANTIZED) / "quantize.json").read_text())
-            errs = [b["block_error"] for b in info["blocks"] if b["block_error"] is not None]
-            if errs:
-                tracker.log_step_metric(run, "block_error", errs)
-            tracker.log_metrics(run, {"peak_mb": max(b["peak_mb"] for b in info["blocks"]),
-                                      "quant_seconds": info["quant_seconds"]})
-            for w in info.get("windows", []):  # per-window reconstruction loss curves
-                if w["curve"]:
-                    tracker.log_step_metric(run, f"recon_loss_window_{w['window']:03d}", w["curve"])
-            if info.get("windows"):
-                tracker.log_step_metric(run, "recon_loss_final", [w["loss_final"] for w in info["windows"]])
-        if name == "qat":
-            info = json.loads((project.path(S.QAT) / "quantize.json").read_text())
-            if info.get("qat"):
-                q = info["qat"]
-                tracker.log_step_metric(run, "qat_loss", q["curve"])
-                for step, loss in q["heldout_curve"]:
-                    tracker.log_metrics(run, {"qat_heldout_loss": loss}, step=step)
-        tracker.end_run(run)
-
-
-STAGE_FLOWS = {"fetch_model": fetch_model_flow, "prepare_data": prepare_data_flow, "quantize": quantize_flow,
-               "qat": qat_flow, "pack": pack_flow, "evaluate": evaluate_flow, "register": register_flow}
-
-
-def run_stage(project: Project, params: PipelineParams, name: str) -> StageResult:
-    if name not in STAGE_FLOWS:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_FLOWS)}")
-    return STAGE_FLOWS[name](project, params)
-
-
-@flow(name="ptq-pipeline", validate_parameters=False)
-def pipeline_flow(project: Project, params: PipelineParams) -> list[StageResult]:
-    return [STAGE_FLOWS[s.name](project, params) for s in S.STAGES]
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict]] = {
+    "inputs": inputs_stage, "fetch_model": fetch_model_stage, "prepare_data": prepare_data_stage,
+    "quantize": quantize_stage, "qat": qat_stage, "pack": pack_stage, "evaluate": evaluate_stage,
+    "register": register_stage}

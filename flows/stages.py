@@ -1,13 +1,23 @@
-"""The DVC stage graph, described once; dvc.yaml is generated from it.
+"""The pipeline's DAG, described once: dvc.yaml is generated from it and every stage reads through it.
 
 Regenerate dvc.yaml after editing STAGES (a test checks they agree):
 
     python -m flows.stages            # writes dvc.yaml (and params.yaml if there is none)
     python -m flows.stages --check    # exit 1 if dvc.yaml is stale
 
-Every stage depends on the code it runs (CODE_DEPS) and on the `section.key` params of its own
-params.yaml section. The graph is fixed: the qat stage always runs and, when `qat.enabled` is
-false, copies data/quantized to data/qat. Flows take their folder and file paths from here.
+A stage declares what it reads: `deps` (project paths written by earlier stages) and `params`
+(`section` for every key of a section, or `section.key`). At run time a stage receives a params view
+and a path resolver built from its declaration (flows.context), so reading anything else is an
+error, not a silent dependency: DVC's idea of what changed is exactly what the code uses.
+
+Outputs: `outs` go to the DVC cache (data/, git-ignored); `metrics` and `plots` are small JSON files
+kept in git (metrics/), so `dvc metrics diff` and `dvc plots diff` work across commits. Every stage
+also writes `metrics/stages/<name>.json` (its wall time and how much it computed vs reused), which
+nothing downstream reads. The `inputs` stage hashes the model source and the text files (outside
+the project, where DVC cannot hash them itself) into data/inputs.json, which the stages that read
+them depend on. DVC re-runs it when the source params change; `ptq run` re-runs it every time
+(`refresh`, about a second), so a source file changed in place is noticed; under `dvc repro` force
+that check with `dvc repro -f inputs`. When the content is unchanged, nothing downstream re-runs.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ from flows.params import dump_default_params, section_keys
 __all__ = [
     "BLOCK_ERRORS",
     "CODE_DEPS",
+    "INPUTS",
     "METRICS",
     "MODEL",
     "PPL",
@@ -31,45 +42,41 @@ __all__ = [
     "QUANTIZED",
     "REGISTRY",
     "RELEASE",
+    "RELEASE_PARAMS",
     "REPORT",
     "STAGES",
     "TOKENS",
-    "Output",
     "Plot",
     "Stage",
     "get_stage",
     "render_dvc_yaml",
 ]
 
-# Artifacts, relative to the repo root (where dvc.yaml and params.yaml live).
+# Artifacts, relative to the project root (where dvc.yaml and params.yaml live).
+INPUTS = "data/inputs.json"  # content hashes of the model source and the text files
 MODEL = "data/model"
 TOKENS = "data/tokens"
 QUANTIZED = "data/quantized"
-# Not data/quantized/block_errors.json: DVC rejects an output inside another output.
-BLOCK_ERRORS = "data/reports/block_errors.json"
 QAT = "data/qat"
 RELEASE = "data/release"
-REPORT = "data/reports/report"
-METRICS = "data/reports/metrics.json"
-PPL = "data/reports/ppl.json"
-REGISTRY = "data/reports/registry.json"
+REPORT = "data/report"
+# git-tracked metrics and plots
+BLOCK_ERRORS = "metrics/block_errors.json"
+METRICS = "metrics/metrics.json"
+PPL = "metrics/ppl.json"
+REGISTRY = "metrics/registry.json"
+TIMINGS_DIR = "metrics/stages"
 
 # The code every stage runs, so that a code change re-runs the stages (hashed by DVC; keep
 # __pycache__ out of the hash with a .dvcignore).
 CODE_DEPS = ("quantlib", "tasks", "flows")
-
-
-@dataclass(frozen=True)
-class Output:
-    """A stage output; cache=False keeps it in git instead of the DVC cache."""
-
-    path: str
-    cache: bool = True
+# The params that make a release: recorded in full in its MANIFEST, so the pack stage declares them.
+RELEASE_PARAMS = ("fetch_model", "prepare_data", "quantize", "recon", "qat", "pack")
 
 
 @dataclass(frozen=True)
 class Plot:
-    """A plot file (never cached); x and y name its columns (y None: DVC picks the last one)."""
+    """A git-tracked plot file; x and y name its columns (y None: DVC picks the last one)."""
 
     path: str
     x: str | None = None
@@ -78,50 +85,65 @@ class Plot:
 
 @dataclass(frozen=True)
 class Stage:
-    """One DVC stage, run as `ptq stage <name> -p params.yaml`; metrics files are not cached."""
+    """One DVC stage, run as `python -m flows.cli stage <name>` (the project's own code, which DVC hashes
+    as CODE_DEPS) by DVC, or in process by `ptq run`."""
 
     name: str
-    deps: tuple[str, ...]
-    params: tuple[str, ...]  # params.yaml sections; every key of each is tracked
-    outs: tuple[Output, ...]
-    metrics: tuple[str, ...] = ()
-    plots: tuple[Plot, ...] = ()
+    deps: tuple[str, ...]  # project paths read (besides CODE_DEPS)
+    params: tuple[str, ...]  # "section" (every key) or "section.key"
+    outs: tuple[str, ...]  # DVC-cached outputs
+    metrics: tuple[str, ...] = ()  # git-tracked
+    plots: tuple[Plot, ...] = ()  # git-tracked
+    refresh: bool = False  # `ptq run` re-runs it whatever DVC says (it checks files DVC cannot see)
 
     def __post_init__(self) -> None:
-        for section in self.params:
-            section_keys(section)  # raises ParamsError on an unknown section
+        self.param_keys  # raises ParamsError on an unknown section or key
+
+    @property
+    def param_keys(self) -> tuple[str, ...]:
+        """Every declared `section.key`, sections expanded, in declaration order."""
+        keys: list[str] = []
+        for p in self.params:
+            section, _, key = p.partition(".")
+            known = section_keys(section)
+            if key and p not in known:
+                raise KeyError(f"stage {self.name}: unknown param {p!r} (section {section}: {', '.join(known)})")
+            keys += [p] if key else known
+        return tuple(dict.fromkeys(keys))
+
+    @property
+    def timings(self) -> str:
+        """The stage's own metrics file: wall time and computed/reused counts; nothing reads it."""
+        return f"{TIMINGS_DIR}/{self.name}.json"
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return (*self.outs, *self.metrics, *(p.path for p in self.plots), self.timings)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.deps
 
     @property
     def cmd(self) -> str:
-        return f"ptq stage {self.name} -p params.yaml"
+        return f"python -m flows.cli stage {self.name}"
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("fetch_model", deps=CODE_DEPS, params=("fetch_model",), outs=(Output(MODEL),)),
-    Stage("prepare_data", deps=(MODEL, *CODE_DEPS), params=("prepare_data",), outs=(Output(TOKENS),)),
-    Stage(
-        "quantize",
-        deps=(MODEL, TOKENS, *CODE_DEPS),
-        params=("quantize", "recon"),
-        outs=(Output(QUANTIZED),),
-        plots=(Plot(BLOCK_ERRORS, x="block"),),
-    ),
-    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED, *CODE_DEPS), params=("qat",), outs=(Output(QAT),)),
-    Stage("pack", deps=(MODEL, QAT, *CODE_DEPS), params=("pack",), outs=(Output(RELEASE),)),
-    Stage(
-        "evaluate",
-        deps=(MODEL, TOKENS, RELEASE, *CODE_DEPS),
-        params=("evaluate",),
-        outs=(Output(REPORT),),
-        metrics=(METRICS,),
-        plots=(Plot(PPL),),
-    ),
-    Stage(
-        "register",
-        deps=(RELEASE, METRICS, *CODE_DEPS),
-        params=("register",),
-        outs=(Output(REGISTRY, cache=False),),
-    ),
+    Stage("inputs", deps=(), refresh=True, outs=(INPUTS,),
+          params=("fetch_model.source", "prepare_data.calib_source", "prepare_data.eval_sources",
+                  "prepare_data.mirror")),
+    Stage("fetch_model", deps=(INPUTS,), params=("fetch_model",), outs=(MODEL,)),
+    Stage("prepare_data", deps=(INPUTS, MODEL), params=("prepare_data",), outs=(TOKENS,)),
+    Stage("quantize", deps=(MODEL, TOKENS), params=("quantize", "recon"), outs=(QUANTIZED,),
+          plots=(Plot(BLOCK_ERRORS, x="block"),)),
+    # qat.enabled: auto decides by the number of bits
+    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits"), outs=(QAT,)),
+    Stage("pack", deps=(MODEL, TOKENS, QAT), params=RELEASE_PARAMS, outs=(RELEASE,)),
+    Stage("evaluate", deps=(INPUTS, MODEL, TOKENS, RELEASE, BLOCK_ERRORS),
+          params=("evaluate", "prepare_data.eval_sources", "prepare_data.mirror"),
+          outs=(REPORT,), metrics=(METRICS,), plots=(Plot(PPL, x="model", y="ppl"),)),
+    Stage("register", deps=(RELEASE, METRICS), params=("register",), outs=(), metrics=(REGISTRY,)),
 )
 
 
@@ -133,20 +155,17 @@ def get_stage(name: str) -> Stage:
     raise KeyError(f"unknown stage {name!r} (stages: {', '.join(s.name for s in STAGES)})")
 
 
+def _plot_entry(p: Plot) -> dict[str, Any]:
+    return {p.path: {"cache": False, **{k: v for k, v in (("x", p.x), ("y", p.y)) if v is not None}}}
+
+
 def _stage_entry(stage: Stage) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "cmd": stage.cmd,
-        "deps": list(stage.deps),
-        "params": [key for section in stage.params for key in section_keys(section)],
-        "outs": [o.path if o.cache else {o.path: {"cache": False}} for o in stage.outs],
-    }
-    if stage.metrics:
-        entry["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
+    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [*stage.deps, *CODE_DEPS], "params": list(stage.param_keys)}
+    if stage.outs:
+        entry["outs"] = list(stage.outs)
+    entry["metrics"] = [{path: {"cache": False}} for path in (*stage.metrics, stage.timings)]
     if stage.plots:
-        entry["plots"] = [
-            {p.path: {"cache": False, **{k: v for k, v in (("x", p.x), ("y", p.y)) if v is not None}}}
-            for p in stage.plots
-        ]
+        entry["plots"] = [_plot_entry(p) for p in stage.plots]
     return entry
 
 

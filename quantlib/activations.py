@@ -1,25 +1,29 @@
 """Where calibration activations live between blocks: CPU memory, or safetensors shards on disk."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 __all__ = ["ActivationStore"]
 
 
 class ActivationStore:
     """An append-only list of (b, T, d) batches. With `spill_dir` each batch is a file
-    (batch_00000.safetensors) and only the batch being used is in memory."""
+    (batch_00000.safetensors) and only the batch being used is in memory; the sha256 of every file
+    it writes is taken from the bytes on their way to disk (file_digests), so whoever indexes the
+    files need not read them back."""
 
     def __init__(self, spill_dir: str | os.PathLike | None = None) -> None:
         self._mem: list[torch.Tensor] = []
         self._dir = Path(spill_dir) if spill_dir is not None else None
         self._n = 0
+        self._digests: list[str] = []
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
 
@@ -42,6 +46,10 @@ class ActivationStore:
             raise ValueError("an in-memory store has no files")
         return [self._path(i) for i in range(self._n)]
 
+    def file_digests(self) -> list[str] | None:
+        """sha256 (hex) of each batch file, in order, if this store wrote all of them; else None."""
+        return list(self._digests) if self._dir is not None and len(self._digests) == self._n else None
+
     def in_memory(self) -> "ActivationStore":
         return self if self._dir is None else ActivationStore.from_batches(list(self))
 
@@ -53,10 +61,12 @@ class ActivationStore:
         if self._dir is None:
             self._mem.append(x)
         else:
+            data = save({"x": x})  # the file's bytes: hashed here, written once
             fd, tmp = tempfile.mkstemp(dir=self._dir, suffix=".tmp")
-            os.close(fd)
-            save_file({"x": x}, tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, self._path(self._n))
+            self._digests.append(hashlib.sha256(data).hexdigest())
         self._n += 1
 
     def __len__(self) -> int:

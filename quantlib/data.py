@@ -1,7 +1,7 @@
 """The benchmark protocol's token-id arithmetic: split, calibration sampling, evaluation windows.
 
 Pure torch on 1-D int64 id tensors: no I/O, no device choice, arguments never modified. The exact
-recipe (see DESIGN.md, "Benchmark protocol") is what makes perplexities comparable across runs:
+recipe (see docs/protocol.md) is what makes perplexities comparable across runs:
   half = len(ids) // 2; pool = ids[:half]; eval = ids[half:]
   g = torch.Generator().manual_seed(seed); starts = torch.randint(0, len(pool) - seqlen + 1, (n,), generator=g)
   calibration[i] = pool[starts[i] : starts[i] + seqlen]

@@ -29,15 +29,30 @@ __all__ = ["EngineConfig", "BlockStats", "quantize_block", "quantize_model", "pe
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """batch_size: sequences per forward; true_sequential: one Hessian pass per Linear group, each
+    with the groups before it quantized; device: where the current block runs; spill_dir: keep
+    activations on disk there instead of in CPU memory.
+
+    measure_block_error: report ||F_q(X) - F(X)||^2 / ||F(X)||^2 per block. F(X), the FP block's
+    output, is recorded from the first full forward with FP weights that quantization runs anyway
+    (BoA's attention pass, the one Hessian pass when not true-sequential); under true-sequential
+    GPTQ the first group's Hessian pass runs the whole block instead of stopping at the group
+    (costs the block's FP matmuls once more), and without any pass (RTN) it gets a pass of its own.
+    block_error_batches: measure it on the first k input batches only (None: all of them); where
+    no full pass comes for free, F(X) then costs a pass over those k batches only."""
+
     batch_size: int = 8
     true_sequential: bool = True
     device: str = "cpu"
     spill_dir: str | None = None
     measure_block_error: bool = False
+    block_error_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.block_error_batches is not None and self.block_error_batches <= 0:
+            raise ValueError(f"block_error_batches must be positive or None, got {self.block_error_batches}")
 
 
 @dataclass
@@ -88,6 +103,41 @@ def _stubbed(block: nn.Module, names: list[str], probe: str | None, adapter: Mod
             block.set_submodule(n, m)
 
 
+class _Reference:
+    """The FP block's outputs F(X) on the first `batches` input batches, for the block error.
+
+    A forward hook on the block records them from the first full pass with FP weights (passes with
+    _Zero stand-ins are skipped); close() computes them with a pass of their own if none came, and
+    removes the hook. Call close() before any of the block's weights change."""
+
+    def __init__(self, block: nn.Module, batches: int) -> None:
+        self.block = block
+        self.batches = batches
+        self.outputs: list[torch.Tensor] = []  # (b, T, d) on CPU, as an in-memory ActivationStore keeps them
+        self._handle = block.register_forward_hook(self._record)
+
+    def _record(self, block: nn.Module, _args, out) -> None:
+        if len(self.outputs) < self.batches and not any(isinstance(m, _Zero) for m in block.modules()):
+            self.outputs.append((out[0] if isinstance(out, tuple) else out).detach().to("cpu"))
+
+    @property
+    def pending(self) -> bool:
+        return self._handle is not None and len(self.outputs) < self.batches
+
+    def close(self, inputs: ActivationStore, call: BlockCall, device) -> None:
+        if self._handle is None:
+            return
+        self.remove()
+        if len(self.outputs) < self.batches:  # no full FP pass ran
+            self.outputs = [run_block(self.block, inputs[i].to(device), call).detach().to("cpu")
+                            for i in range(self.batches)]
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 @torch.no_grad()
 def _collect_hessians(
     block: nn.Module, modules: dict[str, nn.Module], inputs: ActivationStore, call: BlockCall, device
@@ -127,11 +177,21 @@ def _hessian_plan(adapter: ModelAdapter, true_sequential: bool) -> list[tuple[li
 
 
 @torch.no_grad()
-def _outputs(block: nn.Module, inputs: ActivationStore, call: BlockCall, device, spill_dir) -> ActivationStore:
+def _outputs(
+    block: nn.Module, inputs: ActivationStore, call: BlockCall, device, spill_dir, ref: list[torch.Tensor] | None = None
+) -> tuple[ActivationStore, float | None]:
+    """The block's outputs on every input batch, and with `ref` (F(X) of the first batches) the
+    relative error sum ||y - r||^2 / sum ||r||^2 over those batches, accumulated on the way."""
     out = ActivationStore(spill_dir)
-    for x in inputs:
-        out.append(run_block(block, x.to(device), call))
-    return out
+    num = den = 0.0
+    for i, x in enumerate(inputs):
+        y = run_block(block, x.to(device), call)
+        out.append(y)
+        if ref is not None and i < len(ref):
+            a, b = y.detach().to("cpu").float(), ref[i].float()
+            num += float((a - b).pow(2).sum())
+            den += float(b.pow(2).sum())
+    return out, (None if ref is None else num / max(den, 1e-30))
 
 
 @torch.no_grad()
@@ -153,10 +213,26 @@ def quantize_block(
         torch.cuda.reset_peak_memory_stats(device)
     block = adapter.blocks[index].to(device)
     call = call.to(device)
+    ref = None
+    if cfg.measure_block_error:
+        ref = _Reference(block, min(cfg.block_error_batches or len(inputs), len(inputs)))
+    try:
+        results, errors = _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref)
+    finally:
+        if ref is not None:
+            ref.remove()
+    outputs, block_error = _outputs(block, inputs, call, device, out_spill_dir, None if ref is None else ref.outputs)
+    adapter.blocks[index].to("cpu")
+    stats = BlockStats(index, time.perf_counter() - t0, peak_memory_mb(device), errors, block_error)
+    return results, outputs, stats
+
+
+def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref: _Reference | None):
+    """Solve the block's Linears group after group, replacing their weights; ({path: codes}, {name: error})."""
+    device = torch.device(cfg.device)
     linears = adapter.linears(block)
     method = method_for(method_cfg)
     prefix = f"{adapter.family.layers}.{index}"
-    ref = _outputs(block, inputs, call, device, None) if cfg.measure_block_error else None
     results: dict[str, QuantizedWeight] = {}
     errors: dict[str, float] = {}
     plan = _hessian_plan(adapter, cfg.true_sequential) if method.needs_hessian else [(list(linears), None)]
@@ -165,7 +241,12 @@ def quantize_block(
         joint = {} if method.solve_group is None else method.solve_group(
             adapter, block, group, inputs, call, spec, method_cfg, device)
         rest = [n for n in group if n not in joint]
-        hessians = _group_hessians(block, linears, rest, later, inputs, call, device, adapter, cfg) if rest else {}
+        # a pending reference over all batches: the first group's pass runs the whole block to feed it
+        full = ref is not None and ref.pending and ref.batches == len(inputs)
+        hessians = {} if not rest else _group_hessians(block, linears, rest, later, inputs, call, device, adapter,
+                                                        cfg, full)
+        if ref is not None:
+            ref.close(inputs, call, device)  # F(X) complete before the first weight changes
         for name in group:
             h = hessians.get(name)
             w = adapter.get_weight(linears[name]).float()
@@ -179,27 +260,24 @@ def quantize_block(
                     errors[name] = hessian_error(w, w_hat, h)
             adapter.set_weight(linears[name], w_hat)
             results[f"{prefix}.{name}"] = qw
-    outputs = _outputs(block, inputs, call, device, out_spill_dir)
-    block_error = _relative_error(outputs, ref) if ref is not None else None
-    adapter.blocks[index].to("cpu")
-    stats = BlockStats(index, time.perf_counter() - t0, peak_memory_mb(device), errors, block_error)
-    return results, outputs, stats
+    return results, errors
 
 
-def _group_hessians(block, linears, group, later, inputs, call, device, adapter, cfg) -> dict[str, torch.Tensor]:
-    """{name: H} for the Linears of `group` (empty when the method needs none: later is None)."""
+def _group_hessians(
+    block, linears, group, later, inputs, call, device, adapter, cfg, full: bool = False
+) -> dict[str, torch.Tensor]:
+    """{name: H} for the Linears of `group` (empty when the method needs none: later is None).
+    True-sequential groups share one H, from a probe pass that stops at the group, or with `full`
+    from a hook on the group's first Linear in an unstubbed pass (the same inputs, so the same H)."""
     if later is None:
         return {}
-    if cfg.true_sequential:
+    if not cfg.true_sequential:
+        return _collect_hessians(block, {n: linears[n] for n in group}, inputs, call, device)
+    if full:
+        h = _collect_hessians(block, {group[0]: linears[group[0]]}, inputs, call, device)[group[0]]
+    else:
         h = _probe_hessian(block, group, later, inputs, call, device, adapter)
-        return {n: h for n in group}
-    return _collect_hessians(block, {n: linears[n] for n in group}, inputs, call, device)
-
-
-def _relative_error(out: ActivationStore, ref: ActivationStore) -> float:
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(out, ref))
-    den = sum(float(b.float().pow(2).sum()) for b in ref)
-    return num / max(den, 1e-30)
+    return {n: h for n in group}
 
 
 def quantize_model(

@@ -49,7 +49,7 @@ def compare_ppl_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of runs, one row each (e.g. {"run": "rtn w4pc", "wikitext2": 45.45}).
 
     Columns are the keys in order of first appearance; a key a row lacks shows "-"; floats are
-    printed with 2 decimals (how perplexities are quoted in DESIGN.md); numeric columns are
+    printed with 2 decimals (how perplexities are quoted in docs/protocol.md); numeric columns are
     right-aligned.
     """
     if not rows:

@@ -11,10 +11,12 @@ from quantlib.data import calibration_starts, eval_windows, sample_calibration, 
 
 from .cache import key_fn, stable_hash
 from .io import atomic_write_json, read_manifest, sha256_bytes, sha256_file
-from .sources import BUILTIN_MODELS, ModelSource, _builtin_gguf_path, load_tokenizer, materialize_model, parse_model_source
+from .sources import load_tokenizer, materialize_model
+from .fingerprints import source_fingerprint, text_fingerprint
+from .specs import parse_model_source
 from .textdata import load_text, parse_text_source, resolve_mirror, tokenize_text, write_token_ids
 
-__all__ = ["source_fingerprint", "fetch_model_task", "prepare_data_task", "manifest_sha", "source_name"]
+__all__ = ["source_fingerprint", "text_fingerprint", "fetch_model_task", "prepare_data_task", "manifest_sha", "source_name"]
 
 
 def manifest_sha(folder: str | Path) -> str:
@@ -23,22 +25,11 @@ def manifest_sha(folder: str | Path) -> str:
     return sha256_file(Path(folder) / "MANIFEST.json")
 
 
-def source_fingerprint(source: ModelSource) -> str:
-    """What identifies the source's content before loading it: file hashes where they exist."""
-    if source.kind == "builtin":
-        return sha256_file(_builtin_gguf_path(source.name)[0])
-    if source.kind == "gguf":
-        return sha256_file(source.path)
-    if source.kind == "local":
-        folder = Path(source.path)
-        return stable_hash({p.relative_to(folder).as_posix(): sha256_file(p)
-                            for p in sorted(folder.rglob("*")) if p.is_file()})
-    return source.spec  # hf:ORG/NAME@REV: the pinned revision is the identity
-
-
-@task(name="fetch_model", cache_key_fn=key_fn("spec", "trust_remote_code", "fingerprint"), persist_result=True)
+@task(name="fetch_model", cache_key_fn=key_fn("trust_remote_code", "fingerprint"), persist_result=True)
 def fetch_model_task(spec: str, trust_remote_code: bool, fingerprint: str, cache_dir: str) -> dict:
-    out = Path(cache_dir) / "models" / stable_hash([spec, trust_remote_code, fingerprint])
+    """Materialize the source (`fingerprint` = its content identity, see source_fingerprint) as a
+    safetensors folder under the cache; keyed by content, not by where the source lives."""
+    out = Path(cache_dir) / "models" / stable_hash([trust_remote_code, fingerprint])
     record = materialize_model(parse_model_source(spec), out, trust_remote_code=trust_remote_code)
     return record | {"path": str(out), "manifest_sha": manifest_sha(out), "fingerprint": fingerprint}
 
@@ -47,19 +38,14 @@ def source_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")
 
 
-def text_fingerprint(spec: str, mirror: str | None) -> str:
-    source = parse_text_source(spec)
-    if source.path is not None:
-        return sha256_file(source.path)
-    return sha256_bytes(load_text(source, resolve_mirror(mirror)).encode())
-
-
 @task(name="prepare_data", cache_key_fn=key_fn("model_sha", "settings", "text_shas"), persist_result=True)
-def prepare_data_task(model_dir: str, model_sha: str, settings: dict, text_shas: dict, cache_dir: str) -> dict:
-    """Token ids per the DESIGN.md protocol: calibration (n, seqlen) from the calibration text's
-    first half (or all of it), evaluation windows from each eval text's second half (or all)."""
+def prepare_data_task(model_dir: str, model_sha: str, settings: dict, text_shas: dict, mirror: str | None,
+                      cache_dir: str) -> dict:
+    """Token ids per docs/protocol.md: calibration (n, seqlen) from the calibration text's first
+    half (or all of it), evaluation windows from each eval text's second half (or all). `settings`
+    are the prepare_data params but the mirror folder, whose texts `text_shas` identify by content."""
     tok = load_tokenizer(model_dir)
-    mirror = resolve_mirror(settings["mirror"])
+    mirror = resolve_mirror(mirror)
     out = Path(cache_dir) / "tokens" / stable_hash([model_sha, settings, text_shas])
     ids = tokenize_text(load_text(parse_text_source(settings["calib_source"]), mirror), tok)
     pool = split_halves(ids)[0] if settings["calib_split"] == "first_half" else ids

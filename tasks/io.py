@@ -12,10 +12,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch loads where tensors are read or written: hashing and JSON stay light
+    import torch
 
 __all__ = [
     "file_ok",
@@ -35,6 +35,7 @@ __all__ = [
     "verify_manifest",
     "fresh_dir",
     "publish_dir",
+    "swap_dir",
 ]
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -131,6 +132,9 @@ def atomic_save_safetensors(
 
     Tensors are made contiguous (safetensors refuses strided views); the caller's are not modified.
     """
+    import torch
+    from safetensors.torch import save_file
+
     path = Path(path)
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -160,6 +164,8 @@ def load_safetensors_verified(
     path: str | os.PathLike, expected_sha256: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors file to CPU after checking its sha256 (explicit, else the sidecar)."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
@@ -235,6 +241,13 @@ def publish_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             os.link(f, target)
         except OSError:
             shutil.copy2(f, target)
+    swap_dir(tmp, dst)
+
+
+def swap_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put the complete folder `tmp` at `dst` by renames (same filesystem); an old `dst` is removed
+    only once the new one is in place."""
+    tmp, dst = Path(tmp), Path(dst)
     old = dst.with_name(dst.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():

@@ -1,57 +1,75 @@
-"""Find a release and audit how it was made, re-checking every hash it recorded.
+"""Audit a release against its own record: its MANIFEST, its registry entry and, on request, a workspace.
 
-A release reference is a release folder, `models:/NAME/VERSION` or `models:/NAME@ALIAS`. The audit
-reads the release MANIFEST.json (layout: tasks.tracking), then verifies
-- every release file against MANIFEST.json (missing, changed and unlisted files all fail);
-- MANIFEST.json itself against the sha256 its registered model version was tagged with;
-- inputs.params against inputs.params_sha256;
-- where the project's data/ folders are present: data/model/MANIFEST.json (and the model files it
-  lists), data/model/source.json, the calibration and evaluation token ids and dvc.lock against
-  what the release recorded.
-It also gathers the chain for display: source model, data, params, code commit, DVC stages, metrics
-and the MLflow runs and model versions tagged with the release MANIFEST sha256.
+A release reference is a release folder, `models:/NAME/VERSION` or `models:/NAME@ALIAS`. `audit`
+checks, each named in `AuditResult.checks`, every failure a `Mismatch`:
+- MANIFEST.json is readable and a valid ptq-release-manifest/2 (tasks.manifest);
+- every release file against MANIFEST "files" (changed, missing and unlisted files all fail);
+- MANIFEST params against params_sha256;
+- for a registered version: the sha256 of MANIFEST.json against the version's
+  TAG_RELEASE_MANIFEST, and the version's lineage tags against what the MANIFEST records;
+- only with `workspace` (a project root): data/model/MANIFEST.json, the calibration and evaluation
+  token ids, the block-wise and QAT quantized states against the MANIFEST chain, and the code
+  running now against the release's code fingerprint.
+Without `workspace` nothing outside the release and the registry is read: an older registered
+version still passes after the workspace has moved on.
+
+A registered version in a local store (SQLite with a local artifact root) is read in place; from
+a remote store it is downloaded into a temporary directory removed before `audit` returns. The
+MLflow runs tagged with the MANIFEST sha256 (the pipeline run and its stage runs) and the versions
+are collected for display.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
 import urllib.parse
-from urllib.request import url2pathname
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.request import url2pathname
 
-import yaml
+from .codeid import code_fingerprint
+from .io import MANIFEST_NAME, IntegrityError, sha256_file
+from .manifest import RELEASE_MANIFEST_FORMAT, params_digest, read_release_manifest, release_files
+from .mlflow_runs import TAG_KILLED, TAG_PARENT, TAG_RESUMES, TAG_STAGE, TAG_STAGE_STATUS, Tracker
+from .registry import LINEAGE_TAGS, TAG_RELEASE_MANIFEST, manifest_tags
 
-from .io import MANIFEST_NAME, read_manifest, sha256_file
-from .tracking import (
-    RELEASE_ARTIFACT,
-    TAG_RELEASE_MANIFEST,
-    TAG_STAGE,
-    TAG_STAGE_STATUS,
-    Tracker,
-    dvc_lock_stages,
-    params_digest,
-)
+__all__ = [
+    "AuditResult",
+    "Mismatch",
+    "ModelVersionInfo",
+    "RunInfo",
+    "WORKSPACE_FILES",
+    "audit",
+    "format_audit",
+    "resolve_release",
+]
 
-__all__ = ["AuditResult", "Mismatch", "ModelVersionInfo", "RunInfo", "audit", "format_audit", "resolve_release"]
-
-# Workspace artifacts, relative to the project root: the same paths as flows.stages (MODEL,
-# TOKENS, RELEASE, METRICS), which tasks may not import; a test checks they agree.
+# Workspace artifacts, relative to the project root: the paths of flows.stages (MODEL, TOKENS,
+# QUANTIZED, QAT), which tasks may not import; a test checks they agree.
 MODEL_DIR = "data/model"
 TOKENS_DIR = "data/tokens"
-RELEASE_DIR = "data/release"
-METRICS_FILE = "data/reports/metrics.json"
+QUANTIZED_DIR = "data/quantized"
+QAT_DIR = "data/qat"
+# chain key -> the workspace file whose sha256 it records ("eval" is one file per name)
+WORKSPACE_FILES = {
+    "model": f"{MODEL_DIR}/{MANIFEST_NAME}",
+    "calib": f"{TOKENS_DIR}/calib.safetensors",
+    "quantized": f"{QUANTIZED_DIR}/quantized.safetensors",
+    "qat": f"{QAT_DIR}/quantized.safetensors",
+}
+CODE_MISMATCH = "code differs from the release's"
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
 _ACCEPTED = "a release folder (with MANIFEST.json), models:/NAME/VERSION or models:/NAME@ALIAS"
-_SOURCE_KEYS = ("source", "kind", "source_files", "revision", "package")  # compared with source.json
+_VALID = f"MANIFEST.json is a valid {RELEASE_MANIFEST_FORMAT}"
 
 
 class Mismatch(NamedTuple):
-    """A recorded hash that does not hold: expected None = not recorded, actual None = missing."""
+    """A record that does not hold: expected None = not recorded, actual None = missing."""
 
     path: str
     expected: str | None
@@ -74,25 +92,28 @@ class RunInfo:
     name: str
     parent_run_id: str | None
     stage: str | None
-    stage_status: str | None
-    status: str
+    stage_status: str | None  # "run" | "cached"
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
     start_time: int  # ms since the epoch
+    killed: bool  # ended FAILED by a later run of its stage because its process was gone
+    resumes: str | None  # the failed run of the same stage this one resumed
     metrics: dict[str, float]
 
 
 @dataclass
 class AuditResult:
-    """What `audit` found. `ok` iff no recorded hash failed; `checks` are (what, outcome) lines."""
+    """What `audit` found; `ok` iff nothing failed. `location` is where the release was read (the
+    folder, or the registered version's artifact URI); `release_dir` is that folder when it is on
+    this filesystem, None when the release was downloaded (and removed again)."""
 
     ref: str
-    release_dir: Path
+    location: str
+    release_dir: Path | None
+    model_version: ModelVersionInfo | None = None
     manifest_sha256: str | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
-    model_version: ModelVersionInfo | None = None
     versions: list[ModelVersionInfo] = field(default_factory=list)
     runs: list[RunInfo] = field(default_factory=list)
-    dvc_stages: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
     checks: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
@@ -102,14 +123,16 @@ class AuditResult:
         return not self.mismatches
 
     def compare(self, path: str, expected: str | None, actual: str | None, what: str | None = None) -> bool:
-        """Record one hash check; False (and a Mismatch) if actual != expected."""
-        label = what or path
+        """Record one check; False (and a Mismatch) if actual != expected."""
         if expected == actual:
-            self.checks.append((label, "ok"))
+            self.checks.append((what or path, "ok"))
             return True
-        self.checks.append((label, "MISMATCH"))
-        self.mismatches.append(Mismatch(path, expected, actual))
+        self.fail(what or path, Mismatch(path, expected, actual))
         return False
+
+    def fail(self, what: str, *mismatches: Mismatch) -> None:
+        self.checks.append((what, "MISMATCH" if len(mismatches) < 2 else f"MISMATCH ({len(mismatches)})"))
+        self.mismatches.extend(mismatches)
 
     def skip(self, what: str, why: str) -> None:
         self.checks.append((what, f"not checked: {why}"))
@@ -145,155 +168,146 @@ def _missing_sqlite(tracking_uri: str) -> bool:
     return not Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).is_file()
 
 
-def _release_in_model(model_dir: Path) -> Path:
-    """The release folder inside an MLflow model logged by register_release (path from MLmodel)."""
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
-    try:
-        rel = mlmodel["flavors"]["python_function"]["artifacts"][RELEASE_ARTIFACT]["path"]
-    except (KeyError, TypeError) as e:
-        raise FileNotFoundError(f"{model_dir}/MLmodel has no '{RELEASE_ARTIFACT}' artifact: not a ptq release") from e
-    return model_dir / rel
-
-
-def _resolve(
-    ref: str, tracking_uri: str | None, dst_dir: str | os.PathLike | None
-) -> tuple[Path, ModelVersionInfo | None]:
-    match = _MODEL_URI.match(ref)
-    if match is None:
-        folder = Path(ref)
-        if not (folder / MANIFEST_NAME).is_file():
-            raise FileNotFoundError(f"{ref}: not {_ACCEPTED}")
-        return folder, None
+def _registered(match: re.Match[str], tracking_uri: str | None) -> tuple[ModelVersionInfo, str]:
+    """The version a models:/ reference names and the URI of its artifacts."""
+    ref = match.group(0)
     if tracking_uri is None:
         raise ValueError(f"{ref}: a models:/ reference needs a tracking URI")
     if _missing_sqlite(tracking_uri):
         raise FileNotFoundError(f"{ref}: no MLflow database at {tracking_uri}")
     client = Tracker(tracking_uri).client
-    import mlflow  # after Tracker: it quiets MLflow before the first import
-
     name, version, alias = match["name"], match["version"], match["alias"]
     mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    uri = client.get_model_version_download_uri(mv.name, mv.version)
-    model_dir = _local_path(uri)
-    if model_dir is None or not model_dir.is_dir():
-        target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="ptq-release-"))
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri)
-        model_dir = Path(local)
-    return _release_in_model(model_dir), _version_info(mv)
+    return _version_info(mv), client.get_model_version_download_uri(mv.name, mv.version)
+
+
+def _download(uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    from mlflow.artifacts import download_artifacts  # after Tracker: it quiets MLflow first
+
+    return Path(download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
+
+
+def _folder(ref: str) -> Path:
+    folder = Path(ref)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{ref}: not {_ACCEPTED}")
+    return folder
 
 
 def resolve_release(ref: str, tracking_uri: str | None = None, dst_dir: str | os.PathLike | None = None) -> Path:
     """The local release folder for `ref`: a folder as given; for a registered version its stored
     artifacts when they are on this filesystem, else a download into `dst_dir` (default: a new
     temp dir the caller owns). Nothing is verified here: that is `audit`'s job."""
-    return _resolve(ref, tracking_uri, dst_dir)[0]
+    match = _MODEL_URI.match(ref)
+    if match is None:
+        if not (_folder(ref) / MANIFEST_NAME).is_file():
+            raise FileNotFoundError(f"{ref}: not {_ACCEPTED}")
+        return Path(ref)
+    _, uri = _registered(match, tracking_uri)
+    local = _local_path(uri)
+    if local is not None and local.is_dir():
+        return local
+    target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="ptq-release-"))
+    return _download(uri, tracking_uri, target)
 
 
-# -------------------------------------------------------------------------------------- audit
+@contextmanager
+def _readable(uri: str, tracking_uri: str | None) -> Iterator[Path]:
+    """The stored release in place when it is local, else a download removed on exit."""
+    local = _local_path(uri)
+    if local is not None and local.is_dir():
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="ptq-audit-") as tmp:
+        yield _download(uri, tracking_uri, Path(tmp))
 
 
-def _check_release_files(result: AuditResult) -> None:
-    folder, listed = result.release_dir, result.manifest.get("files", {})
-    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    bad = 0
-    for rel, digest in sorted(listed.items()):
-        path = folder / rel
-        actual = sha256_file(path) if path.is_file() else None
-        if actual != digest:
-            bad += 1
-            result.mismatches.append(Mismatch(str(path), digest, actual))
-    for rel in present:
-        if rel != MANIFEST_NAME and rel not in listed:  # a file slipped in after packing
-            bad += 1
-            result.mismatches.append(Mismatch(str(folder / rel), None, sha256_file(folder / rel)))
-    outcome = "ok" if not bad else f"MISMATCH ({bad} of {len(listed)})"
-    result.checks.append((f"release files ({len(listed)}) vs MANIFEST.json", outcome))
+# -------------------------------------------------------------------------------- the release
+
+
+def _check_manifest(result: AuditResult, folder: Path) -> bool:
+    """Read and validate MANIFEST.json into `result` (its sha256 even when invalid); True if valid."""
+    path, shown = folder / MANIFEST_NAME, f"{result.location}/{MANIFEST_NAME}"
+    result.manifest_sha256 = sha256_file(path) if path.is_file() else None
+    try:
+        result.manifest = read_release_manifest(folder)
+    except (FileNotFoundError, IntegrityError) as e:
+        problem = str(e).replace(str(path), shown)
+        result.fail(_VALID, Mismatch(shown, f"a valid {RELEASE_MANIFEST_FORMAT}", problem))
+        return False
+    result.checks.append((_VALID, "ok"))
+    return True
+
+
+def _check_files(result: AuditResult, folder: Path) -> None:
+    listed, actual = result.manifest["files"], release_files(folder)
+    bad = [
+        Mismatch(f"{result.location}/{rel}", listed.get(rel), actual.get(rel))
+        for rel in sorted({*listed, *actual})
+        if listed.get(rel) != actual.get(rel)
+    ]
+    what = f"release files ({len(listed)}) vs MANIFEST.json"
+    if bad:
+        result.fail(what, *bad)
+    else:
+        result.checks.append((what, "ok"))
 
 
 def _check_params(result: AuditResult) -> None:
-    inputs = result.manifest.get("inputs", {})
-    if "params" not in inputs:
-        result.skip("params", "the release recorded none")
+    manifest = result.manifest
+    path = f"{result.location}/{MANIFEST_NAME}#params"
+    result.compare(path, manifest["params_sha256"], params_digest(manifest["params"]), "params vs params_sha256")
+
+
+def _check_version(result: AuditResult) -> None:
+    """MANIFEST.json against the sha256 its version pinned; the version's lineage tags against the
+    MANIFEST (expected: the tag, actual: what the MANIFEST read now records)."""
+    version, shown = result.model_version, f"{result.location}/{MANIFEST_NAME}"
+    pinned = version.tags.get(TAG_RELEASE_MANIFEST)
+    label = f"{version.name} v{version.version}"
+    result.compare(shown, pinned, result.manifest_sha256, f"MANIFEST.json vs {label} tag")
+    if not result.manifest:
+        result.skip(f"{label} lineage tags", "MANIFEST.json invalid")
         return
-    path = f"{result.release_dir / MANIFEST_NAME}#inputs.params"
-    result.compare(path, inputs.get("params_sha256"), params_digest(inputs["params"]), "params vs params_sha256")
+    recorded = manifest_tags(result.manifest, result.manifest_sha256 or "")
+    bad = [
+        Mismatch(f"models:/{version.name}/{version.version}#tag {k}", version.tags.get(k), recorded.get(k))
+        for k in sorted(LINEAGE_TAGS)
+        if version.tags.get(k) != recorded.get(k)
+    ]
+    what = f"{label} lineage tags ({len(LINEAGE_TAGS)}) vs MANIFEST.json"
+    if bad:
+        result.fail(what, *bad)
+    else:
+        result.checks.append((what, "ok"))
+
+
+# ------------------------------------------------------------------------------- the workspace
 
 
 def _sha_or_none(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def _check_model(result: AuditResult, root: Path, deep: bool) -> None:
-    inputs, model_dir = result.manifest.get("inputs", {}), root / MODEL_DIR
-    manifest = model_dir / MANIFEST_NAME
-    same = result.compare(str(manifest), inputs.get("model_manifest_sha256"), _sha_or_none(manifest))
-    if same and deep:
-        files = read_manifest(model_dir)["files"]
-        bad = [rel for rel, digest in sorted(files.items()) if _sha_or_none(model_dir / rel) != digest]
-        for rel in bad:
-            result.mismatches.append(Mismatch(str(model_dir / rel), files[rel], _sha_or_none(model_dir / rel)))
-        outcome = "ok" if not bad else "MISMATCH"
-        result.checks.append((f"{model_dir} files ({len(files)}) vs its MANIFEST.json", outcome))
-    source_json, recorded = model_dir / "source.json", inputs.get("source") or {}
-    if recorded and source_json.is_file():
-        current = json.loads(source_json.read_text(encoding="utf-8"))
-        what = f"{source_json} ({', '.join(k for k in _SOURCE_KEYS if k in recorded)})"
-        result.compare(str(source_json), _source_digest(recorded), _source_digest(current), what)
+def _workspace_files(chain: dict[str, Any], root: Path) -> list[tuple[Path, str]]:
+    """(workspace file, sha256 the chain records for it), in the chain's order."""
+    tokens = root / TOKENS_DIR
+    pairs = [(root / WORKSPACE_FILES[key], chain[key]) for key in ("model", "calib")]
+    pairs += [(tokens / f"eval_{name}.safetensors", digest) for name, digest in sorted(chain["eval"].items())]
+    return pairs + [(root / WORKSPACE_FILES[key], chain[key]) for key in ("quantized", "qat")]
 
 
-def _source_digest(source: dict[str, Any]) -> str:
-    """sha256 over the source.json keys that identify the source (not where it was written)."""
-    return params_digest({k: json.dumps(source[k], sort_keys=True) for k in _SOURCE_KEYS if k in source})
-
-
-def _check_tokens(result: AuditResult, root: Path) -> None:
-    inputs, tokens = result.manifest.get("inputs", {}), root / TOKENS_DIR
-    calib = tokens / "calib.safetensors"
-    result.compare(str(calib), inputs.get("calib_sha256"), _sha_or_none(calib))
-    for name, digest in sorted((inputs.get("eval_sha256") or {}).items()):
-        path = tokens / f"eval_{name}.safetensors"
-        result.compare(str(path), digest, _sha_or_none(path))
-
-
-def _check_dvc_lock(result: AuditResult, root: Path) -> None:
-    lineage, lock = result.manifest.get("lineage", {}), root / "dvc.lock"
-    recorded_sha, recorded = lineage.get("dvc_lock_sha256"), lineage.get("dvc_stages") or {}
-    if not lock.is_file():
-        result.compare(str(lock), recorded_sha, None)
+def _check_workspace(result: AuditResult, root: Path) -> None:
+    if not result.manifest:
+        result.skip(f"workspace {root}", "MANIFEST.json invalid")
         return
-    if sha256_file(lock) == recorded_sha:
-        result.checks.append((str(lock), "ok (unchanged since pack)"))
-        return
-    if recorded_sha is None and not recorded:
-        result.skip(str(lock), "the release recorded no dvc.lock")
-        return
-    current, n_bad = dvc_lock_stages(lock), len(result.mismatches)
-    for stage, entry in sorted(recorded.items()):
-        for kind in ("deps", "outs"):
-            for path, md5 in sorted(entry.get(kind, {}).items()):
-                actual = current.get(stage, {}).get(kind, {}).get(path)
-                if actual != md5:
-                    result.mismatches.append(Mismatch(f"{lock}:{stage}.{kind}.{path}", md5, actual))
-    if len(result.mismatches) == n_bad:
-        result.checks.append((f"{lock} entries of {', '.join(sorted(recorded))}", "ok (later stages changed the file)"))
-    else:
-        result.checks.append((f"{lock} entries of {', '.join(sorted(recorded))}", "MISMATCH"))
+    for path, expected in _workspace_files(result.manifest["chain"], root):
+        result.compare(str(path), expected, _sha_or_none(path))
+    recorded, current = result.manifest["code"]["fingerprint"], code_fingerprint()
+    result.compare(CODE_MISMATCH, recorded, current, "code fingerprint (quantlib, tasks, flows) vs the release's")
 
 
-def _check_workspace(result: AuditResult, root: Path, deep: bool) -> None:
-    data = [root / d for d in (MODEL_DIR, TOKENS_DIR)]
-    if not any(d.is_dir() for d in data):
-        result.skip(f"{root}/data", "no data/model or data/tokens in the project")
-        return
-    if data[0].is_dir():
-        _check_model(result, root, deep)
-    else:
-        result.skip(str(data[0]), "absent")
-    if data[1].is_dir():
-        _check_tokens(result, root)
-    else:
-        result.skip(str(data[1]), "absent")
-    _check_dvc_lock(result, root)
+# ------------------------------------------------------------------------------------- MLflow
 
 
 def _run_info(run: Any) -> RunInfo:
@@ -301,28 +315,29 @@ def _run_info(run: Any) -> RunInfo:
     return RunInfo(
         run_id=run.info.run_id,
         name=run.info.run_name,
-        parent_run_id=tags.get("mlflow.parentRunId"),
+        parent_run_id=tags.get(TAG_PARENT),
         stage=tags.get(TAG_STAGE),
         stage_status=tags.get(TAG_STAGE_STATUS),
         status=run.info.status,
         start_time=run.info.start_time or 0,
+        killed=tags.get(TAG_KILLED) == "true",
+        resumes=tags.get(TAG_RESUMES),
         metrics=dict(run.data.metrics),
     )
 
 
 def _collect_mlflow(result: AuditResult, tracking_uri: str) -> None:
     """Runs (with their parent pipeline run and its stage runs) and versions tagged with the
-    release MANIFEST sha256; checks the version's tag against the MANIFEST actually read."""
+    release MANIFEST sha256."""
     if _missing_sqlite(tracking_uri):
         result.notes.append(f"no MLflow database at {tracking_uri}; runs not looked up")
         return
     tracker, sha = Tracker(tracking_uri), result.manifest_sha256
     runs = {r.info.run_id: r for r in tracker.runs_with_tag(TAG_RELEASE_MANIFEST, sha)}
-    parents = {r.data.tags["mlflow.parentRunId"] for r in runs.values() if "mlflow.parentRunId" in r.data.tags}
-    parents |= {rid for rid, r in runs.items() if "mlflow.parentRunId" not in r.data.tags}
+    parents = {r.data.tags.get(TAG_PARENT, rid) for rid, r in runs.items()}
     for parent in parents:
         runs.setdefault(parent, tracker.client.get_run(parent))
-        for child in tracker.runs_with_tag("mlflow.parentRunId", parent):
+        for child in tracker.runs_with_tag(TAG_PARENT, parent):
             runs.setdefault(child.info.run_id, child)
     infos = (_run_info(r) for r in runs.values())
     result.runs = sorted(infos, key=lambda r: (r.parent_run_id is not None, r.start_time))  # parents first
@@ -332,93 +347,85 @@ def _collect_mlflow(result: AuditResult, tracking_uri: str) -> None:
     result.versions = sorted((_version_info(v) for v in full), key=lambda v: (v.name, v.version))
 
 
-def _collect_chain(result: AuditResult, root: Path | None) -> None:
-    lock = root / "dvc.lock" if root is not None else None
-    if lock is not None and lock.is_file():
-        result.dvc_stages = dvc_lock_stages(lock)
+# -------------------------------------------------------------------------------------- audit
+
+
+def _check_release(result: AuditResult, folder: Path) -> None:
+    if _check_manifest(result, folder):
+        _check_files(result, folder)
+        _check_params(result)
     else:
-        result.dvc_stages = result.manifest.get("lineage", {}).get("dvc_stages") or {}
-    if root is None:
-        return
-    workspace_release = root / RELEASE_DIR / MANIFEST_NAME
-    metrics = root / METRICS_FILE
-    if _sha_or_none(workspace_release) == result.manifest_sha256 and metrics.is_file():
-        result.metrics = json.loads(metrics.read_text(encoding="utf-8"))
-    elif workspace_release.is_file() and _sha_or_none(workspace_release) != result.manifest_sha256:
-        result.notes.append(f"{workspace_release.parent} is a different release; its metrics are not shown")
+        result.skip("release files and params", "MANIFEST.json invalid")
 
 
 def audit(
-    ref: str,
-    tracking_uri: str | None = None,
-    project_root: str | os.PathLike | None = None,
-    *,
-    deep: bool = True,
-    dst_dir: str | os.PathLike | None = None,
+    ref: str, tracking_uri: str | None = None, workspace: str | os.PathLike | None = None
 ) -> AuditResult:
-    """Resolve `ref`, collect its lineage chain and verify every hash it recorded.
+    """Resolve `ref` and check the release against its own record (see the module docstring).
 
-    tracking_uri None: no MLflow lookups (a models:/ ref then fails). project_root None: the
-    workspace (data/, dvc.lock) is not checked. deep=False skips re-hashing the source model's
-    files (only its MANIFEST.json is compared).
+    tracking_uri None: no MLflow lookups (a models:/ ref then fails with ValueError). workspace
+    None: nothing outside the release and the registry is read. A ref that names no folder or
+    version raises (FileNotFoundError, ValueError, MlflowException); everything else found wrong
+    is a mismatch in the result.
     """
-    release_dir, version = _resolve(ref, tracking_uri, dst_dir)
-    result = AuditResult(ref=ref, release_dir=release_dir, model_version=version)
-    manifest_path = release_dir / MANIFEST_NAME
-    result.manifest_sha256 = sha256_file(manifest_path)
-    result.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if version is not None:
-        pinned = version.tags.get(TAG_RELEASE_MANIFEST)
-        what = f"MANIFEST.json vs {version.name} v{version.version} tag"
-        result.compare(str(manifest_path), pinned, result.manifest_sha256, what)
-    _check_release_files(result)
-    _check_params(result)
-    root = Path(project_root) if project_root is not None else None
-    if root is not None:
-        _check_workspace(result, root, deep)
-    if tracking_uri is not None:
+    match = _MODEL_URI.match(ref)
+    if match is None:
+        folder = _folder(ref)
+        result = AuditResult(ref=ref, location=str(folder), release_dir=folder)
+        _check_release(result, folder)
+    else:
+        version, uri = _registered(match, tracking_uri)
+        local = _local_path(uri)
+        in_place = local if local is not None and local.is_dir() else None
+        result = AuditResult(ref=ref, location=str(in_place or uri), release_dir=in_place, model_version=version)
+        with _readable(uri, tracking_uri) as folder:
+            _check_release(result, folder)
+        _check_version(result)
+    if workspace is not None:
+        _check_workspace(result, Path(workspace))
+    if tracking_uri is not None and result.manifest_sha256 is not None:
         _collect_mlflow(result, tracking_uri)
-    _collect_chain(result, root)
     return result
 
 
 # ------------------------------------------------------------------------------------- format
 
 
-def _short(digest: str | None) -> str:
+def _short(digest: Any) -> str:
     return "-" if digest is None else str(digest)[:12]
 
 
-def _format_inputs(manifest: dict[str, Any]) -> list[str]:
-    inputs = manifest.get("inputs", {})
-    source = inputs.get("source") or {}
-    lines = [f"source     {source.get('source', '?')} ({source.get('kind', '?')})"]
-    files = sorted((source.get("source_files") or {}).items())
-    lines += [f"             {rel}  sha256 {_short(d)}" for rel, d in files[:8]]
-    lines += [f"             ... {len(files) - 8} more"] if len(files) > 8 else []
-    lines.append(f"model      data/model MANIFEST sha256 {_short(inputs.get('model_manifest_sha256'))}")
-    lines.append(f"calib      sha256 {_short(inputs.get('calib_sha256'))}")
-    lines += [f"eval       {n}  sha256 {_short(d)}" for n, d in sorted((inputs.get("eval_sha256") or {}).items())]
-    params = inputs.get("params") or {}
-    quant = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k.startswith(("quantize.", "qat.", "pack.")))
-    lines.append(f"params     sha256 {_short(inputs.get('params_sha256'))}  {quant}")
+def _format_chain(result: AuditResult) -> list[str]:
+    manifest = result.manifest
+    if not manifest:
+        return ["chain      (MANIFEST.json invalid: no chain recorded)"]
+    chain = manifest["chain"]
+    source = chain["source"]
+    spec = source.get("spec") or source.get("source") or "?"
+    evals = ", ".join(f"eval {n} sha256 {_short(d)}" for n, d in sorted(chain["eval"].items()))
+    lines = [
+        f"source     {spec} ({source.get('kind', '?')})",
+        f"model      {MODEL_DIR} MANIFEST sha256 {_short(chain['model'])}",
+        f"tokens     calib sha256 {_short(chain['calib'])}" + (f", {evals}" if evals else ""),
+        f"quantized  sha256 {_short(chain['quantized'])}",
+        f"qat        sha256 {_short(chain['qat'])}",
+        f"release    {len(manifest['files'])} files, params sha256 {_short(manifest['params_sha256'])}",
+    ]
+    for section in ("quantize", "qat", "pack"):
+        values = manifest["params"].get(section) or {}
+        if values:
+            lines.append(f"  {section:9} {', '.join(f'{k}={v}' for k, v in sorted(values.items()))}")
     return lines
 
 
 def _format_code(result: AuditResult) -> list[str]:
-    lineage = result.manifest.get("lineage", {})
-    dirty = " (dirty)" if lineage.get("git_dirty") else ""
-    git, version = lineage.get("git_commit") or "none", lineage.get("quantlib_version", "?")
-    lock = lineage.get("dvc_lock_sha256")
-    lines = [f"code       git {git}{dirty}, quantlib {version}, dvc.lock sha256 {_short(lock)}"]
-    timings = lineage.get("stages") or {}
-    for stage in dict.fromkeys([*result.dvc_stages, *timings]):  # dvc.lock keeps pipeline order
-        t = timings.get(stage)
-        timing = f"{t['status']:6} {t['seconds']:8.1f}s" if t else f"{'':6} {'':9}"
-        outs = sorted(result.dvc_stages.get(stage, {}).get("outs", {}).items())
-        outs = ", ".join(f"{p} md5 {_short(m)}" for p, m in outs)
-        lines.append(f"  {stage:13} {timing}  {outs}".rstrip())
-    return lines
+    if not result.manifest:
+        return []
+    code = result.manifest["code"]
+    dirty = " (dirty)" if code["git_dirty"] else ""
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(code["versions"].items()) if v != "absent")
+    return [f"code       fingerprint {_short(code['fingerprint'])}, git {code['git_commit'] or 'none'}{dirty}",
+            f"           {versions}"]
 
 
 def _format_mlflow(result: AuditResult) -> list[str]:
@@ -428,35 +435,23 @@ def _format_mlflow(result: AuditResult) -> list[str]:
         lines.append(f"registry   {v.name} v{v.version}{aliases}  run {v.run_id}")
     for r in result.runs:
         kind = f"stage {r.stage} ({r.stage_status})" if r.stage else ("pipeline" if r.parent_run_id is None else "run")
+        extra = (" killed" if r.killed else "") + (f" resumes {r.resumes}" if r.resumes else "")
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:6])
-        lines.append(f"{'mlflow':10} {'  ' if r.parent_run_id else ''}{r.run_id} {kind} {r.status} {metrics}".rstrip())
+        indent = "  " if r.parent_run_id else ""
+        lines.append(f"mlflow     {indent}{r.run_id} {kind} {r.status}{extra} {metrics}".rstrip())
     return lines
 
 
-def _format_metrics(metrics: dict[str, Any]) -> list[str]:
-    flat = []
-    for key, value in sorted(metrics.items()):
-        items = value.items() if isinstance(value, dict) else [("", value)]
-        for sub, v in items:
-            text = f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-            flat.append(f"{key}.{sub}={text}" if sub else f"{key}={text}")
-    return [f"metrics    {', '.join(flat)}"] if flat else []
-
-
 def format_audit(result: AuditResult) -> str:
-    """The lineage chain and every check, one per line; mismatches last, naming the file."""
+    """The chain model -> tokens -> quantized -> qat -> release, the code identity, the MLflow runs
+    and every check, one per line; mismatches after, naming the file; the verdict last."""
     where = f" (registered {result.model_version.name} v{result.model_version.version})" if result.model_version else ""
-    target = "" if Path(result.ref) == result.release_dir else f" -> {result.release_dir}"
-    lines = [f"release    {result.ref}{target}{where}", f"manifest   sha256 {result.manifest_sha256}"]
-    lines += _format_inputs(result.manifest) + _format_code(result) + _format_metrics(result.metrics)
-    lines += _format_mlflow(result)
+    target = "" if result.location == result.ref else f" -> {result.location}"
+    lines = [f"release    {result.ref}{target}{where}", f"manifest   sha256 {result.manifest_sha256 or '(missing)'}"]
+    lines += _format_chain(result) + _format_code(result) + _format_mlflow(result)
     lines += [f"check      {what}: {outcome}" for what, outcome in result.checks]
     lines += [f"note       {n}" for n in result.notes]
-    if result.ok:
-        lines.append("result     OK: every recorded hash matches")
-    else:
-        lines.append(f"result     FAILED: {len(result.mismatches)} mismatch(es)")
-        for m in result.mismatches:
-            expected, actual = m.expected or "(not recorded)", m.actual or "(missing)"
-            lines.append(f"MISMATCH   {m.path}: expected {expected}, actual {actual}")
+    for m in result.mismatches:
+        lines.append(f"MISMATCH   {m.path}: expected {m.expected or '(not recorded)'}, actual {m.actual or '(missing)'}")
+    lines.append("lineage OK" if result.ok else f"lineage FAILED: {len(result.mismatches)} mismatches")
     return "\n".join(lines)

@@ -62,14 +62,17 @@ def _load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, weights_only=True)  # tensors and plain values only
 
 
-@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher", "cfg"),
+@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher_sha", "cfg"),
       persist_result=True)
 def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantized_sha: str, names: list[str],
                    calib_path: str, calib_sha: str, teacher: dict | None, cfg: QATConfig, checkpoint_every: int,
-                   cache_dir: str) -> dict:
+                   cache_dir: str, teacher_sha: str | None = None) -> dict:
     """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
-    from the last one. Writes the refined integers + scales + zeros."""
-    key = stable_hash([model_sha, quantized_sha, calib_sha, teacher, cfg])
+    from the last one. Writes the refined integers + scales + zeros. `teacher` is the teacher
+    task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds)."""
+    if teacher is not None and teacher_sha != teacher["sha"]:
+        raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
+    key = stable_hash([model_sha, quantized_sha, calib_sha, teacher_sha, cfg])
     ckpt = Path(cache_dir) / "qat" / f"checkpoint-{key}.pt"
     model = load_model(model_dir)
     results = load_quantized(quantized_path, quantized_sha, names)

@@ -5,8 +5,9 @@ the project cache; its Prefect result is a small dict of paths + sha256, never t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from prefect import task
@@ -42,14 +43,35 @@ def _calib(calib_path: str, calib_sha: str):
     return read_token_ids(calib_path, calib_sha)["calib"]
 
 
+def _sha(record: dict | None) -> str | None:
+    """A {"path", "sha"} file or shard record's identity: its content hash (None stays None)."""
+    return None if record is None else record["sha"]
+
+
+def _job_key(job: QuantizeJob) -> QuantizeJob:
+    """The job as it identifies a result: the engine's spill_dir (a location; the tasks write where
+    the cache says and never read it) is left out."""
+    return replace(job, engine=replace(job.engine, spill_dir=None))
+
+
+def _key(*names: str, **project: Callable[[Any], Any]) -> Callable[[Any, dict], str]:
+    """tasks.cache.key_fn over `names`, the parameters in `project` first replaced by what
+    identifies them (content hashes, not the paths they also carry: keys hold no paths)."""
+    base = key_fn(*names)
+
+    def fn(context: Any, parameters: dict) -> str:
+        return base(context, {**parameters, **{n: f(parameters[n]) for n, f in project.items()}})
+
+    return fn
+
+
 @task(name="capture_activations", cache_key_fn=key_fn("model_sha", "calib_sha", "batch_size"), persist_result=True)
 def capture_activations(model, model_sha: str, calib_path: str, calib_sha: str, batch_size: int, cache_dir: str) -> dict:
     """The first block's inputs for every calibration sequence, as a shard."""
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
     final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size])
     tmp = fresh_dir(final.with_suffix(".tmp"))
-    ActivationStore.from_batches(batches, tmp)
-    return {"path": str(final), "sha": seal_shard(tmp, final)}
+    return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
 
 
 def _stats_dict(st: BlockStats) -> dict:
@@ -57,22 +79,23 @@ def _stats_dict(st: BlockStats) -> dict:
             "block_error": st.block_error}
 
 
-@task(name="quantize_block", cache_key_fn=key_fn("model_sha", "index", "in_sha", "calib_sha", "job"), persist_result=True)
+@task(name="quantize_block", cache_key_fn=_key("model_sha", "index", "in_sha", "calib_sha", "job", job=_job_key),
+      persist_result=True)
 def quantize_block_task(model, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str,
                         calib_sha: str, job: QuantizeJob, cache_dir: str) -> dict:
     """Quantize block `index` given its input shard; writes its codes and its output shard."""
     adapter = get_adapter(model)
     inputs = open_shard(Path(in_path), in_sha, in_memory=not job.stream_from_disk)
-    call = capture_block_calls(adapter, _calib(calib_path, calib_sha))[index]
-    key = stable_hash(["block", model_sha, index, in_sha, calib_sha, job])
+    call = capture_block_calls(adapter, _calib(calib_path, calib_sha))[index]  # one embedding pass: ~50 ms
+    key = stable_hash(["block", model_sha, index, in_sha, calib_sha, _job_key(job)])
     final = Path(cache_dir) / "acts" / key
     tmp = fresh_dir(final.with_suffix(".tmp"))
-    results, _, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, job.engine, str(tmp))
+    results, outputs, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, job.engine, str(tmp))
     tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
     qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
     return {"index": index, "names": sorted(results), "qweights": str(qpath),
             "qweights_sha": atomic_save_safetensors(qpath, tensors),
-            "out": str(final), "out_sha": seal_shard(tmp, final), "stats": _stats_dict(stats)}
+            "out": str(final), "out_sha": seal_shard(tmp, final, outputs), "stats": _stats_dict(stats)}
 
 
 def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:
@@ -95,9 +118,9 @@ def fp_targets_task(model, model_sha: str, in_path: str, in_sha: str, calib_path
     for i, block in enumerate(adapter.blocks):
         final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i])
         tmp = fresh_dir(final.with_suffix(".tmp"))
-        forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
+        out = forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
         block.to("cpu")
-        bounds.append({"path": str(final), "sha": seal_shard(tmp, final)})
+        bounds.append({"path": str(final), "sha": seal_shard(tmp, final, out)})
         x = open_shard(final, bounds[-1]["sha"], in_memory=False)
     return {"bounds": bounds}
 
@@ -125,8 +148,9 @@ def _window_stats(st: WindowStats) -> dict:
             "block_errors": st.block_errors}
 
 
-@task(name="recon_window", cache_key_fn=key_fn("model_sha", "window", "next_start", "in_sha", "target", "carry",
-                                               "calib_sha", "job"), persist_result=True)
+@task(name="recon_window", cache_key_fn=_key("model_sha", "window", "next_start", "in_sha", "target", "carry",
+                                             "calib_sha", "job", target=_sha, carry=_sha, job=_job_key),
+      persist_result=True)
 def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start: int, in_path: str, in_sha: str,
                       target: dict | None, carry: dict | None, calib_path: str, calib_sha: str, job: QuantizeJob,
                       cache_dir: str) -> dict:
@@ -138,7 +162,8 @@ def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start
     inputs = open_shard(Path(in_path), in_sha, in_memory=in_memory)
     targets = None if target is None else open_shard(Path(target["path"]), target["sha"], in_memory=in_memory)
     calls = capture_block_calls(adapter, _calib(calib_path, calib_sha))
-    key = stable_hash(["window", model_sha, window, next_start, in_sha, target, carry, calib_sha, job])
+    key = stable_hash(["window", model_sha, window, next_start, in_sha, _sha(target), _sha(carry), calib_sha,
+                       _job_key(job)])
     final = Path(cache_dir) / "acts" / key
     tmp = fresh_dir(final.with_suffix(".tmp"))
     r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method, job.engine,
@@ -146,7 +171,8 @@ def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start
     tensors = {k: v for name, qw in r.results.items() for k, v in qw.state_dict(name).items()}
     qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
     return {"window": list(window), "names": sorted(r.results), "qweights": str(qpath),
-            "qweights_sha": atomic_save_safetensors(qpath, tensors), "out": str(final), "out_sha": seal_shard(tmp, final),
+            "qweights_sha": atomic_save_safetensors(qpath, tensors), "out": str(final),
+            "out_sha": seal_shard(tmp, final, r.outputs),
             "carry": _carry_file(r.carry, Path(cache_dir) / "carry" / f"{key}.safetensors"),
             "stats": _window_stats(r.stats)}
 

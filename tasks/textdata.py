@@ -15,9 +15,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .io import IntegrityError, atomic_save_safetensors, load_safetensors_verified, sha256_file
 
@@ -191,6 +192,8 @@ def load_text(source: TextSource, mirror: str | os.PathLike | None = None) -> st
 
 def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
     """Tokenize the whole text at once, no special tokens (no BOS): (N,) int64 ids."""
+    import torch
+
     # verbose=False: the text is far longer than model_max_length on purpose (it is windowed later).
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if not ids:
@@ -202,6 +205,8 @@ def write_token_ids(
     path: str | os.PathLike, ids_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> str:
     """Store named integer id tensors as int64 safetensors (atomic, with sidecar); return sha256."""
+    import torch
+
     bad = [k for k, v in ids_dict.items() if not isinstance(v, torch.Tensor) or v.is_floating_point()]
     if bad:
         raise TypeError(f"write_token_ids({path}): entries {bad} are not integer tensors")
@@ -210,6 +215,8 @@ def write_token_ids(
 
 def read_token_ids(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load ids written by write_token_ids, verified against `expected_sha256` or the sidecar."""
+    import torch
+
     tensors = load_safetensors_verified(path, expected_sha256)
     bad = [k for k, v in tensors.items() if v.dtype != torch.int64]
     if bad:

@@ -1,8 +1,8 @@
 """Fixtures for the end-to-end pipeline tests (helpers: pipeline_projects.py).
 
 A `ptq run` costs 15-30 s (an ephemeral Prefect server starts per process), so the tiny model and
-the reference project are session-scoped and shared: `clean_project` is one uninterrupted run that
-the other tests compare against and read back (MLflow, lineage).
+the reference project are session-scoped and shared: `clean_project` is one uninterrupted run in a
+fresh clone that the other tests compare against and read back (DVC, MLflow, lineage).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pipeline_projects import (  # noqa: E402
     WIKITEXT,
     Project,
     build_tiny_source,
+    clone_checkout,
     git_commit_all,
     have_git,
     write_params,
@@ -49,19 +50,27 @@ def base_env(tmp_path_factory) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TOKENIZERS_PARALLELISM": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp_path_factory.mktemp("dvc-site")),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # python, dvc of this venv
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     })
     return env
 
 
 @pytest.fixture(scope="session")
 def make_project(tmp_path_factory, tiny_source, base_env):
-    """make_project(name, git=False) -> a new Project whose params.yaml points at the tiny model."""
+    """make_project(name, extra=None) -> a fresh clone (committed) whose params.yaml points at the tiny
+    model; `extra` params sections are written in. Projects share a parent folder, so the committed
+    default DVC remote (../ptq-dvc-remote) is one folder for all of them."""
+    if not have_git():
+        pytest.skip("git is not installed")
+    parent = tmp_path_factory.mktemp("projects")
 
-    def make(name: str, git: bool = False) -> Project:
-        root = tmp_path_factory.mktemp(name)
-        write_params(root / "params.yaml", tiny_source)
-        if git:
-            git_commit_all(root, base_env)
+    def make(name: str, extra: dict | None = None) -> Project:
+        root = clone_checkout(parent / name)
+        write_params(root / "params.yaml", tiny_source, extra)
+        git_commit_all(root, base_env)
         return Project(root, base_env)
 
     return make
@@ -69,9 +78,7 @@ def make_project(tmp_path_factory, tiny_source, base_env):
 
 @pytest.fixture(scope="session")
 def clean_project(make_project) -> Project:
-    """One uninterrupted `ptq run`, in a git repository (so runs carry a commit): the reference."""
-    if not have_git():
-        pytest.skip("git is not installed")
-    project = make_project("clean", git=True)
+    """One uninterrupted `ptq run` in a fresh clone: the reference."""
+    project = make_project("clean")
     project.run_ok()
     return project

@@ -1,7 +1,10 @@
 """Helpers for the end-to-end pipeline tests: project folders, `ptq` subprocesses, release contents.
 
-Every `ptq` call is a real subprocess (`python -m flows.cli ...`) in a project folder, the way a
-user or DVC runs it; the project root is the folder holding params.yaml.
+A project is what a user gets from `git clone`: a copy of this checkout's files (tracked, plus
+untracked ones git does not ignore: the code under test), committed in a new git repository, with a
+params.yaml pointing at the tiny model. Commits use a fixed identity and date, so equal trees give
+equal commits and every project records the same code identity. Every `ptq` call is a real
+subprocess (`python -m flows.cli ...`) in the project, the way a user or DVC runs it.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["MIRROR", "N_BLOCKS", "REPO", "SETTINGS", "WIKITEXT", "Project", "build_tiny_source", "git_commit_all",
-           "have_git", "ptq_many", "release_files", "run_and_kill", "write_params"]
+__all__ = ["MIRROR", "N_BLOCKS", "REPO", "SETTINGS", "WIKITEXT", "Project", "build_tiny_source", "clone_checkout",
+           "git", "git_commit_all", "have_git", "ptq_many", "release_files", "run_and_kill", "write_params"]
 
 REPO = Path(__file__).resolve().parents[2]
 MIRROR = Path(os.environ.get("PTQ_DATA_MIRROR") or REPO.parent / "shared" / "data")
@@ -37,7 +40,8 @@ SETTINGS: dict[str, dict] = {
 }
 
 _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "ptq-tests", "GIT_AUTHOR_EMAIL": "ptq-tests@example.invalid",
-                 "GIT_COMMITTER_NAME": "ptq-tests", "GIT_COMMITTER_EMAIL": "ptq-tests@example.invalid"}
+                 "GIT_COMMITTER_NAME": "ptq-tests", "GIT_COMMITTER_EMAIL": "ptq-tests@example.invalid",
+                 "GIT_AUTHOR_DATE": "2026-01-01T00:00:00+00:00", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+00:00"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,16 @@ class Project:
         done = self.ptq(*args)
         assert done.returncode == 0, f"ptq {' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-6000:]}"
         return done
+
+    def tool(self, name: str, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+        """`dvc ARGS` (or another tool of this Python's environment) in the project."""
+        return subprocess.run([str(Path(sys.executable).with_name(name)), *args], cwd=self.root, env=dict(self.env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def dvc_ok(self, *args: str) -> str:
+        done = self.tool("dvc", *args)
+        assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        return done.stdout + done.stderr
 
 
 def run_and_kill(project: Project, ready: Callable[[str], Any], timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, Any]:
@@ -107,12 +121,21 @@ def ptq_many(jobs: Sequence[tuple[Project, Sequence[str]]],
 
 
 def release_files(release: Path) -> dict[str, bytes]:
-    """Every file of a release by relative path; MANIFEST.json (which also records stage timings)
-    is replaced by its "files" section."""
-    files = {p.relative_to(release).as_posix(): p.read_bytes() for p in sorted(release.rglob("*")) if p.is_file()}
-    manifest = json.loads(files.pop("MANIFEST.json"))
-    files["MANIFEST.json#files"] = json.dumps(manifest["files"], sort_keys=True).encode()
-    return files
+    """Every file of a release (MANIFEST.json included) by relative path: whole-file comparisons."""
+    return {p.relative_to(release).as_posix(): p.read_bytes() for p in sorted(release.rglob("*")) if p.is_file()}
+
+
+def clone_checkout(dest: Path) -> Path:
+    """A fresh-clone copy of this checkout (tracked files and untracked ones git does not ignore) at
+    dest; no data, no caches, no dvc.lock unless committed."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("metrics/", "dvc.lock")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
 
 
 def write_params(path: Path, source: Path, extra: Mapping[str, Mapping] | None = None) -> None:
@@ -124,17 +147,18 @@ def write_params(path: Path, source: Path, extra: Mapping[str, Mapping] | None =
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
-def git_commit_all(root: Path, env: Mapping[str, str], message: str = "init") -> str:
-    """`git init` (once) and commit everything in root; returns the commit."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, env={**env, **_GIT_IDENTITY}, check=True,
-                              capture_output=True, text=True).stdout
+def git(root: Path, env: Mapping[str, str], *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, env={**env, **_GIT_IDENTITY}, check=True,
+                          capture_output=True, text=True).stdout
 
+
+def git_commit_all(root: Path, env: Mapping[str, str], message: str = "init") -> str:
+    """`git init` (once) and commit everything in root (fixed identity and date); returns the commit."""
     if not (root / ".git").exists():
-        git("init", "-q")
-    git("add", "-A")
-    git("commit", "-q", "-m", message)
-    return git("rev-parse", "HEAD").strip()
+        git(root, env, "init", "-q", "-b", "main")
+    git(root, env, "add", "-A")
+    git(root, env, "commit", "-q", "--allow-empty", "-m", message)
+    return git(root, env, "rev-parse", "HEAD").strip()
 
 
 def _train_tokenizer(text: str):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from pipeline_projects import MIRROR
 
+from flows.bench import QualityBench, _choice_from_json, _jobs
 from flows.cli import main
+from flows.methods import parse_method
 
 
 def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
@@ -42,3 +45,21 @@ def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
+
+
+def test_a_worker_receives_the_parsed_method():
+    method = parse_method("recon-k2o1-gptq-i40+qat128", recon={"rank": 2}, qat={"lr": 1e-3})
+    bench = QualityBench(model="m", methods=(method,), schemes=("w3g64",), out=Path("q.json"))
+    fp32, job = json.loads(json.dumps(_jobs(bench, Path("model"))))  # what the worker process reads
+    assert (fp32["label"], fp32["method"]) == ("fp32", None)
+    assert job["label"] == "recon-k2o1-gptq-i40+qat128" and job["scheme"] == "w3g64"
+    assert _choice_from_json(job["method"]) == method  # the same frozen configs, not a re-parsed name
+
+
+@pytest.mark.parametrize("kw, message", [(dict(schemes=("w4x",)), "unknown scheme"),
+                                         (dict(n_samples=0), "--n-samples must be >= 1"),
+                                         (dict(methods=("gptq",)), "MethodChoice")])
+def test_quality_bench_validates_its_settings(kw, message):
+    base = dict(model="m", methods=(parse_method("gptq"),), schemes=("w4pc",), out=Path("q.json"))
+    with pytest.raises((ValueError, TypeError), match=message):
+        QualityBench(**(base | kw))

@@ -1,41 +1,65 @@
-"""Method names: reconstruction names spell their configuration; `+qat` adds global QAT."""
+"""flows.commands: the protocol's data draw and quantization of a loaded model from a typed method
+config (method names are parsed in flows.methods; see test_methods.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
+import transformers as T
 
-from flows.commands import method_config, method_qat, recon_config, split_qat
-
-
-@pytest.mark.parametrize("name, expect", [
-    ("recon", dict(window=2, overlap=1, lookahead=0, rounding="lora", loss="mse+kl", iters=100)),
-    ("recon-k2o1-lora-kl", dict(window=2, overlap=1, lookahead=0, rounding="lora", loss="kl")),
-    ("recon-k1-la2-i40", dict(window=1, overlap=0, lookahead=2, iters=40)),
-    ("recon-k3o1L1-adaround-mse", dict(window=3, overlap=1, lookahead=1, rounding="adaround", loss="mse")),
-    ("recon-k2o1-boa-nearest", dict(window=2, overlap=1, init="boa", rounding="nearest", frozen_grid=True)),
-    ("recon-k1-rtn", dict(window=1, init="rtn", frozen_grid=False)),
-])
-def test_recon_names_spell_the_configuration(name, expect):
-    cfg = recon_config(name)
-    assert {k: getattr(cfg, k) for k in expect} == expect
+from flows.commands import protocol_data, quantize_loaded
+from flows.methods import parse_method
+from quantlib.data import sample_calibration
+from quantlib.engine import EngineConfig
+from quantlib.rtn import RTNConfig, rtn_quantize
+from quantlib.spec import QuantSpec
 
 
-@pytest.mark.parametrize("name, message", [("recon-k2o2", "overlap must satisfy"), ("recon-fast", "cannot parse 'fast'"),
-                                           ("awq", "unknown method")])
-def test_bad_names_fail_clearly(name, message):
-    with pytest.raises(ValueError, match=message):
-        method_config(name)
+class WordTokenizer:
+    """`w17` -> 17: whole-text tokenization with visible ids."""
+
+    def __call__(self, text: str, **kw) -> dict:
+        assert kw.get("add_special_tokens") is False  # the protocol tokenizes without BOS
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
 
 
-def test_split_qat():
-    assert split_qat("recon-k2o1-kl+qat") == ("recon-k2o1-kl", {})
-    assert split_qat("boa+qat128") == ("boa", {"steps": 128})
-    assert split_qat("gptq") == ("gptq", None)
+@pytest.fixture
+def words(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(f"w{i}" for i in range(400)))
+    return str(path)
 
 
-def test_method_qat_takes_steps_from_the_name():
-    base, cfg = method_qat("boa+qat128", {"lr": 1e-3})
-    assert base == "boa" and cfg.steps == 128 and cfg.lr == 1e-3
-    assert method_qat("boa+qat", {"steps": 7})[1].steps == 7
-    assert method_qat("gptq", {"steps": 7}) == ("gptq", None)
-    with pytest.raises(ValueError, match="drop one"):
-        method_qat("boa+qat128", {"steps": 64})
+def test_protocol_data_calibrates_on_the_first_half_and_evaluates_on_the_second(words):
+    data = protocol_data(WordTokenizer(), words, None, n=4, seqlen=8, seed=0, window=16, n_windows=3)
+    assert torch.equal(data.calib, sample_calibration(torch.arange(200), 4, 8, seed=0))
+    assert torch.equal(data.windows, torch.arange(200, 248).reshape(3, 16))  # first windows, no overlap
+
+
+def test_protocol_data_rejects_a_short_pool(words):
+    with pytest.raises(ValueError, match="fewer than seqlen=300"):
+        protocol_data(WordTokenizer(), words, None, n=1, seqlen=300)
+
+
+def _tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_quantize_loaded_takes_a_typed_config():
+    model = _tiny_llama()
+    linears = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    spec = QuantSpec(bits=4, group_size=32)
+    results, stats, seconds = quantize_loaded(model, None, spec, parse_method("rtn").base, EngineConfig())
+    assert set(results) == set(linears) and len(stats) == 2 and seconds >= 0
+    for name, w in linears.items():
+        expect = rtn_quantize(w, spec, RTNConfig()).dequantize()
+        assert torch.equal(results[name].dequantize(), expect)
+        assert torch.equal(model.get_submodule(name).weight.detach().float(), expect)
+
+
+def test_quantize_loaded_refuses_a_method_name():
+    with pytest.raises(ValueError, match="no quantization method registered for str"):
+        quantize_loaded(_tiny_llama(), None, QuantSpec(bits=4, group_size=32), "rtn", EngineConfig())

@@ -262,7 +262,7 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
     p = params_from_dict({"quantize": {"method": "recon", "device": "cpu"}, "recon": {"window": 3, "overlap": 1,
                                                                                       "lookahead": 2, "iters": 7},
                           "qat": {"enabled": True, "steps": 5, "trainable": "scales+zeros"}})
-    cfg = quantize_job(p).method
+    cfg = quantize_job(p.quantize, p.recon).method
     assert (cfg.window, cfg.overlap, cfg.lookahead, cfg.iters) == (3, 1, 2, 7)
-    q = qat_config(p)
+    q = qat_config(p.qat)
     assert (q.steps, q.trainable) == (5, "scales+zeros")

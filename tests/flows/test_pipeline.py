@@ -1,34 +1,43 @@
-"""The pipeline end to end on a tiny Llama, through the real `ptq` command line.
+"""The pipeline end to end on a tiny Llama, in fresh clones, through the real `ptq` and `dvc` commands.
 
-Acceptance criteria proven here: a SIGKILLed run resumes without recomputing finished blocks and
-releases the same bytes as an uninterrupted run; a corrupted cache entry is reported and recomputed;
-bad params fail before any stage, naming the key; MLflow holds the runs, params, metrics, lineage
-tags and the registered version; `ptq lineage` verifies a release and names a tampered file; DVC
-re-runs exactly the stages whose params changed (slow).
+Proven here:
+- `ptq run` leaves DVC clean (dvc.lock describes what ran); a second `ptq run` recomputes nothing
+  and registers nothing;
+- a SIGKILLed run resumes without recomputing finished blocks and releases byte-identical files
+  (MANIFEST.json included); MLflow shows the killed stage FAILED and links the resumed one to it;
+  a corrupted cache entry is reported and recomputed;
+- `dvc repro` in a fresh clone runs every stage, a second one nothing, and its release and dvc.lock
+  equal `ptq run`'s; `ptq run` after it runs nothing; changing any param re-runs exactly the stages
+  that declare it; `dvc push` / `dvc pull` into a second clone restores a release that `ptq lineage`
+  verifies;
+- the registry gate keeps the alias and exits non-zero; an older version still verifies after the
+  workspace has moved on; `ptq lineage` names a flipped byte in codes, scales, config and MANIFEST;
+  `ptq lineage --rebuild` reproduces the release byte for byte;
+- bad params fail before any stage, naming the key.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_projects import (N_BLOCKS, REPO, Project, git_commit_all, ptq_many, release_files, run_and_kill,
-                               write_params)
+from pipeline_projects import N_BLOCKS, Project, git, git_commit_all, ptq_many, release_files, run_and_kill, write_params
 
-from tasks.cache import code_fingerprint
+from flows.params import section_keys
+from flows.stages import STAGES
+from tasks.codeid import code_fingerprint
 from tasks.io import sha256_file
 
 KILL_AFTER = 2  # blocks finished (checkpoint written and result recorded) before the SIGKILL
 RECOMPUTING = "cache entry points at missing or corrupted files; recomputing"
-CODE_CHANGED = ("quantlib/tasks sources changed while the test ran; cache keys hash them, so nothing could be "
-                "reused: re-run the test on a quiet checkout")
+CODE_CHANGED = ("quantlib/tasks/flows sources changed while the test ran; cache keys hash them, so nothing could "
+                "be reused: re-run the test on a quiet checkout")
+STAGE_NAMES = [s.name for s in STAGES]
 
 
 def _code() -> str:
@@ -36,9 +45,9 @@ def _code() -> str:
     return code_fingerprint.__wrapped__()
 
 
-def _flip_byte(path: Path) -> None:
+def _flip_byte(path: Path, offset: int | None = None) -> None:
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
     path.write_bytes(bytes(data))
 
 
@@ -49,6 +58,71 @@ def _file_ids(paths) -> dict[str, tuple[int, int]]:
 def _block_files(project: Project) -> list[Path]:
     """Block checkpoints (codes) in the order they were written: block 0 first."""
     return sorted(project.blocks_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def _client(project: Project):
+    from tasks.mlflow_runs import quiet_mlflow
+
+    quiet_mlflow()
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project.root / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _registry(project: Project) -> dict:
+    return json.loads((project.root / "metrics" / "registry.json").read_text())
+
+
+def _versions(project: Project) -> list[int]:
+    name = _registry(project)["model_name"]
+    return sorted(int(v.version) for v in _client(project).search_model_versions(f"name = '{name}'"))
+
+
+def _stage_status(stdout: str) -> dict[str, str]:
+    """stage -> "ran" | "up to date", from `ptq run`'s summary table."""
+    rows = [line.split() for line in stdout.splitlines()]
+    return {r[0]: " ".join(r[1:-1]) for r in rows if r and r[0] in STAGE_NAMES}
+
+
+# ----------------------------------------------------------------------- ptq run leaves DVC clean
+
+
+def test_ptq_run_leaves_dvc_clean_and_the_lock_describing_every_stage(clean_project):
+    assert "Data and pipelines are up to date" in clean_project.dvc_ok("status")
+    lock = yaml.safe_load((clean_project.root / "dvc.lock").read_text())
+    assert list(lock["stages"]) == STAGE_NAMES
+    release = next(o for o in lock["stages"]["pack"]["outs"] if o["path"] == "data/release")
+    assert release["nfiles"] == len(release_files(clean_project.release))
+    # metrics and plots are plain files in git, outside the ignored data folder
+    ignored = git(clean_project.root, clean_project.env, "status", "--porcelain", "--ignored", "metrics")
+    assert "!!" not in ignored and "metrics/" in ignored
+
+
+@pytest.fixture(scope="module")
+def noop(clean_project):
+    before = release_files(clean_project.release), _versions(clean_project), _registry(clean_project)
+    done = clean_project.run_ok()
+    return before, done, (release_files(clean_project.release), _versions(clean_project), _registry(clean_project))
+
+
+def test_second_run_recomputes_and_registers_nothing(noop, clean_project):
+    before, done, after = noop
+    status = _stage_status(done.stdout)
+    assert status == {"inputs": "ran", **{s: "up to date" for s in STAGE_NAMES[1:]}}, done.stdout
+    assert after == before  # the same release bytes, no new version, the same registry record
+    assert "Data and pipelines are up to date" in clean_project.dvc_ok("status")
+    # the no-op run is still tracked: its stages are nested runs tagged cached
+    from tasks.mlflow_runs import TAG_PARENT, TAG_STAGE, TAG_STAGE_STATUS
+
+    client = _client(clean_project)
+    exp = client.get_experiment_by_name("ptq-pipeline")
+    parents = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                 order_by=["attributes.start_time DESC"])
+    latest = next(r for r in parents if TAG_PARENT not in r.data.tags)
+    kids = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{latest.info.run_id}'")
+    tags = {k.data.tags[TAG_STAGE]: k.data.tags[TAG_STAGE_STATUS] for k in kids}
+    assert tags == {"inputs": "run", **{s: "cached" for s in STAGE_NAMES[1:]}}
 
 
 # ------------------------------------------------------------------------------- kill / resume
@@ -107,15 +181,31 @@ def test_resume_reuses_finished_blocks(resumed):
     # block `done` may have recorded its result in the instant before the kill, so either is right
     for i in range(done + 1, N_BLOCKS):
         assert f"block {i}: computed" in resumed.log
-    for label in ("fetch_model", "prepare_data", "capture_activations"):
-        assert f"{label}: cached" in resumed.log
+    assert "capture_activations: cached" in resumed.log
     assert resumed.after == resumed.kept  # same inodes and mtimes: not rewritten
     assert resumed.n_files == N_BLOCKS
-    assert (resumed.project.root / ".cache" / "prefect-home").is_dir()  # ptq's default, per project
 
 
-def test_resumed_release_equals_uninterrupted_release(resumed, clean_project):
+def test_resumed_release_is_byte_identical_to_the_uninterrupted_one(resumed, clean_project):
+    # whole files, MANIFEST.json included: no timing or run flag in a release
     assert resumed.release == release_files(clean_project.release)
+
+
+def test_mlflow_shows_the_killed_stage_failed_and_links_the_resumed_one(resumed):
+    from tasks.mlflow_runs import TAG_KILLED, TAG_RESUMES, TAG_STAGE
+
+    client = _client(resumed.project)
+    exp = client.get_experiment_by_name("ptq-pipeline")
+    quantize = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_STAGE}` = 'quantize'",
+                                  order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in quantize] == ["FAILED", "FINISHED"]
+    killed, resumed_run = quantize
+    assert killed.data.tags[TAG_KILLED] == "true"
+    assert resumed_run.data.tags[TAG_RESUMES] == killed.info.run_id
+    assert killed.data.tags["mlflow.parentRunId"] == resumed_run.data.tags["mlflow.parentRunId"]
+    # the stage logged its block errors while it ran, before it was killed (the kill may land
+    # between a block's "computed" line and its metric)
+    assert len(client.get_metric_history(killed.info.run_id, "block_error")) >= KILL_AFTER - 1
 
 
 def test_corrupted_cache_entries_are_reported_and_recomputed(resumed, clean_project):
@@ -127,15 +217,238 @@ def test_corrupted_cache_entries_are_reported_and_recomputed(resumed, clean_proj
     shard = project.root / ".cache" / "ptq" / "acts" / blocks[2].stem / "batch_00000.safetensors"
     _flip_byte(codes)
     _flip_byte(shard)
+    shutil.rmtree(project.root / "data" / "quantized")  # make DVC re-run the quantize stage
 
     log = project.run_ok().stderr
     assert _code() == resumed.code[1], CODE_CHANGED
-
     assert f"block 0: {RECOMPUTING}" in log and "block 0: computed" in log
     assert f"block 2: {RECOMPUTING}" in log and "block 2: computed" in log
     assert "block 1: cached" in log and "block 3: cached" in log  # same inputs again: still valid
     assert (codes.with_name(codes.name + ".sha256")).read_text().strip() == sha256_file(codes)
     assert release_files(project.release) == release_files(clean_project.release)
+
+
+# ------------------------------------------------------------------------------- dvc repro
+
+
+@dataclass
+class DvcRuns:
+    project: Project
+    first: str
+    second: str
+    ptq_after: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def dvc_runs(make_project) -> DvcRuns:
+    """`dvc repro` twice in a fresh clone (no `dvc init`: the DVC project files are committed), then `ptq run`."""
+    project = make_project("dvc")
+    first = project.dvc_ok("repro")
+    second = project.dvc_ok("repro")
+    return DvcRuns(project, first, second, project.run_ok())
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(dvc_runs):
+    assert all(f"Running stage '{s}'" in dvc_runs.first for s in STAGE_NAMES), dvc_runs.first
+    assert "Running stage" not in dvc_runs.second, dvc_runs.second
+    assert "Data and pipelines are up to date" in dvc_runs.second
+
+
+def test_ptq_run_after_dvc_repro_runs_nothing(dvc_runs):
+    status = _stage_status(dvc_runs.ptq_after.stdout)
+    assert status == {"inputs": "ran", **{s: "up to date" for s in STAGE_NAMES[1:]}}, dvc_runs.ptq_after.stdout
+    assert "Data and pipelines are up to date" in dvc_runs.project.dvc_ok("status")
+
+
+def _lock_outs(root: Path) -> dict[str, dict[str, str]]:
+    """stage -> {out path: md5} from dvc.lock, without the timing files nothing reads."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {name: {o["path"]: o["md5"] for o in (s.get("outs") or []) if not o["path"].startswith("metrics/stages/")}
+            for name, s in lock.items()}
+
+
+def test_dvc_repro_and_ptq_run_agree_byte_for_byte(dvc_runs, clean_project):
+    assert release_files(dvc_runs.project.release) == release_files(clean_project.release)
+    outs = {k: v for k, v in _lock_outs(clean_project.root).items() if k != "register"}
+    assert {k: v for k, v in _lock_outs(dvc_runs.project.root).items() if k != "register"} == outs
+    for name in ("metrics.json", "ppl.json", "block_errors.json"):
+        assert (dvc_runs.project.root / "metrics" / name).read_bytes() == (clean_project.root / "metrics" / name).read_bytes()
+
+
+def _changed_stages(root: Path) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {key.rsplit(":", 1)[-1] for key in repo.status()}  # "<path>/dvc.yaml:<stage>" -> stage
+
+
+def test_changing_each_param_reruns_exactly_the_stages_that_declare_it(dvc_runs):
+    root = dvc_runs.project.root
+    path = root / "params.yaml"
+    original = path.read_text()
+    assert _changed_stages(root) == set()
+    try:
+        for section in yaml.safe_load(original):
+            for key in section_keys(section):
+                params = yaml.safe_load(original)
+                params[section][key.split(".", 1)[1]] = f"changed {key}"  # DVC compares values only
+                path.write_text(yaml.safe_dump(params, sort_keys=False))
+                declaring = {s.name for s in STAGES if key in s.param_keys}
+                assert declaring and _changed_stages(root) == declaring, key
+    finally:
+        path.write_text(original)
+    assert _changed_stages(root) == set()
+
+
+def test_dvc_push_then_pull_into_a_second_clone_restores_a_verified_release(dvc_runs, base_env):
+    project = dvc_runs.project
+    git_commit_all(project.root, project.env, "dvc.lock and metrics of a run")
+    project.dvc_ok("push")
+    second = Project(project.root.parent / "second-clone", base_env)
+    subprocess.run(["git", "clone", "-q", str(project.root), str(second.root)], check=True, env=dict(base_env))
+    assert not (second.root / "data").exists()
+    second.dvc_ok("pull")
+    assert release_files(second.release) == release_files(project.release)
+    assert "Data and pipelines are up to date" in second.dvc_ok("status")
+    done = second.ptq("lineage", "data/release", "--workspace")
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+
+
+# -------------------------------------------------------------------------------------- MLflow
+
+
+def test_mlflow_holds_live_stage_runs_params_metrics_and_the_registered_version(clean_project):
+    from tasks.mlflow_runs import TAG_PARENT, TAG_STAGE
+    from tasks.registry import TAG_CODE_FINGERPRINT, TAG_GIT_COMMIT, TAG_RELEASE_MANIFEST
+
+    root, client = clean_project.root, _client(clean_project)
+    registry = _registry(clean_project)
+    version = client.get_model_version_by_alias(registry["model_name"], "candidate")
+    assert int(version.version) == registry["version"] == 1
+    parent = client.get_run(version.run_id)
+    assert parent.info.status == "FINISHED" and TAG_PARENT not in parent.data.tags
+    kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
+    by_stage = {k.data.tags[TAG_STAGE]: k for k in kids}
+    assert set(by_stage) == set(STAGE_NAMES) and all(k.info.status == "FINISHED" for k in kids)
+    # each stage run spans its own stage, in pipeline order (opened when it started)
+    starts = [by_stage[s].info.start_time for s in STAGE_NAMES]
+    assert starts == sorted(starts) and all(by_stage[s].data.metrics["seconds"] >= 0 for s in STAGE_NAMES)
+    assert parent.data.params["quantize.bits"] == "4" and parent.data.params["quantize.group_size"] == "32"
+    errors = json.loads((root / "metrics" / "block_errors.json").read_text())
+    history = sorted(client.get_metric_history(by_stage["quantize"].info.run_id, "block_error"), key=lambda m: m.step)
+    assert [m.step for m in history] == [b["block"] for b in errors] == list(range(N_BLOCKS))
+    assert [m.value for m in history] == pytest.approx([b["after"] for b in errors])
+    manifest = json.loads((clean_project.release / "MANIFEST.json").read_text())
+    assert version.tags[TAG_RELEASE_MANIFEST] == sha256_file(clean_project.release / "MANIFEST.json")
+    assert version.tags[TAG_CODE_FINGERPRINT] == manifest["code"]["fingerprint"] == _code()
+    head = git(root, clean_project.env, "rev-parse", "HEAD").strip()
+    assert version.tags[TAG_GIT_COMMIT] == manifest["code"]["git_commit"] == head
+    assert manifest["code"]["git_dirty"] is False
+
+
+# ---------------------------------------------------------------------- registry gate, lineage
+
+
+@dataclass
+class Moved:
+    project: Project
+    gated: subprocess.CompletedProcess
+    moved: subprocess.CompletedProcess
+    old_version: subprocess.CompletedProcess
+    old_version_workspace: subprocess.CompletedProcess
+    metrics_diff: str
+    plots_diff: str
+
+
+@pytest.fixture(scope="module")
+def moved(clean_project, tmp_path_factory) -> Moved:
+    """A copy of the clean project, its run committed to git: a run whose gate fails, then a run with
+    another release format (the workspace moves on to version 2), then lineage of version 1 and the
+    metrics and plots diffs against the committed run."""
+    root = tmp_path_factory.mktemp("moved") / "project"
+    shutil.copytree(clean_project.root, root, symlinks=True)
+    project = Project(root, clean_project.env)
+    git_commit_all(root, project.env, "dvc.lock and metrics of the first run")
+    gated = project.ptq("run", "-S", "register.max_ppl_ratio=0.5")
+    moved_on = project.run_ok("run", "-S", "register.max_ppl_ratio=null", "-S", "pack.format=compressed-tensors")
+    name = _registry(project)["model_name"]
+    old = [project.ptq("lineage", f"models:/{name}/1", *extra) for extra in ((), ("--workspace",))]
+    diffs = [project.tool("dvc", kind, "diff", "HEAD", "--json").stdout for kind in ("metrics", "plots")]
+    return Moved(project, gated, moved_on, *old, *diffs)
+
+
+def test_gate_failure_keeps_the_alias_records_why_and_exits_nonzero(moved):
+    done = moved.gated
+    assert done.returncode == 2, done.stdout + done.stderr[-3000:]
+    assert "quality gate failed: ppl ratio" in done.stderr and "register.max_ppl_ratio 0.5" in done.stderr
+    status = _stage_status(done.stdout) if done.stdout else {}
+    assert "register" not in status or status["register"] != "up to date"
+
+
+def test_workspace_moved_on_registers_version_2_and_version_1_still_verifies(moved):
+    registry = _registry(moved.project)
+    assert registry["version"] == 2 and registry["alias_moved"] is True
+    assert _stage_status(moved.moved.stdout)["quantize"] == "up to date"  # only pack and later re-ran
+    for done in (moved.old_version, moved.old_version_workspace):
+        assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+
+
+def test_metrics_and_plots_diff_across_commits(moved):
+    diff = json.loads(moved.metrics_diff)
+    assert diff["metrics/registry.json"]["version"] == {"old": 1, "new": 2, "diff": 1}
+    assert "metrics/stages/pack.json" in diff  # the re-run stage's timing file changed too
+    plots = json.loads(moved.plots_diff)
+    assert any("block_errors" in name for name in plots), list(plots)
+
+
+def _tensor_offset(path: Path, suffix: str) -> int:
+    """Byte offset of the first tensor whose name ends with `suffix` in a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in sorted(header) if k.endswith(suffix))
+    return 8 + n + header[name]["data_offsets"][0]
+
+
+@pytest.fixture(scope="module")
+def tampered(clean_project, tmp_path_factory):
+    """`ptq lineage` on copies of the release with one flipped byte each (codes, scales, config,
+    MANIFEST), and on the registered alias."""
+    jobs, files = [], {}
+    weights = clean_project.release / "model.safetensors"
+    for what, rel, offset in (("codes", "model.safetensors", _tensor_offset(weights, ".qweight")),
+                              ("scales", "model.safetensors", _tensor_offset(weights, ".scales")),
+                              ("config", "config.json", 2), ("manifest", "MANIFEST.json", 20)):
+        copy = tmp_path_factory.mktemp(what) / "release"
+        shutil.copytree(clean_project.release, copy)
+        _flip_byte(copy / rel, offset)
+        files[what] = copy / rel
+        jobs.append((clean_project, ["lineage", str(copy)]))
+    name = _registry(clean_project)["model_name"]
+    jobs.append((clean_project, ["lineage", f"models:/{name}@candidate"]))
+    done = ptq_many(jobs)
+    return dict(zip([*files, "alias"], done)), files
+
+
+@pytest.mark.parametrize("what", ["codes", "scales", "config", "manifest"])
+def test_lineage_names_a_flipped_byte(tampered, what):
+    runs, files = tampered
+    done = runs[what]
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    assert "lineage FAILED" in done.stdout and "Traceback" not in done.stderr
+    if what != "manifest":
+        assert str(files[what]) in done.stdout
+
+
+def test_lineage_of_the_registered_alias_is_ok(tampered):
+    done = tampered[0]["alias"]
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+
+
+def test_rebuild_reproduces_the_release_byte_for_byte(clean_project):
+    done = clean_project.ptq("lineage", "data/release", "--rebuild")
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    assert "rebuild OK: every file is byte-identical" in done.stdout
 
 
 # ---------------------------------------------------------------------------------- bad params
@@ -148,175 +461,29 @@ BAD_PARAMS = {  # case -> (overrides, extra params.yaml content, key named in th
     "bits out of range": (["quantize.bits=9"], {}, "quantize.bits"),
     "group size zero": (["quantize.group_size=0"], {}, "quantize.group_size"),
     "missing model": (["fetch_model.source=/nonexistent"], {}, "fetch_model.source"),
+    "bad gate": (["register.max_ppl_ratio=-1"], {}, "register.max_ppl_ratio"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory, tiny_source, base_env) -> dict[str, tuple[Project, subprocess.CompletedProcess]]:
-    """Every BAD_PARAMS case as `ptq run` in its own fresh project, all started at once."""
+def bad_runs(tmp_path_factory, tiny_source, base_env) -> dict[str, tuple[Project, subprocess.CompletedProcess, str]]:
+    """Every BAD_PARAMS case as `ptq run` in its own project, all started at once; with the
+    params.yaml text before the run."""
     jobs = []
     for case, (overrides, extra, _) in BAD_PARAMS.items():
         root = tmp_path_factory.mktemp("bad")
         write_params(root / "params.yaml", tiny_source, extra)
         jobs.append((Project(root, base_env), ["run", *[a for o in overrides for a in ("-S", o)]]))
-    return {case: (p, done) for case, (p, _), done in zip(BAD_PARAMS, jobs, ptq_many(jobs))}
+    before = [p.root.joinpath("params.yaml").read_text() for p, _ in jobs]
+    return {case: (p, done, text) for case, (p, _), done, text in zip(BAD_PARAMS, jobs, ptq_many(jobs), before)}
 
 
 @pytest.mark.parametrize("case", list(BAD_PARAMS))
 def test_bad_params_fail_before_any_stage(bad_runs, case):
-    project, done = bad_runs[case]
+    project, done, before = bad_runs[case]
     key = BAD_PARAMS[case][2]
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"ptq run: error: {key}" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (project.root / "data").exists()
-    assert not (project.root / ".cache" / "ptq").exists()  # no stage wrote its cache
-
-
-# -------------------------------------------------------------------------------------- MLflow
-
-
-def test_mlflow_holds_runs_params_metrics_tags_and_registered_version(clean_project):
-    from tasks.tracking import (
-        TAG_CALIB,
-        TAG_GIT_COMMIT,
-        TAG_QUANTLIB,
-        TAG_RELEASE_MANIFEST,
-        TAG_SOURCE_MODEL,
-        TAG_STAGE,
-        quiet_mlflow,
-    )
-
-    quiet_mlflow()
-    from mlflow import MlflowClient
-
-    import quantlib
-
-    root = clean_project.root
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    registry = json.loads((root / "data/reports/registry.json").read_text())
-    parent = client.get_run(registry["run_id"])
-    assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
-
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    by_stage = {c.data.tags[TAG_STAGE]: c for c in children}
-    assert set(by_stage) == {"fetch_model", "prepare_data", "quantize", "qat", "pack", "evaluate"}
-    assert all(c.info.status == "FINISHED" for c in children)
-
-    params = parent.data.params
-    assert params["quantize.bits"] == "4" and params["quantize.group_size"] == "32"
-    assert params["fetch_model.source"] == yaml.safe_load((root / "params.yaml").read_text())["fetch_model"]["source"]
-
-    metrics = json.loads((root / "data/reports/metrics.json").read_text())
-    assert parent.data.metrics["ppl.wikitext2"] == pytest.approx(metrics["ppl"]["wikitext2"])
-    assert parent.data.metrics["fp32_ppl.wikitext2"] == pytest.approx(metrics["fp32_ppl"]["wikitext2"])
-    history = client.get_metric_history(by_stage["quantize"].info.run_id, "block_error")
-    errors = json.loads((root / "data/reports/block_errors.json").read_text())
-    history = sorted(history, key=lambda m: m.step)
-    assert [m.step for m in history] == [b["block"] for b in errors] == list(range(N_BLOCKS))
-    assert [m.value for m in history] == pytest.approx([b["after"] for b in errors])
-
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    release_manifest = sha256_file(root / "data/release/MANIFEST.json")
-    tags = parent.data.tags
-    assert tags[TAG_GIT_COMMIT] == head
-    assert tags[TAG_SOURCE_MODEL] == sha256_file(root / "data/model/MANIFEST.json")
-    assert tags[TAG_CALIB] == sha256_file(root / "data/tokens/calib.safetensors")
-    assert tags[TAG_QUANTLIB] == quantlib.__version__
-    assert tags[TAG_RELEASE_MANIFEST] == release_manifest
-
-    version = client.get_model_version_by_alias(registry["model_name"], "candidate")
-    assert int(version.version) == registry["version"] and version.run_id == parent.info.run_id
-    assert version.tags[TAG_RELEASE_MANIFEST] == release_manifest
-
-
-# ------------------------------------------------------------------------------------- lineage
-
-
-@pytest.fixture(scope="module")
-def lineage_runs(clean_project, tmp_path_factory):
-    """`ptq lineage` on the release folder, on the registered alias, and on a tampered copy."""
-    root = clean_project.root
-    name = json.loads((root / "data/reports/registry.json").read_text())["model_name"]
-    tampered = tmp_path_factory.mktemp("tampered") / "release"
-    shutil.copytree(clean_project.release, tampered)
-    _flip_byte(tampered / "model.safetensors")
-    runs = ptq_many([(clean_project, ["lineage", "data/release", "--project", str(root)]),
-                     (clean_project, ["lineage", f"models:/{name}@candidate", "--project", str(root)]),
-                     (clean_project, ["lineage", str(tampered), "--project", str(root)])])
-    return {**dict(zip(("folder", "alias", "tampered"), runs)), "name": name,
-            "tampered_file": tampered / "model.safetensors"}
-
-
-def test_lineage_of_release_folder(lineage_runs, clean_project):
-    done = lineage_runs["folder"]
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    out = done.stdout
-    source = yaml.safe_load((clean_project.root / "params.yaml").read_text())["fetch_model"]["source"]
-    assert f"source     {source} (local)" in out
-    assert "quantize.bits=4" in out
-    assert f"registry   {lineage_runs['name']} v1 @candidate" in out
-    assert "stage quantize (run)" in out
-    assert out.rstrip().endswith("result     OK: every recorded hash matches")
-
-
-def test_lineage_of_registered_alias(lineage_runs):
-    done = lineage_runs["alias"]
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert f"(registered {lineage_runs['name']} v1)" in done.stdout
-    assert "result     OK" in done.stdout
-
-
-def test_lineage_names_a_tampered_file(lineage_runs):
-    done = lineage_runs["tampered"]
-    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
-    assert "result     FAILED" in done.stdout
-    assert f"MISMATCH   {lineage_runs['tampered_file']}: expected" in done.stdout
-
-
-# ----------------------------------------------------------------------------------------- DVC
-
-
-@pytest.mark.slow
-def test_dvc_repro_reruns_only_changed_stages(tmp_path, tiny_source, base_env):
-    dvc = Path(sys.executable).with_name("dvc")
-    if not dvc.exists() or not Path(sys.executable).with_name("ptq").exists():
-        pytest.skip("dvc or the ptq script is not installed next to this Python")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, repo)
-    for code in ("quantlib", "tasks", "flows"):  # the stages' code deps (a symlink works too)
-        shutil.copytree(REPO / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(repo / "params.yaml", tiny_source)
-    env = {**base_env, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{base_env['PATH']}"}
-    git_commit_all(repo, env)
-
-    def dvc_run(*args: str) -> str:
-        done = subprocess.run([str(dvc), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        return done.stdout + done.stderr
-
-    dvc_run("init", "-q")
-    git_commit_all(repo, env, "dvc init")
-    stages = ["fetch_model", "prepare_data", "quantize", "qat", "pack", "evaluate", "register"]
-
-    out = dvc_run("repro")
-    assert all(f"Running stage '{s}'" in out for s in stages), out
-    assert (repo / "data/release/MANIFEST.json").is_file()
-
-    out = dvc_run("repro")
-    assert "Running stage" not in out and "Data and pipelines are up to date" in out, out
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["quantize"]["bits"] = 3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc_run("repro")
-    for s in stages[:2]:
-        assert f"Stage '{s}' didn't change, skipping" in out and f"Running stage '{s}'" not in out, out
-    for s in stages[2:]:
-        assert f"Running stage '{s}'" in out, out
-    assert json.loads((repo / "data/reports/metrics.json").read_text())["scheme"] == "w3g32"
+    assert not (project.root / "data").exists() and not (project.root / ".cache" / "ptq").exists()
+    assert (project.root / "params.yaml").read_text() == before  # -S values are not written back

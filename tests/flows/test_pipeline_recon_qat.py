@@ -11,7 +11,7 @@ import json
 import signal
 
 import pytest
-from pipeline_projects import N_BLOCKS, Project, release_files, run_and_kill, write_params
+from pipeline_projects import N_BLOCKS, release_files, run_and_kill
 
 EXTRA = {
     "quantize": {"method": "recon", "bits": 3},
@@ -26,17 +26,11 @@ def _label(w: int) -> str:
     return f"window {w} blocks [{start}, {end})"
 
 
-def _project(tmp_path_factory, tiny_source, base_env, name: str) -> Project:
-    root = tmp_path_factory.mktemp(name)
-    write_params(root / "params.yaml", tiny_source, EXTRA)
-    return Project(root, base_env)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_source, base_env):
-    clean = _project(tmp_path_factory, tiny_source, base_env, "recon-clean")
+def runs(make_project):
+    clean = make_project("recon-clean", EXTRA)
     clean.run_ok()
-    killed = _project(tmp_path_factory, tiny_source, base_env, "recon-killed")
+    killed = make_project("recon-killed", EXTRA)
     line = f"{_label(1)}: computed"
     rc, killed_log, _ = run_and_kill(killed, lambda log: True if line in log else None)
     log = killed.run_ok().stderr
@@ -60,7 +54,7 @@ def test_quantize_stage_records_window_curves_and_block_errors_before_after(runs
     for w in info["windows"]:
         assert len(w["curve"]) == EXTRA["recon"]["iters"]
         assert w["loss_final"] <= w["loss_init"]  # the guard never ships something worse
-    errors = json.loads((root / "data" / "reports" / "block_errors.json").read_text())
+    errors = json.loads((root / "metrics" / "block_errors.json").read_text())
     assert [e["block"] for e in errors] == list(range(N_BLOCKS))
     assert all(e["before"] > 0 and e["after"] > 0 for e in errors)
     assert len(info["modules"]) == 7 * N_BLOCKS  # every Linear of every block, once
@@ -75,8 +69,8 @@ def test_qat_stage_trains_and_labels_the_release(runs):
     quantized = json.loads((root / "data" / "quantized" / "quantize.json").read_text())
     if not qat["kept_init"]:
         assert info["quantized_sha256"] != quantized["quantized_sha256"]  # QAT changed the codes or scales
-    metrics = json.loads((root / "data" / "reports" / "metrics.json").read_text())
-    assert metrics["method"] == "recon+qat w3g32"
+    metrics = json.loads((root / "metrics" / "metrics.json").read_text())
+    assert (metrics["method"], metrics["scheme"]) == ("recon+qat", "w3g32")
 
 
 def test_mlflow_holds_window_and_qat_loss_curves(runs):
@@ -85,7 +79,8 @@ def test_mlflow_holds_window_and_qat_loss_curves(runs):
     root = runs["clean"].root
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ptq-pipeline")
-    by_stage = {r.data.tags.get("ptq.stage"): r for r in client.search_runs([exp.experiment_id])}
+    by_stage = {r.data.tags.get("ptq.stage"): r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("ptq.stage_status") == "run"}
     quantize, qat = by_stage["quantize"].info.run_id, by_stage["qat"].info.run_id
     curve = client.get_metric_history(quantize, "recon_loss_window_000")
     assert len(curve) == EXTRA["recon"]["iters"]

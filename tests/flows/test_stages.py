@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from flows.params import SECTIONS, ParamsError, section_keys
-from flows.stages import CODE_DEPS, STAGES, Output, Stage, get_stage, render_dvc_yaml
+from flows.stages import CODE_DEPS, RELEASE_PARAMS, STAGES, Stage, get_stage, render_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = REPO / ".venv" / "bin" / "dvc"
 
 
 def _outputs(stage: Stage) -> list[str]:
-    return [o.path for o in stage.outs] + list(stage.metrics) + [p.path for p in stage.plots]
+    return list(stage.writes)
 
 
 def test_committed_dvc_yaml_is_in_sync() -> None:
@@ -27,30 +27,37 @@ def test_committed_dvc_yaml_is_in_sync() -> None:
     )
 
 
-def test_one_stage_per_section_in_pipeline_order() -> None:
-    # every section belongs to exactly one stage, in pipeline order; recon configures the quantize stage
-    assert [sec for s in STAGES for sec in s.params] == list(SECTIONS)
-    assert [s.params[0] for s in STAGES] == [s.name for s in STAGES]
+def test_every_section_is_declared_by_its_stage_in_pipeline_order() -> None:
+    # each section's stage declares all of it; stages come in pipeline order; recon configures quantize
+    owners = {sec: s.name for s in STAGES for sec in s.params if "." not in sec and sec not in RELEASE_PARAMS[:-1]
+              or (s.name != "pack" and "." not in sec)}
+    assert list(owners) == list(SECTIONS)
+    assert [s.name for s in STAGES] == ["inputs", *[owners[sec] for sec in SECTIONS if sec != "recon"]]
     assert get_stage("quantize").params == ("quantize", "recon")
 
 
-def test_data_deps_come_from_earlier_stages_and_code_is_a_dep() -> None:
+def test_data_deps_come_from_earlier_stages() -> None:
     produced: set[str] = set()
     for stage in STAGES:
-        assert set(CODE_DEPS) <= set(stage.deps), stage.name
         for dep in stage.deps:
-            assert dep in CODE_DEPS or dep in produced, f"{stage.name}: {dep} is not produced earlier"
+            assert dep in produced, f"{stage.name}: {dep} is not produced by an earlier stage"
         produced.update(_outputs(stage))
 
 
-def test_stage_folders() -> None:
-    assert [o.path for o in get_stage("fetch_model").outs] == ["data/model"]
-    assert get_stage("qat").deps[:3] == ("data/model", "data/tokens", "data/quantized")
-    assert [o.path for o in get_stage("qat").outs] == ["data/qat"]
-    assert get_stage("register").outs == (Output("data/reports/registry.json", cache=False),)
-    assert all(s.cmd == f"ptq stage {s.name} -p params.yaml" for s in STAGES)
-    with pytest.raises(KeyError, match="unknown stage 'nope'"):
-        get_stage("nope")
+def test_pack_declares_every_param_the_release_records_and_qat_declares_the_bits() -> None:
+    assert set(get_stage("pack").param_keys) == {k for sec in RELEASE_PARAMS for k in section_keys(sec)}
+    assert "quantize.bits" in get_stage("qat").param_keys  # qat.enabled: auto decides by bits
+    assert get_stage("evaluate").param_keys[-2:] == ("prepare_data.eval_sources", "prepare_data.mirror")
+    with pytest.raises(KeyError, match="unknown param 'quantize.nope'"):
+        Stage("x", deps=(), params=("quantize.nope",), outs=()).param_keys
+
+
+def test_metrics_and_plots_live_in_git_outside_the_data_folder() -> None:
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "/data/*" in ignored and not any(line.startswith("/metrics") for line in ignored)
+    for stage in STAGES:
+        assert all(o.startswith("data/") for o in stage.outs), stage.name
+        assert all(m.startswith("metrics/") for m in (*stage.metrics, *(p.path for p in stage.plots), stage.timings))
 
 
 def test_no_output_is_inside_another() -> None:
@@ -67,18 +74,24 @@ def test_rendered_yaml_structure() -> None:
     assert list(doc) == ["stages", "plots"] and list(doc["stages"]) == [s.name for s in STAGES]
     for stage in STAGES:
         entry = doc["stages"][stage.name]
-        assert entry["cmd"] == stage.cmd
-        assert entry["deps"] == list(stage.deps)
-        assert entry["params"] == [k for sec in stage.params for k in section_keys(sec)]  # only its own sections
+        assert entry["cmd"] == f"python -m flows.cli stage {stage.name}"
+        assert entry["deps"] == [*stage.deps, *CODE_DEPS]
+        assert entry["params"] == list(stage.param_keys)
+        assert entry.get("outs", []) == list(stage.outs)
+        assert {"metrics/stages/" + stage.name + ".json": {"cache": False}} in entry["metrics"]
         for item in entry.get("metrics", []) + entry.get("plots", []):
             ((_, options),) = item.items()
             assert options["cache"] is False
-    assert doc["stages"]["quantize"]["plots"] == [{"data/reports/block_errors.json": {"cache": False, "x": "block"}}]
-    assert doc["stages"]["evaluate"]["metrics"] == [{"data/reports/metrics.json": {"cache": False}}]
-    assert doc["stages"]["register"]["outs"] == [{"data/reports/registry.json": {"cache": False}}]
+    assert doc["stages"]["quantize"]["plots"] == [{"metrics/block_errors.json": {"cache": False, "x": "block"}}]
+    assert {"metrics/metrics.json": {"cache": False}} in doc["stages"]["evaluate"]["metrics"]
     # one chart with each block's error at initialization and after reconstruction
     (plot,) = doc["plots"]
-    assert plot["block_error_before_after"]["y"] == {"data/reports/block_errors.json": ["before", "after"]}
+    assert plot["block_error_before_after"]["y"] == {"metrics/block_errors.json": ["before", "after"]}
+
+
+def test_unknown_stage() -> None:
+    with pytest.raises(KeyError, match="unknown stage 'nope'"):
+        get_stage("nope")
 
 
 def test_stage_is_frozen_and_checks_its_sections() -> None:
@@ -91,6 +104,8 @@ def test_stage_is_frozen_and_checks_its_sections() -> None:
 @pytest.mark.skipif(not DVC.exists(), reason="dvc is not installed in .venv")
 def test_dvc_builds_the_graph(tmp_path: Path) -> None:
     shutil.copy(REPO / "dvc.yaml", tmp_path)
+    for code in CODE_DEPS:
+        (tmp_path / code).mkdir()
     shutil.copy(REPO / "params.yaml", tmp_path)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / ".site-cache")}
     run = lambda *args: subprocess.run(  # noqa: E731

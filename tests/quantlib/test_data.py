@@ -21,7 +21,7 @@ def test_split_halves_exact_and_views():
 
 
 def test_calibration_starts_match_protocol_for_seed_0():
-    # DESIGN.md: g = torch.Generator().manual_seed(0); torch.randint(0, half - 512 + 1, (128,), generator=g)
+    # docs/protocol.md: g = torch.Generator().manual_seed(0); torch.randint(0, half - 512 + 1, (128,), generator=g)
     # with half = 301948 // 2 (SmolLM2 tokens of the mirror's wiki.test.raw).
     starts = calibration_starts(150974, n=128, seqlen=512, seed=0)
     assert starts.shape == (128,) and starts.dtype == torch.int64

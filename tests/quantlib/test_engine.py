@@ -82,3 +82,52 @@ def test_data_free_path_returns_results_without_autograd_history():
     # the model's weights require grad by default; the codes and qparams must not hold graphs to them
     results, _ = quantize_model(get_adapter(tiny_model()), None, QuantSpec(4, 32), RTNConfig())
     assert all(qw.scale.grad_fn is None and not qw.scale.requires_grad for qw in results.values())
+
+
+def _block_error_by_hand(family: str, index: int, inputs, call, outputs, batches: int) -> float:
+    """||F_q(X) - F(X)||^2 / ||F(X)||^2 over the first `batches` batches, F from a fresh FP copy."""
+    from quantlib.capture import run_block
+
+    block = get_adapter(tiny_model(family)).blocks[index]
+    num = den = 0.0
+    with torch.no_grad():
+        for i in range(batches):
+            ref = run_block(block, inputs[i], call)
+            num += float((outputs[i] - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+    return num / den
+
+
+@pytest.mark.parametrize("family,method,true_sequential", [
+    ("llama", GPTQConfig(), True), ("llama", GPTQConfig(), False), ("gemma3_text", GPTQConfig(), True),
+    ("gpt2", GPTQConfig(), True), ("llama", "boa", True), ("llama", RTNConfig(), True)])
+@pytest.mark.parametrize("batches", [None, 1])
+def test_block_error_is_the_fp_blocks_output_error_and_leaves_the_codes_alone(family, method, true_sequential,
+                                                                              batches):
+    """F(X) is recorded from a pass quantization runs anyway (or a pass of its own); the error is
+    exactly the one a fresh FP block gives, and measuring it changes no code."""
+    from quantlib.activations import ActivationStore
+    from quantlib.boa import BoAConfig
+    from quantlib.capture import capture_block_inputs
+    from quantlib.engine import quantize_block
+
+    method = BoAConfig() if method == "boa" else method
+    adapter = get_adapter(tiny_model(family))
+    batches_in, calls = capture_block_inputs(adapter, tiny_ids(8, 32), 4)
+    inputs = ActivationStore.from_batches(batches_in)
+    codes = {}
+    for measure in (False, True):
+        model = tiny_model(family)
+        cfg = EngineConfig(batch_size=4, true_sequential=true_sequential, measure_block_error=measure,
+                           block_error_batches=batches)
+        res, out, st = quantize_block(get_adapter(model), 1, inputs, calls[1], SPEC, method, cfg)
+        codes[measure] = res
+    assert codes[False].keys() == codes[True].keys()
+    assert all(torch.equal(codes[False][k].qweight, codes[True][k].qweight) for k in codes[False])
+    expected = _block_error_by_hand(family, 1, inputs, calls[1], out, batches or len(inputs))
+    assert st.block_error == expected and st.block_error > 0
+
+
+def test_block_error_batches_must_be_positive():
+    with pytest.raises(ValueError, match="block_error_batches"):
+        EngineConfig(block_error_batches=0)

@@ -46,7 +46,7 @@ def test_round_trip_within_half_step(spec):
 
 
 def test_design_reference_rtn_formula():
-    """DESIGN.md: range [min(w,0), max(w,0)], scale = (max-min)/(2^b-1), zero = round(-min/scale)."""
+    """docs/protocol.md: range [min(w,0), max(w,0)], scale = (max-min)/(2^b-1), zero = round(-min/scale)."""
     w = torch.tensor([[0.5, 1.0, 2.0, 3.0]])  # all positive: min clamps to 0
     qw = rtn_quantize(w, QuantSpec(2))
     assert torch.allclose(qw.scale, torch.tensor([[1.0]])) and qw.zero.item() == 0

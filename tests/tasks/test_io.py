@@ -65,7 +65,7 @@ def test_atomic_save_safetensors_keeps_old_file_when_save_raises(tmp_path, monke
             f.write(b"\x00" * 10)  # partial garbage, then the writer dies
         raise OSError("killed midway")
 
-    monkeypatch.setattr(io, "save_file", broken_save)
+    monkeypatch.setattr("safetensors.torch.save_file", broken_save)  # tasks.io imports it when saving
     with pytest.raises(OSError, match="killed midway"):
         atomic_save_safetensors(path, {"w": torch.zeros(6)})
     assert sha256_file(path) == digest

@@ -1,0 +1,142 @@
+"""The pipeline commands behind flows/cli.py: `ptq run`, `ptq stage NAME`, `ptq lineage REF`.
+
+Light at import: torch, Prefect and MLflow load only when a stage that needs them runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .table import print_table
+
+__all__ = ["dispatch"]
+
+
+def _pipeline_env(root: Path) -> None:
+    """Project-local Prefect home, quiet logs; values the user set win."""
+    os.environ.setdefault("PREFECT_HOME", str(root / ".cache" / "prefect-home"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the leaf
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("ptq").setLevel(logging.INFO)
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """(project root, params) with -S overrides validated and then written into params.yaml (as
+    `dvc exp run -S` does), so that DVC, dvc.lock and later runs see the values this run used."""
+    from .params import dump_params, load_params
+
+    path = Path(args.params)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} not found; run from the project root or pass -p PATH")
+    params = load_params(path, args.overrides)
+    preflight(params)
+    if args.overrides:
+        from tasks.io import atomic_write_bytes
+
+        atomic_write_bytes(path, dump_params(params).encode("utf-8"))
+        print(f"params.yaml: {', '.join(args.overrides)} written", file=sys.stderr)
+    return path.resolve().parent, params
+
+
+def preflight(params) -> None:
+    """Everything checkable without loading a model, before any stage runs."""
+    from tasks.specs import parse_model_source
+    from tasks.textdata import parse_text_source
+
+    from .methods import method_config
+
+    try:
+        parse_model_source(params.fetch_model.source)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"fetch_model.source: {e}") from None
+    for key, spec in [("prepare_data.calib_source", params.prepare_data.calib_source),
+                      *[("prepare_data.eval_sources", s) for s in params.prepare_data.eval_sources]]:
+        try:
+            parse_text_source(spec)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{key}: {e}") from None
+    q = params.quantize
+    method_config(q.resolved_method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
+                  clip_search=q.clip_search, recon=params.recon.__dict__ if q.resolved_method == "recon" else None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _pipeline_env(Path(args.params).resolve().parent)  # before anything imports prefect
+    from . import stages as S
+
+    if args.to is not None:
+        S.get_stage(args.to)  # an unknown stage fails before any work
+    root, params = _load_pipeline(args)
+    from .runner import run_pipeline
+
+    t0 = time.perf_counter()
+    outcomes = run_pipeline(root, params, to=args.to)
+    _summary(outcomes, time.perf_counter() - t0, root)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """One stage, as `dvc repro` runs it: DVC decides whether it runs and records it afterwards."""
+    _pipeline_env(Path(args.params).resolve().parent)
+    root, params = _load_pipeline(args)
+    from tasks.mlflow_runs import close_run
+
+    from . import stages as S
+    from .runner import open_tracking, run_one_stage
+
+    tracking = open_tracking(root, params)
+    r = run_one_stage(root, params, args.name, tracking)
+    if args.name == S.STAGES[-1].name:
+        close_run(tracking.tracker, tracking.parent_run_id)
+    print(f"{r.name}: ran in {r.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _summary(outcomes, seconds: float, root: Path) -> None:
+    import json
+
+    from . import stages as S
+
+    print_table([{"stage": o.name, "status": o.status, "seconds": o.seconds} for o in outcomes],
+                ["stage", "status", "seconds"])
+    metrics, registry = root / S.METRICS, root / S.REGISTRY
+    print(f"\ntotal {seconds:.1f} s")
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        first = next(iter(m["ppl"]))
+        print(f"{m['method']} {m['scheme']}: ppl {m['ppl'][first]:.2f} (fp32 {m['fp32_ppl'][first]:.2f}) on {first}")
+    print(f"release: {root / S.RELEASE}\nreport:  {root / S.REPORT / 'report.md'}")
+    if registry.is_file():
+        reg = json.loads(registry.read_text())
+        print(f"mlflow:  model {reg['model_uri']} (alias {reg['alias']}: {'moved' if reg['alias_moved'] else 'not moved'})"
+              f"\n         browse with: mlflow ui --backend-store-uri {reg['tracking_uri']}")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import audit, format_audit
+
+    root = Path(args.project).resolve()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and (root / "mlflow.db").is_file():
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = audit(args.ref, uri, workspace=root if args.workspace else None)
+    print(format_audit(result))
+    if not result.ok or not args.rebuild:
+        return 0 if result.ok else 1
+    from .rebuild import rebuild
+
+    return rebuild(args.ref, uri)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    return {"run": cmd_run, "stage": cmd_stage, "lineage": cmd_lineage}[args.command](args)

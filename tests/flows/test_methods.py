@@ -1,0 +1,104 @@
+"""flows.methods: method names parse into typed configs (reconstruction names spell their
+configuration; `+qat` adds global QAT), bad names fail naming the bad part, and the device choice."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from flows.methods import METHOD_FORMS, MethodChoice, method_config, parse_method, resolve_device
+from quantlib.boa import BoAConfig
+from quantlib.gptq import GPTQConfig
+from quantlib.qat import QATConfig
+from quantlib.recon import ReconConfig
+from quantlib.rtn import RTNConfig
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("recon", dict(window=2, overlap=1, lookahead=0, rounding="lora", loss="mse+kl", iters=100)),
+    ("recon-k2o1-lora-kl", dict(window=2, overlap=1, lookahead=0, rounding="lora", loss="kl")),
+    ("recon-k1-la2-i40", dict(window=1, overlap=0, lookahead=2, iters=40)),
+    ("recon-k3o1L1-adaround-mse", dict(window=3, overlap=1, lookahead=1, rounding="adaround", loss="mse")),
+    ("recon-k2o1-boa-nearest", dict(window=2, overlap=1, init="boa", rounding="nearest", frozen_grid=True)),
+    ("recon-k1-rtn", dict(window=1, init="rtn", frozen_grid=False)),
+])
+def test_recon_names_spell_the_configuration(name, expect):
+    cfg = parse_method(name).base
+    assert isinstance(cfg, ReconConfig)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+
+
+def test_overrides_apply_over_the_name():
+    cfg = parse_method("recon-k2o1-i40", recon={"iters": 3, "rank": 2}).base
+    assert (cfg.window, cfg.overlap, cfg.iters, cfg.rank) == (2, 1, 3, 2)
+
+
+def test_solver_settings_reach_the_configs():
+    kw = dict(act_order=False, damp=0.05, block_size=64, clip_search=True)
+    assert parse_method("rtn", **kw).base == RTNConfig(clip_search=True)
+    assert parse_method("gptq", **kw).base == GPTQConfig(block_size=64, damp=0.05, act_order=False, clip_search=True)
+    assert parse_method("boa", **kw).base == BoAConfig(block_size=64, damp=0.05, act_order=False)
+    assert parse_method("gptq", recon={"iters": 3}).base == GPTQConfig()  # recon settings only reach recon
+
+
+@pytest.mark.parametrize("name, message", [
+    ("recon-k2o2", "overlap must satisfy"),
+    ("recon-fast", "cannot parse 'fast'"),
+    ("awq", "unknown method 'awq'"),
+    ("gptq+foo", "cannot parse '+foo'"),
+    ("gptq-i40", "cannot parse 'i40'"),
+])
+def test_bad_names_fail_clearly(name, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        parse_method(name)
+    assert name in str(e.value)
+    if "overlap" not in message:  # a parse error lists the accepted forms
+        assert METHOD_FORMS in str(e.value)
+
+
+def test_qat_suffix():
+    m = parse_method("recon-k2o1-kl+qat")
+    assert isinstance(m.base, ReconConfig) and (m.base.window, m.base.overlap, m.base.loss) == (2, 1, "kl")
+    assert m.qat == QATConfig() and (m.label, m.base_label) == ("recon-k2o1-kl+qat", "recon-k2o1-kl")
+    m = parse_method("boa+qat128")
+    assert isinstance(m.base, BoAConfig) and m.qat.steps == 128 and m.base_label == "boa"
+    m = parse_method("gptq")
+    assert isinstance(m.base, GPTQConfig) and m.qat is None and m.label == m.base_label == "gptq"
+    assert parse_method("recon-mse+kl+qat").base.loss == "mse+kl"  # `+` inside a loss name is not the suffix
+
+
+def test_qat_takes_steps_from_the_name():
+    m = parse_method("boa+qat128", qat={"lr": 1e-3})
+    assert isinstance(m.base, BoAConfig) and m.qat.steps == 128 and m.qat.lr == 1e-3
+    assert parse_method("boa+qat", qat={"steps": 7}).qat.steps == 7
+    assert parse_method("gptq", qat={"steps": 7}).qat is None
+    with pytest.raises(ValueError, match="drop one"):
+        parse_method("boa+qat128", qat={"steps": 64})
+    with pytest.raises(ValueError, match="heldout"):
+        parse_method("rtn+qat", qat={"heldout": 1.5})
+
+
+def test_method_config_is_the_block_wise_config():
+    kw = dict(act_order=False, damp=0.05, block_size=64, clip_search=True, recon={"iters": 3})
+    for name in ("rtn", "gptq", "boa", "recon", "recon-k1-rtn"):
+        assert method_config(name, **kw) == parse_method(name, **kw).base
+    with pytest.raises(ValueError, match=r"\+qat is not accepted"):
+        method_config("gptq+qat")
+
+
+def test_method_choice_is_typed():
+    with pytest.raises(TypeError, match="base must be"):
+        MethodChoice("gptq")
+    with pytest.raises(TypeError, match="qat must be"):
+        MethodChoice(GPTQConfig(), qat={"steps": 3})
+    m = MethodChoice(GPTQConfig(), QATConfig())
+    assert (m.label, m.base_label) == ("gptq+qat", "gptq")  # default labels from the config types
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
