@@ -11,12 +11,17 @@ calibration (128 x 512, seed 0) three ways, each in its own subprocess, back to 
            them (ephemeral API server, persisted JSON results, return_state).
 
 Per-block seconds: bare from BlockStats.seconds (the whole quantize_block call; nothing else runs
-between blocks there), task/prefect as the wall time of each task call. Every side's codes are
-compared with the bare side's (they must be bit-identical). Records (command, git commit, torch
-threads, load average, date) are appended to docs/benchmarks/pipeline_overhead.json and
-pipeline_overhead.md is regenerated from it.
+between blocks there), task/prefect as the wall time of each task call; also each side's process
+CPU seconds from capture to the last block, which other load on a shared machine disturbs less.
+Every side's codes are compared with the bare side's (they must be bit-identical). Records
+(command, git commit, torch threads, load average, date) are appended to
+docs/benchmarks/pipeline_overhead.json and pipeline_overhead.md is regenerated from it.
+
+`run_prefect_startup` (`--prefect-startup`) measures what one stage process pays for Prefect:
+import, first flow call (temporary API server), per-task cost, for several ways of reaching an API.
 
     python -m flows.bench_pipeline --methods gptq:w4g64,boa:w3g64 --blocks 6 --label after
+    python -m flows.bench_pipeline --prefect-startup
 """
 from __future__ import annotations
 
@@ -78,12 +83,12 @@ def _bare(job: dict) -> tuple[dict, dict]:
 
     model, spec, cfg, engine = _setup(job)
     ids = read_token_ids(job["calib_path"], job["calib_sha"])["calib"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results, stats = quantize_model(get_adapter(model), ids, spec, cfg, engine)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     blocks = [st.seconds for st in stats]
     codes = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
-    return {"blocks": blocks, "capture": total - sum(blocks), "total": total}, codes
+    return {"blocks": blocks, "capture": total - sum(blocks), "total": total, "cpu_total": cpu}, codes
 
 
 def _task_calls(job: dict, call) -> tuple[dict, dict]:
@@ -94,7 +99,7 @@ def _task_calls(job: dict, call) -> tuple[dict, dict]:
     qjob = QuantizeJob(spec, cfg, engine, stream_from_disk=job["stream_from_disk"])
     common = dict(model=model, model_sha=job["model_sha"], calib_path=job["calib_path"], calib_sha=job["calib_sha"],
                   cache_dir=job["cache_dir"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cap = call(capture_activations, "capture", batch_size=engine.batch_size, **common)
     capture = time.perf_counter() - t0
     prev, blocks, errors, codes = (cap["path"], cap["sha"]), [], [], {}
@@ -105,7 +110,8 @@ def _task_calls(job: dict, call) -> tuple[dict, dict]:
         errors.append(rec["stats"]["block_error"])
         codes |= {k: v for name, qw in load_block_weights(rec).items() for k, v in qw.state_dict(name).items()}
         prev = (rec["out"], rec["out_sha"])
-    return {"blocks": blocks, "capture": capture, "total": time.perf_counter() - t0, "block_errors": errors}, codes
+    return {"blocks": blocks, "capture": capture, "total": time.perf_counter() - t0,
+            "cpu_total": time.process_time() - c0, "block_errors": errors}, codes
 
 
 def _task(job: dict) -> tuple[dict, dict]:
@@ -196,10 +202,12 @@ def _calibration(model_dir: Path, work: Path, mirror: str | None) -> tuple[str, 
 
 
 def _summary(sides: dict[str, list[dict]]) -> dict:
-    """Per mode: median over repeats of the mean seconds per block; ratio to bare."""
+    """Per mode: median over repeats of the mean seconds per block, and the fastest block over all
+    repeats (the blocks are alike: the least disturbed by other load on the machine); ratios to bare."""
     per_block = {m: statistics.median(statistics.fmean(s["blocks"]) for s in runs) for m, runs in sides.items()}
-    return {"per_block_s": per_block,
-            "ratio": {m: per_block[m] / per_block["bare"] for m in per_block if "bare" in per_block}}
+    fastest = {m: min(min(s["blocks"]) for s in runs) for m, runs in sides.items()}
+    return {"per_block_s": per_block, "ratio": {m: per_block[m] / per_block["bare"] for m in per_block},
+            "fastest_block_s": fastest, "ratio_fastest": {m: fastest[m] / fastest["bare"] for m in fastest}}
 
 
 def _measure(method_spec: str, base: dict, modes: tuple[str, ...], repeats: int) -> dict:
@@ -278,10 +286,12 @@ def render_overhead_md(records: list[dict]) -> str:
              "block (mean over blocks, median over repeats); each side in its own process, back to back.",
              "bare = quantlib.engine.quantize_model; task = the tasks' .fn (measure_block_error=True, shards on",
              "disk); prefect = the same called as flows.pipeline.run_cached does, inside a flow (flow start excluded).",
+             "fastest = each side's fastest block (the blocks are alike: the one least disturbed by other load).",
              "Generated from pipeline_overhead.json by `python -m flows.bench_pipeline`.", "",
              "| label | method | scheme | blocks | bare s | task s | task/bare | prefect s | prefect/bare | "
+             "fastest bare / task / prefect s | task/bare, prefect/bare (fastest) | task/bare, prefect/bare (CPU) | "
              "flow start s | codes identical | load avg | threads | commit | date |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|---|---:|---|---|"]
     for key, r in latest.items():
         lines.append("| " + " | ".join(_md_cells(key, r)) + " |")
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
@@ -290,6 +300,9 @@ def render_overhead_md(records: list[dict]) -> str:
 
 def _md_cells(key: tuple, r: dict) -> list[str]:
     pb, ratio, git = r["per_block_s"], r["ratio"], r["git"]
+    fast = {m: min(min(s["blocks"]) for s in r["sides"][m]) for m in MODES if m in r["sides"]}
+    cpu = {m: statistics.median(s["cpu_total"] for s in r["sides"][m]) for m in fast
+           if all("cpu_total" in s for s in r["sides"][m])}
     fmt = lambda d, m, f: f.format(d[m]) if m in d else ""  # noqa: E731
     starts = [s["flow_start"] for s in r["sides"].get("prefect", [])]
     same = r["codes_identical"]
@@ -297,6 +310,9 @@ def _md_cells(key: tuple, r: dict) -> list[str]:
     return [key[0] or "", r["method"], r["scheme"] + variant, str(r["n_blocks"]),
             fmt(pb, "bare", "{:.2f}"), fmt(pb, "task", "{:.2f}"), fmt(ratio, "task", "{:.3f}"),
             fmt(pb, "prefect", "{:.2f}"), fmt(ratio, "prefect", "{:.3f}"),
+            " / ".join(f"{fast[m]:.2f}" for m in fast),
+            ", ".join(f"{fast[m] / fast['bare']:.3f}" for m in fast if m != "bare"),
+            ", ".join(f"{cpu[m] / cpu['bare']:.3f}" for m in cpu if m != "bare") if "bare" in cpu else "",
             f"{statistics.median(starts):.1f}" if starts else "", "yes" if all(same.values()) else "NO",
             f"{r['loadavg']['before'][0]:.2f} -> {r['loadavg']['after'][0]:.2f}", str(r["threads"]),
             (git.get("git_commit") or "")[:9] + ("+dirty" if git.get("git_dirty") else ""), r["date"][:16]]

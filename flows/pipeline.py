@@ -40,16 +40,16 @@ def run_cached(ctx: StageContext, task: Any, verify: Callable[[dict], bool], lab
     return result, cached
 
 
-def _prefect_flow(name: str) -> Callable[[Callable[[StageContext], dict]], Callable[[StageContext], dict]]:
-    """Run the stage as a Prefect flow; Prefect is imported (and its API server started) only when a
-    stage that calls tasks actually runs, so light stages and up-to-date checks never pay for it."""
+def _prefect_flow(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run the function as a Prefect flow; Prefect is imported (and its API server started) only when
+    tasks actually run, so light stages and up-to-date checks never pay for it."""
 
-    def wrap(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def run(ctx: StageContext) -> dict:
+        def run(*args: Any) -> Any:
             from prefect import flow
 
-            return flow(name=name, validate_parameters=False)(fn)(ctx)
+            return flow(name=name, validate_parameters=False)(fn)(*args)
 
         return run
 
@@ -294,7 +294,6 @@ def qat_config(qat: Any):
                      grad_checkpoint=qat.grad_checkpoint, seed=qat.seed)
 
 
-@_prefect_flow("qat")
 def qat_stage(ctx: StageContext) -> dict:
     """Global QAT refinement of the quantized model on the calibration sequences; while inactive,
     the quantized state passes through unchanged. Records the block-wise state's sha256 (the chain
@@ -329,7 +328,9 @@ def qat_stage(ctx: StageContext) -> dict:
             "resumed_at_step": -1 if rec["resumed_at"] is None else rec["resumed_at"]}
 
 
+@_prefect_flow("qat")
 def _train_qat(ctx: StageContext, qdir: Path, info: dict) -> tuple[dict, int]:
+    """The teacher and QAT tasks (a Prefect flow: only an active qat stage starts Prefect)."""
     from tasks.inputs import manifest_sha
     from tasks.io import file_ok
     from tasks.qat import qat_teacher_task, qat_train_task

@@ -53,7 +53,7 @@ def test_a_real_stage_reading_an_undeclared_param_fails_before_any_work(tmp_path
     # before it reads or writes a file
     stage = dataclasses.replace(S.get_stage("qat"), params=("qat",))
     with pytest.raises(UndeclaredInputError, match="stage qat reads quantize.bits"):
-        STAGE_FUNCTIONS["qat"].__wrapped__(_ctx(stage, tmp_path))
+        STAGE_FUNCTIONS["qat"](_ctx(stage, tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 

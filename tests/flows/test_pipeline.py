@@ -397,8 +397,9 @@ def test_metrics_and_plots_diff_across_commits(moved):
     diff = json.loads(moved.metrics_diff)
     assert diff["metrics/registry.json"]["version"] == {"old": 1, "new": 2, "diff": 1}
     assert "metrics/stages/pack.json" in diff  # the re-run stage's timing file changed too
-    plots = json.loads(moved.plots_diff)
-    assert any("block_errors" in name for name in plots), list(plots)
+    plots = json.loads(moved.plots_diff)["data"]
+    assert {"block_error_before_after", "metrics/block_errors.json", "metrics/ppl.json"} <= set(plots)
+    assert plots["metrics/ppl.json"][0]["revisions"] == ["workspace", "HEAD"]
 
 
 def _tensor_offset(path: Path, suffix: str) -> int:

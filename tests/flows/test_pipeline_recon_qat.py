@@ -15,7 +15,7 @@ from pipeline_projects import N_BLOCKS, release_files, run_and_kill
 
 EXTRA = {
     "quantize": {"method": "recon", "bits": 3},
-    "recon": {"window": 2, "overlap": 1, "iters": 20, "batch_size": 4},
+    "recon": {"window": 2, "overlap": 1, "iters": 8, "batch_size": 4},
     "qat": {"enabled": True, "steps": 6, "eval_every": 2, "checkpoint_every": 2, "batch_size": 4},
 }
 WINDOWS = [(0, 2), (1, 3), (2, 4)]  # k=2, o=1 over N_BLOCKS=4
