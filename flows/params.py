@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 METHODS = ("auto", "rtn", "gptq", "boa", "recon")
-# quantize.method: auto, by bits: the best measured on the DESIGN.md protocol with qat on
+# quantize.method: auto, by bits: the best measured on the benchmark protocol (docs/protocol.md) with qat on
 # (docs/benchmarks/quality.md: W2 g64 recon+qat 64.81 < boa+qat 77.70; W3 g64 boa+qat 31.34 < recon+qat 31.49)
 AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
 ROUNDINGS = ("nearest", "adaround", "lora")
