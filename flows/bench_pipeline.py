@@ -6,7 +6,7 @@ calibration (128 x 512, seed 0) three ways, each in its own subprocess, back to 
 - bare:    quantlib.engine.quantize_model, what `ptq quantize` / `ptq bench quality` run
            (activations in memory, no block-error pass);
 - task:    tasks.quantize.capture_activations.fn, then quantize_block_task.fn per block, with the
-           job the pipeline builds (measure_block_error=True; shards on disk, verified by sha256);
+           job the pipeline builds (block error on quantize.error_sequences; shards on disk, verified);
 - prefect: the same tasks called inside a Prefect flow the way flows.pipeline.run_cached calls
            them (ephemeral API server, persisted JSON results, return_state).
 
@@ -40,7 +40,7 @@ from pathlib import Path
 __all__ = ["run_stage_overhead", "render_overhead_md", "run_prefect_startup", "render_startup_md", "MODES",
            "PREFECT_VARIANTS"]
 
-MODES = ("bare", "task", "prefect")
+MODES = ("bare", "task", "prefect", "paired")
 DEFAULT_OUT = "docs/benchmarks/pipeline_overhead.json"
 CALIB = dict(n=128, seqlen=512, seed=0)
 
@@ -118,6 +118,43 @@ def _task(job: dict) -> tuple[dict, dict]:
     return _task_calls(job, lambda task, _label, **kw: task.fn(**kw))
 
 
+def _paired(job: dict) -> tuple[dict, dict]:
+    """Bare and task path in one process, block by block, alternating which goes first, so both
+    see the same load on a shared machine. The bare side is quantize_model's own loop, stepped."""
+    from quantlib.activations import ActivationStore
+    from quantlib.adapters import get_adapter
+    from quantlib.capture import capture_block_inputs
+    from quantlib.engine import quantize_block
+    from tasks.quantize import QuantizeJob, capture_activations, load_block_weights, quantize_block_task
+    from tasks.textdata import read_token_ids
+
+    bare_model, spec, cfg, bare_engine = _setup(dict(job, mode="bare"))
+    task_model, _, _, task_engine = _setup(dict(job, mode="task"))
+    adapter, ids = get_adapter(bare_model), read_token_ids(job["calib_path"], job["calib_sha"])["calib"]
+    batches, calls = capture_block_inputs(adapter, ids, bare_engine.batch_size)
+    acts = ActivationStore.from_batches(batches, None)
+    common = dict(model=task_model, model_sha=job["model_sha"], calib_path=job["calib_path"],
+                  calib_sha=job["calib_sha"], cache_dir=job["cache_dir"])
+    cap = capture_activations.fn(batch_size=task_engine.batch_size, **common)
+    qjob = QuantizeJob(spec, cfg, task_engine, stream_from_disk=job["stream_from_disk"])
+    prev = (cap["path"], cap["sha"])
+    seconds: dict[str, list[float]] = {"bare": [], "task": []}
+    codes: dict[str, dict] = {"bare": {}, "task": {}}
+    for i in range(job["n_blocks"]):
+        for side in (("bare", "task") if i % 2 == 0 else ("task", "bare")):
+            t = time.perf_counter()
+            if side == "bare":
+                res, acts, _ = quantize_block(adapter, i, acts, calls[i], spec, cfg, bare_engine)
+            else:
+                rec = quantize_block_task.fn(index=i, in_path=prev[0], in_sha=prev[1], job=qjob, **common)
+                res, prev = load_block_weights(rec), (rec["out"], rec["out_sha"])
+            seconds[side].append(time.perf_counter() - t)
+            codes[side] |= {k: v for name, qw in res.items() for k, v in qw.state_dict(name).items()}
+    ratios = [t / b for b, t in zip(seconds["bare"], seconds["task"])]
+    return {"blocks": seconds["task"], "bare_blocks": seconds["bare"], "ratios": ratios}, codes["task"] | {
+        f"bare/{k}": v for k, v in codes["bare"].items()}
+
+
 def _prefect(job: dict) -> tuple[dict, dict]:
     """The task path inside a Prefect flow, each task called as flows.pipeline.run_cached calls it
     (persisted JSON results in the cache folder, return_state); also times the flow start
@@ -146,7 +183,7 @@ def _worker(job: dict, out_json: Path, out_codes: Path) -> None:
     from safetensors.torch import save_file
 
     load_before = os.getloadavg()
-    side, codes = {"bare": _bare, "task": _task, "prefect": _prefect}[job["mode"]](job)
+    side, codes = {"bare": _bare, "task": _task, "prefect": _prefect, "paired": _paired}[job["mode"]](job)
     side |= {"threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     save_file({k: v.contiguous() for k, v in codes.items()}, str(out_codes))
     out_json.write_text(json.dumps(side))
@@ -183,11 +220,14 @@ def _run_side(job: dict, work: Path) -> tuple[dict, Path]:
 
 
 def _same_codes(a: Path, b: Path) -> bool:
+    """b's codes (and, for a paired side, its own bare codes) equal a's, bit for bit."""
     import torch
     from safetensors.torch import load_file
 
     x, y = load_file(str(a)), load_file(str(b))
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    groups = [{k: v for k, v in y.items() if not k.startswith("bare/")},
+              {k[5:]: v for k, v in y.items() if k.startswith("bare/")}]
+    return all(x.keys() == g.keys() and all(torch.equal(x[k], g[k]) for k in x) for g in groups if g)
 
 
 def _calibration(model_dir: Path, work: Path, mirror: str | None) -> tuple[str, str]:
@@ -203,11 +243,16 @@ def _calibration(model_dir: Path, work: Path, mirror: str | None) -> tuple[str, 
 
 def _summary(sides: dict[str, list[dict]]) -> dict:
     """Per mode: median over repeats of the mean seconds per block, and the fastest block over all
-    repeats (the blocks are alike: the least disturbed by other load on the machine); ratios to bare."""
+    repeats (the blocks are alike: the least disturbed by other load on the machine); ratios to bare.
+    A paired side's ratio is the median of its per-block ratios to its own bare blocks."""
     per_block = {m: statistics.median(statistics.fmean(s["blocks"]) for s in runs) for m, runs in sides.items()}
     fastest = {m: min(min(s["blocks"]) for s in runs) for m, runs in sides.items()}
-    return {"per_block_s": per_block, "ratio": {m: per_block[m] / per_block["bare"] for m in per_block},
-            "fastest_block_s": fastest, "ratio_fastest": {m: fastest[m] / fastest["bare"] for m in fastest}}
+    ratio = {m: per_block[m] / per_block["bare"] for m in per_block}
+    if "paired" in sides:
+        ratio["paired"] = statistics.median(x for s in sides["paired"] for x in s["ratios"])
+        per_block["paired_bare"] = statistics.median(statistics.fmean(s["bare_blocks"]) for s in sides["paired"])
+    return {"per_block_s": per_block, "ratio": ratio, "fastest_block_s": fastest,
+            "ratio_fastest": {m: fastest[m] / fastest["bare"] for m in fastest}}
 
 
 def _measure(method_spec: str, base: dict, modes: tuple[str, ...], repeats: int) -> dict:
@@ -278,44 +323,61 @@ def run_stage_overhead(out: str = DEFAULT_OUT, methods=("gptq:w4g64", "boa:w3g64
 
 
 def render_overhead_md(records: list[dict]) -> str:
-    """Latest record per (label, model, method, scheme, n_blocks, stream) as a markdown table."""
+    """Latest record per (label, model, method, scheme, n_blocks, variant), one row per side."""
     latest = {(r.get("label"), r["model"], r["method"], r["scheme"], r["n_blocks"], r["stream_from_disk"],
                r.get("block_error_batches")): r for r in records}
     lines = ["# Quantize stage overhead: pipeline task path vs bare engine", "",
-             "First n blocks of the model, protocol calibration (128 x 512, seed 0), fp32 on CPU; seconds per",
-             "block (mean over blocks, median over repeats); each side in its own process, back to back.",
-             "bare = quantlib.engine.quantize_model; task = the tasks' .fn (measure_block_error=True, shards on",
-             "disk); prefect = the same called as flows.pipeline.run_cached does, inside a flow (flow start excluded).",
-             "fastest = each side's fastest block (the blocks are alike: the one least disturbed by other load).",
+             "First n blocks of the model, protocol calibration (128 x 512, seed 0), fp32 on CPU, seconds per block.",
+             "bare = quantlib.engine.quantize_model; task = the tasks' .fn as the pipeline's job runs them",
+             "(measure_block_error=True, shards on disk); prefect = the same called as flows.pipeline.run_cached",
+             "does, inside a flow (flow start excluded); each in its own process, back to back. paired = bare and",
+             "task in one process, block by block, alternating which runs first; its ratio is the median of the",
+             "per-block ratios, the one least disturbed by other load on a shared machine. fastest = a side's",
+             "fastest block (the blocks are alike). CPU = process CPU seconds from capture to the last block.",
              "Generated from pipeline_overhead.json by `python -m flows.bench_pipeline`.", "",
-             "| label | method | scheme | blocks | bare s | task s | task/bare | prefect s | prefect/bare | "
-             "fastest bare / task / prefect s | task/bare, prefect/bare (fastest) | task/bare, prefect/bare (CPU) | "
-             "flow start s | codes identical | load avg | threads | commit | date |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|---|---:|---|---|"]
+             "| label | method | scheme | blocks | side | s/block | fastest s | / bare | / bare (fastest) | "
+             "/ bare (CPU) | flow start s | codes = bare | load avg | threads | commit | date |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for key, r in latest.items():
-        lines.append("| " + " | ".join(_md_cells(key, r)) + " |")
+        lines += ["| " + " | ".join(cells) + " |" for cells in _md_rows(key, r)]
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
     return "\n".join(lines) + "\n"
 
 
-def _md_cells(key: tuple, r: dict) -> list[str]:
-    pb, ratio, git = r["per_block_s"], r["ratio"], r["git"]
-    fast = {m: min(min(s["blocks"]) for s in r["sides"][m]) for m in MODES if m in r["sides"]}
-    cpu = {m: statistics.median(s["cpu_total"] for s in r["sides"][m]) for m in fast
-           if all("cpu_total" in s for s in r["sides"][m])}
-    fmt = lambda d, m, f: f.format(d[m]) if m in d else ""  # noqa: E731
-    starts = [s["flow_start"] for s in r["sides"].get("prefect", [])]
-    same = r["codes_identical"]
-    variant = (" (streamed)" if key[5] else "") + (f" (error on {key[6]} batches)" if key[6] else "")
-    return [key[0] or "", r["method"], r["scheme"] + variant, str(r["n_blocks"]),
-            fmt(pb, "bare", "{:.2f}"), fmt(pb, "task", "{:.2f}"), fmt(ratio, "task", "{:.3f}"),
-            fmt(pb, "prefect", "{:.2f}"), fmt(ratio, "prefect", "{:.3f}"),
-            " / ".join(f"{fast[m]:.2f}" for m in fast),
-            ", ".join(f"{fast[m] / fast['bare']:.3f}" for m in fast if m != "bare"),
-            ", ".join(f"{cpu[m] / cpu['bare']:.3f}" for m in cpu if m != "bare") if "bare" in cpu else "",
-            f"{statistics.median(starts):.1f}" if starts else "", "yes" if all(same.values()) else "NO",
-            f"{r['loadavg']['before'][0]:.2f} -> {r['loadavg']['after'][0]:.2f}", str(r["threads"]),
-            (git.get("git_commit") or "")[:9] + ("+dirty" if git.get("git_dirty") else ""), r["date"][:16]]
+def _side_stats(runs: list[dict], bare_runs: list[dict] | None) -> dict:
+    """s/block, fastest block and the ratios of one side (over its repeats) to `bare_runs`."""
+    mean = statistics.median(statistics.fmean(s["blocks"]) for s in runs)
+    fastest = min(min(s["blocks"]) for s in runs)
+    if bare_runs is None:  # paired: its own bare blocks
+        base = [{"blocks": s["bare_blocks"]} for s in runs]
+        ratio = statistics.median(x for s in runs for x in s["ratios"])
+    else:
+        base = bare_runs
+        ratio = mean / statistics.median(statistics.fmean(s["blocks"]) for s in base)
+    cpu = [s.get("cpu_total") for s in runs + base]
+    return {"mean": mean, "fastest": fastest, "ratio": ratio,
+            "ratio_fastest": fastest / min(min(s["blocks"]) for s in base),
+            "ratio_cpu": statistics.median(s["cpu_total"] for s in runs) / statistics.median(
+                s["cpu_total"] for s in base) if None not in cpu else None}
+
+
+def _md_rows(key: tuple, r: dict) -> list[list[str]]:
+    git, variant = r["git"], (" (streamed)" if key[5] else "") + (f" (error on {key[6]} batches)" if key[6] else "")
+    commit = (git.get("git_commit") or "")[:9] + ("+dirty" if git.get("git_dirty") else "")
+    rows = []
+    for m in (m for m in MODES if m in r["sides"]):
+        runs = r["sides"][m]
+        st = _side_stats(runs, None if m == "paired" else r["sides"]["bare"])
+        starts = [s["flow_start"] for s in runs if "flow_start" in s]
+        load = f"{runs[0]['loadavg_before'][0]:.2f} -> {runs[-1]['loadavg_after'][0]:.2f}"
+        rows.append([key[0] or "", r["method"], r["scheme"] + variant, str(r["n_blocks"]),
+                     "paired task (vs its bare)" if m == "paired" else m, f"{st['mean']:.2f}", f"{st['fastest']:.2f}",
+                     f"{st['ratio']:.3f}", f"{st['ratio_fastest']:.3f}",
+                     "" if st["ratio_cpu"] is None else f"{st['ratio_cpu']:.3f}",
+                     f"{statistics.median(starts):.1f}" if starts else "",
+                     "yes" if r["codes_identical"].get(m, True) else "NO", load, str(runs[0].get("threads", "")),
+                     commit, r["date"][:16]])
+    return rows
 
 
 # ------------------------------------------------------------------------------------ Prefect start-up
@@ -503,8 +565,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-from-disk", action="store_true",
                    help="the task sides stream shards (quantize.spill_to_disk)")
     p.add_argument("--mirror", default=None, help="offline data mirror (default $PTQ_DATA_MIRROR)")
-    p.add_argument("--block-error-batches", type=int, default=None,
-                   help="the task sides measure the block error on the first K batches (default: all)")
+    p.add_argument("--block-error-batches", default="pipeline",
+                   help="the task sides measure the block error on the first K batches, 'all', or 'pipeline' "
+                        "(default: as the pipeline's quantize.error_sequences default does)")
     p.add_argument("--label", default=None, help="a name for these records in the table (e.g. before, after)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--prefect-startup", action="store_true",
@@ -512,6 +575,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-out", default=STARTUP_OUT)
     p.add_argument("--startup-repeats", type=int, default=3, help="probe processes per Prefect variant")
     return p
+
+
+def _error_batches_arg(text: str, batch_size: int) -> int | None:
+    """'all' -> None, 'pipeline' -> the batches the pipeline's default error_sequences fill, else K."""
+    from .params import QuantizeParams
+    from .pipeline import _error_batches as pipeline_error_batches
+
+    if text == "all":
+        return None
+    if text == "pipeline":
+        return pipeline_error_batches(QuantizeParams().error_sequences, batch_size)
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     run_stage_overhead(a.out, [m.strip() for m in a.methods.split(",") if m.strip()], a.blocks, model=a.model,
                        modes=modes if "bare" in modes else ("bare", *modes), repeats=a.repeats,
                        batch_size=a.batch_size, stream_from_disk=a.stream_from_disk, mirror=a.mirror,
-                       block_error_batches=a.block_error_batches, label=a.label)
+                       block_error_batches=_error_batches_arg(a.block_error_batches, a.batch_size), label=a.label)
     return 0
 
 

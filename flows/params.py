@@ -249,7 +249,9 @@ class PrepareDataParams(_Section):
 @dataclass(frozen=True)
 class QuantizeParams(_Section):
     """Method (auto = recon at 2 bits, boa at 3, gptq above), scheme (bits, group_size: null = per output channel, sym)
-    and solver options."""
+    and solver options. error_sequences: the per-block error F_q vs F in metrics/block_errors.json is
+    measured on the first that many calibration sequences (null: all; a full FP pass per block costs ~40%
+    of a GPTQ block)."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -263,6 +265,7 @@ class QuantizeParams(_Section):
     clip_search: bool = _key(False, _boolean())
     batch_size: int = _key(8, _integer(1))
     spill_to_disk: bool = _key(False, _boolean())
+    error_sequences: int | None = _key(16, _integer(1, nullable=True))
     device: str = _key(
         "auto", _text(pattern=r"auto|cpu|cuda(:\d+)?", rule="must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     )

@@ -151,9 +151,15 @@ def quantize_job(quantize: Any, recon: Any):
                              block_size=quantize.block_size, clip_search=quantize.clip_search,
                              recon={f: getattr(recon, f) for f in _recon_keys()} if method == "recon" else None),
         engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,
-                            device=resolve_device(quantize.device), measure_block_error=True),
+                            device=resolve_device(quantize.device), measure_block_error=True,
+                            block_error_batches=_error_batches(quantize.error_sequences, quantize.batch_size)),
         stream_from_disk=quantize.spill_to_disk,
     )
+
+
+def _error_batches(sequences: int | None, batch_size: int) -> int | None:
+    """Input batches holding the first `sequences` calibration sequences (None: all)."""
+    return None if sequences is None else -(-sequences // batch_size)
 
 
 def _recon_keys() -> list[str]:

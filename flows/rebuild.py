@@ -41,9 +41,10 @@ def _checkout(commit: str, into: Path) -> None:
 
 
 def _run_pipeline(project: Path, manifest: dict) -> None:
-    from .params import dump_params, params_from_dict
+    import yaml
 
-    (project / "params.yaml").write_text(dump_params(params_from_dict(manifest["params"])), encoding="utf-8")
+    # verbatim: the recorded commit's own loader validates them (today's schema may have other keys)
+    (project / "params.yaml").write_text(yaml.safe_dump(manifest["params"], sort_keys=False), encoding="utf-8")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     env.pop("PREFECT_HOME", None)  # the temporary project's own
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--to", "pack"], cwd=project, env=env,

@@ -7,6 +7,7 @@ ActivationStores (CPU memory or disk).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -278,10 +279,11 @@ def _targets(adapter, state: ReconState, cfg: ReconConfig, x_in: ActivationStore
 
 @torch.no_grad()
 def block_errors(adapter: ModelAdapter, indices: list[int], x_in: ActivationStore, calls: list[BlockCall],
-                 state: ReconState, device) -> list[float]:
+                 state: ReconState, device, batches: int | None = None) -> list[float]:
     """Per-block ||F_q(X_i) - F(X_i)||^2 / ||F(X_i)||^2, X_i the quantized window's input to block i
-    (the engine's block_error), for blocks whose FP copy is in `state` and that are in eval mode."""
-    errs, x = [], x_in
+    (the engine's block_error), for blocks whose FP copy is in `state` and that are in eval mode;
+    measured on the first `batches` input batches (None: all)."""
+    errs, x = [], (x_in if batches is None else list(itertools.islice(x_in, batches)))
     for i in indices:
         _set_mode(list(state.learnables.get(i, {}).values()), False)
         q, fp, call = adapter.blocks[i].to(device), state.fp_blocks[i].to(device), calls[i].to(device)
@@ -336,7 +338,8 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
         targets = _targets(adapter, state, cfg, x_in, start, stop, calls, device)
     done = list(range(start, next_start))
     # per-block errors cost 4 block passes over the calibration set: only when the engine asks for them
-    errors = (lambda: block_errors(adapter, done, x_in, calls, state, device)) if engine.measure_block_error else list
+    errors = (lambda: block_errors(adapter, done, x_in, calls, state, device, engine.block_error_batches)
+              ) if engine.measure_block_error else list
     before = errors()
     st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
     after = errors()

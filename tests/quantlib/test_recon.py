@@ -268,3 +268,23 @@ def test_window_block_errors_only_when_the_engine_measures_them(measure):
         return
     [e] = r.stats.block_errors  # only the finished block 0
     assert e["block"] == 0 and 0 < e["after"] and 0 < e["before"]
+
+
+def test_window_block_errors_on_the_first_batches_only():
+    """block_errors(batches=k) equals block_errors over a store holding only the first k batches, and
+    differs from the all-batch value (a sample that ignored k, or took other batches, fails)."""
+    from quantlib.windows import block_errors
+
+    a = get_adapter(tiny_model())
+    batches, calls = capture_block_inputs(a, tiny_ids(12, 32), 4)
+    x = ActivationStore.from_batches(batches)
+    cfg = ReconConfig(window=2, overlap=0, rounding="nearest", init="rtn", loss="mse", iters=1)
+    state = ReconState()
+    for i in (0, 1):  # both blocks quantized, their FP copies kept in state
+        x_i = x if i == 0 else forward_blocks([a.blocks[0]], [calls[0]], x, torch.device("cpu"))
+        init_block(a, i, x_i, calls[i], SPEC, cfg, ENGINE, state)
+    cpu = torch.device("cpu")
+    sample = block_errors(a, [0, 1], x, calls, state, cpu, batches=1)
+    assert sample == block_errors(a, [0, 1], ActivationStore.from_batches(batches[:1]), calls, state, cpu)
+    full = block_errors(a, [0, 1], x, calls, state, cpu)
+    assert all(e > 0 for e in sample + full) and sample != full
