@@ -417,7 +417,7 @@ def _prefect_probe(n_tasks: int, storage: str) -> dict:
         started = time.perf_counter() - t_call
         t = time.perf_counter()
         for i in range(n_tasks):
-            probe_task.with_options(result_storage=storage, result_serializer="json")(i=i, return_state=True).result()
+            probe_task.with_options(result_storage=Path(storage), result_serializer="json")(i=i, return_state=True).result()
         per_task = (time.perf_counter() - t) / n_tasks
         t = time.perf_counter()
         for i in range(n_tasks):

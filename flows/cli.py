@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .lock import ProjectLocked
+
 __all__ = ["main"]
 
 
@@ -110,11 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-p", "--params", default="params.yaml")
     r.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     r.add_argument("--to", default=None, metavar="STAGE", help="stop after this stage (e.g. --to pack)")
+    r.add_argument("--no-wait", action="store_true",
+                   help="fail at once if another ptq run/stage holds the project lock (default: wait for it)")
 
     st = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     st.add_argument("name")
     st.add_argument("-p", "--params", default="params.yaml")
     st.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    st.add_argument("--no-wait", action="store_true", help="fail at once if the project lock is held")
 
     li = sub.add_parser("lineage", help="print and verify the lineage of a release against its own record")
     li.add_argument("ref", help="a release folder, models:/NAME/VERSION or models:/NAME@ALIAS")
@@ -142,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another ptq process holds the project; retrying later succeeds
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     args = _parser().parse_args(argv)
@@ -153,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import cli_impl  # heavy imports (torch, transformers) only after argument parsing
 
         return cli_impl.dispatch(args)
+    except ProjectLocked as e:
+        print(f"ptq {args.command}: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
         print(f"ptq {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

@@ -70,6 +70,25 @@ def preflight(params) -> None:
                   clip_search=q.clip_search, recon=params.recon.__dict__ if q.resolved_method == "recon" else None)
 
 
+def _locked(command):
+    """Run `command(args)` holding the project lock (waiting for it unless --no-wait), after removing
+    the temporaries killed runs left behind (no other writer can be active then)."""
+    def run(args: argparse.Namespace) -> int:
+        from tasks.io import sweep_temporaries
+
+        from .lock import project_lock
+        from .runner import CACHE_DIR
+
+        root = Path(args.params).resolve().parent
+        with project_lock(root, wait=not args.no_wait):
+            for folder in (root / CACHE_DIR, root / "data"):
+                for p in sweep_temporaries(folder):
+                    print(f"removed {p.relative_to(root)} (left by a killed run)", file=sys.stderr)
+            return command(args)
+
+    return run
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _pipeline_env(Path(args.params).resolve().parent)  # before anything imports prefect
     from . import stages as S
@@ -139,4 +158,4 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    return {"run": cmd_run, "stage": cmd_stage, "lineage": cmd_lineage}[args.command](args)
+    return {"run": _locked(cmd_run), "stage": _locked(cmd_stage), "lineage": cmd_lineage}[args.command](args)

@@ -67,9 +67,9 @@ def _swap(tmp: Path, out: Path) -> None:
 
 
 def _fresh_tmp(out: Path) -> Path:
-    from tasks.io import fresh_dir
+    from tasks.io import temp_dir_beside
 
-    return fresh_dir(out.with_name(f".{out.name}.tmp"))
+    return temp_dir_beside(out)
 
 
 # ----------------------------------------------------------------------------------- inputs

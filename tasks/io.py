@@ -33,7 +33,9 @@ __all__ = [
     "write_manifest",
     "read_manifest",
     "verify_manifest",
-    "fresh_dir",
+    "temp_dir_beside",
+    "TEMP_GLOB",
+    "sweep_temporaries",
     "publish_dir",
     "swap_dir",
 ]
@@ -221,19 +223,35 @@ def verify_manifest(
     return bad
 
 
-def fresh_dir(folder: str | os.PathLike) -> Path:
-    """An empty folder at `folder` (leftovers of a killed run removed)."""
-    folder = Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder
+def temp_dir_beside(final: str | os.PathLike) -> Path:
+    """A new empty folder next to `final` to build it in, named uniquely (.NAME.XXXXXXXX.tmp), so two
+    writers never share one; swap_dir or a rename puts it in place. Leftovers of killed runs match
+    TEMP_GLOB and sweep_temporaries removes them while the project lock is held."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+
+
+TEMP_GLOB = ".*.tmp"  # what temp_dir_beside, atomic_path and swap_dir leave behind when killed
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove every temporary (TEMP_GLOB) under `folder`; only while no other writer can be active
+    (the project lock held). Returns what was removed."""
+    gone = sorted(Path(folder).rglob(TEMP_GLOB)) if Path(folder).is_dir() else []
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
 
 
 def publish_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Make dst a copy of src (hard links where the filesystem allows, else copies), atomically:
     built beside dst, then renamed over it; an old dst is removed only once the new one is complete."""
     src, dst = Path(src), Path(dst)
-    tmp = fresh_dir(dst.with_name(dst.name + ".publish.tmp"))
+    tmp = temp_dir_beside(dst)
     for f in sorted(p for p in src.rglob("*") if p.is_file()):
         target = tmp / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -248,10 +266,11 @@ def swap_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Put the complete folder `tmp` at `dst` by renames (same filesystem); an old `dst` is removed
     only once the new one is in place."""
     tmp, dst = Path(tmp), Path(dst)
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = None
     if dst.exists():
+        old = temp_dir_beside(dst)  # unique: an empty folder the old dst is renamed over
         dst.rename(old)
     tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     fsync_dir(dst.parent)

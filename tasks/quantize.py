@@ -21,7 +21,7 @@ from quantlib.windows import WindowStats, forward_blocks, run_window
 from quantlib.spec import QuantSpec
 
 from .cache import key_fn, stable_hash
-from .io import atomic_save_safetensors, file_ok, fresh_dir, load_safetensors_verified
+from .io import atomic_save_safetensors, file_ok, load_safetensors_verified, temp_dir_beside
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
@@ -70,7 +70,7 @@ def capture_activations(model, model_sha: str, calib_path: str, calib_sha: str, 
     """The first block's inputs for every calibration sequence, as a shard."""
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
     final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size])
-    tmp = fresh_dir(final.with_suffix(".tmp"))
+    tmp = temp_dir_beside(final)
     return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
 
 
@@ -89,7 +89,7 @@ def quantize_block_task(model, model_sha: str, index: int, in_path: str, in_sha:
     call = capture_block_calls(adapter, _calib(calib_path, calib_sha))[index]  # one embedding pass: ~50 ms
     key = stable_hash(["block", model_sha, index, in_sha, calib_sha, _job_key(job)])
     final = Path(cache_dir) / "acts" / key
-    tmp = fresh_dir(final.with_suffix(".tmp"))
+    tmp = temp_dir_beside(final)
     results, outputs, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, job.engine, str(tmp))
     tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
     qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
@@ -117,7 +117,7 @@ def fp_targets_task(model, model_sha: str, in_path: str, in_sha: str, calib_path
     x, bounds = open_shard(Path(in_path), in_sha, in_memory=False), []
     for i, block in enumerate(adapter.blocks):
         final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i])
-        tmp = fresh_dir(final.with_suffix(".tmp"))
+        tmp = temp_dir_beside(final)
         out = forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
         block.to("cpu")
         bounds.append({"path": str(final), "sha": seal_shard(tmp, final, out)})
@@ -165,7 +165,7 @@ def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start
     key = stable_hash(["window", model_sha, window, next_start, in_sha, _sha(target), _sha(carry), calib_sha,
                        _job_key(job)])
     final = Path(cache_dir) / "acts" / key
-    tmp = fresh_dir(final.with_suffix(".tmp"))
+    tmp = temp_dir_beside(final)
     r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method, job.engine,
                    _read_carry(carry), spill_dir=str(tmp))
     tensors = {k: v for name, qw in r.results.items() for k, v in qw.state_dict(name).items()}

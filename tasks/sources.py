@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .specs import BUILTIN_MODELS, ModelSource, builtin_gguf_path, parse_model_source
-from .io import MANIFEST_NAME, IntegrityError, fsync_dir, sha256_file, verify_manifest, write_manifest
+from .io import MANIFEST_NAME, IntegrityError, sha256_file, swap_dir, temp_dir_beside, verify_manifest, write_manifest
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -172,41 +172,21 @@ def _save_folder(model: PreTrainedModel, tokenizer: Any, folder: Path) -> dict[s
     return write_manifest(folder)
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by the complete tmp folder; the old copy is deleted only after the swap."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fresh_dir(folder: Path) -> None:
-    if folder.is_dir():
-        shutil.rmtree(folder)  # leftover of a crashed run
-    elif folder.exists():
-        folder.unlink()
-    folder.mkdir(parents=True)
-
-
 def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_remote_code: bool = False) -> dict:
     """Write `source` as a local HF folder (safetensors, config, tokenizer, MANIFEST.json) at out_dir.
 
-    Built in out_dir + ".tmp" and renamed over out_dir only when complete. Returns a JSON-ready
+    Built in a unique temporary folder beside out_dir and swapped in only when complete. Returns a JSON-ready
     record: source spec and kind, sha256 of the source file(s), model class, dtype, manifest.
     """
     out_dir = Path(out_dir)
     model, tokenizer, provenance = _LOADERS[source.kind](source, trust_remote_code)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    _fresh_dir(tmp)
+    tmp = temp_dir_beside(out_dir)
     try:
         manifest = _save_folder(model, tokenizer, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_in(tmp, out_dir)
+    swap_dir(tmp, out_dir)
     return {
         "source": source.spec,
         "kind": source.kind,

@@ -1,0 +1,108 @@
+"""One writer per project: the project lock, unique temporary names and the sweep of leftovers.
+
+The lock holder is always another process (flock is per open file: the same code in this process
+would not see its own lock held), and it is killed with SIGKILL to prove the kernel releases it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import EXIT_LOCKED
+from flows.lock import LOCK_PATH, ProjectLocked, project_lock
+from tasks.io import TEMP_GLOB, atomic_write_bytes, swap_dir, sweep_temporaries, temp_dir_beside
+
+REPO = Path(__file__).resolve().parents[2]
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom flows.lock import project_lock\n"
+        "with project_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+def _holder(root: Path) -> subprocess.Popen:
+    """Another process holding root's lock (returns once it holds it)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    proc = _holder(tmp_path)
+    try:
+        t = time.monotonic()
+        with pytest.raises(ProjectLocked, match=f"pid {proc.pid}"):
+            with project_lock(tmp_path, wait=False):
+                pytest.fail("entered a lock another process holds")
+        assert time.monotonic() - t < 5
+    finally:
+        _kill(proc)  # SIGKILL: no cleanup code runs in the holder
+    with project_lock(tmp_path, wait=False):
+        assert f"pid {os.getpid()}" in (tmp_path / LOCK_PATH).read_text()
+
+
+def test_a_waiting_writer_enters_only_once_the_holder_is_gone(tmp_path, capsys):
+    proc = _holder(tmp_path)
+    entered = threading.Event()
+
+    def second():
+        with project_lock(tmp_path, poll_s=0.05):
+            entered.set()
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    try:
+        assert not entered.wait(1.5)  # still waiting while the holder lives
+    finally:
+        _kill(proc)
+    assert entered.wait(10)
+    waiter.join()
+    assert f"held by pid {proc.pid}" in capsys.readouterr().err
+
+
+def test_temporaries_are_unique_and_swept(tmp_path):
+    final = tmp_path / "acts" / "abc"
+    a, b = temp_dir_beside(final), temp_dir_beside(final)
+    assert a != b and a.is_dir() and b.is_dir() and a.parent == final.parent
+    (a / "x.bin").write_bytes(b"1")
+    swap_dir(a, final)  # a killed writer's b stays behind
+    atomic_write_bytes(tmp_path / "keep.json", b"{}")
+    (tmp_path / "user.tmp").write_text("not ours: no leading dot")
+    assert sorted(p.name for p in final.parent.glob(TEMP_GLOB)) == [b.name]
+    assert sweep_temporaries(tmp_path) == [b]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "acts", "acts/abc", "acts/abc/x.bin", "keep.json", "user.tmp"]
+
+
+def test_swap_dir_replaces_the_old_folder_through_a_unique_name(tmp_path):
+    dst = tmp_path / "out"
+    for text in ("old", "new"):
+        tmp = temp_dir_beside(dst)
+        (tmp / "f").write_text(text)
+        swap_dir(tmp, dst)
+    assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ptq_run_no_wait_on_a_locked_project_exits_75_and_touches_nothing(tmp_path):
+    params = (REPO / "params.yaml").read_bytes()
+    (tmp_path / "params.yaml").write_bytes(params)
+    proc = _holder(tmp_path)
+    try:
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-wait", "-S", "quantize.bits=3"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        _kill(proc)
+    assert done.returncode == EXIT_LOCKED, done.stderr
+    assert f"pid {proc.pid}" in done.stderr and "--no-wait" in done.stderr
+    assert (tmp_path / "params.yaml").read_bytes() == params  # the override was not written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "params.yaml"]  # only the lock's folder
