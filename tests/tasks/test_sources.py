@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tasks import sources
-from tasks.io import IntegrityError, sha256_file, verify_manifest
+from tasks.io import TEMP_GLOB, IntegrityError, sha256_file, temp_dir_beside, verify_manifest
 from tasks.sources import (
     ModelSource,
     load_model,
@@ -121,7 +121,7 @@ def test_materialize_local_folder(materialized, tiny_folder):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "MANIFEST.json"} <= names
     assert not any(n.endswith(".bin") for n in names)
-    assert not out.with_name("model.tmp").exists() and not out.with_name("model.old").exists()
+    assert list(out.parent.glob(TEMP_GLOB)) == []  # its temporary and the replaced copy are gone
     assert record["source"] == str(tiny_folder) and record["kind"] == "local"
     assert record["source_files"]["model.safetensors"] == sha256_file(tiny_folder / "model.safetensors")
     assert record["architecture"] == "LlamaForCausalLM" and record["dtype"] == "float32"
@@ -141,16 +141,16 @@ def test_materialized_model_and_tokenizer_match_the_source(materialized):
     assert load_model(out, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_materialize_replaces_existing_and_cleans_stale_tmp(tiny_folder, tmp_path):
+def test_materialize_replaces_existing_beside_a_killed_runs_temporary(tiny_folder, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
-    stale_tmp = tmp_path / "model.tmp"
-    stale_tmp.mkdir()
+    stale_tmp = temp_dir_beside(out)  # a killed run's, possibly still open: its name is never reused
     (stale_tmp / "junk").write_text("crashed run")
     materialize_model(parse_model_source(str(tiny_folder)), out)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", stale_tmp.name])
+    assert (stale_tmp / "junk").read_text() == "crashed run"  # left for the sweep under the project lock
 
 
 def test_materialize_failure_keeps_old_output(tiny_folder, tmp_path, monkeypatch):
@@ -178,7 +178,7 @@ def test_non_causal_lm_folder_is_rejected(tmp_path):
     src = parse_model_source(str(bert))  # a valid HF folder, so parsing accepts it
     with pytest.raises(ValueError, match=r"architectures=\['BertModel'\].*not a causal language model"):
         materialize_model(src, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    assert list(tmp_path.iterdir()) == [bert]  # no output, no temporary
     with pytest.raises(ValueError, match="not a causal language model"):
         load_model(bert)
 
