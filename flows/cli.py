@@ -5,6 +5,8 @@ import argparse
 import os
 import shutil
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 
 from .lock import ProjectLocked
@@ -165,8 +167,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptq {args.command}: {e}", file=sys.stderr)
         return EXIT_LOCKED
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
+        if not _raised_here(e):  # e.g. torch's RuntimeError: its traceback is the diagnosis
+            traceback.print_exception(e, file=sys.stderr)
         print(f"ptq {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+
+
+_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / p) + os.sep for p in ("quantlib", "tasks", "flows"))
+
+
+def _raised_here(e: BaseException) -> bool:
+    """True if the project's own code raised `e` (its message names the problem and the fix); False
+    if a library did (torch, transformers, ...), deep in a stack the one-line message would hide.
+    Standard-library frames (pathlib's open under our read_text) do not count."""
+    stdlib = sysconfig.get_paths()["stdlib"] + os.sep
+    files = [str(Path(f.f_code.co_filename).resolve()) for f, _ in traceback.walk_tb(e.__traceback__)
+             if not f.f_code.co_filename.startswith("<")]
+    files = [f for f in files if not f.startswith(stdlib)]
+    return bool(files) and files[-1].startswith(_PACKAGES)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,27 @@ def _pipeline_env(root: Path) -> None:
 def _load_pipeline(args: argparse.Namespace):
     """(project root, params) with -S overrides validated and then written into params.yaml (as
     `dvc exp run -S` does), so that DVC, dvc.lock and later runs see the values this run used."""
-    from .params import dump_params, load_params
+    from .params import dump_params
 
-    path = Path(args.params)
-    if not path.is_file():
-        raise FileNotFoundError(f"params file {path} not found; run from the project root or pass -p PATH")
-    params = load_params(path, args.overrides)
-    preflight(params)
+    path, params = _checked_params(args)
     if args.overrides:
         from tasks.io import atomic_write_bytes
 
         atomic_write_bytes(path, dump_params(params).encode("utf-8"))
         print(f"params.yaml: {', '.join(args.overrides)} written", file=sys.stderr)
     return path.resolve().parent, params
+
+
+def _checked_params(args: argparse.Namespace):
+    """(params.yaml path, params with the -S overrides), validated and preflighted; writes nothing."""
+    from .params import load_params
+
+    path = Path(args.params)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} not found; run from the project root or pass -p PATH")
+    params = load_params(path, args.overrides)
+    preflight(params)
+    return path, params
 
 
 def preflight(params) -> None:
@@ -80,6 +88,7 @@ def _locked(command):
         from .runner import CACHE_DIR
 
         root = Path(args.params).resolve().parent
+        _checked_params(args)  # bad input fails before anything (the lock file included) is made
         with project_lock(root, wait=not args.no_wait):
             for folder in (root / CACHE_DIR, root / "data"):
                 for p in sweep_temporaries(folder):
@@ -107,10 +116,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage, as `dvc repro` runs it: DVC decides whether it runs and records it afterwards."""
     _pipeline_env(Path(args.params).resolve().parent)
+    from . import stages as S
+
+    root = Path(args.params).resolve().parent
+    missing = S.missing_inputs(root, args.name)
+    if missing:  # before params are written or MLflow is opened
+        first = missing[0][1]
+        raise FileNotFoundError(
+            f"stage {args.name} needs {', '.join(d for d, _ in missing)}, made by stage(s) "
+            f"{', '.join(dict.fromkeys(m for _, m in missing))}; run `ptq stage {first}` first, or `ptq run --to "
+            f"{args.name}` (or `dvc repro {args.name}`) to run every stage it needs")
     root, params = _load_pipeline(args)
     from tasks.mlflow_runs import close_run
 
-    from . import stages as S
     from .runner import open_tracking, run_one_stage
 
     tracking = open_tracking(root, params)

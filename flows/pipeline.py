@@ -362,6 +362,7 @@ def pack_stage(ctx: StageContext) -> dict:
     it, the hash chain source -> model -> tokens -> quantized -> qat codes, and the code identity."""
     from quantlib.qweight import QuantizedWeight
     from tasks.codeid import code_identity
+    from tasks.faults import failpoint
     from tasks.io import load_safetensors_verified
     from tasks.manifest import build_release_manifest
     from tasks.release import write_release_files
@@ -375,6 +376,7 @@ def pack_stage(ctx: StageContext) -> dict:
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
                         fmt=ctx.params.pack.format)
     build_release_manifest(tmp, params=ctx.params.declared(), chain=_chain(ctx, info), code=code_identity())
+    failpoint("pack.written")
     _swap(tmp, out)
     return {"files": sum(1 for p in out.rglob("*") if p.is_file())}
 
@@ -417,6 +419,7 @@ def _eval_files(ctx: StageContext) -> tuple[dict, str]:
 @_prefect_flow("evaluate")
 def evaluate_stage(ctx: StageContext) -> dict:
     from tasks.evaluation import ppl_task
+    from tasks.faults import failpoint
     from tasks.inputs import manifest_sha
     from tasks.io import atomic_write_json, sha256_file
 
@@ -426,6 +429,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
     common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size)
     ppl, c1 = run_cached(ctx, ppl_task, lambda r: True, "perplexity (release)",
                          kind="release", folder=str(release), model_sha=release_sha, **common)
+    failpoint("evaluate.scored")
     fp, c2 = run_cached(ctx, ppl_task, lambda r: True, "perplexity (fp source)",
                         kind="model", folder=str(model_dir), model_sha=manifest_sha(model_dir), **common)
     lm, c3 = _lm_eval(ctx, release, release_sha)

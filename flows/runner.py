@@ -89,6 +89,7 @@ def _write_timings(root: Path, stage: S.Stage, seconds: float, metrics: dict[str
 
 def run_one_stage(root: Path, params: PipelineParams, name: str, tracking: Tracking | None) -> StageOutcome:
     """Run stage `name` now (whatever DVC thinks), inside its own nested MLflow run."""
+    from tasks.faults import failpoint
     from tasks.mlflow_runs import close_run, open_stage_run
 
     from .pipeline import STAGE_FUNCTIONS
@@ -98,6 +99,7 @@ def run_one_stage(root: Path, params: PipelineParams, name: str, tracking: Track
     t0 = time.perf_counter()
     try:
         metrics = STAGE_FUNCTIONS[name](_context(root, params, stage, tracking, run_id))
+        failpoint(f"{name}.finished")
     except BaseException as e:
         if tracking is not None:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"

@@ -49,6 +49,7 @@ __all__ = [
     "Plot",
     "Stage",
     "get_stage",
+    "missing_inputs",
     "render_dvc_yaml",
 ]
 
@@ -153,6 +154,13 @@ def get_stage(name: str) -> Stage:
         if stage.name == name:
             return stage
     raise KeyError(f"unknown stage {name!r} (stages: {', '.join(s.name for s in STAGES)})")
+
+
+def missing_inputs(root: Path, name: str) -> list[tuple[str, str]]:
+    """[(dep, the stage that makes it)] for stage `name`'s deps that another stage makes and that
+    do not exist under `root` yet: the stages to run first."""
+    makers = {path: s.name for s in STAGES for path in s.writes}
+    return [(d, makers[d]) for d in get_stage(name).deps if d in makers and not (root / d).exists()]
 
 
 def _plot_entry(p: Plot) -> dict[str, Any]:

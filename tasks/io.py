@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:  # torch loads where tensors are read or written: hashing and JSON stay light
@@ -32,6 +32,7 @@ __all__ = [
     "load_safetensors_verified",
     "write_manifest",
     "read_manifest",
+    "escaping_paths_problem",
     "verify_manifest",
     "temp_dir_beside",
     "TEMP_GLOB",
@@ -201,7 +202,27 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise IntegrityError(f"{path} is malformed: expected {{'files': {{relpath: sha256}}}}")
+    problem = escaping_paths_problem(manifest["files"])
+    if problem:
+        raise IntegrityError(f"{path}: {problem}")
     return manifest
+
+
+def _inside(rel: Any) -> bool:
+    """A plain relative POSIX path that stays inside its folder (no '..', no root, no backslash)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return False
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and ".." not in p.parts and p.as_posix() == rel
+
+
+def escaping_paths_problem(files: Any) -> str | None:
+    """A MANIFEST `files` map may only name files inside its folder: a listed '../x' or '/etc/x'
+    would make a verifier read (and report on) files outside the release."""
+    if not isinstance(files, dict):
+        return None
+    bad = sorted(str(k) for k in files if not _inside(k))
+    return f"files: paths outside the folder {bad}; not reading them" if bad else None
 
 
 def verify_manifest(

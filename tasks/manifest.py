@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import MANIFEST_NAME, IntegrityError, atomic_write_json, sha256_bytes, sha256_file
+from .io import MANIFEST_NAME, IntegrityError, atomic_write_json, escaping_paths_problem, sha256_bytes, sha256_file
 
 __all__ = [
     "CHAIN_KEYS",
@@ -127,7 +127,7 @@ def _manifest_problems(manifest: Any) -> list[str]:
     problem = _keys_problem("MANIFEST", manifest, MANIFEST_KEYS)
     if problem:
         return [problem]
-    problems = [_hash_map_problem("files", manifest["files"])]
+    problems = [_hash_map_problem("files", manifest["files"]), escaping_paths_problem(manifest["files"])]
     if not _is_sha(manifest["params_sha256"]):
         problems.append(f"params_sha256: expected a sha256, got {manifest['params_sha256']!r}")
     problems += _params_problems(manifest["params"]) + _chain_problems(manifest["chain"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .faults import failpoint
 from .io import MANIFEST_NAME, IntegrityError, sha256_bytes, sha256_file
 from .manifest import params_digest, read_release_manifest, release_files
 from .mlflow_runs import Tracker, slug, tag_value
@@ -182,6 +183,7 @@ def _register_new(
     path = _artifact_path(client, run_id)
     client.log_artifacts(run_id, str(release_dir), path)
     tracker.set_tags(run_id, tags)
+    failpoint("register.uploaded")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
     version_tags = {**_version_tags(tags), **({TAG_GATE: gate} if gate is not None else {})}
     return int(client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags).version)
@@ -220,6 +222,7 @@ def register_release(
     if version is None:
         gate = None if move_alias else (reason or f"alias {alias!r} not moved")
         version = _register_new(tracker, run_id, release_dir, model_name, tags, gate)
+        failpoint("register.versioned")
     if move_alias:
         client.set_registered_model_alias(model_name, alias, str(version))
     return Registration(model_name, version, new, move_alias, reason)

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .faults import failpoint
 from .specs import BUILTIN_MODELS, ModelSource, builtin_gguf_path, parse_model_source
 from .io import MANIFEST_NAME, IntegrityError, sha256_file, swap_dir, temp_dir_beside, verify_manifest, write_manifest
 
@@ -186,6 +187,7 @@ def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_rem
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    failpoint("fetch_model.written")
     swap_dir(tmp, out_dir)
     return {
         "source": source.spec,

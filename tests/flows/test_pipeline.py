@@ -6,7 +6,10 @@ Proven here:
   lock, then finds everything done; one release, one registered version, no temporaries left;
 - a SIGKILLed run resumes without recomputing finished blocks and releases byte-identical files
   (MANIFEST.json included); MLflow shows the killed stage FAILED and links the resumed one to it;
-  a corrupted cache entry is reported and recomputed;
+  a corrupted cache entry is reported and recomputed; a run killed at each failpoint in turn (a model
+  folder half-published, a stage finished but not committed to dvc.lock, a release written but not
+  swapped in, half an evaluation, a release uploaded but not versioned, a version created but not
+  aliased) resumes to the same release bytes and one registered version;
 - `dvc repro` in a fresh clone runs every stage, a second one nothing, and its release and dvc.lock
   equal `ptq run`'s; `ptq run` after it runs nothing; changing any param re-runs exactly the stages
   that declare it; `dvc push` / `dvc pull` into a second clone restores a release that `ptq lineage`
@@ -19,6 +22,7 @@ Proven here:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_projects import N_BLOCKS, Project, git, git_commit_all, ptq_many, release_files, run_and_kill, write_params
+from pipeline_projects import (N_BLOCKS, RUN_TIMEOUT_S, Project, git, git_commit_all, ptq_many, release_files,
+                               run_and_kill, write_params)
 
 from flows.params import section_keys
 from flows.stages import STAGES
@@ -150,6 +155,64 @@ def test_two_runs_at_once_one_waits_then_finds_everything_done(concurrent, clean
 
 
 # ------------------------------------------------------------------------------- kill / resume
+
+
+# every failpoint of tasks.faults.FAILPOINTS in pipeline order; each run dies at the next one
+CRASH_POINTS = ("fetch_model.written", "prepare_data.finished", "quantize.finished", "pack.written",
+                "evaluate.scored", "register.uploaded", "register.versioned")
+
+
+@dataclass
+class Crashed:
+    project: Project
+    deaths: dict[str, subprocess.CompletedProcess]  # failpoint -> the run that died there
+    final: subprocess.CompletedProcess  # the run after the last death
+    release: dict[str, bytes]
+    temporaries: list[str]
+
+
+@pytest.fixture(scope="module")
+def crashed(make_project) -> Crashed:
+    from tasks.faults import ENV
+
+    project = make_project("crashed")
+    deaths = {}
+    for point in CRASH_POINTS:  # its own session: the failpoint kills the run with its Prefect server
+        deaths[point] = subprocess.run(project.command("run"), cwd=project.root, env={**project.env, ENV: point},
+                                       capture_output=True, text=True, timeout=RUN_TIMEOUT_S, start_new_session=True)
+    final = project.run_ok()
+    return Crashed(project, deaths, final, release_files(project.release), _temporaries(project))
+
+
+def test_each_crashed_run_died_at_its_failpoint(crashed):
+    for point, done in crashed.deaths.items():
+        assert done.returncode == -signal.SIGKILL, f"{point}: rc {done.returncode}\n{done.stderr[-3000:]}"
+        assert f"failpoint {point}: SIGKILL" in done.stderr
+
+
+def test_each_rerun_reuses_what_the_crashed_run_finished(crashed):
+    d = crashed.deaths
+    # the model folder the crash left half-published in the cache, swept by the next run
+    assert re.search(r"removed \.cache/ptq/models/\.[^ /]+\.tmp \(left by a killed run\)", d["prepare_data.finished"].stderr)
+    assert "fetch_model: up to date" in d["quantize.finished"].stderr
+    # quantize finished but was not committed: DVC re-runs it, every block from the cache
+    rerun = d["pack.written"].stderr
+    assert "capture_activations: cached" in rerun and all(f"block {i}: cached" in rerun for i in range(N_BLOCKS))
+    assert "perplexity (release): cached" in d["register.uploaded"].stderr
+    assert _stage_status(crashed.final.stdout) == {
+        "inputs": "ran", **{s: "up to date" for s in STAGE_NAMES[1:-1]}, "register": "ran"}
+
+
+def test_crashes_anywhere_resume_to_the_clean_release_and_one_version(crashed, clean_project):
+    project = crashed.project
+    assert crashed.release == release_files(clean_project.release)  # whole files, MANIFEST included
+    assert _versions(project) == [1]  # neither the upload without a version nor the version without alias doubled it
+    reg = _registry(project)
+    assert reg["version"] == 1 and reg["alias_moved"] and not reg["new_version"]
+    done = project.ptq("lineage", f"models:/{reg['model_name']}@{reg['alias']}")
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+    assert "Data and pipelines are up to date" in project.dvc_ok("status")
+    assert crashed.temporaries == []
 
 
 @dataclass

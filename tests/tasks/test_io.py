@@ -9,6 +9,7 @@ import torch
 
 from tasks import io
 from tasks.io import (
+    MANIFEST_NAME,
     IntegrityError,
     atomic_path,
     atomic_save_safetensors,
@@ -142,3 +143,16 @@ def test_manifest_roundtrip_and_tamper_detection(tmp_path):
 def test_verify_manifest_without_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="MANIFEST.json"):
         verify_manifest(tmp_path)
+
+
+def test_a_manifest_naming_files_outside_its_folder_is_refused_before_any_read(tmp_path):
+    folder, outside = tmp_path / "model", tmp_path / "secret.txt"
+    folder.mkdir()
+    outside.write_text("not part of the folder")
+    (folder / "a.txt").write_text("a")
+    write_manifest(folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["files"]["../secret.txt"] = sha256_file(outside)  # a verifier would "confirm" it
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=r"paths outside the folder \['../secret.txt'\]"):
+        verify_manifest(folder)

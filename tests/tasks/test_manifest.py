@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ def test_read_names_the_file_and_the_problem(tmp_path, chain):
         (json.dumps({k: v for k, v in manifest.items() if k != "chain"}), r"missing keys \['chain'\]"),
         (json.dumps({**manifest, "files": {CONFIG: "0" * 63}}), r"files: not a sha256 for \['config.json'\]"),
         (json.dumps({**manifest, "code": {**manifest["code"], "host": "h"}}), r"unknown keys \['host'\]"),
+        *[(json.dumps({**manifest, "files": {**manifest["files"], rel: "0" * 64}}),
+           rf"paths outside the folder \[{re.escape(repr(rel))}\]") for rel in ("../outside.json", "/etc/passwd",
+                                                                              "a/../../b", "a\\..\\b", "./config.json")],
     ]
     for text, problem in cases:
         path.write_text(text, encoding="utf-8")

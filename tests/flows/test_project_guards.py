@@ -1,4 +1,5 @@
-"""One writer per project: the project lock, unique temporary names and the sweep of leftovers.
+"""Guards on a project: one writer at a time (the project lock, unique temporary names, the sweep of
+leftovers) and stages run in order.
 
 The lock holder is always another process (flock is per open file: the same code in this process
 would not see its own lock held), and it is killed with SIGKILL to prove the kernel releases it.
@@ -106,3 +107,37 @@ def test_ptq_run_no_wait_on_a_locked_project_exits_75_and_touches_nothing(tmp_pa
     assert f"pid {proc.pid}" in done.stderr and "--no-wait" in done.stderr
     assert (tmp_path / "params.yaml").read_bytes() == params  # the override was not written
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "params.yaml"]  # only the lock's folder
+
+
+def test_a_stage_run_before_the_stages_it_needs_names_them(tmp_path):
+    """`ptq stage quantize` in a project with no data: a message naming the stage to run first (not a
+    raw errno), before params are written or anything is made."""
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "quantize", "-S", "quantize.bits=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, done.stderr
+    assert "stage quantize needs data/model, data/tokens" in done.stderr
+    assert "run `ptq stage fetch_model` first" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_library_error_keeps_its_traceback_and_ours_stay_one_line(monkeypatch, capsys):
+    import torch
+
+    from flows import cli, cli_impl
+    from flows.params import load_params
+
+    def from_torch(args):
+        torch.ones(2, 3) @ torch.ones(2, 3)  # RuntimeError raised inside torch
+
+    def from_us(args):
+        load_params(Path("no-such-params.yaml"))  # FileNotFoundError under flows/params.py (pathlib's frames skipped)
+
+    for fn, traced in ((from_torch, True), (from_us, False)):
+        monkeypatch.setattr(cli_impl, "dispatch", fn)
+        assert cli.main(["bench", "kernels"]) == 2
+        err = capsys.readouterr().err
+        assert err.rstrip().splitlines()[-1].startswith("ptq bench: error: ")
+        assert ("Traceback" in err) == traced, err
