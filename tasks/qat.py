@@ -6,6 +6,7 @@ project cache; a killed QAT run restarts from its last checkpoint (same key = sa
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +19,14 @@ from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
 from quantlib.qweight import QuantizedWeight
 
 from .cache import key_fn, stable_hash
+from .codeid import code_fingerprint, library_versions
 from .io import atomic_path, atomic_save_safetensors, atomic_write_bytes, load_safetensors_verified, sha256_file
 from .sources import load_model
 from .textdata import read_token_ids
 
-__all__ = ["qat_teacher_task", "qat_train_task", "load_quantized", "apply_quantized"]
+__all__ = ["qat_teacher_task", "qat_train_task", "load_quantized", "apply_quantized", "checkpoint_key"]
+
+log = logging.getLogger("ptq")
 
 
 def load_quantized(path: str | os.PathLike, sha: str, names: list[str]) -> dict[str, QuantizedWeight]:
@@ -55,11 +59,22 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path) -> dict | None:
-    """The last checkpoint, if it exists and matches its checksum (a torn one is ignored)."""
+    """The last checkpoint, if it exists and matches its checksum; a torn or altered one is reported
+    and not used (training restarts from the quantized state)."""
     side = path.with_name(path.name + ".sha256")
-    if not (path.is_file() and side.is_file()) or sha256_file(path) != side.read_text().strip():
+    if not path.is_file():
+        return None
+    if not side.is_file() or sha256_file(path) != side.read_text().strip():
+        log.warning("qat: checkpoint %s does not match its checksum %s (torn by a crash or altered); "
+                    "not resuming from it, training from step 0", path, side.name)
         return None
     return torch.load(path, weights_only=True)  # tensors and plain values only
+
+
+def checkpoint_key(*inputs) -> str:
+    """A checkpoint's name: its inputs plus the code and library versions that wrote it, so that a
+    checkpoint written by other code (or other torch) is never resumed."""
+    return stable_hash([*inputs, code_fingerprint(), library_versions()])
 
 
 @task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher_sha", "cfg"),
@@ -73,7 +88,7 @@ def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantize
     if teacher is not None and teacher_sha != teacher["sha"]:
         raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
     key = stable_hash([model_sha, quantized_sha, calib_sha, teacher_sha, cfg])
-    ckpt = Path(cache_dir) / "qat" / f"checkpoint-{key}.pt"
+    ckpt = Path(cache_dir) / "qat" / f"checkpoint-{checkpoint_key(key)}.pt"
     model = load_model(model_dir)
     results = load_quantized(quantized_path, quantized_sha, names)
     apply_quantized(model, results)

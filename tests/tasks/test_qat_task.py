@@ -59,12 +59,39 @@ def test_qat_task_resumes_from_its_last_checkpoint(inputs, tmp_path, monkeypatch
     assert resumed["stats"]["curve"] == whole["stats"]["curve"]
 
 
-def test_torn_checkpoint_is_ignored(tmp_path):
+def test_torn_checkpoint_is_reported_and_not_used(tmp_path, caplog):
     path = tmp_path / "checkpoint.pt"
     Q._save_checkpoint(path, {"x": 1})
-    assert Q._load_checkpoint(path) == {"x": 1}
+    assert Q._load_checkpoint(path) == {"x": 1} and not caplog.records
     path.write_bytes(path.read_bytes()[:-3])
-    assert Q._load_checkpoint(path) is None
+    with caplog.at_level("WARNING", logger="ptq"):
+        assert Q._load_checkpoint(path) is None
+    assert f"checkpoint {path} does not match its checksum" in caplog.text
+    path.with_name(path.name + ".sha256").unlink()  # a crash between the two writes: no sidecar
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ptq"):
+        assert Q._load_checkpoint(path) is None
+    assert "not resuming from it" in caplog.text
+
+
+def test_a_checkpoint_written_by_other_code_is_not_resumed(inputs, tmp_path, monkeypatch):
+    """The same inputs under another code fingerprint (or torch version) name another checkpoint."""
+    from tasks import codeid
+
+    cache = tmp_path / "c"
+    real = Q._save_checkpoint
+    monkeypatch.setattr(Q, "_save_checkpoint", lambda path, state: (real(path, state), _raise()))
+    with pytest.raises(KeyboardInterrupt):  # dies right after its first checkpoint
+        Q.qat_train_task.fn(**inputs, cache_dir=str(cache))
+    monkeypatch.setattr(Q, "_save_checkpoint", real)
+    monkeypatch.setattr(Q, "code_fingerprint", lambda: codeid.code_fingerprint() + "-edited")
+    assert Q.qat_train_task.fn(**inputs, cache_dir=str(cache))["resumed_at"] is None
+    monkeypatch.setattr(Q, "code_fingerprint", codeid.code_fingerprint)
+    assert Q.qat_train_task.fn(**inputs, cache_dir=str(cache))["resumed_at"] == 2  # the same code resumes
+
+
+def _raise():
+    raise KeyboardInterrupt("killed")
 
 
 def test_apply_quantized_puts_dequantized_weights_in_place(inputs):
