@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_MIRROR = REPO_ROOT.parent / "shared" / "data"
 
 _TMP_HOME = pytest.StashKey[str]()
+sys.path.insert(0, str(Path(__file__).parent))  # reliability_doc
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,6 +44,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ docs/reliability.md, from the tests
+
+RELIABILITY_ENV = "PTQ_RELIABILITY_OUT"  # where to write the table (e.g. docs/reliability.md)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember each `reliability`-marked test's outcome (its call phase, or a failed/skipped setup)."""
+    if report.when == "call" or report.outcome != "passed":
+        row = _PENDING.pop(report.nodeid, None)
+        if row is not None:
+            _ROWS.append({**row, "outcome": report.outcome})
+
+
+_PENDING: dict[str, dict] = {}
+_ROWS: list[dict] = []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("reliability")
+    if marker is not None:
+        case = getattr(getattr(item, "callspec", None), "id", "")
+        _PENDING[item.nodeid] = {k: str(v).replace("{case}", case) for k, v in marker.kwargs.items()} | {
+            "test": item.nodeid}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = os.environ.get(RELIABILITY_ENV)
+    if out and _ROWS:
+        from reliability_doc import render
+
+        Path(out).write_text(render(_ROWS), encoding="utf-8")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

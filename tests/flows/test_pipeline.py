@@ -140,6 +140,10 @@ def concurrent(make_project) -> tuple[Project, list[subprocess.CompletedProcess]
     return project, ptq_many([(project, ("run",)), (project, ("run",))])
 
 
+@pytest.mark.reliability(
+    fault='two `ptq run` started at once in one project',
+    sees='the second prints `waiting for the project lock ... (held by pid N ...)`, then finds every stage up to date',
+    kept='one release, one registered version, DVC clean, no temporaries')
 def test_two_runs_at_once_one_waits_then_finds_everything_done(concurrent, clean_project):
     project, done = concurrent
     assert [d.returncode for d in done] == [0, 0], [d.stderr[-3000:] for d in done]
@@ -203,6 +207,10 @@ def test_each_rerun_reuses_what_the_crashed_run_finished(crashed):
         "inputs": "ran", **{s: "up to date" for s in STAGE_NAMES[1:-1]}, "register": "ran"}
 
 
+@pytest.mark.reliability(
+    fault='kill -9 at each failpoint in turn: model folder written but not published, prepare_data and quantize finished but not in dvc.lock, release written but not swapped in, half an evaluation, release uploaded but not a model version, version created but not aliased',
+    sees='each next `ptq run` reruns only the unfinished stage, from its cached tasks',
+    kept='the same release bytes as an uninterrupted run and exactly one registered version, aliased; `ptq lineage` OK')
 def test_crashes_anywhere_resume_to_the_clean_release_and_one_version(crashed, clean_project):
     project = crashed.project
     assert crashed.release == release_files(clean_project.release)  # whole files, MANIFEST included
@@ -284,6 +292,10 @@ def test_resume_reuses_finished_blocks(resumed):
     assert resumed.n_files == N_BLOCKS
 
 
+@pytest.mark.reliability(
+    fault='temporary folders a killed run left behind',
+    sees='`removed <path> (left by a killed run)` for each, from the next run once it holds the project lock',
+    kept='everything else')
 def test_resume_removes_the_temporaries_the_kill_left(resumed):
     left, after = resumed.temporaries
     assert after == []
@@ -291,11 +303,19 @@ def test_resume_removes_the_temporaries_the_kill_left(resumed):
         assert f"removed {rel} (left by a killed run)" in resumed.log
 
 
+@pytest.mark.reliability(
+    fault='kill -9 of `ptq run` (process group, Prefect server included) in the middle of quantize, after 2 of 4 blocks',
+    sees='the next `ptq run` logs the finished blocks `cached` and computes the rest',
+    kept='finished blocks (same inodes, not rewritten); a release byte-identical to an uninterrupted run, MANIFEST included')
 def test_resumed_release_is_byte_identical_to_the_uninterrupted_one(resumed, clean_project):
     # whole files, MANIFEST.json included: no timing or run flag in a release
     assert resumed.release == release_files(clean_project.release)
 
 
+@pytest.mark.reliability(
+    fault='kill -9 during a stage, seen in MLflow',
+    sees="the killed stage's run is FAILED and tagged killed; the resumed pipeline run names it",
+    kept='the MLflow history of both runs')
 def test_mlflow_shows_the_killed_stage_failed_and_links_the_resumed_one(resumed):
     from tasks.mlflow_runs import TAG_KILLED, TAG_RESUMES, TAG_STAGE
 
@@ -313,6 +333,10 @@ def test_mlflow_shows_the_killed_stage_failed_and_links_the_resumed_one(resumed)
     assert len(client.get_metric_history(killed.info.run_id, "block_error")) >= KILL_AFTER - 1
 
 
+@pytest.mark.reliability(
+    fault='cache entries whose files are corrupted or deleted',
+    sees='`<task>: cache entry points at missing or corrupted files; recomputing`',
+    kept='every intact entry; the same release')
 def test_corrupted_cache_entries_are_reported_and_recomputed(resumed, clean_project):
     project = resumed.project
     blocks = _block_files(project)
@@ -482,6 +506,10 @@ def moved(clean_project, tmp_path_factory) -> Moved:
     return Moved(project, gated, moved_on, *old, *diffs)
 
 
+@pytest.mark.reliability(
+    fault='a release that fails `register.max_ppl_ratio`',
+    sees='exit 1 with the ratio and the limit; the version is registered and tagged with why',
+    kept='the alias on the previous version')
 def test_gate_failure_keeps_the_alias_records_why_and_exits_nonzero(moved):
     done = moved.gated
     assert done.returncode == 2, done.stdout + done.stderr[-3000:]
@@ -536,6 +564,10 @@ def tampered(clean_project, tmp_path_factory):
     return dict(zip([*files, "alias"], done)), files
 
 
+@pytest.mark.reliability(
+    fault="one flipped byte in the release's {case}",
+    sees='`ptq lineage` names the file and exits 1',
+    kept='the registered copy, which still verifies')
 @pytest.mark.parametrize("what", ["codes", "scales", "config", "manifest"])
 def test_lineage_names_a_flipped_byte(tampered, what):
     runs, files = tampered
@@ -584,6 +616,10 @@ def bad_runs(tmp_path_factory, tiny_source, base_env) -> dict[str, tuple[Project
     return {case: (p, done, text) for case, (p, _), done, text in zip(BAD_PARAMS, jobs, ptq_many(jobs), before)}
 
 
+@pytest.mark.reliability(
+    fault='bad params: {case}',
+    sees='`ptq run: error: <section.key>: <rule>` before any stage, exit 2',
+    kept='the project untouched: no data/, no .cache/ptq')
 @pytest.mark.parametrize("case", list(BAD_PARAMS))
 def test_bad_params_fail_before_any_stage(bad_runs, case):
     project, done, before = bad_runs[case]

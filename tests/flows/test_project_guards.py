@@ -37,6 +37,10 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.reliability(
+    fault='the project-lock holder killed with -9',
+    sees='nothing to clean: the kernel released the lock',
+    kept='the lock file (it only names the holder)')
 def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
     proc = _holder(tmp_path)
     try:
@@ -93,6 +97,10 @@ def test_swap_dir_replaces_the_old_folder_through_a_unique_name(tmp_path):
     assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.reliability(
+    fault='`ptq run --no-wait -S ...` while another process writes to the project',
+    sees='exit 75: `another ptq process is writing to this project (pid N: ...)`',
+    kept='params.yaml unchanged (the override is not written), nothing else created')
 def test_ptq_run_no_wait_on_a_locked_project_exits_75_and_touches_nothing(tmp_path):
     params = (REPO / "params.yaml").read_bytes()
     (tmp_path / "params.yaml").write_bytes(params)
@@ -109,6 +117,11 @@ def test_ptq_run_no_wait_on_a_locked_project_exits_75_and_touches_nothing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "params.yaml"]  # only the lock's folder
 
 
+@pytest.mark.reliability(
+    fault='`ptq stage quantize` before fetch_model and prepare_data ran',
+    sees='"stage quantize needs data/model, data/tokens, made by stage(s) fetch_model, prepare_data; run `ptq stage '
+         'fetch_model` first ...", exit 2',
+    kept='params.yaml unchanged, no data/')
 def test_a_stage_run_before_the_stages_it_needs_names_them(tmp_path):
     """`ptq stage quantize` in a project with no data: a message naming the stage to run first (not a
     raw errno), before params are written or anything is made."""
@@ -123,6 +136,10 @@ def test_a_stage_run_before_the_stages_it_needs_names_them(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.reliability(
+    fault='an error raised inside torch (a RuntimeError deep in a library)',
+    sees="its full traceback, then `ptq <cmd>: error: ...`; the project's own errors stay one line",
+    kept='-')
 def test_a_library_error_keeps_its_traceback_and_ours_stay_one_line(monkeypatch, capsys):
     import torch
 

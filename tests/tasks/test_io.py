@@ -57,6 +57,10 @@ def test_atomic_path_keeps_old_file_when_writer_raises(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
 
 
+@pytest.mark.reliability(
+    fault='a crash while a safetensors file is written',
+    sees='the exception',
+    kept='the previous file and its sidecar, intact; no temporary left')
 def test_atomic_save_safetensors_keeps_old_file_when_save_raises(tmp_path, monkeypatch):
     path = tmp_path / "t.safetensors"
     digest = atomic_save_safetensors(path, {"w": torch.arange(6.0)})
@@ -91,6 +95,10 @@ def test_safetensors_roundtrip_sidecar_and_metadata(tmp_path):
         assert f.metadata() == {"scheme": "w4pc"}
 
 
+@pytest.mark.reliability(
+    fault='a safetensors file with a flipped byte or the wrong expected hash',
+    sees='IntegrityError naming the file and both hashes',
+    kept='-')
 def test_load_verified_rejects_tampering_and_wrong_hash(tmp_path):
     path = tmp_path / "t.safetensors"
     digest = atomic_save_safetensors(path, {"w": torch.ones(8)})
@@ -145,6 +153,10 @@ def test_verify_manifest_without_manifest(tmp_path):
         verify_manifest(tmp_path)
 
 
+@pytest.mark.reliability(
+    fault='a MANIFEST listing `../secret.txt`',
+    sees="IntegrityError: `files: paths outside the folder ['../secret.txt']; not reading them`",
+    kept='the file outside is never read')
 def test_a_manifest_naming_files_outside_its_folder_is_refused_before_any_read(tmp_path):
     folder, outside = tmp_path / "model", tmp_path / "secret.txt"
     folder.mkdir()

@@ -37,6 +37,10 @@ def inputs(tmp_path):
                 calib_sha=csha, teacher=None, cfg=CFG, checkpoint_every=2)
 
 
+@pytest.mark.reliability(
+    fault='a crash right after a QAT checkpoint hit the disk',
+    sees='the rerun resumes at that step',
+    kept='bit-identical refined codes and loss curve')
 def test_qat_task_resumes_from_its_last_checkpoint(inputs, tmp_path, monkeypatch):
     whole = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "a"))
     assert whole["resumed_at"] is None
@@ -59,6 +63,10 @@ def test_qat_task_resumes_from_its_last_checkpoint(inputs, tmp_path, monkeypatch
     assert resumed["stats"]["curve"] == whole["stats"]["curve"]
 
 
+@pytest.mark.reliability(
+    fault='a torn QAT checkpoint (truncated, or its checksum sidecar missing)',
+    sees='`qat: checkpoint <path> does not match its checksum ...; not resuming from it`',
+    kept='training restarts from the quantized state')
 def test_torn_checkpoint_is_reported_and_not_used(tmp_path, caplog):
     path = tmp_path / "checkpoint.pt"
     Q._save_checkpoint(path, {"x": 1})
@@ -74,6 +82,10 @@ def test_torn_checkpoint_is_reported_and_not_used(tmp_path, caplog):
     assert "not resuming from it" in caplog.text
 
 
+@pytest.mark.reliability(
+    fault='a QAT checkpoint written by other code (another code fingerprint or torch version)',
+    sees="training starts from step 0 (the checkpoint's name does not match)",
+    kept="the other code's checkpoint, untouched")
 def test_a_checkpoint_written_by_other_code_is_not_resumed(inputs, tmp_path, monkeypatch):
     """The same inputs under another code fingerprint (or torch version) name another checkpoint."""
     from tasks import codeid

@@ -103,6 +103,10 @@ def test_a_long_json_tag_is_stored_as_its_digest(tmp_path):
 # -------------------------------------------------------------------------------------- register
 
 
+@pytest.mark.reliability(
+    fault='the same release registered twice (a rerun)',
+    sees='the existing version returned',
+    kept='one version')
 def test_registering_the_same_release_twice_creates_one_version(tracker, release):
     with tracker.run("register") as run_id:
         first = register_release(tracker, run_id, release, NAME, "candidate", move_alias=True)
@@ -169,6 +173,10 @@ def test_the_version_downloads_as_a_plain_release_folder(tracker, release, tmp_p
     assert list(tracker.client.search_logged_models([tracker.experiment_id])) == []  # no MLflow model
 
 
+@pytest.mark.reliability(
+    fault='registering a release that does not match its MANIFEST ({case})',
+    sees='IntegrityError naming the files; not registering',
+    kept='the registry unchanged')
 @pytest.mark.parametrize("damage", ["flip", "add", "remove"])
 def test_a_damaged_release_is_refused_and_nothing_registered(tracker, release, damage):
     if damage == "flip":

@@ -153,6 +153,10 @@ def test_materialize_replaces_existing_beside_a_killed_runs_temporary(tiny_folde
     assert (stale_tmp / "junk").read_text() == "crashed run"  # left for the sweep under the project lock
 
 
+@pytest.mark.reliability(
+    fault='a crash while a model folder is written',
+    sees='the exception',
+    kept='the previous model folder, verified by its MANIFEST')
 def test_materialize_failure_keeps_old_output(tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "model"
     src = parse_model_source(str(tiny_folder))
@@ -170,6 +174,10 @@ def test_materialize_failure_keeps_old_output(tiny_folder, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.reliability(
+    fault='a model folder that is not a causal LM (BERT)',
+    sees="`architectures=['BertModel'] ... not a causal language model`",
+    kept='nothing written')
 def test_non_causal_lm_folder_is_rejected(tmp_path):
     bert = tmp_path / "bert"
     cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=len(WORDS))
