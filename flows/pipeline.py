@@ -249,7 +249,12 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
                                  window=(start, end), next_start=nxt, in_path=prev[0], in_sha=prev[1], target=target,
                                  carry=carry, job=job, **common)
         st = rec["stats"]
-        stats.append({"window": w, **{k: st[k] for k in ("start", "end", "loss_init", "loss_final", "kept_init", "curve")}})
+        stats.append({"window": w, **{k: st[k] for k in ("start", "end", "loss_init", "loss_final", "kept_init", "curve",
+                                                         "skipped_steps")}})
+        if st["skipped_steps"]:
+            log.warning("window %d: steps %s had a non-finite loss or gradient and were not applied", w,
+                        st["skipped_steps"])
+        ctx.log_metrics({"recon_skipped_steps": len(st["skipped_steps"])}, w)
         for step, loss in enumerate(st["curve"]):
             ctx.log_metrics({f"recon_loss_window_{w:03d}": loss}, step)
         ctx.log_metrics({"recon_loss_final": st["loss_final"]}, w)
@@ -320,7 +325,11 @@ def qat_stage(ctx: StageContext) -> dict:
     rec, computed = _train_qat(ctx, qdir, info)
     st = rec["stats"]
     for step, loss in enumerate(st["curve"]):
-        ctx.log_metrics({"qat_loss": loss}, step)
+        if loss is not None:
+            ctx.log_metrics({"qat_loss": loss}, step)
+    if st["skipped_steps"]:
+        log.warning("qat: steps %s had a non-finite loss or gradient and were not applied", st["skipped_steps"])
+    ctx.log_metrics({"qat_skipped_steps": len(st["skipped_steps"])}, 0)
     for step, loss in st["heldout_curve"]:
         ctx.log_metrics({"qat_heldout_loss": loss}, step)
     if st["kept_init"]:

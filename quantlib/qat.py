@@ -369,7 +369,7 @@ def qat_loss(logits: torch.Tensor, ids: torch.Tensor, teacher: dict[str, torch.T
 @dataclass
 class QATStats:
     steps: int  # optimizer steps run (fewer than cfg.steps after early stopping)
-    curve: list[float]  # training loss per step
+    curve: list[float | None]  # training loss per step (None: not finite, step skipped)
     heldout_curve: list[tuple[int, float]]  # (steps done, held-out loss); step 0 is the init
     init_heldout: float
     best_heldout: float  # the state returned (= init_heldout when kept_init)
@@ -380,6 +380,7 @@ class QATStats:
     seconds: float
     peak_mb: float
     trained_norms: list[str] = field(default_factory=list)  # model parameters changed besides `results`
+    skipped_steps: list[int] = field(default_factory=list)  # steps not applied: loss or gradient not finite
 
 
 @dataclass
@@ -396,6 +397,7 @@ class QATState:
     curve: list[float] = field(default_factory=list)
     heldout_curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)  # loss or gradient not finite: no update
 
 
 def _trainable(mods: QATModules, adapter: ModelAdapter, cfg: QATConfig) -> dict[str, dict[str, nn.Parameter]]:
@@ -572,7 +574,7 @@ def train_qat(
         steps=state.step, curve=state.curve, heldout_curve=state.heldout_curve, init_heldout=state.init_heldout,
         best_heldout=state.best_heldout, best_step=state.best_step, final_heldout=final, kept_init=kept_init,
         stopped_early=stopped, seconds=state.seconds + time.perf_counter() - t0, peak_mb=peak_memory_mb(device),
-        trained_norms=sorted(groups.get("norms", {})),
+        trained_norms=sorted(groups.get("norms", {})), skipped_steps=state.skipped_steps,
     )
 
 
@@ -610,11 +612,14 @@ def _loop(run: _Run, opt, sched, state: QATState, t0: float, on_step, checkpoint
             loss = run.loss(rows) / cfg.grad_accum
             loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
+        if math.isfinite(total) and torch.isfinite(norm):
+            opt.step()
+        else:  # a NaN/Inf batch or blow-up: no update, the parameters stay at their last good state
+            state.skipped_steps.append(state.step)
         sched.step()
         state.step += 1
-        state.curve.append(total)
+        state.curve.append(total if math.isfinite(total) else None)
         heldout = _maybe_evaluate(run, state)
         if checkpoint_every and on_checkpoint is not None and state.step % checkpoint_every == 0:
             on_checkpoint(_checkpoint(run, opt, sched, state, state.seconds + time.perf_counter() - t0))

@@ -36,6 +36,9 @@ class QuantizedWeight:
             raise ValueError(f"scale {tuple(self.scale.shape)} / zero {tuple(self.zero.shape)} do not match qweight {(out, n)}")
         if self.g_idx.shape != (n,):
             raise ValueError(f"g_idx must have shape ({n},), got {tuple(self.g_idx.shape)}")
+        if not (torch.isfinite(self.scale).all() and torch.isfinite(self.zero).all()):
+            raise ValueError("scale/zero hold NaN or Inf (non-finite calibration activations or a solver blow-up); "
+                             "a release never carries them: check the calibration data and the method's settings")
         if int(self.qweight.max()) > self.spec.maxq:
             raise ValueError(f"codes exceed {self.spec.bits}-bit range")
 

@@ -40,7 +40,8 @@ class WindowStats:
     kept_init: bool
     seconds: float
     peak_mb: float
-    curve: list[float] = field(default_factory=list)  # training loss every step
+    curve: list[float] = field(default_factory=list)  # training loss of every applied step
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose loss or gradient was not finite
     # [{"block", "before", "after"}]: relative output error of each finished block at init and after
     block_errors: list[dict] = field(default_factory=list)
 
@@ -199,11 +200,12 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
     init_state = {id(m): copy.deepcopy(m.state_dict()) for m in modules}
     _set_mode(modules, False)
     loss_init = _eval_loss(blocks, dcalls, inputs, targets, cfg, device)
-    curve = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start) if cfg.iters else []
+    curve, skipped = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start) if cfg.iters \
+        else ([], [])
     _set_mode(modules, False)
     loss_final = _eval_loss(blocks, dcalls, inputs, targets, cfg, device)
-    kept = loss_final > loss_init
-    if kept:  # never ship something worse than the initialization
+    kept = not loss_final <= loss_init  # NaN included
+    if kept:  # never ship something worse than (or not comparable with) the initialization
         for m in modules:
             m.load_state_dict(init_state[id(m)])
         loss_final = loss_init
@@ -212,16 +214,20 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
             p.requires_grad_(False)
     for i in idx:
         adapter.blocks[i].to("cpu")
-    return WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device), curve)
+    return WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device), curve,
+                       skipped_steps=skipped)
 
 
-def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, loss_init: float, start: int) -> list[float]:
+def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, loss_init: float,
+           start: int) -> tuple[list[float], list[int]]:
+    """(loss of every applied step, steps skipped because their loss or gradient was not finite: a
+    NaN/Inf batch must not poison the learnables; the window goes on from its last good state)."""
     opt, sched = _optimizer(modules, cfg, cfg.iters)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
     params = [p for g in opt.param_groups for p in g["params"]]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     _set_mode(modules, True)
-    curve = []
+    curve, skipped = [], []
     for it in range(cfg.iters):
         b = int(torch.randint(len(inputs), (1,), generator=gen))
         x, t = inputs[b], targets[b]
@@ -238,11 +244,14 @@ def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, lo
             loss = task + cfg.reg_weight * loss_init * reg  # scale-free: relative to the init loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            opt.step()
+            curve.append(task.item())
+        else:
+            skipped.append(it)
         sched.step()
-        curve.append(task.item())
-    return curve
+    return curve, skipped
 
 
 class _null:

@@ -145,7 +145,7 @@ def _read_carry(record: dict | None) -> dict[int, dict[str, torch.Tensor]]:
 def _window_stats(st: WindowStats) -> dict:
     return {"start": st.start, "end": st.end, "loss_init": st.loss_init, "loss_final": st.loss_final,
             "kept_init": st.kept_init, "seconds": st.seconds, "peak_mb": st.peak_mb, "curve": st.curve,
-            "block_errors": st.block_errors}
+            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors}
 
 
 @task(name="recon_window", cache_key_fn=_key("model_sha", "window", "next_start", "in_sha", "target", "carry",
