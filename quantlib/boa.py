@@ -55,7 +55,7 @@ from torch import nn
 
 from .adapters import AttentionGeometry, ModelAdapter, UnsupportedModelError
 from .capture import BlockCall, run_with_hooks
-from .gptq import GPTQConfig, accumulate_hessian, damped_inverse_cholesky
+from .gptq import GPTQConfig, accumulate_hessian, block_end, damped_inverse_cholesky
 from .primitives import qparams_from_range
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
@@ -258,8 +258,9 @@ def _kron_sweep(w, u_row, u_col, scale, zero, groups, h_col, spec, cfg, static):
     s_cols, z_cols = _gather_cols(scale, groups), _gather_cols(zero, groups)  # (heads, rows, n)
     u_diag = u_col.diagonal(dim1=-2, dim2=-1)  # (Hc, n)
     u_rows = None if u_row is None else [u_row[:, r, r + 1 :] for r in range(rows)]
-    for i1 in range(0, n, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, n)
+    i1 = 0
+    while i1 < n:
+        i2 = block_end(i1, n, cfg.block_size, gw, static)
         w1 = w[..., i1:i2].clone()
         f1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
@@ -281,6 +282,7 @@ def _kron_sweep(w, u_row, u_col, scale, zero, groups, h_col, spec, cfg, static):
             w1[..., i + 1 :] -= f[..., None] * u_col[:, None, j, j + 1 : i2]
             f1[..., i] = f
         w[..., i2:] -= f1 @ u_col[:, i1:i2, i2:]
+        i1 = i2
     return q
 
 

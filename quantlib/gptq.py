@@ -13,13 +13,14 @@ from .primitives import expand, minmax_qparams, qparams_from_range, search_qpara
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["GPTQConfig", "accumulate_hessian", "damped_inverse_cholesky", "gptq_quantize"]
+__all__ = ["GPTQConfig", "accumulate_hessian", "block_end", "damped_inverse_cholesky", "gptq_quantize"]
 
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """block_size: columns per lazy-update block; damp: fraction of mean(diag H) added to the
-    diagonal (x10 on each Cholesky failure, up to max_damp_tries); act_order: columns by decreasing
+    """block_size: columns per lazy-update block (cut short so no lazy group straddles two blocks: the
+    codes do not depend on it); damp: fraction of mean(diag H) added to the diagonal (x10 on each
+    Cholesky failure, up to max_damp_tries); act_order: columns by decreasing
     diag H with static groups (qparams fixed from the unpermuted weight, so g_idx stays j // g);
     clip_search: grid-search clipping ratio per group weighted by diag H."""
 
@@ -116,8 +117,9 @@ def _sweep(w, u, scale, zero, groups, spec, cfg, static):
     pre = torch.zeros_like(w)
     # per-column qparams (out, in); for lazy groups the columns are filled as each group starts
     s_cols, z_cols = scale[:, groups], zero[:, groups]
-    for i1 in range(0, n, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, n)
+    i1 = 0
+    while i1 < n:
+        i2 = block_end(i1, n, cfg.block_size, gw, static)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
@@ -137,7 +139,22 @@ def _sweep(w, u, scale, zero, groups, spec, cfg, static):
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
             err1[:, i] = e
         w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
+        i1 = i2
     return q, pre
+
+
+def block_end(i1: int, n: int, block_size: int, gw: int, static: bool) -> int:
+    """End of the lazy block that starts at column i1 (of n); gw: group width.
+
+    With lazy (non-static) groups, a block ends early at the start of a group that begins inside it
+    but runs past its end: that group's qparams are taken at its first column, and its columns past
+    the block would not yet carry the block's pending update. Cutting there makes every group's
+    qparams see fully updated columns, so codes do not depend on block_size."""
+    i2 = min(i1 + block_size, n)
+    last = (i2 - 1) // gw * gw  # start of the group holding column i2 - 1
+    if not static and i1 < last and last + gw > i2:
+        return last
+    return i2
 
 
 def _group_qparams(block: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig):

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from quantlib.boa import BoAConfig, kron_gptq
 from quantlib.gptq import GPTQConfig, accumulate_hessian, damped_inverse_cholesky, gptq_quantize
 from quantlib.methods import hessian_error
+from quantlib.primitives import qparams_from_range
 from quantlib.qweight import QuantizedWeight
 from quantlib.rtn import rtn_quantize
 from quantlib.spec import QuantSpec
@@ -16,6 +18,43 @@ def _layer(seed=0, out=48, n=128, tokens=2048):
     h, count = accumulate_hessian(None, 0, x[:1000])
     h, count = accumulate_hessian(h, count, x[1000:])
     return w, h, x
+
+
+def _reference_gptq(w, h, spec, lam=0.01, act_order=True):
+    """Textbook GPTQ in float64: one column at a time, each error applied at once to every later
+    column (no lazy blocks), H damped by lam * mean(diag H). Lazy group qparams are the min-max of
+    the group's updated columns when the sweep reaches its first one; act-order or per-channel:
+    static min-max of the original weight. Returns codes (out, in), scale, zero (out, G)."""
+    w, h = w.double().clone(), h.double().clone()
+    out, n = w.shape
+    gw = spec.group_width(n)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    wg = w.reshape(out, n // gw, gw)
+    scale, zero = qparams_from_range(wg.amin(-1), wg.amax(-1), spec)
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n)
+    h = h + lam * h.diagonal().mean() * torch.eye(n, dtype=h.dtype)
+    h, w = h[perm][:, perm], w[:, perm]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.empty_like(w)
+    for j in range(n):
+        g = int(perm[j]) // gw
+        if not (act_order or spec.group_size is None) and j % gw == 0:
+            sg, zg = qparams_from_range(w[:, j : j + gw].amin(1), w[:, j : j + gw].amax(1), spec)
+            scale[:, g], zero[:, g] = sg, zg
+        s, z = scale[:, g], zero[:, g]
+        q[:, j] = torch.clamp(torch.round(w[:, j] / s) + z, 0, spec.maxq)
+        e = (w[:, j] - s * (q[:, j] - z)) / u[j, j]
+        w[:, j:] -= torch.outer(e, u[j, j:])
+    return q[:, torch.argsort(perm)], scale, zero
+
+
+def _assert_matches(qw, ref):
+    codes, scale, zero = ref
+    assert torch.equal(qw.qweight.long(), codes.long())
+    torch.testing.assert_close(qw.scale.double(), scale, rtol=1e-5, atol=0)
+    assert torch.equal(qw.zero.double(), zero)
 
 
 def test_hessian_running_mean_equals_batch():
@@ -57,14 +96,62 @@ def test_act_order_static_groups_keep_natural_g_idx_and_reload_identically(tmp_p
     assert torch.equal(back.dequantize(), qw.dequantize())
 
 
-def test_damping_escalates_on_singular_hessian():
-    n = 32
-    x = torch.randn(8, n)  # rank 8 < 32: H is singular
-    h = 2 * x.t() @ x / 8
+def _indefinite(n=32, neg=-1.0, seed=0, dtype=torch.float64):
+    """Q diag(2, ..., 2, neg) Q^T, scaled by 5 so mean(diag H) != 1: damping lam * mean(diag H)
+    makes it positive definite only once lam * mean(diag H) > -neg."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=dtype))
+    eig = torch.full((n,), 2.0, dtype=dtype)
+    eig[-1] = neg
+    return 5 * (q * eig) @ q.t()
+
+
+def test_damping_escalates_to_the_first_sufficient_lambda():
+    h = _indefinite()  # mean diag 5 * 61/32 ~ 9.5; needs lam * 9.5 > 5: 0.01 and 0.1 fail, 1 works
+    mean_diag = h.diagonal().mean()
+    u = damped_inverse_cholesky(h, 0.01)
+    assert torch.allclose(u, torch.triu(u))
+    for lam, match in [(0.1, False), (1.0, True), (10.0, False)]:
+        damped = torch.linalg.inv(h + lam * mean_diag * torch.eye(32, dtype=h.dtype))
+        assert torch.allclose(u.t() @ u, damped, rtol=1e-6, atol=1e-9) == match, lam
     with pytest.raises(RuntimeError, match="not positive definite"):
-        damped_inverse_cholesky(torch.zeros(n, n) - torch.eye(n), 0.01)  # negative definite: hopeless
-    u = damped_inverse_cholesky(h, 1e-9)
-    assert torch.isfinite(u).all() and torch.allclose(u, torch.triu(u))
+        damped_inverse_cholesky(h, 0.01, tries=2)  # 0.01, 0.1: not enough
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        damped_inverse_cholesky(torch.zeros(32, 32) - torch.eye(32), 0.01)  # negative definite: hopeless
+
+
+def test_gptq_on_indefinite_hessian_uses_the_escalated_damping():
+    # one negative direction: only the escalated lambda (1.0) factorizes, and the codes follow it
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    h = _indefinite(dtype=torch.float32)
+    qw = gptq_quantize(w, h, QuantSpec(3, 8), GPTQConfig(act_order=False))
+    ref = _reference_gptq(w, h, QuantSpec(3, 8), lam=1.0, act_order=False)
+    _assert_matches(qw, ref)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2), QuantSpec(3, 16), QuantSpec(4, 32), QuantSpec(2, 32, True)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_equals_unblocked_reference_and_kron_solver_without_row_hessian(spec, act_order):
+    w, h, _ = _layer(seed=2, out=16, n=64)
+    cfg = GPTQConfig(block_size=24, act_order=act_order)  # groups of 16 and 32 straddle blocks
+    qw = gptq_quantize(w, h, spec, cfg)
+    _assert_matches(qw, _reference_gptq(w, h, spec, cfg.damp, act_order))
+    boa = BoAConfig(block_size=24, act_order=act_order, clip_search=False)
+    codes, scale, zero = kron_gptq(w[None], None, h[None], spec, boa)  # H = I (x) H_col
+    assert torch.equal(qw.qweight, codes[0].to(torch.uint8))
+    assert torch.equal(qw.scale, scale[0]) and torch.equal(qw.zero, zero[0])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 96), QuantSpec(2, 64), QuantSpec(3, 32), QuantSpec(2)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_codes_do_not_depend_on_block_size(spec, act_order):
+    # g = 96 straddles blocks of 64 and 128; g = 64 straddles blocks of 96
+    w, h, _ = _layer(seed=3, out=32, n=192)
+    runs = [gptq_quantize(w, h, spec, GPTQConfig(block_size=b, act_order=act_order)) for b in (32, 64, 96, 128, 1000)]
+    for b, qw in zip((64, 96, 128, 1000), runs[1:]):
+        assert torch.equal(qw.qweight, runs[0].qweight) and torch.equal(qw.zero, runs[0].zero), b
+        # block size reorders float32 sums (lazy matmul vs per-column updates): scales agree to rounding
+        torch.testing.assert_close(qw.scale, runs[0].scale, rtol=1e-5, atol=0, msg=str(b))
+    _assert_matches(runs[0], _reference_gptq(w, h, spec, 0.01, act_order))
 
 
 def test_dead_columns_are_zeroed():
