@@ -446,6 +446,17 @@ _Loader.add_implicit_resolver(
 )
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also quotes strings _Loader would read as something else (`1e3`), besides those
+    YAML 1.1 readers would (`yes`, `1.5`): params.yaml must read back as what was written."""
+
+
+_Dumper.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _Dumper.yaml_implicit_resolvers.setdefault(_first, [])
+    _Dumper.yaml_implicit_resolvers[_first] += [r for r in _resolvers if r not in _Dumper.yaml_implicit_resolvers[_first]]
+
+
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -527,9 +538,26 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _yaml_scalar(value: Any) -> str:
-    if value is None or isinstance(value, (bool, list, tuple)):
-        return json.dumps(_plain(value))  # null, true/false, ["a", "b"]: all valid YAML
+    if isinstance(value, (list, tuple)):  # ["a", "b"]: a flow sequence of quoted scalars
+        return "[" + ", ".join(_quoted(v) if isinstance(v, str) else _yaml_scalar(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)  # null, true, false
+    if isinstance(value, str):
+        return value if _reads_back(value) else _quoted(value)  # '1e3', '|:', '0', control characters
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _quoted(text: str) -> str:
+    """`text` as one double-quoted YAML scalar, escaped where YAML needs it."""
+    out = yaml.dump(text, Dumper=_Dumper, default_style='"', allow_unicode=True, width=2**30)
+    return out.strip().removesuffix("...").strip()
+
+
+def _reads_back(text: str) -> bool:
+    try:
+        return _parse_yaml(text) == text
+    except yaml.YAMLError:
+        return False
 
 
 def section_keys(section_name: str) -> list[str]:
@@ -552,5 +580,6 @@ def dump_params(params: PipelineParams) -> str:
     ]
     for name, body in params_to_dict(params).items():
         comment = (SECTIONS[name].__doc__ or "").strip().splitlines()[0]
-        chunks.append(f"# {comment}\n" + yaml.safe_dump({name: body}, sort_keys=False, default_flow_style=False))
+        chunks.append(f"# {comment}\n" + yaml.dump({name: body}, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                                                             default_flow_style=False))
     return "\n".join(chunks)
