@@ -1,6 +1,7 @@
 import pytest
 import torch
 import transformers as T
+from transformers.pytorch_utils import Conv1D
 
 from quantlib.adapters import UnsupportedModelError, get_adapter
 from quantlib.capture import capture_block_inputs, run_block
@@ -15,12 +16,26 @@ def test_adapter_finds_parts_and_geometry(family):
     assert len(a.blocks) == model.config.num_hidden_layers
     assert a.embed.weight.shape[0] == 128
     g = a.geometry
-    assert g.hidden_size == 64 and g.num_heads == 4
-    assert g.num_kv_heads in (2, 4)
-    assert g.rope == (family not in ("opt", "gpt2"))
-    for name, m in a.linears(a.blocks[0]).items():
-        w = a.get_weight(m)
-        assert w.ndim == 2 and w.shape[1] in (64, 128) or name.endswith(("down_proj", "fc2", "mlp.c_proj")), name
+    mha = family in ("opt", "gpt2")  # tiny.py gives the others 2 KV heads (GQA)
+    assert g.hidden_size == 64 and g.num_heads == 4 and g.head_dim == 16
+    assert g.num_kv_heads == (4 if mha else 2)
+    assert g.rope == (not mha)
+    # (out, in) of every Linear in tiny.py's configs: hidden 64, q 4 x 16, kv 2 x 16 (MHA: 4 x 16),
+    # MLP 128 (GPT-2: n_inner unset, so 4 x 64)
+    d, q, kv, ffn = 64, 64, 64 if mha else 32, 256 if family == "gpt2" else 128
+    expected = {
+        "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+        "self_attn.qkv_proj": (q + 2 * kv, d), "attn.c_attn": (q + 2 * kv, d),
+        "self_attn.o_proj": (d, q), "self_attn.out_proj": (d, q), "attn.c_proj": (d, q),
+        "mlp.gate_proj": (ffn, d), "mlp.up_proj": (ffn, d), "mlp.gate_up_proj": (2 * ffn, d),
+        "fc1": (ffn, d), "mlp.c_fc": (ffn, d),
+        "mlp.down_proj": (d, ffn), "fc2": (d, ffn), "mlp.c_proj": (d, ffn),
+    }
+    linears = a.linears(a.blocks[0])
+    found = {n for n, m in a.blocks[0].named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    assert set(linears) == found  # every Linear of the block, nothing else
+    for name, m in linears.items():
+        assert tuple(a.get_weight(m).shape) == expected[name], name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
