@@ -64,9 +64,13 @@ def preflight(params) -> None:
     from .methods import method_config
 
     try:
-        parse_model_source(params.fetch_model.source)
+        source = parse_model_source(params.fetch_model.source)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"fetch_model.source: {e}") from None
+    if source.kind == "hf" and source.revision is None:
+        print(f"warning: fetch_model.source {source.spec!r} names no revision: the Hub may serve other files "
+              f"tomorrow, so a rerun (or `ptq lineage --rebuild`) may not find the same model; pin one with "
+              f"{source.spec}@<commit sha>", file=sys.stderr)
     for key, spec in [("prepare_data.calib_source", params.prepare_data.calib_source),
                       *[("prepare_data.eval_sources", s) for s in params.prepare_data.eval_sources]]:
         try:

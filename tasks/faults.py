@@ -19,6 +19,7 @@ ENV = "PTQ_FAILPOINT"
 FAILPOINTS = (
     "fetch_model.written",  # the model folder written beside data/model, not yet swapped in
     "<stage>.finished",  # a stage's outputs complete, dvc.lock not yet updated (any stage name)
+    "qat.checkpointed",  # a QAT checkpoint written (every qat.checkpoint_every steps), training not done
     "pack.written",  # the release and its MANIFEST written beside data/release, not yet swapped in
     "evaluate.scored",  # the release's perplexity computed (and cached), the FP model's not yet
     "register.uploaded",  # release uploaded and the run tagged, no model version yet

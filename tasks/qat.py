@@ -20,6 +20,7 @@ from quantlib.qweight import QuantizedWeight
 
 from .cache import key_fn, stable_hash
 from .codeid import code_fingerprint, library_versions
+from .faults import failpoint
 from .io import atomic_path, atomic_save_safetensors, atomic_write_bytes, load_safetensors_verified, sha256_file
 from .sources import load_model
 from .textdata import read_token_ids
@@ -96,7 +97,7 @@ def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantize
     resume = _load_checkpoint(ckpt)
     new, stats = train_qat(model, results, read_token_ids(calib_path, calib_sha)["calib"], cfg, targets,
                            resume=resume, checkpoint_every=checkpoint_every,
-                           on_checkpoint=lambda state: _save_checkpoint(ckpt, state))
+                           on_checkpoint=lambda state: (_save_checkpoint(ckpt, state), failpoint("qat.checkpointed")))
     tensors = {k: v for name, qw in new.items() for k, v in qw.state_dict(name).items()}
     out = Path(cache_dir) / "qat" / f"quantized-{key}.safetensors"
     return {"path": str(out), "sha": atomic_save_safetensors(out, tensors), "names": sorted(new),

@@ -158,3 +158,19 @@ def test_a_library_error_keeps_its_traceback_and_ours_stay_one_line(monkeypatch,
         err = capsys.readouterr().err
         assert err.rstrip().splitlines()[-1].startswith("ptq bench: error: ")
         assert ("Traceback" in err) == traced, err
+
+
+@pytest.mark.reliability(
+    fault="a Hub model source without a revision (hf:ORG/NAME)",
+    sees="a warning before any stage: the Hub may serve other files later; pin hf:ORG/NAME@<commit sha>",
+    kept="the run goes on (the downloaded files are hashed into data/inputs.json)")
+def test_an_unpinned_hub_source_is_warned_about_before_any_stage(capsys):
+    from dataclasses import replace
+
+    from flows.cli_pipeline import preflight
+    from flows.params import FetchModelParams, PipelineParams
+
+    for spec, warned in (("hf:org/model", True), ("hf:org/model@0123abc", False)):
+        preflight(replace(PipelineParams(), fetch_model=FetchModelParams(source=spec)))
+        err = capsys.readouterr().err
+        assert ("names no revision" in err and f"{spec}@<commit sha>" in err) == warned, err
