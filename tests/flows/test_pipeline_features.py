@@ -1,0 +1,63 @@
+"""Pipeline options no other test runs, end to end on the tiny Llama in a fresh clone:
+`pack.format: compressed-tensors`, `quantize.spill_to_disk: true` and `evaluate.lm_eval_tasks`
+(the offline `ptq_cloze` task). Against the reference project (`clean_project`, same model and
+scheme): spilling activations to disk gives the same codes, the compressed-tensors release scores
+the perplexity of the GPTQ-format one, lm-eval's scores reach metrics.json and MLflow, and
+`ptq lineage` verifies the compressed-tensors release.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+EXTRA = {
+    "quantize": {"spill_to_disk": True},
+    "pack": {"format": "compressed-tensors"},
+    "evaluate": {"lm_eval_tasks": ["ptq_cloze"], "lm_eval_limit": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def features(make_project):
+    project = make_project("features", EXTRA)
+    project.run_ok()
+    return project
+
+
+def _json(project, rel: str) -> dict:
+    return json.loads((project.root / rel).read_text())
+
+
+def test_spilled_activations_give_the_same_codes(features, clean_project):
+    ours, ref = (_json(p, "data/quantized/quantize.json") for p in (features, clean_project))
+    assert ours["quantized_sha256"] == ref["quantized_sha256"]
+
+
+def test_compressed_tensors_release_scores_like_the_gptq_release(features, clean_project):
+    config = _json(features, "data/release/config.json")
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "quantization_config" in _json(clean_project, "data/release/config.json")
+    ours, ref = (_json(p, "metrics/metrics.json") for p in (features, clean_project))
+    assert ours["fp32_ppl"] == ref["fp32_ppl"]
+    for name, ppl in ref["ppl"].items():  # the same codes, packed otherwise: the same weights
+        assert ours["ppl"][name] == pytest.approx(ppl, rel=1e-5)
+    done = features.ptq("lineage", "data/release")
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+
+
+def test_lm_eval_scores_reach_metrics_and_mlflow(features):
+    from tasks.mlflow_runs import quiet_mlflow
+
+    lm = _json(features, "metrics/metrics.json")["lm_eval"]
+    acc = {k: v for k, v in lm.items() if k.startswith("ptq_cloze/acc")}
+    assert acc and all(0.0 <= v <= 1.0 for k, v in acc.items() if not k.endswith("_stderr"))
+    assert lm["ptq_cloze/sample_len"] == EXTRA["evaluate"]["lm_eval_limit"]
+    quiet_mlflow()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{features.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ptq-pipeline")
+    [evaluate] = [r for r in client.search_runs([exp.experiment_id])
+                  if r.data.tags.get("ptq.stage") == "evaluate" and r.data.tags.get("ptq.stage_status") == "run"]
+    assert {k for k in lm if not k.endswith("sample_len")} <= set(evaluate.data.metrics)
