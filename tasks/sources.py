@@ -67,6 +67,22 @@ def _check_lm_head(model: PreTrainedModel, where: str) -> None:
         raise ValueError(f"{where}: loaded {type(model).__name__} has no output embeddings (lm_head)")
 
 
+def _check_weight_files(folder: Path, where: str) -> None:
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ValueError(f"{where}: no weights (no *.safetensors or *.bin file) in {folder}; copy the checkpoint's "
+                         f"weight files next to its config.json")
+
+
+def _check_vocab(model: PreTrainedModel, tokenizer: Any, where: str) -> None:
+    """A tokenizer whose ids reach past the model's embedding rows does not belong to it (every text
+    would index out of range at the first such token)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} "
+                         f"rows: the tokenizer files belong to another model; save the model's own tokenizer "
+                         f"next to it")
+
+
 def _verify_if_manifest(folder: Path, include: Callable[[str], bool] | None = None) -> None:
     if not (folder / MANIFEST_NAME).is_file():
         return
@@ -131,11 +147,13 @@ def _load_local(source: ModelSource, trust_remote_code: bool) -> Loaded:
     _verify_if_manifest(folder)
     _check_causal_lm(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), where)
     _check_tokenizer_files(folder, where)
+    _check_weight_files(folder, where)
     hashes = _hash_folder(folder)  # before loading: what we hash is what we read
     # dtype="auto": keep the checkpoint's dtype; load_model picks the compute dtype later.
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     _check_lm_head(model, where)
+    _check_vocab(model, tokenizer, where)
     return model, tokenizer, {"source_files": hashes}
 
 
@@ -148,6 +166,7 @@ def _load_hf(source: ModelSource, trust_remote_code: bool) -> Loaded:
     model = AutoModelForCausalLM.from_pretrained(repo, dtype="auto", **kw)
     tokenizer = AutoTokenizer.from_pretrained(repo, **kw)
     _check_lm_head(model, where)
+    _check_vocab(model, tokenizer, where)
     # The cache's snapshots/<commit>/ folder holds what was read; its name pins the revision.
     snapshot = Path(cached_file(repo, "config.json", revision=rev)).parent
     return model, tokenizer, {"source_files": _hash_folder(snapshot), "revision": snapshot.name}

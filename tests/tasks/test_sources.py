@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,34 @@ def test_materialize_builtin_smollm2(tmp_path):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert math.exp(loss.item()) < 200  # a trained model; random weights give ~49k
+
+
+@pytest.mark.reliability(
+    fault="a local model folder without weight files",
+    sees="\"model folder X: no weights (no *.safetensors or *.bin file) ...; copy the checkpoint's weight files\"",
+    kept="nothing written")
+def test_a_folder_without_weights_is_refused_naming_the_fix(tiny_folder, tmp_path):
+    src = tmp_path / "no-weights"
+    src.mkdir()
+    for f in tiny_folder.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy2(f, src / f.name)
+    with pytest.raises(ValueError, match=r"no weights \(no \*\.safetensors or \*\.bin file\).*copy the checkpoint"):
+        materialize_model(parse_model_source(str(src)), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights"]
+
+
+@pytest.mark.reliability(
+    fault="a model folder whose tokenizer belongs to another model (more tokens than embedding rows)",
+    sees="\"the tokenizer has N tokens but the model's embedding has M rows ...\"",
+    kept="nothing written")
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
+    src = tmp_path / "mismatch"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(WORDS) - 4)).save_pretrained(src)
+    _tiny_tokenizer().save_pretrained(src)
+    with pytest.raises(ValueError, match=rf"the tokenizer has {len(WORDS)} tokens but the model's embedding has "
+                                         rf"{len(WORDS) - 4} rows"):
+        materialize_model(parse_model_source(str(src)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
