@@ -88,6 +88,10 @@ def test_eval_windows_with_stride():
     assert eval_windows(ids, 4, 2, stride=3).tolist() == [[0, 1, 2, 3], [3, 4, 5, 6]]
 
 
+@pytest.mark.reliability(
+    fault='an evaluation text too short for eval_windows x eval_window',
+    sees='"3 windows of 40 tokens (stride 40) need 120 tokens, but only 100 are present; lower n_windows or window, or use a longer text"',
+    kept='nothing written')
 def test_eval_windows_too_short():
     ids = torch.arange(100)
     with pytest.raises(ValueError, match="need 120 tokens, but only 100 are present"):
@@ -108,3 +112,13 @@ def test_protocol_shapes_on_a_synthetic_stream():
     # ids = positions: no calibration token is ever evaluated
     assert int(calib.min()) >= 0 and int(calib.max()) < 150_974 <= int(windows.min())
     assert torch.equal(windows.flatten(), torch.arange(150_974, 150_974 + 16 * 1024))
+
+
+@pytest.mark.reliability(
+    fault="a calibration text shorter than one calibration sequence",
+    sees="\"calibration needs a pool of at least seqlen=512 tokens, but it has 300; use a longer text or a shorter seqlen\"",
+    kept="nothing written")
+def test_calibration_from_a_too_short_pool_names_the_fix():
+    with pytest.raises(ValueError, match="at least seqlen=512 tokens, but it has 300; use a longer text or a shorter"):
+        sample_calibration(torch.arange(300), n=4, seqlen=512, seed=0)
+    assert sample_calibration(torch.arange(512), n=4, seqlen=512, seed=0).shape == (4, 512)  # exactly enough

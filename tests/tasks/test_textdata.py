@@ -99,6 +99,10 @@ def test_load_jsonl_and_parquet_join_rows(tmp_path):
     assert load_text(parse_text_source(str(parquet))) == "alpha\n\nbeta"
 
 
+@pytest.mark.reliability(
+    fault='an empty (whitespace-only) or non-UTF-8 text source',
+    sees='"text source X is empty (no non-whitespace text)" / "X is not valid UTF-8 (...); re-encode it as UTF-8"',
+    kept='nothing written')
 def test_load_empty_and_bad_text(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text(" \r\n\n")
