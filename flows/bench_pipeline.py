@@ -581,7 +581,7 @@ def _parser() -> argparse.ArgumentParser:
 def _error_batches_arg(text: str, batch_size: int) -> int | None:
     """'all' -> None, 'pipeline' -> the batches the pipeline's default error_sequences fill, else K."""
     from .params import QuantizeParams
-    from .pipeline import _error_batches as pipeline_error_batches
+    from .pipeline import error_batches as pipeline_error_batches
 
     if text == "all":
         return None

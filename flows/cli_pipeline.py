@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .table import print_table
 
@@ -30,30 +31,29 @@ def _pipeline_env(root: Path) -> None:
     logging.getLogger("ptq").setLevel(logging.INFO)
 
 
-def _load_pipeline(args: argparse.Namespace):
-    """(project root, params) with -S overrides validated and then written into params.yaml (as
-    `dvc exp run -S` does), so that DVC, dvc.lock and later runs see the values this run used."""
-    from .params import dump_params
-
-    path, params = _checked_params(args)
+def _write_overrides(args: argparse.Namespace, params) -> None:
+    """Write the -S overrides into params.yaml (as `dvc exp run -S` does), so that DVC, dvc.lock and
+    later runs see the values this run used."""
     if args.overrides:
         from tasks.io import atomic_write_bytes
 
-        atomic_write_bytes(path, dump_params(params).encode("utf-8"))
+        from .params import dump_params
+
+        atomic_write_bytes(Path(args.params), dump_params(params).encode("utf-8"))
         print(f"params.yaml: {', '.join(args.overrides)} written", file=sys.stderr)
-    return path.resolve().parent, params
 
 
-def _checked_params(args: argparse.Namespace):
-    """(params.yaml path, params with the -S overrides), validated and preflighted; writes nothing."""
+def _checked_params(args: argparse.Namespace) -> tuple[bytes, Any]:
+    """(params.yaml's bytes, params with the -S overrides), validated and preflighted; writes nothing."""
     from .params import load_params
 
     path = Path(args.params)
     if not path.is_file():
         raise FileNotFoundError(f"params file {path} not found; run from the project root or pass -p PATH")
+    text = path.read_bytes()
     params = load_params(path, args.overrides)
     preflight(params)
-    return path, params
+    return text, params
 
 
 def preflight(params) -> None:
@@ -83,8 +83,8 @@ def preflight(params) -> None:
 
 
 def _locked(command):
-    """Run `command(args)` holding the project lock (waiting for it unless --no-wait), after removing
-    the temporaries killed runs left behind (no other writer can be active then)."""
+    """Run `command(args, params)` holding the project lock (waiting for it unless --no-wait), after
+    removing the temporaries killed runs left behind (no other writer can be active then)."""
     def run(args: argparse.Namespace) -> int:
         from tasks.io import sweep_temporaries
 
@@ -92,23 +92,26 @@ def _locked(command):
         from .runner import CACHE_DIR
 
         root = Path(args.params).resolve().parent
-        _checked_params(args)  # bad input fails before anything (the lock file included) is made
+        text, params = _checked_params(args)  # bad input fails before anything (the lock file included) is made
         with project_lock(root, wait=not args.no_wait):
+            if Path(args.params).read_bytes() != text:  # another run wrote params.yaml while this one waited
+                text, params = _checked_params(args)
             for folder in (root / CACHE_DIR, root / "data"):
                 for p in sweep_temporaries(folder):
                     print(f"removed {p.relative_to(root)} (left by a killed run)", file=sys.stderr)
-            return command(args)
+            return command(args, params)
 
     return run
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    _pipeline_env(Path(args.params).resolve().parent)  # before anything imports prefect
+def cmd_run(args: argparse.Namespace, params) -> int:
+    root = Path(args.params).resolve().parent
+    _pipeline_env(root)  # before anything imports prefect
     from . import stages as S
 
     if args.to is not None:
         S.get_stage(args.to)  # an unknown stage fails before any work
-    root, params = _load_pipeline(args)
+    _write_overrides(args, params)
     from .runner import run_pipeline
 
     t0 = time.perf_counter()
@@ -117,12 +120,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
+def cmd_stage(args: argparse.Namespace, params) -> int:
     """One stage, as `dvc repro` runs it: DVC decides whether it runs and records it afterwards."""
-    _pipeline_env(Path(args.params).resolve().parent)
+    root = Path(args.params).resolve().parent
+    _pipeline_env(root)
     from . import stages as S
 
-    root = Path(args.params).resolve().parent
     missing = S.missing_inputs(root, args.name)
     if missing:  # before params are written or MLflow is opened
         first = missing[0][1]
@@ -130,7 +133,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             f"stage {args.name} needs {', '.join(d for d, _ in missing)}, made by stage(s) "
             f"{', '.join(dict.fromkeys(m for _, m in missing))}; run `ptq stage {first}` first, or `ptq run --to "
             f"{args.name}` (or `dvc repro {args.name}`) to run every stage it needs")
-    root, params = _load_pipeline(args)
+    _write_overrides(args, params)
     from tasks.mlflow_runs import close_run
 
     from .runner import open_tracking, run_one_stage

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from . import stages as S
 from .context import StageContext
 
-__all__ = ["STAGE_FUNCTIONS", "quantize_job", "qat_config", "release_label", "run_cached"]
+__all__ = ["STAGE_FUNCTIONS", "error_batches", "quantize_job", "qat_config", "release_label", "run_cached"]
 
 log = logging.getLogger("ptq")
 
@@ -152,12 +152,12 @@ def quantize_job(quantize: Any, recon: Any):
                              recon={f: getattr(recon, f) for f in _recon_keys()} if method == "recon" else None),
         engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,
                             device=resolve_device(quantize.device), measure_block_error=True,
-                            block_error_batches=_error_batches(quantize.error_sequences, quantize.batch_size)),
+                            block_error_batches=error_batches(quantize.error_sequences, quantize.batch_size)),
         stream_from_disk=quantize.spill_to_disk,
     )
 
 
-def _error_batches(sequences: int | None, batch_size: int) -> int | None:
+def error_batches(sequences: int | None, batch_size: int) -> int | None:
     """Input batches holding the first `sequences` calibration sequences (None: all)."""
     return None if sequences is None else -(-sequences // batch_size)
 

@@ -6,6 +6,7 @@ project cache; a killed QAT run restarts from its last checkpoint (same key = sa
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import asdict
@@ -72,6 +73,11 @@ def _load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, weights_only=True)  # tensors and plain values only
 
 
+def _checkpointed(path: Path, state: dict) -> None:
+    _save_checkpoint(path, state)
+    failpoint("qat.checkpointed")
+
+
 def checkpoint_key(*inputs) -> str:
     """A checkpoint's name: its inputs plus the code and library versions that wrote it, so that a
     checkpoint written by other code (or other torch) is never resumed."""
@@ -97,7 +103,7 @@ def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantize
     resume = _load_checkpoint(ckpt)
     new, stats = train_qat(model, results, read_token_ids(calib_path, calib_sha)["calib"], cfg, targets,
                            resume=resume, checkpoint_every=checkpoint_every,
-                           on_checkpoint=lambda state: (_save_checkpoint(ckpt, state), failpoint("qat.checkpointed")))
+                           on_checkpoint=functools.partial(_checkpointed, ckpt))
     tensors = {k: v for name, qw in new.items() for k, v in qw.state_dict(name).items()}
     out = Path(cache_dir) / "qat" / f"quantized-{key}.safetensors"
     return {"path": str(out), "sha": atomic_save_safetensors(out, tensors), "names": sorted(new),

@@ -153,7 +153,6 @@ def _load_local(source: ModelSource, trust_remote_code: bool) -> Loaded:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     _check_lm_head(model, where)
-    _check_vocab(model, tokenizer, where)
     return model, tokenizer, {"source_files": hashes}
 
 
@@ -166,7 +165,6 @@ def _load_hf(source: ModelSource, trust_remote_code: bool) -> Loaded:
     model = AutoModelForCausalLM.from_pretrained(repo, dtype="auto", **kw)
     tokenizer = AutoTokenizer.from_pretrained(repo, **kw)
     _check_lm_head(model, where)
-    _check_vocab(model, tokenizer, where)
     # The cache's snapshots/<commit>/ folder holds what was read; its name pins the revision.
     snapshot = Path(cached_file(repo, "config.json", revision=rev)).parent
     return model, tokenizer, {"source_files": _hash_folder(snapshot), "revision": snapshot.name}
@@ -200,6 +198,7 @@ def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_rem
     """
     out_dir = Path(out_dir)
     model, tokenizer, provenance = _LOADERS[source.kind](source, trust_remote_code)
+    _check_vocab(model, tokenizer, f"model source {source.spec}")
     tmp = temp_dir_beside(out_dir)
     try:
         manifest = _save_folder(model, tokenizer, tmp)

@@ -184,10 +184,7 @@ def test_non_causal_lm_folder_is_rejected(tmp_path):
     cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=len(WORDS))
     BertModel(cfg).save_pretrained(bert)
     _tiny_tokenizer().save_pretrained(bert)
-    src = parse_model_source(str(bert))  # a valid HF folder, so parsing accepts it
-    with pytest.raises(ValueError, match=r"architectures=\['BertModel'\].*not a causal language model"):
-        materialize_model(src, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == [bert]  # no output, no temporary
+    _refused(bert, tmp_path, r"architectures=\['BertModel'\].*not a causal language model")
     with pytest.raises(ValueError, match="not a causal language model"):
         load_model(bert)
 
@@ -282,9 +279,7 @@ def test_a_folder_without_weights_is_refused_naming_the_fix(tiny_folder, tmp_pat
     for f in tiny_folder.iterdir():
         if not f.name.endswith(".safetensors"):
             shutil.copy2(f, src / f.name)
-    with pytest.raises(ValueError, match=r"no weights \(no \*\.safetensors or \*\.bin file\).*copy the checkpoint"):
-        materialize_model(parse_model_source(str(src)), tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights"]
+    _refused(src, tmp_path, r"no weights \(no \*\.safetensors or \*\.bin file\).*copy the checkpoint")
 
 
 @pytest.mark.reliability(
@@ -297,7 +292,12 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=len(WORDS) - 4)).save_pretrained(src)
     _tiny_tokenizer().save_pretrained(src)
-    with pytest.raises(ValueError, match=rf"the tokenizer has {len(WORDS)} tokens but the model's embedding has "
-                                         rf"{len(WORDS) - 4} rows"):
+    _refused(src, tmp_path, rf"the tokenizer has {len(WORDS)} tokens but the model's embedding has {len(WORDS) - 4} rows")
+
+
+def _refused(src: Path, tmp_path: Path, match: str) -> None:
+    """materialize_model(src) (a valid folder spec, so parsing accepts it) raises a ValueError matching
+    `match` and writes nothing beside src: no output, no temporary."""
+    with pytest.raises(ValueError, match=match):
         materialize_model(parse_model_source(str(src)), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == [src]
