@@ -95,10 +95,11 @@ def _task_calls(job: dict, call) -> tuple[dict, dict]:
     """capture_activations, then quantize_block_task per block, each through call(task, label, **kw)."""
     from tasks.quantize import QuantizeJob, capture_activations, load_block_weights, quantize_block_task
 
-    model, spec, cfg, engine = _setup(job)
+    _, spec, cfg, engine = _setup(job)
     qjob = QuantizeJob(spec, cfg, engine, stream_from_disk=job["stream_from_disk"])
-    common = dict(model=model, model_sha=job["model_sha"], calib_path=job["calib_path"], calib_sha=job["calib_sha"],
-                  cache_dir=job["cache_dir"])
+    # the tasks read the model folder (the skeleton and their own block), as in the pipeline
+    common = dict(model_dir=job["model_dir"], model_sha=job["model_sha"], calib_path=job["calib_path"],
+                  calib_sha=job["calib_sha"], cache_dir=job["cache_dir"])
     t0, c0 = time.perf_counter(), time.process_time()
     cap = call(capture_activations, "capture", batch_size=engine.batch_size, **common)
     capture = time.perf_counter() - t0
@@ -129,11 +130,11 @@ def _paired(job: dict) -> tuple[dict, dict]:
     from tasks.textdata import read_token_ids
 
     bare_model, spec, cfg, bare_engine = _setup(dict(job, mode="bare"))
-    task_model, _, _, task_engine = _setup(dict(job, mode="task"))
+    _, _, _, task_engine = _setup(dict(job, mode="task"))
     adapter, ids = get_adapter(bare_model), read_token_ids(job["calib_path"], job["calib_sha"])["calib"]
     batches, calls = capture_block_inputs(adapter, ids, bare_engine.batch_size)
     acts = ActivationStore.from_batches(batches, None)
-    common = dict(model=task_model, model_sha=job["model_sha"], calib_path=job["calib_path"],
+    common = dict(model_dir=job["model_dir"], model_sha=job["model_sha"], calib_path=job["calib_path"],
                   calib_sha=job["calib_sha"], cache_dir=job["cache_dir"])
     cap = capture_activations.fn(batch_size=task_engine.batch_size, **common)
     qjob = QuantizeJob(spec, cfg, task_engine, stream_from_disk=job["stream_from_disk"])

@@ -96,6 +96,7 @@ def _locked(command):
         with project_lock(root, wait=not args.no_wait):
             if Path(args.params).read_bytes() != text:  # another run wrote params.yaml while this one waited
                 text, params = _checked_params(args)
+            # a storage root outside the project may be shared with other projects' running writers
             for folder in (root / CACHE_DIR, root / "data"):
                 for p in sweep_temporaries(folder):
                     print(f"removed {p.relative_to(root)} (left by a killed run)", file=sys.stderr)

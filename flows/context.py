@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from .orchestration import SEQUENTIAL, Engine
 from .params import PipelineParams, params_to_dict
 from .stages import Stage
 
@@ -78,6 +79,7 @@ class StageContext:
     cache: Path
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step=0: None
     tracking: Any = None  # flows.runner.Tracking: the MLflow client and parent run, for the register stage
+    engine: Callable[[], Engine] = lambda: SEQUENTIAL  # where its tasks run (started on first call)
 
     def path(self, rel: str) -> Path:
         """The absolute path of a declared dep or output (or anything inside a declared folder)."""

@@ -30,6 +30,7 @@ __all__ = [
     "SECTIONS",
     "EvaluateParams",
     "FetchModelParams",
+    "OrchestrationParams",
     "PackParams",
     "ParamsError",
     "PipelineParams",
@@ -62,6 +63,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")
 PACK_FORMATS = ("gptq", "compressed-tensors")
+BLOCK_INPUTS = ("quantized", "fp")
+RUNNERS = ("sequential", "threads", "dask", "ray")
 
 
 class ParamsError(ValueError):
@@ -251,7 +254,9 @@ class QuantizeParams(_Section):
     """Method (auto = recon at 2 bits, boa at 3, gptq above), scheme (bits, group_size: null = per output channel, sym)
     and solver options. error_sequences: the per-block error F_q vs F in metrics/block_errors.json is
     measured on the first that many calibration sequences (null: all; a full FP pass per block costs ~40%
-    of a GPTQ block)."""
+    of a GPTQ block). inputs: what each block is calibrated on: the quantized prefix's outputs
+    (quantized: sequential, as GPTQ) or the FP model's (fp: blocks are independent and run in
+    parallel on a task runner; recon windows always take the quantized prefix)."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -266,9 +271,16 @@ class QuantizeParams(_Section):
     batch_size: int = _key(8, _integer(1))
     spill_to_disk: bool = _key(False, _boolean())
     error_sequences: int | None = _key(16, _integer(1, nullable=True))
+    inputs: str = _key("quantized", _choice(BLOCK_INPUTS))
     device: str = _key(
         "auto", _text(pattern=r"auto|cpu|cuda(:\d+)?", rule="must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inputs == "fp" and self.resolved_method == "recon":
+            raise ParamsError("quantize.inputs: fp applies to rtn, gptq and boa; recon windows are trained on the "
+                              "quantized prefix's outputs (set quantize.inputs: quantized, or another method)")
 
     @property
     def resolved_method(self) -> str:
@@ -403,6 +415,42 @@ class RegisterParams(_Section):
 
 
 @dataclass(frozen=True)
+class OrchestrationParams(_Section):
+    """Where tasks run and where their results live; no stage's output depends on these.
+
+    runner: sequential (in the stage's process) | threads | dask | ray; address: an existing cluster
+    (dask scheduler `tcp://host:8786`, ray `ray://host:10001` or `auto`), null = a local one with
+    `workers` worker processes for the run. storage: the root of the content-addressed cache
+    (activation shards, block codes, Prefect results), null = <project>/.cache/ptq; a shared
+    filesystem path lets several checkouts or hosts share hits.
+    """
+
+    SECTION: ClassVar[str] = "orchestration"
+    runner: str = _key("sequential", _choice(RUNNERS))
+    address: str | None = _key(
+        None, _text(nullable=True, pattern=r"(tcp|tls|ray)://\S+|auto|\S+:\d+",
+                    rule="must be a scheduler address: tcp://host:port (dask), ray://host:port or auto (ray)"))
+    workers: int = _key(2, _integer(1))
+    storage: str | None = _key(
+        None, _text(nullable=True, pattern=r"(?![A-Za-z][A-Za-z0-9+.-]*://).+",
+                    rule="must be a filesystem path (local, or a shared mount such as NFS or an S3 FUSE mount); "
+                         "URLs are not read directly"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.address is not None and self.runner not in ("dask", "ray"):
+            raise ParamsError(f"orchestration.address: only the dask and ray runners connect to a cluster "
+                              f"(orchestration.runner is {self.runner!r})")
+        if self.address is not None and (self.runner == "ray") != self.address.startswith(("ray://", "auto")):
+            raise ParamsError(f"orchestration.address: {self.address!r} is not a {self.runner} address "
+                              "(dask: tcp://host:port; ray: ray://host:port or auto)")
+
+    def storage_root(self, project_root: Path) -> Path:
+        """The cache root: `storage` (relative to the project root), else <project>/.cache/ptq."""
+        return Path(project_root) / (self.storage if self.storage is not None else ".cache/ptq")
+
+
+@dataclass(frozen=True)
 class PipelineParams:
     """All of params.yaml: one validated config per section (field name = section name)."""
 
@@ -414,6 +462,7 @@ class PipelineParams:
     pack: PackParams = field(default_factory=PackParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -19,37 +19,91 @@ from typing import Any, Callable
 from . import stages as S
 from .context import StageContext
 
-__all__ = ["STAGE_FUNCTIONS", "error_batches", "quantize_job", "qat_config", "release_label", "run_cached"]
+__all__ = ["STAGE_FUNCTIONS", "error_batches", "quantize_job", "qat_config", "release_label", "run_cached",
+           "run_cached_many"]
 
 log = logging.getLogger("ptq")
 
 
-def run_cached(ctx: StageContext, task: Any, verify: Callable[[dict], bool], label: str, **kwargs) -> tuple[dict, bool]:
+def run_cached(ctx: StageContext, task: Any, verify: Callable[[dict], bool], label: str, on: str = "cpu",
+               **kwargs) -> tuple[dict, bool]:
     """Call a cached task; if a cache hit points at missing or corrupted files, say so and recompute.
-    Results are small JSON records (paths + sha256), never pickles."""
+    Results are small JSON records (paths + sha256), never pickles. `on`: the device it computes on
+    (a cuda task asks a Dask/Ray worker for a GPU)."""
+    return run_cached_many(ctx, task, verify, [(label, kwargs)], on)[0]
+
+
+def run_cached_many(ctx: StageContext, task: Any, verify: Callable[[dict], bool], calls: list[tuple[str, dict]],
+                    on: str = "cpu") -> list[tuple[dict, bool]]:
+    """run_cached over independent calls (label, kwargs): on a parallel runner all are submitted
+    before any is waited for; in order, one after the other, on the sequential one."""
+    from .orchestration import gpu_resources
+
     t = task.with_options(result_storage=ctx.cache / "prefect-results", persist_result=True,
                           result_serializer="json")
-    state = t(return_state=True, **kwargs)
-    result = state.result()
-    cached = state.name == "Cached"
-    if cached and not verify(result):
-        log.warning("%s: cache entry points at missing or corrupted files; recomputing", label)
-        state = t.with_options(refresh_cache=True)(return_state=True, **kwargs)
-        result, cached = state.result(), False
-    log.info("%s: %s", label, "cached" if cached else "computed")
-    return result, cached
+    engine = ctx.engine()
+
+    def launch(tk: Any, kwargs: dict) -> Any:
+        if not engine.parallel:
+            return tk(return_state=True, **kwargs)
+        with gpu_resources(engine, on):
+            return tk.submit(**kwargs)
+
+    pending = [launch(t, kwargs) for _, kwargs in calls]
+    out = []
+    for (label, kwargs), p in zip(calls, pending):
+        state = _final_state(p)
+        result, cached = state.result(), state.name == "Cached"
+        if cached and not verify(result):
+            log.warning("%s: cache entry points at missing or corrupted files; recomputing", label)
+            state = _final_state(launch(t.with_options(refresh_cache=True), kwargs))
+            result, cached = state.result(), False
+        log.info("%s: %s", label, "cached" if cached else "computed")
+        out.append((result, cached))
+    return out
+
+
+def _final_state(pending: Any) -> Any:
+    """The final State of a direct call (already one) or of a submitted task's future."""
+    if hasattr(pending, "wait"):
+        pending.wait()
+        return pending.state
+    return pending
+
+
+_BODIES: dict[str, tuple[Callable[..., Any], tuple]] = {}  # token -> (stage function, its arguments)
+
+
+def _flow_body(token: str) -> Any:
+    """The body of every stage flow. A module-level function taking a token: Prefect serializes a
+    flow (its function) and its parameters into the run context it sends to Dask/Ray workers, and
+    the StageContext (MLflow client, closures) must stay in this process."""
+    fn, args = _BODIES[token]
+    return fn(*args)
 
 
 def _prefect_flow(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Run the function as a Prefect flow; Prefect is imported (and its API server started) only when
-    tasks actually run, so light stages and up-to-date checks never pay for it."""
+    """Run the function as a Prefect flow on the task runner of ctx.engine(); Prefect is imported
+    (and its API server started) only when tasks actually run, so light stages and up-to-date checks
+    never pay for it."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def run(*args: Any) -> Any:
+        def run(ctx: StageContext, *args: Any) -> Any:
+            import uuid
+
             from prefect import flow
 
-            return flow(name=name, validate_parameters=False)(fn)(*args)
+            from .orchestration import task_runner
+
+            runner = task_runner(ctx.engine())  # where the flow's submitted tasks run
+            options = {} if runner is None else {"task_runner": runner}
+            token = uuid.uuid4().hex
+            _BODIES[token] = (fn, (ctx, *args))
+            try:
+                return flow(name=name, validate_parameters=False, **options)(_flow_body)(token)
+            finally:
+                del _BODIES[token]
 
         return run
 
@@ -185,26 +239,36 @@ def quantize_stage(ctx: StageContext) -> dict:
     from quantlib.adapters import check_spec_fits, get_adapter
     from tasks.inputs import manifest_sha
     from tasks.quantize import capture_activations
+    from tasks.partial import meta_model
     from tasks.shards import shard_ok
-    from tasks.sources import load_model
 
     job = quantize_job(ctx.params.quantize, ctx.params.recon)
     model_dir = ctx.path(S.MODEL)
     tokens_dir, tokens = _tokens(ctx)
-    model = load_model(model_dir)
-    adapter = get_adapter(model)
+    adapter = get_adapter(meta_model(model_dir))  # shapes only: the tasks load what they need
     check_spec_fits(adapter, job.spec.group_size)
-    common = dict(model=model, model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
+    common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache))
     cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
-                                 "capture_activations", batch_size=job.engine.batch_size, **common)
+                                 "capture_activations", on=job.engine.device, batch_size=job.engine.batch_size,
+                                 **common)
     n = len(adapter.blocks)
     if ctx.params.quantize.resolved_method == "recon":
         blocks, windows, computed = _quantize_windows(ctx, job, n, cap, common)
+    elif ctx.params.quantize.inputs == "fp":
+        (blocks, computed), windows = _quantize_blocks_fp(ctx, job, n, cap, common), []
     else:
         (blocks, computed), windows = _quantize_blocks(ctx, job, n, cap, common), []
     _write_quantized(ctx, job, blocks, windows, common)
-    return {"blocks": n, "computed": computed + int(not cap_cached)}
+    return {"blocks": n, "computed": computed + int(not cap_cached), "task_processes_elsewhere": _elsewhere(blocks)}
+
+
+def _elsewhere(records: list[dict]) -> int:
+    """How many processes other than this one computed the stage's block or window tasks (0 on the
+    sequential runner; the workers used on a cluster). Cached tasks count where they once ran."""
+    from tasks.quantize import ran_on
+
+    return len({r["ran_on"] for r in records if r.get("ran_on")} - {ran_on()})
 
 
 def _quantize_blocks(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
@@ -215,17 +279,38 @@ def _quantize_blocks(ctx: StageContext, job, n: int, cap: dict, common: dict) ->
 
     prev, records, computed = (cap["path"], cap["sha"]), [], 0
     for i in tqdm(range(n), desc="quantize", unit="block"):
-        rec, cached = run_cached(ctx, quantize_block_task, _block_ok, f"block {i}",
+        rec, cached = run_cached(ctx, quantize_block_task, _block_ok, f"block {i}", on=job.engine.device,
                                  index=i, in_path=prev[0], in_sha=prev[1], job=job, **common)
-        st = rec["stats"]
-        records.append({"block": i, "names": rec["names"], "qweights": rec["qweights"],
-                        "qweights_sha": rec["qweights_sha"], "layer_errors": st["layer_errors"], "before": None,
-                        "block_error": st["block_error"]})
-        if st["block_error"] is not None:
-            ctx.log_metrics({"block_error": st["block_error"]}, i)
+        records.append(_block_record(ctx, i, rec))
         computed += not cached
         prev = (rec["out"], rec["out_sha"])
     return records, computed
+
+
+def _block_record(ctx: StageContext, i: int, rec: dict) -> dict:
+    st = rec["stats"]
+    if st["block_error"] is not None:
+        ctx.log_metrics({"block_error": st["block_error"]}, i)
+    return {"block": i, "names": rec["names"], "qweights": rec["qweights"], "qweights_sha": rec["qweights_sha"],
+            "layer_errors": st["layer_errors"], "before": None, "block_error": st["block_error"],
+            "ran_on": st.get("ran_on")}
+
+
+def _quantize_blocks_fp(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
+    """quantize.inputs fp: every block calibrated on the FP model's activations at its input, so
+    the n block tasks are independent and are all submitted at once (in parallel on a task runner)."""
+    from tasks.quantize import fp_targets_task, quantize_block_task
+    from tasks.shards import shard_ok
+
+    fp, fp_cached = run_cached(ctx, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
+                               "fp_targets", on=job.engine.device, in_path=cap["path"], in_sha=cap["sha"], job=job,
+                               **common)
+    inputs = [cap] + fp["bounds"][:-1]  # block i reads the FP output of block i - 1
+    calls = [(f"block {i}", dict(index=i, in_path=x["path"], in_sha=x["sha"], job=job, **common))
+             for i, x in enumerate(inputs)]
+    done = run_cached_many(ctx, quantize_block_task, _block_ok, calls, on=job.engine.device)
+    records = [_block_record(ctx, i, rec) for i, (rec, _) in enumerate(done)]
+    return records, int(not fp_cached) + sum(not cached for _, cached in done)
 
 
 def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], list[dict], int]:
@@ -239,14 +324,15 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
 
     cfg = job.method
     fp, fp_cached = run_cached(ctx, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
-                               "fp_targets", in_path=cap["path"], in_sha=cap["sha"], job=job, **common)
+                               "fp_targets", on=job.engine.device, in_path=cap["path"], in_sha=cap["sha"], job=job,
+                               **common)
     windows = cfg.windows(n)
     prev, carry, blocks, stats, computed = (cap["path"], cap["sha"]), None, [], [], int(not fp_cached)
     for w, (start, end) in enumerate(tqdm(windows, desc="reconstruct", unit="window")):
         nxt = windows[w + 1][0] if w + 1 < len(windows) else n
         target = fp["bounds"][min(end + cfg.lookahead, n) - 1] if cfg.target == "fp" else None
         rec, cached = run_cached(ctx, recon_window_task, window_ok, f"window {w} blocks [{start}, {end})",
-                                 window=(start, end), next_start=nxt, in_path=prev[0], in_sha=prev[1], target=target,
+                                 on=job.engine.device, window=(start, end), next_start=nxt, in_path=prev[0], in_sha=prev[1], target=target,
                                  carry=carry, job=job, **common)
         st = rec["stats"]
         stats.append({"window": w, **{k: st[k] for k in ("start", "end", "loss_init", "loss_final", "kept_init", "curve",
@@ -261,7 +347,7 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
         share = {"layer_errors": {}, "names": [], "qweights": None, "qweights_sha": None}
         finished = [dict(share, block=e["block"], before=e["before"], block_error=e["after"]) for e in st["block_errors"]]
         # the window's one codes file holds every block it finished: attach it to the first of them
-        finished[0] |= {k: rec[k] for k in ("names", "qweights", "qweights_sha")}
+        finished[0] |= {k: rec[k] for k in ("names", "qweights", "qweights_sha")} | {"ran_on": st.get("ran_on")}
         blocks += finished
         computed += not cached
         prev, carry = (rec["out"], rec["out_sha"]), rec["carry"]
@@ -436,11 +522,12 @@ def evaluate_stage(ctx: StageContext) -> dict:
     files, files_sha = _eval_files(ctx)
     release_sha = sha256_file(release / "MANIFEST.json")  # deterministic: identifies the release
     common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size)
-    ppl, c1 = run_cached(ctx, ppl_task, lambda r: True, "perplexity (release)",
-                         kind="release", folder=str(release), model_sha=release_sha, **common)
+    # independent: submitted together on a parallel runner, in this order on the sequential one
+    (ppl, c1), (fp, c2) = run_cached_many(ctx, ppl_task, lambda r: True, [
+        ("perplexity (release)", dict(kind="release", folder=str(release), model_sha=release_sha, **common)),
+        ("perplexity (fp source)", dict(kind="model", folder=str(model_dir), model_sha=manifest_sha(model_dir),
+                                        **common))])
     failpoint("evaluate.scored")
-    fp, c2 = run_cached(ctx, ppl_task, lambda r: True, "perplexity (fp source)",
-                        kind="model", folder=str(model_dir), model_sha=manifest_sha(model_dir), **common)
     lm, c3 = _lm_eval(ctx, release, release_sha)
     manifest = _read_json(release / "MANIFEST.json")
     method, scheme = release_label(manifest)

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import stages as S
 from .context import ParamsView, StageContext
+from .orchestration import EngineHolder
 from .params import PipelineParams, flatten, params_to_dict
 
 __all__ = ["StageOutcome", "Tracking", "open_tracking", "pipeline_key", "run_pipeline", "run_one_stage"]
@@ -71,13 +72,15 @@ def open_tracking(root: Path, params: PipelineParams) -> Tracking:
     return Tracking(tracker, parent)
 
 
-def _context(root: Path, params: PipelineParams, stage: S.Stage, tracking: Tracking | None, run_id: str | None) -> StageContext:
+def _context(root: Path, params: PipelineParams, stage: S.Stage, tracking: Tracking | None, run_id: str | None,
+             engine: EngineHolder) -> StageContext:
     def log_metrics(metrics: dict[str, float], step: int = 0) -> None:
         if tracking is not None and run_id is not None:
             tracking.tracker.log_metrics(run_id, metrics, step=step)
 
-    return StageContext(stage=stage, root=root, params=ParamsView(params, stage), cache=root / CACHE_DIR,
-                        log_metrics=log_metrics, tracking=tracking)
+    return StageContext(stage=stage, root=root, params=ParamsView(params, stage),
+                        cache=params.orchestration.storage_root(root), log_metrics=log_metrics, tracking=tracking,
+                        engine=engine)
 
 
 def _write_timings(root: Path, stage: S.Stage, seconds: float, metrics: dict[str, Any]) -> None:
@@ -87,8 +90,16 @@ def _write_timings(root: Path, stage: S.Stage, seconds: float, metrics: dict[str
     atomic_write_json(root / stage.timings, {"seconds": round(seconds, 3), **numbers})
 
 
-def run_one_stage(root: Path, params: PipelineParams, name: str, tracking: Tracking | None) -> StageOutcome:
-    """Run stage `name` now (whatever DVC thinks), inside its own nested MLflow run."""
+def run_one_stage(root: Path, params: PipelineParams, name: str, tracking: Tracking | None,
+                  engine: EngineHolder | None = None) -> StageOutcome:
+    """Run stage `name` now (whatever DVC thinks), inside its own nested MLflow run, its tasks on
+    `engine` (None: the one params.orchestration names, started for this stage only)."""
+    if engine is None:
+        holder = EngineHolder.from_params(params.orchestration)
+        try:
+            return run_one_stage(root, params, name, tracking, holder)
+        finally:
+            holder.close()
     from tasks.faults import failpoint
     from tasks.mlflow_runs import close_run, open_stage_run
 
@@ -98,7 +109,7 @@ def run_one_stage(root: Path, params: PipelineParams, name: str, tracking: Track
     run_id = open_stage_run(tracking.tracker, tracking.parent_run_id, name, "run") if tracking else None
     t0 = time.perf_counter()
     try:
-        metrics = STAGE_FUNCTIONS[name](_context(root, params, stage, tracking, run_id))
+        metrics = STAGE_FUNCTIONS[name](_context(root, params, stage, tracking, run_id, engine))
         failpoint(f"{name}.finished")
     except BaseException as e:
         if tracking is not None:
@@ -135,11 +146,15 @@ def run_pipeline(root: Path, params: PipelineParams, to: str | None = None) -> l
     check_project(root)
     tracking = open_tracking(root, params)
     outcomes = []
-    for stage in stages:
-        if not stage.refresh and not stage_changes(root, stage.name):
-            outcomes.append(_skip(tracking, stage.name))
-            continue
-        outcomes.append(run_one_stage(root, params, stage.name, tracking))
-        commit_stage(root, stage.name)
+    engine = EngineHolder.from_params(params.orchestration)  # one local cluster for the whole run
+    try:
+        for stage in stages:
+            if not stage.refresh and not stage_changes(root, stage.name):
+                outcomes.append(_skip(tracking, stage.name))
+                continue
+            outcomes.append(run_one_stage(root, params, stage.name, tracking, engine))
+            commit_stage(root, stage.name)
+    finally:
+        engine.close()
     close_run(tracking.tracker, tracking.parent_run_id)
     return outcomes

@@ -1,13 +1,20 @@
 """Prefect tasks of the quantize stage: capture block-0 inputs, quantize one block, assemble.
 
-Each task reads verified files, makes one quantlib call and writes content-addressed files under
-the project cache; its Prefect result is a small dict of paths + sha256, never tensors.
+Each task is addressed by files, not objects: the model folder (+ its MANIFEST sha) and block
+indices, input/target shards and carried state, each with its sha256. It loads only what it needs
+(tasks.partial: the skeleton and its own blocks), makes one quantlib call and writes
+content-addressed files under the storage root; its Prefect result is a small dict of paths +
+sha256, never tensors, so it runs the same in this process, a thread, or a Dask/Ray worker.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
+
+import os
+import socket
+import threading
 
 import torch
 from prefect import task
@@ -22,10 +29,11 @@ from quantlib.spec import QuantSpec
 
 from .cache import key_fn, stable_hash
 from .io import atomic_save_safetensors, file_ok, load_safetensors_verified, temp_dir_beside
+from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
-__all__ = ["QuantizeJob", "capture_activations", "quantize_block_task", "fp_targets_task", "recon_window_task",
+__all__ = ["QuantizeJob", "ran_on", "capture_activations", "quantize_block_task", "fp_targets_task", "recon_window_task",
            "load_block_weights", "window_ok"]
 
 
@@ -37,6 +45,17 @@ class QuantizeJob:
     method: object  # a frozen quantlib method config (RTNConfig, GPTQConfig, ...)
     engine: EngineConfig
     stream_from_disk: bool = False
+
+
+_local = threading.local()  # one skeleton per thread: tasks on a thread pool never share a model
+
+
+def _skeleton(model_dir: str, model_sha: str) -> Skeleton:
+    """The model's skeleton (blocks on meta), kept for the next task of this thread on that model."""
+    held = getattr(_local, "skeleton", None)
+    if held is None or held[0] != (model_dir, model_sha):
+        _local.skeleton = held = ((model_dir, model_sha), open_skeleton(model_dir, model_sha))
+    return held[1]
 
 
 def _calib(calib_path: str, calib_sha: str):
@@ -66,25 +85,40 @@ def _key(*names: str, **project: Callable[[Any], Any]) -> Callable[[Any, dict], 
 
 
 @task(name="capture_activations", cache_key_fn=key_fn("model_sha", "calib_sha", "batch_size"), persist_result=True)
-def capture_activations(model, model_sha: str, calib_path: str, calib_sha: str, batch_size: int, cache_dir: str) -> dict:
-    """The first block's inputs for every calibration sequence, as a shard."""
+def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, batch_size: int,
+                        cache_dir: str) -> dict:
+    """The first block's inputs for every calibration sequence, as a shard (no block is loaded)."""
+    model = _skeleton(model_dir, model_sha).model
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
     final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size])
     tmp = temp_dir_beside(final)
     return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
 
 
+def ran_on() -> str:
+    """host:pid of the process running a task: logged and counted in stage metrics (which worker
+    did the work), never written into an output."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _stats_dict(st: BlockStats) -> dict:
     return {"seconds": st.seconds, "peak_mb": st.peak_mb, "layer_errors": st.layer_errors,
-            "block_error": st.block_error}
+            "block_error": st.block_error, "ran_on": ran_on()}
 
 
 @task(name="quantize_block", cache_key_fn=_key("model_sha", "index", "in_sha", "calib_sha", "job", job=_job_key),
       persist_result=True)
-def quantize_block_task(model, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str,
+def quantize_block_task(model_dir: str, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str,
                         calib_sha: str, job: QuantizeJob, cache_dir: str) -> dict:
     """Quantize block `index` given its input shard; writes its codes and its output shard."""
-    adapter = get_adapter(model)
+    sk = _skeleton(model_dir, model_sha)
+    with blocks_loaded(sk, [index], model_sha) as model:
+        return _quantize_block(get_adapter(model), model_sha, index, in_path, in_sha, calib_path, calib_sha, job,
+                               cache_dir)
+
+
+def _quantize_block(adapter, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
+                    job: QuantizeJob, cache_dir: str) -> dict:
     inputs = open_shard(Path(in_path), in_sha, in_memory=not job.stream_from_disk)
     call = capture_block_calls(adapter, _calib(calib_path, calib_sha))[index]  # one embedding pass: ~50 ms
     key = stable_hash(["block", model_sha, index, in_sha, calib_sha, _job_key(job)])
@@ -107,19 +141,22 @@ def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:
 
 
 @task(name="fp_targets", cache_key_fn=key_fn("model_sha", "in_sha", "calib_sha"), persist_result=True)
-def fp_targets_task(model, model_sha: str, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
+def fp_targets_task(model_dir: str, model_sha: str, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
                     job: QuantizeJob, cache_dir: str) -> dict:
     """FP activations after every block (reconstruction targets): bounds[i] = output of block i.
-    Run before any block of `model` is quantized."""
-    adapter = get_adapter(model)
+    Blocks are read one at a time (host memory: one block + one boundary's activations)."""
+    sk = _skeleton(model_dir, model_sha)
+    adapter = get_adapter(sk.model)
     device = torch.device(job.engine.device)
     calls = capture_block_calls(adapter, _calib(calib_path, calib_sha))
     x, bounds = open_shard(Path(in_path), in_sha, in_memory=False), []
-    for i, block in enumerate(adapter.blocks):
+    for i in range(len(adapter.blocks)):
         final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i])
         tmp = temp_dir_beside(final)
-        out = forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
-        block.to("cpu")
+        with blocks_loaded(sk, [i], model_sha):
+            block = adapter.blocks[i]
+            out = forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
+            block.to("cpu")
         bounds.append({"path": str(final), "sha": seal_shard(tmp, final, out)})
         x = open_shard(final, bounds[-1]["sha"], in_memory=False)
     return {"bounds": bounds}
@@ -145,19 +182,30 @@ def _read_carry(record: dict | None) -> dict[int, dict[str, torch.Tensor]]:
 def _window_stats(st: WindowStats) -> dict:
     return {"start": st.start, "end": st.end, "loss_init": st.loss_init, "loss_final": st.loss_final,
             "kept_init": st.kept_init, "seconds": st.seconds, "peak_mb": st.peak_mb, "curve": st.curve,
-            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors}
+            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors, "ran_on": ran_on()}
 
 
 @task(name="recon_window", cache_key_fn=_key("model_sha", "window", "next_start", "in_sha", "target", "carry",
                                              "calib_sha", "job", target=_sha, carry=_sha, job=_job_key),
       persist_result=True)
-def recon_window_task(model, model_sha: str, window: tuple[int, int], next_start: int, in_path: str, in_sha: str,
-                      target: dict | None, carry: dict | None, calib_path: str, calib_sha: str, job: QuantizeJob,
-                      cache_dir: str) -> dict:
+def recon_window_task(model_dir: str, model_sha: str, window: tuple[int, int], next_start: int, in_path: str,
+                      in_sha: str, target: dict | None, carry: dict | None, calib_path: str, calib_sha: str,
+                      job: QuantizeJob, cache_dir: str) -> dict:
     """Reconstruct one window: its input shard (the finished quantized prefix's activations), its FP
     target shard, and the saved state of the blocks it shares with the previous window. Writes the
-    codes of the blocks it finishes, the next window's input shard and its own carry file."""
-    adapter = get_adapter(model)
+    codes of the blocks it finishes, the next window's input shard and its own carry file. Loads the
+    window's blocks and the look-ahead blocks its loss runs through."""
+    sk = _skeleton(model_dir, model_sha)
+    n = len(get_adapter(sk.model).blocks)
+    stop = min(window[1] + getattr(job.method, "lookahead", 0), n)
+    with blocks_loaded(sk, range(window[0], stop), model_sha) as model:
+        return _recon_window(get_adapter(model), model_sha, window, next_start, in_path, in_sha, target, carry,
+                             calib_path, calib_sha, job, cache_dir)
+
+
+def _recon_window(adapter, model_sha: str, window: tuple[int, int], next_start: int, in_path: str, in_sha: str,
+                  target: dict | None, carry: dict | None, calib_path: str, calib_sha: str, job: QuantizeJob,
+                  cache_dir: str) -> dict:
     in_memory = not job.stream_from_disk
     inputs = open_shard(Path(in_path), in_sha, in_memory=in_memory)
     targets = None if target is None else open_shard(Path(target["path"]), target["sha"], in_memory=in_memory)

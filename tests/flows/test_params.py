@@ -187,7 +187,8 @@ def test_configs_are_frozen() -> None:
 
 
 def test_sections_match_pipeline_fields() -> None:
-    assert list(SECTIONS) == ["fetch_model", "prepare_data", "quantize", "recon", "qat", "pack", "evaluate", "register"]
+    assert list(SECTIONS) == ["fetch_model", "prepare_data", "quantize", "recon", "qat", "pack", "evaluate", "register",
+                             "orchestration"]
     assert all(cls.SECTION == name for name, cls in SECTIONS.items())
 
 

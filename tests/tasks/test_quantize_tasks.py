@@ -19,7 +19,7 @@ from quantlib.capture import capture_block_calls, run_block
 from quantlib.engine import EngineConfig, quantize_model
 from quantlib.gptq import GPTQConfig
 from quantlib.spec import QuantSpec
-from tasks.io import sha256_file
+from tasks.io import sha256_file, write_manifest
 from tasks.shards import open_shard, seal_shard, shard_ok
 from tasks.textdata import write_token_ids
 
@@ -32,11 +32,13 @@ SPEC = QuantSpec(3, 32)
 def _task_path(tmp_path: Path, method, stream: bool) -> tuple[dict, list[dict]]:
     """capture_activations, then quantize_block_task per block, as the pipeline calls them."""
     model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")  # the tasks read the folder, as on a worker
+    write_manifest(tmp_path / "model")
     calib = tmp_path / "calib.safetensors"
     calib_sha = write_token_ids(calib, {"calib": tiny_ids(8, 32)})
     job = TQ.QuantizeJob(SPEC, method, EngineConfig(batch_size=4, measure_block_error=True), stream_from_disk=stream)
-    common = dict(model=model, model_sha="m" * 64, calib_path=str(calib), calib_sha=calib_sha,
-                  cache_dir=str(tmp_path / "cache"))
+    common = dict(model_dir=str(tmp_path / "model"), model_sha=sha256_file(tmp_path / "model" / "MANIFEST.json"),
+                  calib_path=str(calib), calib_sha=calib_sha, cache_dir=str(tmp_path / "cache"))
     cap = TQ.capture_activations.fn(batch_size=4, **common)
     prev, codes, records = (cap["path"], cap["sha"]), {}, []
     for i in range(len(get_adapter(model).blocks)):
@@ -85,7 +87,7 @@ _JOB = TQ.QuantizeJob(SPEC, GPTQConfig(), EngineConfig(batch_size=4, measure_blo
 def _parameters(root: str, shas: dict[str, str] | None = None) -> dict:
     """A value for every parameter any quantize task takes; paths under `root` (absolute)."""
     sha = {"model": "a" * 64, "in": "b" * 64, "calib": "c" * 64, "target": "d" * 64, "carry": "e" * 64} | (shas or {})
-    return {"model": object(), "model_sha": sha["model"], "calib_path": f"{root}/tokens/calib.safetensors",
+    return {"model_dir": f"{root}/model", "model_sha": sha["model"], "calib_path": f"{root}/tokens/calib.safetensors",
             "calib_sha": sha["calib"], "batch_size": 4, "cache_dir": f"{root}/.cache/ptq", "index": 3,
             "in_path": f"{root}/.cache/ptq/acts/x", "in_sha": sha["in"], "window": (2, 4), "next_start": 3,
             "target": {"path": f"{root}/.cache/ptq/acts/t", "sha": sha["target"]},
@@ -109,7 +111,7 @@ def test_every_quantize_task_keys_on_content_hashes_not_paths():
         assert set(inspect.signature(task.fn).parameters) <= set(_parameters("/a"))  # every parameter covered
         here = _key(task, _parameters("/home/one/project"))  # key_fn refuses any path it is given
         assert here == _key(task, _parameters("/srv/two/checkout")), task.name  # another checkout: a hit
-        for name in ("model", "in", "calib", "target", "carry"):
+        for name in ("model", "in", "calib", "target", "carry"):  # model_sha, not model_dir, is in the key
             if f"{name}_sha" in inspect.signature(task.fn).parameters or name in inspect.signature(task.fn).parameters:
                 assert _key(task, _parameters("/a", {name: "f" * 64})) != here, (task.name, name)
 
