@@ -123,6 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     st.add_argument("--no-wait", action="store_true", help="fail at once if the project lock is held")
 
+    sw = sub.add_parser("sweep", help="run a grid of configs (methods x schemes x seeds x ...) as parallel pipeline "
+                        "tasks on the orchestration runner; results in sweeps/NAME/ and one MLflow sweep run")
+    sw.add_argument("-p", "--params", default="params.yaml", help="the base params every config starts from")
+    sw.add_argument("--grid", default=None, metavar="FILE", help="YAML {section.key | scheme: [values]}")
+    sw.add_argument("-S", "--set", dest="axes", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a grid axis, e.g. -S quantize.method=rtn,gptq -S scheme=w4pc,w3g64")
+    sw.add_argument("--name", default="sweep", help="results go to sweeps/NAME/ (default: sweep)")
+    sw.add_argument("--no-wait", action="store_true", help="fail at once if the project lock is held")
+    sw.set_defaults(overrides=[])
+
     li = sub.add_parser("lineage", help="print and verify the lineage of a release against its own record")
     li.add_argument("ref", help="a release folder, models:/NAME/VERSION or models:/NAME@ALIAS")
     li.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("run", "stage", "lineage"):
+        if args.command in ("run", "stage", "lineage", "sweep"):
             from . import cli_pipeline  # imports what a stage needs, when it needs it
 
             return cli_pipeline.dispatch(args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -183,5 +184,23 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return rebuild(args.ref, uri)
 
 
+def cmd_sweep(args: argparse.Namespace, params) -> int:
+    """`ptq sweep`: every config of the grid validated first, then run (see flows/sweep.py)."""
+    root = Path(args.params).resolve().parent
+    _pipeline_env(root)
+    from .sweep import expand_grid, parse_grid, render_table, run_sweep
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+        raise ValueError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (it names sweeps/NAME/)")
+    grid = parse_grid(args.grid, args.axes)
+    for config in expand_grid(params, grid, params.orchestration.storage_root(root)):
+        preflight(config.params)
+    record = run_sweep(root, params, grid, args.name)
+    print(render_table(record))
+    print(f"sweep {args.name}: {len(record['rows'])} configs; results in sweeps/{args.name}/", file=sys.stderr)
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
-    return {"run": _locked(cmd_run), "stage": _locked(cmd_stage), "lineage": cmd_lineage}[args.command](args)
+    return {"run": _locked(cmd_run), "stage": _locked(cmd_stage), "lineage": cmd_lineage,
+            "sweep": _locked(cmd_sweep)}[args.command](args)

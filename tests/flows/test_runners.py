@@ -27,9 +27,9 @@ def test_a_cluster_runner_gives_the_sequential_release_byte_for_byte(make_projec
 
 def test_fp_inputs_blocks_run_in_parallel_threads_and_differ_from_quantized_inputs(make_project, clean_project):
     seq = make_project("fp-seq", {"quantize": {"inputs": "fp"}})
-    par = make_project("fp-threads", {"quantize": {"inputs": "fp"}, "orchestration": {"runner": "threads"}})
-    for p in (seq, par):
-        p.run_ok("run", "--to", "pack")
+    par = make_project("fp-threads", {"quantize": {"inputs": "fp"}})  # the same commit: -S changes params only
+    seq.run_ok("run", "--to", "pack")
+    par.run_ok("run", "--to", "pack", "-S", "orchestration.runner=threads", "-S", "orchestration.workers=2")
     assert release_files(par.release) == release_files(seq.release)
     codes = "data/quantized/quantized.safetensors"  # FP inputs calibrate each block differently
     assert (seq.root / codes).read_bytes() != (clean_project.root / codes).read_bytes()
@@ -48,3 +48,29 @@ def test_two_checkouts_sharing_a_storage_root_share_cache_hits(make_project, tmp
     assert not (second.root / ".cache" / "ptq" / "acts").exists()  # nothing computed into the project
     assert (second.root / "data" / "quantized" / "quantize.json").read_bytes() == (
         first.root / "data" / "quantized" / "quantize.json").read_bytes()
+
+
+def test_sweep_of_two_methods_by_two_schemes_registers_four_results_and_one_table(make_project):
+    project = make_project("sweep")
+    done = project.run_ok("sweep", "-S", "quantize.method=rtn,gptq", "-S", "scheme=w4g32,w3g32", "-S", "qat.enabled=false",
+                           "--name", "grid")
+    out = project.root / "sweeps" / "grid"
+    record = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["scheme"]): r for r in record["rows"]}
+    assert set(rows) == {("rtn", "w4g32"), ("rtn", "w3g32"), ("gptq", "w4g32"), ("gptq", "w3g32")}
+    assert len({r["model_uri"] for r in rows.values()}) == 4  # four registered versions
+    assert len({r["ppl"] for r in rows.values()}) == 4  # four different quantizations were scored
+    assert len({r["fp32_ppl"] for r in rows.values()}) == 1
+    table = (out / "results.md").read_text()
+    assert all(f"| {r['config']} |" in table and f"| {r['config']} |" in done.stdout for r in rows.values())
+    # one MLflow sweep run, a child run per config
+    from tasks.mlflow_runs import TAG_PARENT, Tracker
+
+    runs = Tracker(f"sqlite:///{project.root / 'mlflow.db'}", "ptq-pipeline").runs_with_tag("ptq.sweep", "grid")
+    (parent,) = [r for r in runs if TAG_PARENT not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get(TAG_PARENT) == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(r["config"] for r in rows.values())
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    # the model, tokens and FP captures were computed once and shared through the storage root
+    assert len(list((project.root / ".cache" / "ptq" / "models").iterdir())) == 1
+    assert len(list((project.root / ".cache" / "ptq" / "tokens").iterdir())) == 1
