@@ -188,11 +188,11 @@ def cmd_sweep(args: argparse.Namespace, params) -> int:
     """`ptq sweep`: every config of the grid validated first, then run (see flows/sweep.py)."""
     root = Path(args.params).resolve().parent
     _pipeline_env(root)
-    from .sweep import expand_grid, parse_grid, render_table, run_sweep
+    from .sweep import expand_grid, parse_grid, render_table, run_sweep, split_orchestration
 
     if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
         raise ValueError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (it names sweeps/NAME/)")
-    grid = parse_grid(args.grid, args.axes)
+    params, grid = split_orchestration(params, parse_grid(args.grid, args.axes))
     for config in expand_grid(params, grid, params.orchestration.storage_root(root)):
         preflight(config.params)
     record = run_sweep(root, params, grid, args.name)

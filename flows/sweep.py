@@ -24,7 +24,7 @@ import yaml
 
 from .params import ParamsError, PipelineParams, dump_params, params_from_dict, params_to_dict
 
-__all__ = ["Config", "parse_grid", "expand_grid", "run_sweep", "sweep_config_task"]
+__all__ = ["Config", "parse_grid", "split_orchestration", "expand_grid", "run_sweep", "sweep_config_task"]
 
 log = logging.getLogger("ptq")
 
@@ -58,6 +58,22 @@ def parse_grid(grid_file: str | None, sets: Sequence[str]) -> dict[str, list[Any
     if not grid:
         raise ParamsError("empty sweep grid: pass --grid FILE or -S section.key=v1,v2")
     return grid
+
+
+def split_orchestration(base: PipelineParams, grid: Mapping[str, list[Any]]) -> tuple[PipelineParams, dict]:
+    """orchestration.* axes say where the sweep runs, not what it computes: each takes one value and
+    is set on the base params; the rest is the grid."""
+    raw, rest = params_to_dict(base), {}
+    for key, values in grid.items():
+        if key.startswith("orchestration."):
+            if len(values) != 1:
+                raise ParamsError(f"{key}: where a sweep runs takes one value, got {values}")
+            raw["orchestration"][key.split(".", 1)[1]] = values[0]
+        else:
+            rest[key] = values
+    if not rest:
+        raise ParamsError("the sweep grid has no axis besides orchestration.*: pass -S section.key=v1,v2")
+    return params_from_dict(raw), rest
 
 
 def _set(raw: dict[str, dict], key: str, value: Any) -> None:
@@ -95,7 +111,8 @@ def expand_grid(base: PipelineParams, grid: Mapping[str, list[Any]], storage: Pa
             params = params_from_dict(raw)
         except ParamsError as e:
             raise ParamsError(f"sweep config {values}: {e}") from None
-        configs.append(Config(_label(values), values, params))
+        varied = {k: v for k, v in values.items() if len(grid[k]) > 1} or values
+        configs.append(Config(_label(varied), values, params))
     labels = [c.label for c in configs]
     if len(set(labels)) != len(labels):
         raise ParamsError(f"sweep grid gives repeated configs: {labels}")
