@@ -81,6 +81,28 @@ def preflight(params) -> None:
     q = params.quantize
     method_config(q.resolved_method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
                   clip_search=q.clip_search, recon=params.recon.__dict__ if q.resolved_method == "recon" else None)
+    if source.kind == "local" and q.group_size is not None:
+        _check_group_size(source.path / "config.json", q.group_size)
+
+
+def _check_group_size(config_path: Path, group_size: int) -> None:
+    """A group size that does not divide a Linear's input size, refused from config.json alone (no
+    torch import: this runs before every `ptq run`); sources without a local config are checked at
+    the start of the quantize stage, on the model's shapes, before any block is quantized."""
+    import json
+
+    c = json.loads(config_path.read_text(encoding="utf-8"))
+    c = c.get("text_config", c)
+    hidden = c.get("hidden_size") or c.get("n_embd") or c.get("d_model")
+    heads = c.get("num_attention_heads") or c.get("n_head")
+    inner = c.get("intermediate_size") or c.get("ffn_dim") or c.get("n_inner") or (4 * hidden if c.get("n_embd") else None)
+    sizes = {"hidden_size (q/k/v, gate/up inputs)": hidden, "intermediate size (down_proj input)": inner}
+    if heads and c.get("head_dim"):
+        sizes["num_attention_heads * head_dim (o_proj input)"] = heads * c["head_dim"]
+    for what, n in sizes.items():
+        if isinstance(n, int) and n % group_size:
+            raise ValueError(f"quantize.group_size: {group_size} does not divide the model's {what} {n}; choose a "
+                             f"divisor of every Linear's input size (e.g. 32 or 64) or null (per output channel)")
 
 
 def _locked(command):

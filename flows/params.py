@@ -216,7 +216,12 @@ class _Section:
 
 @dataclass(frozen=True)
 class FetchModelParams(_Section):
-    """The model to quantize (a known name, Hub repo id or local dir) and its load dtype."""
+    """The model to quantize (a known name, Hub repo id or local dir) and its compute dtype.
+
+    dtype: what the quantize stage loads and runs the blocks in (bfloat16 / float16 halve its host
+    memory and activation shards; the GPTQ/BoA solves stay float32; recon needs float32). QAT and
+    evaluation load float32.
+    """
 
     SECTION: ClassVar[str] = "fetch_model"
     source: str = _key("smollm2-135m", _text())
@@ -468,6 +473,9 @@ class PipelineParams:
         for f in fields(self):
             if not isinstance(getattr(self, f.name), f.default_factory):
                 raise _expected(f.name, f.default_factory.__name__, getattr(self, f.name))
+        if self.fetch_model.dtype != "float32" and self.quantize.resolved_method == "recon":
+            raise ParamsError(f"fetch_model.dtype: recon windows train in float32; {self.fetch_model.dtype} is for "
+                              "rtn, gptq and boa (set fetch_model.dtype: float32 or another quantize.method)")
 
 
 SECTIONS: Mapping[str, type[_Section]] = MappingProxyType(

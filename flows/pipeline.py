@@ -190,13 +190,14 @@ def prepare_data_stage(ctx: StageContext) -> dict:
 # ----------------------------------------------------------------------------------- quantize
 
 
-def quantize_job(quantize: Any, recon: Any):
-    """Frozen quantlib configs from the quantize and recon sections (params or their views)."""
+def quantize_job(quantize: Any, recon: Any, dtype: str = "float32"):
+    """Frozen quantlib configs from the quantize and recon sections (params or their views) and the
+    model's compute dtype (fetch_model.dtype)."""
     from quantlib.engine import EngineConfig
     from quantlib.spec import QuantSpec
     from tasks.quantize import QuantizeJob
 
-    from .methods import method_config, resolve_device
+    from .methods import method_config
 
     method = quantize.resolved_method
     return QuantizeJob(
@@ -205,9 +206,10 @@ def quantize_job(quantize: Any, recon: Any):
                              block_size=quantize.block_size, clip_search=quantize.clip_search,
                              recon={f: getattr(recon, f) for f in _recon_keys()} if method == "recon" else None),
         engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,
-                            device=resolve_device(quantize.device), measure_block_error=True,
+                            device=quantize.device, measure_block_error=True,  # resolved by each task
                             block_error_batches=error_batches(quantize.error_sequences, quantize.batch_size)),
         stream_from_disk=quantize.spill_to_disk,
+        dtype=dtype,
     )
 
 
@@ -242,7 +244,7 @@ def quantize_stage(ctx: StageContext) -> dict:
     from tasks.partial import meta_model
     from tasks.shards import shard_ok
 
-    job = quantize_job(ctx.params.quantize, ctx.params.recon)
+    job = quantize_job(ctx.params.quantize, ctx.params.recon, ctx.params.fetch_model.dtype)
     model_dir = ctx.path(S.MODEL)
     tokens_dir, tokens = _tokens(ctx)
     adapter = get_adapter(meta_model(model_dir))  # shapes only: the tasks load what they need
@@ -251,7 +253,7 @@ def quantize_stage(ctx: StageContext) -> dict:
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache))
     cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", on=job.engine.device, batch_size=job.engine.batch_size,
-                                 **common)
+                                 dtype=job.dtype, **common)
     n = len(adapter.blocks)
     if ctx.params.quantize.resolved_method == "recon":
         blocks, windows, computed = _quantize_windows(ctx, job, n, cap, common)
@@ -549,9 +551,15 @@ def _lm_eval(ctx: StageContext, release: Path, release_sha: str) -> tuple[dict, 
         return {}, True
     text = load_text(parse_text_source(d.eval_sources[0]), resolve_mirror(d.mirror))
     include, tasks_sha = prepare_local_tasks(ctx.cache / "lm_eval_tasks", text, list(e.lm_eval_tasks))
-    return run_cached(ctx, lm_eval_task, lambda r: True, "lm_eval", folder=str(release), model_sha=release_sha,
-                      tasks=list(e.lm_eval_tasks), include_path=str(include) if include else None,
-                      tasks_sha=tasks_sha, limit=e.lm_eval_limit, batch_size=e.batch_size)
+    # one mapped task per lm-eval task: in parallel on a task runner, each cached on its own
+    done = run_cached_many(ctx, lm_eval_task, lambda r: True, [
+        (f"lm_eval {name}", dict(folder=str(release), model_sha=release_sha, tasks=[name],
+                                 include_path=str(include) if include else None, tasks_sha=tasks_sha,
+                                 limit=e.lm_eval_limit, batch_size=e.batch_size)) for name in e.lm_eval_tasks])
+    merged: dict = {}
+    for result, _ in done:
+        merged |= result
+    return merged, all(cached for _, cached in done)
 
 
 def _report(ctx: StageContext, title: str, ppl: float, fp: float, lm: dict) -> None:

@@ -136,7 +136,8 @@ STAGES: tuple[Stage, ...] = (
                   "prepare_data.mirror")),
     Stage("fetch_model", deps=(INPUTS,), params=("fetch_model",), outs=(MODEL,)),
     Stage("prepare_data", deps=(INPUTS, MODEL), params=("prepare_data",), outs=(TOKENS,)),
-    Stage("quantize", deps=(MODEL, TOKENS), params=("quantize", "recon"), outs=(QUANTIZED,),
+    # fetch_model.dtype: the dtype the model computes in while its blocks are quantized
+    Stage("quantize", deps=(MODEL, TOKENS), params=("quantize", "recon", "fetch_model.dtype"), outs=(QUANTIZED,),
           plots=(Plot(BLOCK_ERRORS, x="block"),)),
     # qat.enabled: auto decides by the number of bits
     Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits"), outs=(QAT,)),

@@ -45,17 +45,31 @@ class QuantizeJob:
     method: object  # a frozen quantlib method config (RTNConfig, GPTQConfig, ...)
     engine: EngineConfig
     stream_from_disk: bool = False
+    dtype: str = "float32"  # the model's compute dtype (fetch_model.dtype); solves stay float32
 
 
 _local = threading.local()  # one skeleton per thread: tasks on a thread pool never share a model
 
 
-def _skeleton(model_dir: str, model_sha: str) -> Skeleton:
-    """The model's skeleton (blocks on meta), kept for the next task of this thread on that model."""
+def _skeleton(model_dir: str, model_sha: str, dtype: str) -> Skeleton:
+    """The model's skeleton (blocks on meta) in `dtype`, kept for the next task of this thread on it."""
     held = getattr(_local, "skeleton", None)
-    if held is None or held[0] != (model_dir, model_sha):
-        _local.skeleton = held = ((model_dir, model_sha), open_skeleton(model_dir, model_sha))
+    if held is None or held[0] != (model_dir, model_sha, dtype):
+        _local.skeleton = held = ((model_dir, model_sha, dtype),
+                                  open_skeleton(model_dir, model_sha, dtype=getattr(torch, dtype)))
     return held[1]
+
+
+def _here(job: QuantizeJob) -> QuantizeJob:
+    """The job with its device resolved where the task runs (a worker's GPU, not the driver's): auto
+    is cuda when this process sees one, else cpu; cuda without CUDA here is an error."""
+    device = job.engine.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"quantize.device {device!r}, but this worker ({ran_on()}) sees no CUDA device; "
+                           "run it on a GPU worker or set quantize.device: auto or cpu")
+    return replace(job, engine=replace(job.engine, device=device))
 
 
 def _calib(calib_path: str, calib_sha: str):
@@ -84,13 +98,15 @@ def _key(*names: str, **project: Callable[[Any], Any]) -> Callable[[Any, dict], 
     return fn
 
 
-@task(name="capture_activations", cache_key_fn=key_fn("model_sha", "calib_sha", "batch_size"), persist_result=True)
+@task(name="capture_activations", cache_key_fn=key_fn("model_sha", "calib_sha", "batch_size", "dtype"),
+      persist_result=True)
 def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, batch_size: int,
-                        cache_dir: str) -> dict:
+                        cache_dir: str, dtype: str = "float32") -> dict:
     """The first block's inputs for every calibration sequence, as a shard (no block is loaded)."""
-    model = _skeleton(model_dir, model_sha).model
+    model = _skeleton(model_dir, model_sha, dtype).model
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
-    final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size])
+    final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size] +
+                                                   ([] if dtype == "float32" else [dtype]))
     tmp = temp_dir_beside(final)
     return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
 
@@ -111,10 +127,10 @@ def _stats_dict(st: BlockStats) -> dict:
 def quantize_block_task(model_dir: str, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str,
                         calib_sha: str, job: QuantizeJob, cache_dir: str) -> dict:
     """Quantize block `index` given its input shard; writes its codes and its output shard."""
-    sk = _skeleton(model_dir, model_sha)
+    sk = _skeleton(model_dir, model_sha, job.dtype)
     with blocks_loaded(sk, [index], model_sha) as model:
         return _quantize_block(get_adapter(model), model_sha, index, in_path, in_sha, calib_path, calib_sha, job,
-                               cache_dir)
+                               cache_dir)  # keyed on `job` as given: _quantize_block resolves its device
 
 
 def _quantize_block(adapter, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
@@ -124,7 +140,8 @@ def _quantize_block(adapter, model_sha: str, index: int, in_path: str, in_sha: s
     key = stable_hash(["block", model_sha, index, in_sha, calib_sha, _job_key(job)])
     final = Path(cache_dir) / "acts" / key
     tmp = temp_dir_beside(final)
-    results, outputs, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, job.engine, str(tmp))
+    engine = _here(job).engine
+    results, outputs, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, engine, str(tmp))
     tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
     qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
     return {"index": index, "names": sorted(results), "qweights": str(qpath),
@@ -140,18 +157,20 @@ def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:
 # ---------------------------------------------------------------------------------- reconstruction
 
 
-@task(name="fp_targets", cache_key_fn=key_fn("model_sha", "in_sha", "calib_sha"), persist_result=True)
+@task(name="fp_targets", cache_key_fn=_key("model_sha", "in_sha", "calib_sha", "job", job=lambda j: j.dtype),
+      persist_result=True)  # of the job only its dtype: every method and scheme shares the FP targets
 def fp_targets_task(model_dir: str, model_sha: str, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
                     job: QuantizeJob, cache_dir: str) -> dict:
     """FP activations after every block (reconstruction targets): bounds[i] = output of block i.
     Blocks are read one at a time (host memory: one block + one boundary's activations)."""
-    sk = _skeleton(model_dir, model_sha)
+    sk = _skeleton(model_dir, model_sha, job.dtype)
     adapter = get_adapter(sk.model)
-    device = torch.device(job.engine.device)
+    device = torch.device(_here(job).engine.device)
     calls = capture_block_calls(adapter, _calib(calib_path, calib_sha))
     x, bounds = open_shard(Path(in_path), in_sha, in_memory=False), []
     for i in range(len(adapter.blocks)):
-        final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i])
+        final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i] +
+                                                       ([] if job.dtype == "float32" else [job.dtype]))
         tmp = temp_dir_beside(final)
         with blocks_loaded(sk, [i], model_sha):
             block = adapter.blocks[i]
@@ -195,7 +214,7 @@ def recon_window_task(model_dir: str, model_sha: str, window: tuple[int, int], n
     target shard, and the saved state of the blocks it shares with the previous window. Writes the
     codes of the blocks it finishes, the next window's input shard and its own carry file. Loads the
     window's blocks and the look-ahead blocks its loss runs through."""
-    sk = _skeleton(model_dir, model_sha)
+    sk = _skeleton(model_dir, model_sha, job.dtype)
     n = len(get_adapter(sk.model).blocks)
     stop = min(window[1] + getattr(job.method, "lookahead", 0), n)
     with blocks_loaded(sk, range(window[0], stop), model_sha) as model:
@@ -214,7 +233,7 @@ def _recon_window(adapter, model_sha: str, window: tuple[int, int], next_start: 
                        _job_key(job)])
     final = Path(cache_dir) / "acts" / key
     tmp = temp_dir_beside(final)
-    r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method, job.engine,
+    r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method, _here(job).engine,
                    _read_carry(carry), spill_dir=str(tmp))
     tensors = {k: v for name, qw in r.results.items() for k, v in qw.state_dict(name).items()}
     qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"

@@ -16,18 +16,27 @@ _INDEX = "SHARD.json"
 
 
 def seal_shard(tmp_dir: Path, final_dir: Path, store: ActivationStore | None = None) -> str:
-    """Index the batch files written into tmp_dir, then move it to final_dir (replacing any old
-    one). Returns the shard hash. `store`: the ActivationStore that wrote them, whose digests of
+    """Index the batch files written into tmp_dir, then move it to final_dir; an intact final_dir
+    with the same content is kept (a shared storage root), any other one replaced. Returns the shard hash. `store`: the ActivationStore that wrote them, whose digests of
     the bytes it wrote spare reading the files back (they are hashed here otherwise)."""
     files = ActivationStore.open(tmp_dir).files()
     digests = None if store is None else store.file_digests()
     if digests is None or store.files() != files:  # not the writer of exactly these files
         digests = [sha256_file(f) for f in files]
     atomic_write_json(tmp_dir / _INDEX, {"batches": digests})
+    sha = sha256_bytes((tmp_dir / _INDEX).read_bytes())
     if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp_dir.rename(final_dir)
-    return sha256_bytes((final_dir / _INDEX).read_bytes())
+        if shard_ok(final_dir, sha):  # the same content sealed by another writer sharing the storage root:
+            shutil.rmtree(tmp_dir)  # keep theirs (a reader may have it open), drop ours
+            return sha
+        shutil.rmtree(final_dir)  # a corrupted or different leftover
+    try:
+        tmp_dir.rename(final_dir)
+    except OSError:  # another writer renamed its copy in between
+        if not shard_ok(final_dir, sha):
+            raise
+        shutil.rmtree(tmp_dir)
+    return sha
 
 
 def shard_ok(folder: Path, sha: str) -> bool:

@@ -174,3 +174,31 @@ def test_an_unpinned_hub_source_is_warned_about_before_any_stage(capsys):
         preflight(replace(PipelineParams(), fetch_model=FetchModelParams(source=spec)))
         err = capsys.readouterr().err
         assert ("names no revision" in err and f"{spec}@<commit sha>" in err) == warned, err
+
+
+@pytest.mark.reliability(
+    fault='quantize.group_size that does not divide a Linear of a local model (48 for hidden 64 / intermediate 128)',
+    sees='`quantize.group_size: 48 does not divide the model\'s hidden_size ... 64; choose a divisor ...` before '
+         'any stage (other sources: at the start of quantize, from the shapes alone)',
+    kept='params.yaml unchanged, no data/')
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_in_preflight(tmp_path):
+    import json
+
+    from flows.params import load_params
+    from tests.quantlib.tiny import tiny_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(tiny_config("llama").to_dict()))
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-S", f"fetch_model.source={model}",
+                           "-S", "quantize.group_size=48"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, done.stderr
+    assert "quantize.group_size: 48 does not divide the model's hidden_size (q/k/v, gate/up inputs) 64" in done.stderr
+    assert (tmp_path / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
+    assert not (tmp_path / "data").exists()
+    from flows.cli_pipeline import preflight
+    for ok in (32, 64, None):  # divisors (and per-channel) pass
+        preflight(load_params(tmp_path / "params.yaml", [f"fetch_model.source={model}",
+                                                         f"quantize.group_size={'null' if ok is None else ok}"]))

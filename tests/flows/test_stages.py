@@ -35,7 +35,7 @@ def test_every_section_is_declared_by_its_stage_in_pipeline_order() -> None:
     assert [s.name for s in STAGES] == ["inputs", *[owners[sec] for sec in owners if sec != "recon"]]
     # where tasks run and where the cache lives never change an output: no stage reads them
     assert not any(p.split(".")[0] == "orchestration" for s in STAGES for p in s.params)
-    assert get_stage("quantize").params == ("quantize", "recon")
+    assert get_stage("quantize").params == ("quantize", "recon", "fetch_model.dtype")
 
 
 def test_data_deps_come_from_earlier_stages() -> None:

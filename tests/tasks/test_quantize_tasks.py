@@ -29,17 +29,18 @@ from tiny import tiny_ids, tiny_model  # noqa: E402
 SPEC = QuantSpec(3, 32)
 
 
-def _task_path(tmp_path: Path, method, stream: bool) -> tuple[dict, list[dict]]:
+def _task_path(tmp_path: Path, method, stream: bool, dtype: str = "float32") -> tuple[dict, list[dict]]:
     """capture_activations, then quantize_block_task per block, as the pipeline calls them."""
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "model")  # the tasks read the folder, as on a worker
     write_manifest(tmp_path / "model")
     calib = tmp_path / "calib.safetensors"
     calib_sha = write_token_ids(calib, {"calib": tiny_ids(8, 32)})
-    job = TQ.QuantizeJob(SPEC, method, EngineConfig(batch_size=4, measure_block_error=True), stream_from_disk=stream)
+    job = TQ.QuantizeJob(SPEC, method, EngineConfig(batch_size=4, measure_block_error=True), stream_from_disk=stream,
+                         dtype=dtype)
     common = dict(model_dir=str(tmp_path / "model"), model_sha=sha256_file(tmp_path / "model" / "MANIFEST.json"),
                   calib_path=str(calib), calib_sha=calib_sha, cache_dir=str(tmp_path / "cache"))
-    cap = TQ.capture_activations.fn(batch_size=4, **common)
+    cap = TQ.capture_activations.fn(batch_size=4, dtype=dtype, **common)
     prev, codes, records = (cap["path"], cap["sha"]), {}, []
     for i in range(len(get_adapter(model).blocks)):
         rec = TQ.quantize_block_task.fn(index=i, in_path=prev[0], in_sha=prev[1], job=job, **common)
@@ -88,7 +89,7 @@ def _parameters(root: str, shas: dict[str, str] | None = None) -> dict:
     """A value for every parameter any quantize task takes; paths under `root` (absolute)."""
     sha = {"model": "a" * 64, "in": "b" * 64, "calib": "c" * 64, "target": "d" * 64, "carry": "e" * 64} | (shas or {})
     return {"model_dir": f"{root}/model", "model_sha": sha["model"], "calib_path": f"{root}/tokens/calib.safetensors",
-            "calib_sha": sha["calib"], "batch_size": 4, "cache_dir": f"{root}/.cache/ptq", "index": 3,
+            "calib_sha": sha["calib"], "batch_size": 4, "cache_dir": f"{root}/.cache/ptq", "index": 3, "dtype": "float32",
             "in_path": f"{root}/.cache/ptq/acts/x", "in_sha": sha["in"], "window": (2, 4), "next_start": 3,
             "target": {"path": f"{root}/.cache/ptq/acts/t", "sha": sha["target"]},
             "carry": {"path": f"{root}/.cache/ptq/carry/c.safetensors", "sha": sha["carry"]},
@@ -116,6 +117,16 @@ def test_every_quantize_task_keys_on_content_hashes_not_paths():
                 assert _key(task, _parameters("/a", {name: "f" * 64})) != here, (task.name, name)
 
 
+def test_the_compute_dtype_is_in_every_key_and_the_method_not_in_the_fp_targets_key():
+    p = _parameters("/a")
+    assert _key(TQ.capture_activations, p) != _key(TQ.capture_activations, p | {"dtype": "bfloat16"})
+    bf16 = TQ.QuantizeJob(_JOB.spec, _JOB.method, _JOB.engine, dtype="bfloat16")
+    rtn = TQ.QuantizeJob(QuantSpec(4, None), BoAConfig(), _JOB.engine)
+    for task in (TQ.quantize_block_task, TQ.recon_window_task, TQ.fp_targets_task):
+        assert _key(task, p) != _key(task, p | {"job": bf16}), task.name
+    assert _key(TQ.fp_targets_task, p) == _key(TQ.fp_targets_task, p | {"job": rtn})  # shared by every method
+
+
 def test_window_key_covers_the_target_and_carry_being_absent():
     task = TQ.recon_window_task
     p = _parameters("/a")
@@ -127,3 +138,70 @@ def test_seal_shard_hashes_the_files_of_another_writer(tmp_path):
     ActivationStore.from_batches([torch.zeros(1, 2, 3)], tmp_path / "s.tmp")
     sha = seal_shard(tmp_path / "s.tmp", tmp_path / "s", other)  # a store that wrote other files
     assert shard_ok(tmp_path / "s", sha)
+
+
+_FRESH = """
+import json, sys
+import tasks.quantize as TQ
+from quantlib.engine import EngineConfig
+from quantlib.gptq import GPTQConfig
+from quantlib.spec import QuantSpec
+refs = json.loads(sys.argv[1])
+job = TQ.QuantizeJob(QuantSpec(3, 32), GPTQConfig(), EngineConfig(batch_size=4, measure_block_error=True))
+rec = TQ.quantize_block_task.fn(job=job, **refs)
+print(json.dumps({k: rec[k] for k in ("qweights_sha", "out_sha", "names")}))
+"""
+
+
+def test_a_task_run_in_a_fresh_process_from_its_references_gives_the_in_process_result(tmp_path):
+    """What a Dask/Ray worker does: a new interpreter, nothing but file references and the job."""
+    import json
+    import subprocess
+
+    codes, records = _task_path(tmp_path / "here", GPTQConfig(), False)
+    common = {"model_dir": str(tmp_path / "here" / "model"), "calib_path": str(tmp_path / "here" / "calib.safetensors")}
+    rec = records[1]  # block 1: its input is block 0's output shard, as on a worker mid-chain
+    refs = dict(common, model_sha=sha256_file(tmp_path / "here" / "model" / "MANIFEST.json"), index=1,
+                in_path=rec["in"][0], in_sha=rec["in"][1], calib_sha=sha256_file(tmp_path / "here" / "calib.safetensors"),
+                cache_dir=str(tmp_path / "elsewhere"))
+    done = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(refs)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh == {k: rec[k] for k in ("qweights_sha", "out_sha", "names")}
+
+
+def test_sealing_content_another_writer_already_sealed_keeps_theirs(tmp_path):
+    """Two checkouts or hosts sharing a storage root compute the same shard: the first one stays."""
+    batches = [torch.randn(2, 4, 8)]
+    ActivationStore.from_batches(batches, tmp_path / "a.tmp")
+    sha = seal_shard(tmp_path / "a.tmp", tmp_path / "s")
+    inode = (tmp_path / "s" / "SHARD.json").stat().st_ino
+    ActivationStore.from_batches(batches, tmp_path / "b.tmp")
+    assert seal_shard(tmp_path / "b.tmp", tmp_path / "s") == sha
+    assert (tmp_path / "s" / "SHARD.json").stat().st_ino == inode and not (tmp_path / "b.tmp").exists()
+    ActivationStore.from_batches([torch.zeros(2, 4, 8)], tmp_path / "c.tmp")  # different content: replaced
+    other = seal_shard(tmp_path / "c.tmp", tmp_path / "s")
+    assert other != sha and shard_ok(tmp_path / "s", other)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only worker")
+def test_the_device_is_resolved_where_the_task_runs_not_on_the_driver():
+    job = TQ.QuantizeJob(SPEC, GPTQConfig(), EngineConfig(batch_size=4, device="auto"))
+    assert TQ._here(job).engine.device == "cpu" and job.engine.device == "auto"  # the key keeps "auto"
+    with pytest.raises(RuntimeError, match="sees no CUDA device; run it on a GPU worker"):
+        TQ._here(TQ.QuantizeJob(SPEC, GPTQConfig(), EngineConfig(batch_size=4, device="cuda")))
+
+
+def test_bfloat16_blocks_halve_the_shards_and_give_nearly_the_float32_codes(tmp_path):
+    codes32, recs32 = _task_path(tmp_path / "f32", GPTQConfig(), False)
+    codes16, recs16 = _task_path(tmp_path / "bf16", GPTQConfig(), False, dtype="bfloat16")
+    out32, out16 = (open_shard(Path(r[-1]["out"]), r[-1]["out_sha"], True) for r in (recs32, recs16))
+    assert all(b.dtype == torch.bfloat16 for b in out16) and all(b.dtype == torch.float32 for b in out32)
+    size = lambda recs: sum(f.stat().st_size for f in Path(recs[-1]["out"]).glob("*.safetensors"))  # noqa: E731
+    assert size(recs16) < 0.55 * size(recs32)
+    # the solves ran in float32 on bf16-rounded weights and inputs: nearly the same codes and errors
+    agree = [(codes16[k].qweight == qw.qweight).float().mean().item() for k, qw in codes32.items()]
+    errors = [(r16["stats"]["block_error"], r32["stats"]["block_error"]) for r16, r32 in zip(recs16, recs32)]
+    assert min(agree) > 0.6 and sum(agree) / len(agree) > 0.8  # 3-bit codes: chance agreement is ~1/8
+    assert all(0.8 < e16 / e32 < 1.25 for e16, e32 in errors), errors
