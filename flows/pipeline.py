@@ -177,12 +177,13 @@ def prepare_data_stage(ctx: StageContext) -> dict:
     from tasks.inputs import manifest_sha, prepare_data_task
     from tasks.io import publish_dir
 
-    settings = ctx.params.declared()["prepare_data"]
+    settings = dict(ctx.params.declared()["prepare_data"])
     mirror = settings.pop("mirror")  # a folder: the texts it holds are keyed by content (inputs.json)
     model_dir = ctx.path(S.MODEL)
     record, cached = run_cached(ctx, prepare_data_task, _tokens_ok, "prepare_data", model_dir=str(model_dir),
                                 model_sha=manifest_sha(model_dir), settings=settings, mirror=mirror,
-                                text_shas=_read_json(ctx.path(S.INPUTS))["texts"], cache_dir=str(ctx.cache))
+                                text_shas=_read_json(ctx.path(S.INPUTS))["texts"], cache_dir=str(ctx.cache),
+                                trust_remote_code=ctx.params.fetch_model.trust_remote_code)
     publish_dir(record["path"], ctx.path(S.TOKENS))
     return {"computed": int(not cached)}
 
@@ -247,10 +248,12 @@ def quantize_stage(ctx: StageContext) -> dict:
     job = quantize_job(ctx.params.quantize, ctx.params.recon, ctx.params.fetch_model.dtype)
     model_dir = ctx.path(S.MODEL)
     tokens_dir, tokens = _tokens(ctx)
-    adapter = get_adapter(meta_model(model_dir))  # shapes only: the tasks load what they need
+    trust = ctx.params.fetch_model.trust_remote_code
+    adapter = get_adapter(meta_model(model_dir, trust))  # shapes only: the tasks load what they need
     check_spec_fits(adapter, job.spec.group_size)
-    common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
-                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache))
+    common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), trust_remote_code=trust,
+                  calib_path=str(tokens_dir / "calib.safetensors"), calib_sha=tokens["calib"]["sha256"],
+                  cache_dir=str(ctx.cache))
     cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", on=job.engine.device, batch_size=job.engine.batch_size,
                                  dtype=job.dtype, **common)
@@ -262,7 +265,9 @@ def quantize_stage(ctx: StageContext) -> dict:
     else:
         (blocks, computed), windows = _quantize_blocks(ctx, job, n, cap, common), []
     _write_quantized(ctx, job, blocks, windows, common)
-    return {"blocks": n, "computed": computed + int(not cap_cached), "task_processes_elsewhere": _elsewhere(blocks)}
+    threads = sorted({b["threads"] for b in blocks if b.get("threads")})
+    return {"blocks": n, "computed": computed + int(not cap_cached), "task_processes_elsewhere": _elsewhere(blocks),
+            "task_threads_min": threads[0] if threads else 0, "task_threads_max": threads[-1] if threads else 0}
 
 
 def _elsewhere(records: list[dict]) -> int:
@@ -295,7 +300,7 @@ def _block_record(ctx: StageContext, i: int, rec: dict) -> dict:
         ctx.log_metrics({"block_error": st["block_error"]}, i)
     return {"block": i, "names": rec["names"], "qweights": rec["qweights"], "qweights_sha": rec["qweights_sha"],
             "layer_errors": st["layer_errors"], "before": None, "block_error": st["block_error"],
-            "ran_on": st.get("ran_on")}
+            "ran_on": st.get("ran_on"), "threads": st.get("threads")}
 
 
 def _quantize_blocks_fp(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
@@ -349,7 +354,8 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
         share = {"layer_errors": {}, "names": [], "qweights": None, "qweights_sha": None}
         finished = [dict(share, block=e["block"], before=e["before"], block_error=e["after"]) for e in st["block_errors"]]
         # the window's one codes file holds every block it finished: attach it to the first of them
-        finished[0] |= {k: rec[k] for k in ("names", "qweights", "qweights_sha")} | {"ran_on": st.get("ran_on")}
+        finished[0] |= {k: rec[k] for k in ("names", "qweights", "qweights_sha")} | {
+            "ran_on": st.get("ran_on"), "threads": st.get("threads")}
         blocks += finished
         computed += not cached
         prev, carry = (rec["out"], rec["out_sha"]), rec["carry"]
@@ -441,7 +447,8 @@ def _train_qat(ctx: StageContext, qdir: Path, info: dict) -> tuple[dict, int]:
     cfg, model_dir = qat_config(ctx.params.qat), ctx.path(S.MODEL)
     tokens_dir, tokens = _tokens(ctx)
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
-                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache))
+                  calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache),
+                  trust_remote_code=ctx.params.fetch_model.trust_remote_code)
     teacher, c1 = (None, True) if not cfg.needs_teacher else run_cached(
         ctx, qat_teacher_task, lambda r: file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
     rec, c2 = run_cached(ctx, qat_train_task, lambda r: file_ok(r["path"], r["sha"]), "qat",
@@ -471,7 +478,7 @@ def pack_stage(ctx: StageContext) -> dict:
     out = ctx.path(S.RELEASE)
     tmp = _fresh_tmp(out)
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
-                        fmt=ctx.params.pack.format)
+                        fmt=ctx.params.pack.format, trust_remote_code=ctx.params.fetch_model.trust_remote_code)
     build_release_manifest(tmp, params=ctx.params.declared(), chain=_chain(ctx, info), code=code_identity())
     failpoint("pack.written")
     _swap(tmp, out)
@@ -523,7 +530,8 @@ def evaluate_stage(ctx: StageContext) -> dict:
     e, release, model_dir = ctx.params.evaluate, ctx.path(S.RELEASE), ctx.path(S.MODEL)
     files, files_sha = _eval_files(ctx)
     release_sha = sha256_file(release / "MANIFEST.json")  # deterministic: identifies the release
-    common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size)
+    common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size,
+                  trust_remote_code=ctx.params.fetch_model.trust_remote_code)
     # independent: submitted together on a parallel runner, in this order on the sequential one
     (ppl, c1), (fp, c2) = run_cached_many(ctx, ppl_task, lambda r: True, [
         ("perplexity (release)", dict(kind="release", folder=str(release), model_sha=release_sha, **common)),
@@ -555,7 +563,9 @@ def _lm_eval(ctx: StageContext, release: Path, release_sha: str) -> tuple[dict, 
     done = run_cached_many(ctx, lm_eval_task, lambda r: True, [
         (f"lm_eval {name}", dict(folder=str(release), model_sha=release_sha, tasks=[name],
                                  include_path=str(include) if include else None, tasks_sha=tasks_sha,
-                                 limit=e.lm_eval_limit, batch_size=e.batch_size)) for name in e.lm_eval_tasks])
+                                 limit=e.lm_eval_limit, batch_size=e.batch_size,
+                                 trust_remote_code=ctx.params.fetch_model.trust_remote_code))
+        for name in e.lm_eval_tasks])
     merged: dict = {}
     for result, _ in done:
         merged |= result

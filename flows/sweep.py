@@ -194,6 +194,7 @@ def _register(root: Path, base: PipelineParams, configs: list[Config], done: lis
     from tasks.mlflow_runs import Tracker, close_run
 
     from .params import flatten
+    from .pipeline import GateError
     from .runner import Tracking, run_one_stage
 
     r = base.register
@@ -208,12 +209,16 @@ def _register(root: Path, base: PipelineParams, configs: list[Config], done: lis
         tracker.log_metrics(child, {"ppl": m["ppl"][first], "fp32_ppl": m["fp32_ppl"][first],
                                     **{f"seconds_{k}": v for k, v in res["seconds"].items()}})
         ws = out / "runs" / c.label
-        run_one_stage(ws, c.params, "register", Tracking(tracker, child))
+        try:
+            run_one_stage(ws, c.params, "register", Tracking(tracker, child))
+        except GateError as e:  # registered, alias not moved: a row of the table, not the end of the sweep
+            log.warning("%s: %s", c.label, e)
         reg = json.loads((ws / "metrics" / "registry.json").read_text(encoding="utf-8"))
         close_run(tracker, child)
         rows.append({"config": c.label, **{k: v for k, v in c.values.items()}, "method": m["method"],
                      "scheme": m["scheme"], "ppl": m["ppl"][first], "fp32_ppl": m["fp32_ppl"][first],
-                     "eval": first, "model_uri": reg["model_uri"], "seconds": round(sum(res["seconds"].values()), 1)})
+                     "eval": first, "model_uri": reg["model_uri"], "gate": reg["gate"],
+                     "seconds": round(sum(res["seconds"].values()), 1)})
     close_run(tracker, sweep_run)
     return rows
 

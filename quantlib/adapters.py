@@ -153,6 +153,9 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
+    if family is None and config is not None:  # remote code (trust_remote_code) subclassing a supported config
+        family = next((FAMILIES[c.model_type] for c in type(config).__mro__[1:]
+                       if getattr(c, "model_type", None) in FAMILIES), None)
     if family is None:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}); "

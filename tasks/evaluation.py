@@ -11,14 +11,17 @@ from .lm_eval_local import make_cloze_jsonl, run_lm_eval, write_task_yaml
 from .release import load_release
 from .sources import load_model, load_tokenizer
 from .textdata import read_token_ids
+from .threads import pin_threads
 
 __all__ = ["ppl_task", "lm_eval_task", "LOCAL_TASKS", "prepare_local_tasks"]
 
 LOCAL_TASKS = ("ptq_cloze",)  # generated offline from the evaluation text
 
 
-def _load(kind: str, folder: str):
-    return load_release(folder) if kind == "release" else load_model(folder)
+def _load(kind: str, folder: str, trust_remote_code: bool = False):
+    if kind == "release":
+        return load_release(folder, trust_remote_code=trust_remote_code)
+    return load_model(folder, trust_remote_code=trust_remote_code)
 
 
 def _windows(eval_files: dict[str, list[str]]) -> dict:
@@ -26,9 +29,11 @@ def _windows(eval_files: dict[str, list[str]]) -> dict:
 
 
 @task(name="perplexity", cache_key_fn=key_fn("kind", "model_sha", "eval_files_sha", "batch_size"), persist_result=True)
-def ppl_task(kind: str, folder: str, model_sha: str, eval_files: dict, eval_files_sha: str, batch_size: int) -> dict:
+def ppl_task(kind: str, folder: str, model_sha: str, eval_files: dict, eval_files_sha: str, batch_size: int,
+             trust_remote_code: bool = False) -> dict:
     """{source: perplexity} of a release (kind 'release') or the FP source model (kind 'model')."""
-    return evaluate_perplexity(_load(kind, folder), _windows(eval_files), batch_size)
+    pin_threads()
+    return evaluate_perplexity(_load(kind, folder, trust_remote_code), _windows(eval_files), batch_size)
 
 
 def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int = 0, n_docs: int = 200) -> tuple[Path | None, str]:
@@ -47,7 +52,8 @@ def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int =
 
 @task(name="lm_eval", cache_key_fn=key_fn("model_sha", "tasks", "limit", "tasks_sha"), persist_result=True)
 def lm_eval_task(folder: str, model_sha: str, tasks: list[str], include_path: str | None, tasks_sha: str,
-                 limit: int | None, batch_size: int) -> dict:
-    model = load_release(folder)
-    return run_lm_eval(model, load_tokenizer(folder, verify=False), list(tasks),
+                 limit: int | None, batch_size: int, trust_remote_code: bool = False) -> dict:
+    pin_threads()
+    model = load_release(folder, trust_remote_code=trust_remote_code)
+    return run_lm_eval(model, load_tokenizer(folder, verify=False, trust_remote_code=trust_remote_code), list(tasks),
                        Path(include_path) if include_path else None, limit, batch_size)

@@ -40,11 +40,11 @@ def source_name(spec: str) -> str:
 
 @task(name="prepare_data", cache_key_fn=key_fn("model_sha", "settings", "text_shas"), persist_result=True)
 def prepare_data_task(model_dir: str, model_sha: str, settings: dict, text_shas: dict, mirror: str | None,
-                      cache_dir: str) -> dict:
+                      cache_dir: str, trust_remote_code: bool = False) -> dict:
     """Token ids per docs/protocol.md: calibration (n, seqlen) from the calibration text's first
     half (or all of it), evaluation windows from each eval text's second half (or all). `settings`
     are the prepare_data params but the mirror folder, whose texts `text_shas` identify by content."""
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     mirror = resolve_mirror(mirror)
     out = Path(cache_dir) / "tokens" / stable_hash([model_sha, settings, text_shas])
     ids = tokenize_text(load_text(parse_text_source(settings["calib_source"]), mirror), tok)

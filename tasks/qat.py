@@ -25,6 +25,7 @@ from .faults import failpoint
 from .io import atomic_path, atomic_save_safetensors, atomic_write_bytes, load_safetensors_verified, sha256_file
 from .sources import load_model
 from .textdata import read_token_ids
+from .threads import pin_threads
 
 __all__ = ["qat_teacher_task", "qat_train_task", "load_quantized", "apply_quantized", "checkpoint_key"]
 
@@ -45,9 +46,11 @@ def apply_quantized(model, results: dict[str, QuantizedWeight]) -> None:
 
 
 @task(name="qat_teacher", cache_key_fn=key_fn("model_sha", "calib_sha", "topk"), persist_result=True)
-def qat_teacher_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, topk: int, cache_dir: str) -> dict:
+def qat_teacher_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, topk: int, cache_dir: str,
+                     trust_remote_code: bool = False) -> dict:
     """The FP model's top-k next-token log-probs on the calibration sequences (safetensors)."""
-    model = load_model(model_dir)
+    pin_threads()
+    model = load_model(model_dir, trust_remote_code=trust_remote_code)
     teacher = teacher_targets(model, read_token_ids(calib_path, calib_sha)["calib"], topk)
     path = Path(cache_dir) / "qat" / f"teacher-{stable_hash([model_sha, calib_sha, topk])}.safetensors"
     return {"path": str(path), "sha": atomic_save_safetensors(path, teacher)}
@@ -88,15 +91,16 @@ def checkpoint_key(*inputs) -> str:
       persist_result=True)
 def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantized_sha: str, names: list[str],
                    calib_path: str, calib_sha: str, teacher: dict | None, cfg: QATConfig, checkpoint_every: int,
-                   cache_dir: str, teacher_sha: str | None = None) -> dict:
+                   cache_dir: str, teacher_sha: str | None = None, trust_remote_code: bool = False) -> dict:
     """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
     from the last one. Writes the refined integers + scales + zeros. `teacher` is the teacher
     task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds)."""
+    pin_threads()
     if teacher is not None and teacher_sha != teacher["sha"]:
         raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
     key = stable_hash([model_sha, quantized_sha, calib_sha, teacher_sha, cfg])
     ckpt = Path(cache_dir) / "qat" / f"checkpoint-{checkpoint_key(key)}.pt"
-    model = load_model(model_dir)
+    model = load_model(model_dir, trust_remote_code=trust_remote_code)
     results = load_quantized(quantized_path, quantized_sha, names)
     apply_quantized(model, results)
     targets = None if teacher is None else load_safetensors_verified(teacher["path"], teacher["sha"])

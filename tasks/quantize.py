@@ -32,6 +32,7 @@ from .io import atomic_save_safetensors, file_ok, load_safetensors_verified, tem
 from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
+from .threads import pin_threads
 
 __all__ = ["QuantizeJob", "ran_on", "capture_activations", "quantize_block_task", "fp_targets_task", "recon_window_task",
            "load_block_weights", "window_ok"]
@@ -51,12 +52,13 @@ class QuantizeJob:
 _local = threading.local()  # one skeleton per thread: tasks on a thread pool never share a model
 
 
-def _skeleton(model_dir: str, model_sha: str, dtype: str) -> Skeleton:
+def _skeleton(model_dir: str, model_sha: str, dtype: str, trust_remote_code: bool) -> Skeleton:
     """The model's skeleton (blocks on meta) in `dtype`, kept for the next task of this thread on it."""
     held = getattr(_local, "skeleton", None)
-    if held is None or held[0] != (model_dir, model_sha, dtype):
-        _local.skeleton = held = ((model_dir, model_sha, dtype),
-                                  open_skeleton(model_dir, model_sha, dtype=getattr(torch, dtype)))
+    if held is None or held[0] != (model_dir, model_sha, dtype, trust_remote_code):
+        _local.skeleton = held = ((model_dir, model_sha, dtype, trust_remote_code),
+                                  open_skeleton(model_dir, model_sha, dtype=getattr(torch, dtype),
+                                                trust_remote_code=trust_remote_code))
     return held[1]
 
 
@@ -101,9 +103,10 @@ def _key(*names: str, **project: Callable[[Any], Any]) -> Callable[[Any, dict], 
 @task(name="capture_activations", cache_key_fn=key_fn("model_sha", "calib_sha", "batch_size", "dtype"),
       persist_result=True)
 def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, batch_size: int,
-                        cache_dir: str, dtype: str = "float32") -> dict:
+                        cache_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
     """The first block's inputs for every calibration sequence, as a shard (no block is loaded)."""
-    model = _skeleton(model_dir, model_sha, dtype).model
+    pin_threads()
+    model = _skeleton(model_dir, model_sha, dtype, trust_remote_code).model
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
     final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size] +
                                                    ([] if dtype == "float32" else [dtype]))
@@ -119,15 +122,16 @@ def ran_on() -> str:
 
 def _stats_dict(st: BlockStats) -> dict:
     return {"seconds": st.seconds, "peak_mb": st.peak_mb, "layer_errors": st.layer_errors,
-            "block_error": st.block_error, "ran_on": ran_on()}
+            "block_error": st.block_error, "ran_on": ran_on(), "threads": torch.get_num_threads()}
 
 
 @task(name="quantize_block", cache_key_fn=_key("model_sha", "index", "in_sha", "calib_sha", "job", job=_job_key),
       persist_result=True)
 def quantize_block_task(model_dir: str, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str,
-                        calib_sha: str, job: QuantizeJob, cache_dir: str) -> dict:
+                        calib_sha: str, job: QuantizeJob, cache_dir: str, trust_remote_code: bool = False) -> dict:
     """Quantize block `index` given its input shard; writes its codes and its output shard."""
-    sk = _skeleton(model_dir, model_sha, job.dtype)
+    pin_threads()
+    sk = _skeleton(model_dir, model_sha, job.dtype, trust_remote_code)
     with blocks_loaded(sk, [index], model_sha) as model:
         return _quantize_block(get_adapter(model), model_sha, index, in_path, in_sha, calib_path, calib_sha, job,
                                cache_dir)  # keyed on `job` as given: _quantize_block resolves its device
@@ -160,10 +164,11 @@ def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:
 @task(name="fp_targets", cache_key_fn=_key("model_sha", "in_sha", "calib_sha", "job", job=lambda j: j.dtype),
       persist_result=True)  # of the job only its dtype: every method and scheme shares the FP targets
 def fp_targets_task(model_dir: str, model_sha: str, in_path: str, in_sha: str, calib_path: str, calib_sha: str,
-                    job: QuantizeJob, cache_dir: str) -> dict:
+                    job: QuantizeJob, cache_dir: str, trust_remote_code: bool = False) -> dict:
     """FP activations after every block (reconstruction targets): bounds[i] = output of block i.
     Blocks are read one at a time (host memory: one block + one boundary's activations)."""
-    sk = _skeleton(model_dir, model_sha, job.dtype)
+    pin_threads()
+    sk = _skeleton(model_dir, model_sha, job.dtype, trust_remote_code)
     adapter = get_adapter(sk.model)
     device = torch.device(_here(job).engine.device)
     calls = capture_block_calls(adapter, _calib(calib_path, calib_sha))
@@ -201,7 +206,8 @@ def _read_carry(record: dict | None) -> dict[int, dict[str, torch.Tensor]]:
 def _window_stats(st: WindowStats) -> dict:
     return {"start": st.start, "end": st.end, "loss_init": st.loss_init, "loss_final": st.loss_final,
             "kept_init": st.kept_init, "seconds": st.seconds, "peak_mb": st.peak_mb, "curve": st.curve,
-            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors, "ran_on": ran_on()}
+            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors, "ran_on": ran_on(),
+            "threads": torch.get_num_threads()}
 
 
 @task(name="recon_window", cache_key_fn=_key("model_sha", "window", "next_start", "in_sha", "target", "carry",
@@ -209,12 +215,13 @@ def _window_stats(st: WindowStats) -> dict:
       persist_result=True)
 def recon_window_task(model_dir: str, model_sha: str, window: tuple[int, int], next_start: int, in_path: str,
                       in_sha: str, target: dict | None, carry: dict | None, calib_path: str, calib_sha: str,
-                      job: QuantizeJob, cache_dir: str) -> dict:
+                      job: QuantizeJob, cache_dir: str, trust_remote_code: bool = False) -> dict:
     """Reconstruct one window: its input shard (the finished quantized prefix's activations), its FP
     target shard, and the saved state of the blocks it shares with the previous window. Writes the
     codes of the blocks it finishes, the next window's input shard and its own carry file. Loads the
     window's blocks and the look-ahead blocks its loss runs through."""
-    sk = _skeleton(model_dir, model_sha, job.dtype)
+    pin_threads()
+    sk = _skeleton(model_dir, model_sha, job.dtype, trust_remote_code)
     n = len(get_adapter(sk.model).blocks)
     stop = min(window[1] + getattr(job.method, "lookahead", 0), n)
     with blocks_loaded(sk, range(window[0], stop), model_sha) as model:

@@ -50,25 +50,31 @@ def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight]) -> di
 
 
 def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                        fmt: str = RELEASE_FORMAT) -> None:
+                        fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False) -> None:
     """Write everything but MANIFEST.json into out_dir (which must be empty), in format `fmt`:
     RELEASE_FORMAT, or a packed format of tasks.release_formats (`gptq`, `compressed-tensors`)."""
     if fmt != RELEASE_FORMAT:
         from .release_formats import write_packed_release
 
-        return write_packed_release(out_dir, model_dir, qweights, info, fmt)
+        return write_packed_release(out_dir, model_dir, qweights, info, fmt, trust_remote_code=trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out_dir / "model.safetensors", release_weights(model_dir, qweights),
                             metadata={"format": RELEASE_FORMAT})
     (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
-    for name in _COPY:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out_dir / name)
+    copy_model_files(model_dir, out_dir)
     atomic_write_json(out_dir / "quantization.json",
                       info | {"format": RELEASE_FORMAT, "modules": sorted(qweights)})
 
 
-def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32):
+def copy_model_files(model_dir: Path, out_dir: Path) -> None:
+    """Config, tokenizer and a remote-code model's own .py files (what trust_remote_code loads)."""
+    for name in [*_COPY, *sorted(p.name for p in model_dir.glob("*.py"))]:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+
+
+def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False):
     """A causal LM of a release: for RELEASE_FORMAT a dense model whose quantized Linears hold their
     dequantized weights; for a packed format (gptq, compressed-tensors) QuantLinear modules."""
     release_dir = Path(release_dir)
@@ -78,11 +84,11 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
     from .release_formats import PACKED_FORMATS, load_packed_release
 
     if info.get("format") in PACKED_FORMATS:  # QuantLinear modules, dequantizing on the fly
-        return load_packed_release(release_dir, verify=False, dtype=dtype)
+        return load_packed_release(release_dir, verify=False, dtype=dtype, trust_remote_code=trust_remote_code)
     if info.get("format") != RELEASE_FORMAT:
         raise ValueError(f"{release_dir}: unsupported release format {info.get('format')!r}")
-    config = AutoConfig.from_pretrained(release_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     tensors = load_file(str(release_dir / "model.safetensors"))
     adapter = get_adapter(model)
     for name in info["modules"]:

@@ -16,7 +16,6 @@ fp16 rounding of each scale (and of the unquantized tensors).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from quantlib.qweight import QuantizedWeight
 from quantlib.spec import QuantSpec
 
 from .io import atomic_save_safetensors, atomic_write_json, verify_manifest
-from .release import _COPY, _model_tensors, _tied, raise_integrity
+from .release import _model_tensors, _tied, copy_model_files, raise_integrity
 
 __all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release",
            "load_packed_release"]
@@ -119,19 +118,18 @@ def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight]
 
 
 def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                         fmt: PackFormat | str, dtype: torch.dtype = torch.float16) -> None:
+                         fmt: PackFormat | str, dtype: torch.dtype = torch.float16, trust_remote_code: bool = False) -> None:
     """Write everything but MANIFEST.json of a packed release into out_dir."""
     fmt, out_dir, model_dir = PackFormat(fmt), Path(out_dir), Path(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):  # module names and types only, no memory
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        skeleton = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
     qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype))
     atomic_save_safetensors(out_dir / "model.safetensors", packed_release_tensors(model_dir, qweights, fmt, dtype),
                             metadata={"format": "pt"})
     (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
-    for name in _COPY:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out_dir / name)
+    copy_model_files(model_dir, out_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     # `dtype` for transformers >= 4.56, `torch_dtype` for older readers
     raw.update(quantization_config=qconfig, dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
@@ -152,7 +150,8 @@ def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: t
     return QuantLinear.from_packed(pack_gptq(qw, t["weight_scale"].dtype), bits, bias)
 
 
-def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32):
+def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32,
+                        trust_remote_code: bool = False):
     """The causal LM of a packed release with QuantLinear modules (packed buffers, scales in their
     stored dtype) in place of its quantized Linears; everything else in `dtype`."""
     release_dir = Path(release_dir)
@@ -160,11 +159,11 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
         raise_integrity(release_dir, bad)
     info = json.loads((release_dir / "quantization.json").read_text())
     fmt = PackFormat(info["format"])
-    config = AutoConfig.from_pretrained(release_dir)
+    config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
     qconfig = config.quantization_config
     bits = qconfig["bits"] if fmt is PackFormat.GPTQ else qconfig["config_groups"]["group_0"]["weights"]["num_bits"]
     del config.quantization_config  # from_config must build a plain model; we do the surgery
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     tensors = load_file(str(release_dir / "model.safetensors"))
     keys = _GPTQ_KEYS if fmt is PackFormat.GPTQ else _CT_KEYS
     modules = {}

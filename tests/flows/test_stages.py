@@ -35,7 +35,7 @@ def test_every_section_is_declared_by_its_stage_in_pipeline_order() -> None:
     assert [s.name for s in STAGES] == ["inputs", *[owners[sec] for sec in owners if sec != "recon"]]
     # where tasks run and where the cache lives never change an output: no stage reads them
     assert not any(p.split(".")[0] == "orchestration" for s in STAGES for p in s.params)
-    assert get_stage("quantize").params == ("quantize", "recon", "fetch_model.dtype")
+    assert get_stage("quantize").params == ("quantize", "recon", "fetch_model.dtype", "fetch_model.trust_remote_code")
 
 
 def test_data_deps_come_from_earlier_stages() -> None:
@@ -49,7 +49,11 @@ def test_data_deps_come_from_earlier_stages() -> None:
 def test_pack_declares_every_param_the_release_records_and_qat_declares_the_bits() -> None:
     assert set(get_stage("pack").param_keys) == {k for sec in RELEASE_PARAMS for k in section_keys(sec)}
     assert "quantize.bits" in get_stage("qat").param_keys  # qat.enabled: auto decides by bits
-    assert get_stage("evaluate").param_keys[-2:] == ("prepare_data.eval_sources", "prepare_data.mirror")
+    assert get_stage("evaluate").param_keys[-3:] == ("prepare_data.eval_sources", "prepare_data.mirror",
+                                                     "fetch_model.trust_remote_code")
+    # every stage that loads the model or its tokenizer honours trust_remote_code
+    for name in ("prepare_data", "quantize", "qat", "pack", "evaluate"):
+        assert "fetch_model.trust_remote_code" in get_stage(name).param_keys, name
     with pytest.raises(KeyError, match="unknown param 'quantize.nope'"):
         Stage("x", deps=(), params=("quantize.nope",), outs=()).param_keys
 

@@ -90,6 +90,7 @@ def _parameters(root: str, shas: dict[str, str] | None = None) -> dict:
     sha = {"model": "a" * 64, "in": "b" * 64, "calib": "c" * 64, "target": "d" * 64, "carry": "e" * 64} | (shas or {})
     return {"model_dir": f"{root}/model", "model_sha": sha["model"], "calib_path": f"{root}/tokens/calib.safetensors",
             "calib_sha": sha["calib"], "batch_size": 4, "cache_dir": f"{root}/.cache/ptq", "index": 3, "dtype": "float32",
+            "trust_remote_code": False,
             "in_path": f"{root}/.cache/ptq/acts/x", "in_sha": sha["in"], "window": (2, 4), "next_start": 3,
             "target": {"path": f"{root}/.cache/ptq/acts/t", "sha": sha["target"]},
             "carry": {"path": f"{root}/.cache/ptq/carry/c.safetensors", "sha": sha["carry"]},
