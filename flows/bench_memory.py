@@ -100,8 +100,9 @@ def render_memory_md(rows: list[dict]) -> str:
                   for s in r["stages"]]
         lines.append("")
     lines += ["## Projection: one block (or window) on the device, activations streamed from disk", "",
-              "From `flows.bench_memory.project` (its docstring has the formulas): bf16 weights, fp32 activation",
-              "shards, 128 calibration sequences of 2048 tokens, recon windows of 2 blocks. GiB.", "",
+              "From `flows.bench_memory.project` (its docstring has the formulas): bf16 weights read from disk,",
+              "fp32 activation shards (`fetch_model.dtype: bfloat16` halves the shard and disk columns), 128",
+              "calibration sequences of 2048 tokens, recon windows of 2 blocks. GiB.", "",
               "| model | params (B) | one shard | device GPTQ/BoA | device recon | host | disk GPTQ/BoA | disk recon |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in MODELS:
