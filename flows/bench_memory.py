@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-S", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     root = code_root()
+    commit = git_state(root)["git_commit"]  # the code the clone measures (the checkout may move on meanwhile)
     tmp = Path(tempfile.mkdtemp(prefix="ptq-bench-mem-"))
     _clone(root, tmp)
     if args.overrides:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = measure(tmp, [s.name for s in STAGES if s.name != "register"])
     record = {"command": " ".join(["python -m flows.bench_memory", *[f"-S {o}" for o in args.overrides]]),
-              "git_commit": git_state(root)["git_commit"], "date": dt.date.today().isoformat(),
+              "git_commit": commit, "date": dt.date.today().isoformat(),
               "settings": ", ".join(args.overrides) or "defaults (SmolLM2-135M, GPTQ W4 g64, 128 x 512, fp32)",
               "stages": stages}
     path = Path(args.out)
