@@ -303,15 +303,21 @@ def _block_record(ctx: StageContext, i: int, rec: dict) -> dict:
             "ran_on": st.get("ran_on"), "threads": st.get("threads")}
 
 
+def _fp_targets(ctx: StageContext, job, cap: dict, common: dict) -> tuple[dict, bool]:
+    """The FP output shard of every block (recon targets; block inputs for quantize.inputs fp)."""
+    from tasks.quantize import fp_targets_task
+    from tasks.shards import shard_ok
+
+    return run_cached(ctx, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
+                      "fp_targets", on=job.engine.device, in_path=cap["path"], in_sha=cap["sha"], job=job, **common)
+
+
 def _quantize_blocks_fp(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
     """quantize.inputs fp: every block calibrated on the FP model's activations at its input, so
     the n block tasks are independent and are all submitted at once (in parallel on a task runner)."""
-    from tasks.quantize import fp_targets_task, quantize_block_task
-    from tasks.shards import shard_ok
+    from tasks.quantize import quantize_block_task
 
-    fp, fp_cached = run_cached(ctx, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
-                               "fp_targets", on=job.engine.device, in_path=cap["path"], in_sha=cap["sha"], job=job,
-                               **common)
+    fp, fp_cached = _fp_targets(ctx, job, cap, common)
     inputs = [cap] + fp["bounds"][:-1]  # block i reads the FP output of block i - 1
     calls = [(f"block {i}", dict(index=i, in_path=x["path"], in_sha=x["sha"], job=job, **common))
              for i, x in enumerate(inputs)]
@@ -326,13 +332,10 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
     previous window, so a killed run resumes at the window it was in."""
     from tqdm import tqdm
 
-    from tasks.quantize import fp_targets_task, recon_window_task, window_ok
-    from tasks.shards import shard_ok
+    from tasks.quantize import recon_window_task, window_ok
 
     cfg = job.method
-    fp, fp_cached = run_cached(ctx, fp_targets_task, lambda r: all(shard_ok(Path(b["path"]), b["sha"]) for b in r["bounds"]),
-                               "fp_targets", on=job.engine.device, in_path=cap["path"], in_sha=cap["sha"], job=job,
-                               **common)
+    fp, fp_cached = _fp_targets(ctx, job, cap, common)
     windows = cfg.windows(n)
     prev, carry, blocks, stats, computed = (cap["path"], cap["sha"]), None, [], [], int(not fp_cached)
     for w, (start, end) in enumerate(tqdm(windows, desc="reconstruct", unit="window")):

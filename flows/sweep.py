@@ -119,7 +119,8 @@ def expand_grid(base: PipelineParams, grid: Mapping[str, list[Any]], storage: Pa
     return configs
 
 
-def _config_task():
+def sweep_config_task():
+    """The Prefect task that runs one config (built on call: importing this module needs no Prefect)."""
     from prefect import task
 
     @task(name="sweep_config")
@@ -141,10 +142,6 @@ def _config_task():
 
     return sweep_config
 
-
-def sweep_config_task():
-    """The Prefect task that runs one config (built lazily: importing this module needs no Prefect)."""
-    return _config_task()
 
 
 def run_sweep(root: Path, base: PipelineParams, grid: Mapping[str, list[Any]], name: str) -> dict:

@@ -97,6 +97,12 @@ def test_swap_dir_replaces_the_old_folder_through_a_unique_name(tmp_path):
     assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def _ptq(project, *args: str) -> subprocess.CompletedProcess:
+    """`ptq ARGS` as a user runs it in `project` (this checkout's code)."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 @pytest.mark.reliability(
     fault='`ptq run --no-wait -S ...` while another process writes to the project',
     sees='exit 75: `another ptq process is writing to this project (pid N: ...)`',
@@ -106,9 +112,7 @@ def test_ptq_run_no_wait_on_a_locked_project_exits_75_and_touches_nothing(tmp_pa
     (tmp_path / "params.yaml").write_bytes(params)
     proc = _holder(tmp_path)
     try:
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-wait", "-S", "quantize.bits=3"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        done = _ptq(tmp_path, "run", "--no-wait", "-S", "quantize.bits=3")
     finally:
         _kill(proc)
     assert done.returncode == EXIT_LOCKED, done.stderr
@@ -126,9 +130,7 @@ def test_a_stage_run_before_the_stages_it_needs_names_them(tmp_path):
     """`ptq stage quantize` in a project with no data: a message naming the stage to run first (not a
     raw errno), before params are written or anything is made."""
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "quantize", "-S", "quantize.bits=3"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = _ptq(tmp_path, "stage", "quantize", "-S", "quantize.bits=3")
     assert done.returncode == 2, done.stderr
     assert "stage quantize needs data/model, data/tokens" in done.stderr
     assert "run `ptq stage fetch_model` first" in done.stderr and "Traceback" not in done.stderr
@@ -191,9 +193,7 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_in_preflight(tmp_p
     model.mkdir()
     (model / "config.json").write_text(json.dumps(tiny_config("llama").to_dict()))
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-S", f"fetch_model.source={model}",
-                           "-S", "quantize.group_size=48"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = _ptq(tmp_path, "run", "-S", f"fetch_model.source={model}", "-S", "quantize.group_size=48")
     assert done.returncode == 2, done.stderr
     assert "quantize.group_size: 48 does not divide the model's hidden_size (q/k/v, gate/up inputs) 64" in done.stderr
     assert (tmp_path / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
