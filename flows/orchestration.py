@@ -63,13 +63,10 @@ def _local_dask(workers: int) -> Iterator[str]:
     import torch
     from distributed import LocalCluster
 
-    from tasks.threads import ENV
-
     gpus = torch.cuda.device_count()
-    # one task per worker process, computing with the driver's torch thread count (tasks.threads:
-    # Dask starts workers with OMP_NUM_THREADS=1, and Cholesky's bits depend on the thread count)
+    # one task per worker process, each on one torch thread (Dask sets OMP_NUM_THREADS=1): the codes
+    # do not depend on the thread count (quantlib.gptq factors Hessians on one thread)
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env={ENV: str(torch.get_num_threads())},
                       resources={"GPU": max(1, gpus // workers)} if gpus else None) as cluster:
         log.info("dask: local cluster with %d workers at %s", workers, cluster.scheduler_address)
         yield cluster.scheduler_address
@@ -83,14 +80,11 @@ def _local_ray(workers: int) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    from tasks.threads import ENV
-
-    # Ray workers do not inherit the driver's sys.path: they import this checkout's code through it;
-    # and they compute with the driver's torch thread count (tasks.threads)
+    # Ray workers do not inherit the driver's sys.path: they import this checkout's code through it
     code = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=workers, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, ENV: str(torch.get_num_threads())}})
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     log.info("ray: local instance with %d CPUs", workers)
     try:
         yield

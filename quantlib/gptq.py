@@ -5,6 +5,8 @@ Math kept apart from the driver (engine.py): `accumulate_hessian` folds calibrat
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
 __all__ = ["GPTQConfig", "accumulate_hessian", "block_end", "damped_inverse_cholesky", "gptq_quantize"]
+
+_LAPACK_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,33 @@ def accumulate_hessian(
     return h, total
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the enclosed CPU LAPACK calls on one thread. MKL's and OpenBLAS's blocked Cholesky split
+    their work by thread, so the factor's last bits (and then GPTQ's codes) would depend on the
+    process's torch thread count: a Dask or Ray worker (1 thread) would quantize differently from the
+    driver (all cores). The lock keeps two threads of one process from interleaving save/restore."""
+    if device.type != "cpu":
+        yield
+        return
+    with _LAPACK_LOCK:
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+
 def damped_inverse_cholesky(h: torch.Tensor, damp: float, tries: int = 6) -> torch.Tensor:
     """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean(diag H), escalating lambda
-    tenfold until H is numerically positive definite. Does not modify h."""
+    tenfold until H is numerically positive definite. Does not modify h. Bit-identical whatever
+    torch's thread count (factored on one CPU thread)."""
+    with _one_cpu_thread(h.device):
+        return _damped_inverse_cholesky(h, damp, tries)
+
+
+def _damped_inverse_cholesky(h: torch.Tensor, damp: float, tries: int) -> torch.Tensor:
     mean_diag = torch.mean(torch.diag(h)).clamp_min(1e-12)
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     lam = damp

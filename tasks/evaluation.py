@@ -11,7 +11,6 @@ from .lm_eval_local import make_cloze_jsonl, run_lm_eval, write_task_yaml
 from .release import load_release
 from .sources import load_model, load_tokenizer
 from .textdata import read_token_ids
-from .threads import pin_threads
 
 __all__ = ["ppl_task", "lm_eval_task", "LOCAL_TASKS", "prepare_local_tasks"]
 
@@ -32,7 +31,6 @@ def _windows(eval_files: dict[str, list[str]]) -> dict:
 def ppl_task(kind: str, folder: str, model_sha: str, eval_files: dict, eval_files_sha: str, batch_size: int,
              trust_remote_code: bool = False) -> dict:
     """{source: perplexity} of a release (kind 'release') or the FP source model (kind 'model')."""
-    pin_threads()
     return evaluate_perplexity(_load(kind, folder, trust_remote_code), _windows(eval_files), batch_size)
 
 
@@ -53,7 +51,6 @@ def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int =
 @task(name="lm_eval", cache_key_fn=key_fn("model_sha", "tasks", "limit", "tasks_sha"), persist_result=True)
 def lm_eval_task(folder: str, model_sha: str, tasks: list[str], include_path: str | None, tasks_sha: str,
                  limit: int | None, batch_size: int, trust_remote_code: bool = False) -> dict:
-    pin_threads()
     model = load_release(folder, trust_remote_code=trust_remote_code)
     return run_lm_eval(model, load_tokenizer(folder, verify=False, trust_remote_code=trust_remote_code), list(tasks),
                        Path(include_path) if include_path else None, limit, batch_size)

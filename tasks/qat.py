@@ -25,7 +25,6 @@ from .faults import failpoint
 from .io import atomic_path, atomic_save_safetensors, atomic_write_bytes, load_safetensors_verified, sha256_file
 from .sources import load_model
 from .textdata import read_token_ids
-from .threads import pin_threads
 
 __all__ = ["qat_teacher_task", "qat_train_task", "load_quantized", "apply_quantized", "checkpoint_key"]
 
@@ -49,7 +48,6 @@ def apply_quantized(model, results: dict[str, QuantizedWeight]) -> None:
 def qat_teacher_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, topk: int, cache_dir: str,
                      trust_remote_code: bool = False) -> dict:
     """The FP model's top-k next-token log-probs on the calibration sequences (safetensors)."""
-    pin_threads()
     model = load_model(model_dir, trust_remote_code=trust_remote_code)
     teacher = teacher_targets(model, read_token_ids(calib_path, calib_sha)["calib"], topk)
     path = Path(cache_dir) / "qat" / f"teacher-{stable_hash([model_sha, calib_sha, topk])}.safetensors"
@@ -95,7 +93,6 @@ def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantize
     """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
     from the last one. Writes the refined integers + scales + zeros. `teacher` is the teacher
     task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds)."""
-    pin_threads()
     if teacher is not None and teacher_sha != teacher["sha"]:
         raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
     key = stable_hash([model_sha, quantized_sha, calib_sha, teacher_sha, cfg])

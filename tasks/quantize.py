@@ -32,7 +32,6 @@ from .io import atomic_save_safetensors, file_ok, load_safetensors_verified, tem
 from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
-from .threads import pin_threads
 
 __all__ = ["QuantizeJob", "ran_on", "capture_activations", "quantize_block_task", "fp_targets_task", "recon_window_task",
            "load_block_weights", "window_ok"]
@@ -105,7 +104,6 @@ def _key(*names: str, **project: Callable[[Any], Any]) -> Callable[[Any, dict], 
 def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, batch_size: int,
                         cache_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
     """The first block's inputs for every calibration sequence, as a shard (no block is loaded)."""
-    pin_threads()
     model = _skeleton(model_dir, model_sha, dtype, trust_remote_code).model
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
     final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size] +
@@ -130,7 +128,6 @@ def _stats_dict(st: BlockStats) -> dict:
 def quantize_block_task(model_dir: str, model_sha: str, index: int, in_path: str, in_sha: str, calib_path: str,
                         calib_sha: str, job: QuantizeJob, cache_dir: str, trust_remote_code: bool = False) -> dict:
     """Quantize block `index` given its input shard; writes its codes and its output shard."""
-    pin_threads()
     sk = _skeleton(model_dir, model_sha, job.dtype, trust_remote_code)
     with blocks_loaded(sk, [index], model_sha) as model:
         return _quantize_block(get_adapter(model), model_sha, index, in_path, in_sha, calib_path, calib_sha, job,
@@ -167,7 +164,6 @@ def fp_targets_task(model_dir: str, model_sha: str, in_path: str, in_sha: str, c
                     job: QuantizeJob, cache_dir: str, trust_remote_code: bool = False) -> dict:
     """FP activations after every block (reconstruction targets): bounds[i] = output of block i.
     Blocks are read one at a time (host memory: one block + one boundary's activations)."""
-    pin_threads()
     sk = _skeleton(model_dir, model_sha, job.dtype, trust_remote_code)
     adapter = get_adapter(sk.model)
     device = torch.device(_here(job).engine.device)
@@ -220,7 +216,6 @@ def recon_window_task(model_dir: str, model_sha: str, window: tuple[int, int], n
     target shard, and the saved state of the blocks it shares with the previous window. Writes the
     codes of the blocks it finishes, the next window's input shard and its own carry file. Loads the
     window's blocks and the look-ahead blocks its loss runs through."""
-    pin_threads()
     sk = _skeleton(model_dir, model_sha, job.dtype, trust_remote_code)
     n = len(get_adapter(sk.model).blocks)
     stop = min(window[1] + getattr(job.method, "lookahead", 0), n)

@@ -53,7 +53,8 @@ def _reference_gptq(w, h, spec, lam=0.01, act_order=True):
 def _assert_matches(qw, ref):
     codes, scale, zero = ref
     assert torch.equal(qw.qweight.long(), codes.long())
-    torch.testing.assert_close(qw.scale.double(), scale, rtol=1e-5, atol=0)
+    # lazy group scales are min-max of columns after ~100 fp32 updates (the reference: fp64)
+    torch.testing.assert_close(qw.scale.double(), scale, rtol=5e-5, atol=0)
     assert torch.equal(qw.zero.double(), zero)
 
 
@@ -167,3 +168,19 @@ def test_gptq_config_validation():
         GPTQConfig(damp=0)
     with pytest.raises(ValueError, match="block_size must be positive"):
         GPTQConfig(block_size=0)
+
+
+def test_inverse_cholesky_bits_do_not_depend_on_the_thread_count():
+    # MKL's blocked Cholesky splits its work by thread from n ~ 256 on: a Dask/Ray worker (1 thread)
+    # would otherwise get other codes than the driver (all cores) for the same Hessian
+    _, h, _ = _layer(n=384, tokens=1536)
+    before = torch.get_num_threads()
+    try:
+        factors = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            factors.append(damped_inverse_cholesky(h, 0.01))
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*factors)
