@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -160,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another ptq process holds the project; retrying later succeeds
+EXIT_STORAGE = 74  # EX_IOERR: a full or read-only filesystem; rerunning once it is fixed resumes
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +185,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(e, file=sys.stderr)
         print(f"ptq {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _FULL + _READ_ONLY:
+            raise
+        print(f"ptq {args.command}: error: {storage_advice(e)}", file=sys.stderr)
+        return EXIT_STORAGE
+
+
+def storage_advice(e: OSError) -> str:
+    """What a full or read-only filesystem means for the user: the file, the fix, what is kept."""
+    where = Path(e.filename).parent if e.filename else Path.cwd()
+    fix = (f"free space there (df -h {where}), or move the storage root (orchestration.storage) or the project "
+           "to a larger filesystem" if e.errno in _FULL else f"make {where} writable, or run in a writable copy "
+           "of the project")
+    return (f"{e.strerror} writing {e.filename or 'a file'}: {fix}; then rerun the same command: finished stages "
+            "and blocks are kept and are not recomputed")
 
 
 _PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / p) + os.sep for p in ("quantlib", "tasks", "flows"))

@@ -63,9 +63,13 @@ class ActivationStore:
         else:
             data = save({"x": x})  # the file's bytes: hashed here, written once
             fd, tmp = tempfile.mkstemp(dir=self._dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._path(self._n))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self._path(self._n))
+            except OSError as e:  # a full or read-only disk: no temporary left, the error names the file
+                Path(tmp).unlink(missing_ok=True)
+                raise OSError(e.errno, e.strerror, str(self._path(self._n))) from e
             self._digests.append(hashlib.sha256(data).hexdigest())
         self._n += 1
 

@@ -5,9 +5,11 @@ half-written file under its final name and a reader can prove it got the bytes t
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_safetensors",
+    "storage_error",
     "load_safetensors_verified",
     "write_manifest",
     "read_manifest",
@@ -105,10 +108,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        cause = storage_error(e, path)  # before the unlink frees the space it names
         tmp.unlink(missing_ok=True)
+        if cause is not None:
+            raise cause from e
         raise
     fsync_dir(path.parent)
+
+
+def storage_error(e: BaseException, path: Path) -> OSError | None:
+    """The filesystem error behind a writer's failure at `path`, as an OSError naming `path`; None
+    if `e` is not one or already names its file. Writers report it three ways: Python's write()
+    (an OSError without a file name), safetensors ("... (os error 28)"), and torch.save (a bare
+    RuntimeError: the filesystem is then asked whether it is full)."""
+    if isinstance(e, OSError):
+        return None if e.filename or e.errno is None else OSError(e.errno, e.strerror, str(path))
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    code = int(found[1]) if found else errno.ENOSPC if isinstance(e, RuntimeError) and _full(path.parent) else None
+    return None if code is None else OSError(code, os.strerror(code), str(path))
+
+
+def _full(folder: Path) -> bool:
+    """Less than 1 MiB left on folder's filesystem (for its user: min of root's and others' room)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return min(st.f_bavail, st.f_bfree) * st.f_frsize < 2**20
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -1,8 +1,10 @@
 """tasks.io: hashing, atomic writes, verified safetensors, manifests."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +170,24 @@ def test_a_manifest_naming_files_outside_its_folder_is_refused_before_any_read(t
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match=r"paths outside the folder \['../secret.txt'\]"):
         verify_manifest(folder)
+
+
+@pytest.mark.parametrize("raised", [
+    OSError(errno.ENOSPC, "No space left on device"),  # Python's write(): no file name
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+])
+def test_a_writer_failing_for_lack_of_space_names_the_final_path_and_leaves_no_temporary(tmp_path, raised):
+    path = tmp_path / "t.safetensors"
+
+    def full_disk_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 10)
+        raise raised
+
+    import safetensors.torch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(safetensors.torch, "save_file", full_disk_save)
+        with pytest.raises(OSError) as caught:
+            atomic_save_safetensors(path, {"w": torch.zeros(6)})
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(path))
+    assert list(tmp_path.iterdir()) == []
