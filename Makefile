@@ -10,7 +10,7 @@ ifneq ($(MIRROR),)
 export PTQ_DATA_MIRROR ?= $(MIRROR)
 endif
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all gptqmodel-env bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +33,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	PTQ_RUN_SLOW=1 $(PY) -m pytest -q
+
+# GPTQModel, the outside reader a test loads GPTQ releases with, in its own environment (it pins other
+# versions than the project); ~5-15 min here, it compiles. Without it that test is skipped.
+GM_VENV := .venv-gptqmodel
+gptqmodel-env:
+	python3 -m venv $(GM_VENV)
+	$(GM_VENV)/bin/pip install -q -U pip
+	$(GM_VENV)/bin/pip install -q $(TORCH)
+	BUILD_CUDA_EXT=0 $(GM_VENV)/bin/pip install -q gptqmodel==7.6.0
 
 clean:
 	rm -rf .cache .prefect out

@@ -2,12 +2,16 @@
 back by our loader and by independent readers, which must recover the dense weights bit for bit.
 
 Independent readers: compressed-tensors' own decompressor and transformers' compressed-tensors
-loader (CPU) when compressed-tensors is installed; for GPTQ, a transcription of GPTQModel's torch
-`dequantize_weight` (gptq_v2, no zero offset): gptqmodel itself is not installable here.
+loader (CPU) when compressed-tensors is installed; for GPTQ, GPTQModel's own loader when an
+interpreter with gptqmodel is at hand (`make gptqmodel-env`, or $PTQ_GPTQMODEL_PYTHON: it pins its own
+torch and transformers, so it lives in its own virtual environment), and always a transcription of its
+torch `dequantize_weight` (gptq_v2, no zero offset) as a second check.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +151,56 @@ def test_gptq_release_read_by_gptqmodel_dequantizer(tmp_path, bits):
         w = _gptqmodel_dequantize(*t, bits)
         assert w.dtype == torch.float16
         assert torch.equal(w, _fp16_dense(qw)), name
+
+
+def _gptqmodel_python() -> str | None:
+    """An interpreter that imports gptqmodel: $PTQ_GPTQMODEL_PYTHON, the checkout's .venv-gptqmodel
+    (`make gptqmodel-env`), or this one."""
+    env = os.environ.get("PTQ_GPTQMODEL_PYTHON")
+    local = Path(__file__).resolve().parents[2] / ".venv-gptqmodel" / "bin" / "python"
+    for python in filter(None, [env, str(local) if local.is_file() else None, sys.executable]):
+        if subprocess.run([python, "-c", "import gptqmodel"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def _tokenizer(vocab: int):
+    """A word-level fast tokenizer (GPTQModel's loader insists on one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+
+
+SPECS_FOR_GPTQMODEL = (QuantSpec(2, 32), QuantSpec(3, 32), QuantSpec(4, None), QuantSpec(8, 64, sym=True))
+
+
+def test_gptq_releases_loaded_by_gptqmodel_itself(tmp_path):
+    python = _gptqmodel_python()
+    if python is None:
+        pytest.skip("gptqmodel is not installed (make gptqmodel-env, or set PTQ_GPTQMODEL_PYTHON)")
+    from safetensors.torch import save_file
+
+    ids = tiny_ids(2, 16, vocab=128)
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    runs, args = [], []
+    for i, spec in enumerate(SPECS_FOR_GPTQMODEL):  # one reader process for all: its start-up is ~10 s
+        rel, fake, qweights = _write(tmp_path / f"s{i}", "llama", spec, "gptq")
+        _tokenizer(fake.config.vocab_size).save_pretrained(rel)
+        runs.append((spec, fake, qweights, tmp_path / f"read{i}.safetensors"))
+        args += [str(rel), str(runs[-1][3])]
+    done = subprocess.run([python, str(Path(__file__).with_name("gptqmodel_reader.py")),
+                           str(tmp_path / "ids.safetensors"), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for spec, fake, qweights, out in runs:
+        read = load_file(str(out))
+        assert {k.removeprefix("weight/") for k in read if k.startswith("weight/")} == set(qweights), spec
+        for name, qw in qweights.items():  # GPTQModel's dense weight is ours, to the bit
+            assert torch.equal(read[f"weight/{name}"], _fp16_dense(qw)), (spec, name)
+        # its fp16 forward pass scores what our fp32 fake-quant model does
+        torch.testing.assert_close(read["logits"], _logits(fake, ids), rtol=0, atol=5e-3)
 
 
 def _fp16_dense(qw):
