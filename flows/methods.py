@@ -13,6 +13,7 @@ Grammar (see METHOD_FORMS):
           | mse | kl | mse+kl                     loss
           | rtn | gptq | boa                      initializer
           | i<n>                                  iterations
+          | cfp                                   CBQ outlier pre-processing of each block
 Parts set ReconConfig fields; explicit overrides (the CLI's flags, params.yaml) are applied on top.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ METHOD_FORMS = (
     "rtn, gptq, boa or recon[-PART...], optionally followed by +qat or +qat<steps> (e.g. boa+qat128); "
     "recon parts: k<window>[o<overlap>][L<lookahead>], L<n> or la<n> (look-ahead), "
     f"a rounding ({', '.join(ROUNDINGS)}), a loss ({', '.join(LOSSES)}), an init ({', '.join(INITS)}), "
-    "i<iterations>; e.g. recon-k2o1-gptq-i40+qat128"
+    "i<iterations>, cfp (CBQ outlier pre-processing); e.g. recon-k2o1-gptq-i40+qat128"
 )
 _QAT_SUFFIX = re.compile(r"(.+)\+qat(\d+)?")
 _WINDOW = re.compile(r"k(\d+)(?:o(\d+))?(?:L(\d+))?")
@@ -162,6 +163,8 @@ def _recon_parts(parts: list[str], name: str) -> dict[str, Any]:
             kw["init"] = part
         elif m := _ITERS.fullmatch(part):
             kw["iters"] = int(m[1])
+        elif part == "cfp":
+            kw["cfp"] = True
         else:
             raise ValueError(f"cannot parse {part!r} in method {name!r}; accepted: {METHOD_FORMS}")
     return kw

@@ -22,6 +22,7 @@ from quantlib.rtn import RTNConfig
     ("recon-k3o1L1-adaround-mse", dict(window=3, overlap=1, lookahead=1, rounding="adaround", loss="mse")),
     ("recon-k2o1-boa-nearest", dict(window=2, overlap=1, init="boa", rounding="nearest", frozen_grid=True)),
     ("recon-k1-rtn", dict(window=1, init="rtn", frozen_grid=False)),
+    ("recon-k2o1-gptq-i40-cfp", dict(window=2, overlap=1, init="gptq", iters=40, cfp=True)),
 ])
 def test_recon_names_spell_the_configuration(name, expect):
     cfg = parse_method(name).base

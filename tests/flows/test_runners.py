@@ -1,6 +1,7 @@
-"""The pipeline on Prefect's task runners: a local Dask cluster and a local Ray instance give the
-sequential runner's release byte for byte, with the work done in other processes; quantize.inputs fp
-submits independent blocks; a storage root shared by two checkouts gives cache hits."""
+"""The pipeline on Prefect's task runners: a local Ray instance gives the sequential runner's release
+byte for byte, and a local Dask cluster its codes for independent (quantize.inputs fp) blocks, with
+the work done in one-thread worker processes; a storage root another checkout filled gives cache hits;
+a sweep runs its configs on the threads runner."""
 from __future__ import annotations
 
 import json
@@ -14,51 +15,58 @@ def _stage_metrics(project, stage: str) -> dict:
     return json.loads((project.root / "metrics" / "stages" / f"{stage}.json").read_text())
 
 
-@pytest.mark.parametrize("runner", ["dask", "ray"])
-def test_a_cluster_runner_gives_the_sequential_release_byte_for_byte(make_project, clean_project, runner):
-    pytest.importorskip({"dask": "prefect_dask", "ray": "prefect_ray"}[runner])
-    project = make_project(f"runner-{runner}")  # the clean project's commit: -S changes params only
-    project.run_ok("run", "--to", "pack", "-S", f"orchestration.runner={runner}", "-S", "orchestration.workers=2")
+def test_ray_gives_the_sequential_release_byte_for_byte(make_project, clean_project):
+    pytest.importorskip("prefect_ray")
+    project = make_project("runner-ray")  # the clean project's commit: -S changes params only
+    project.run_ok("run", "--to", "pack", "-S", "orchestration.runner=ray", "-S", "orchestration.workers=2")
     assert release_files(project.release) == release_files(clean_project.release)  # MANIFEST included
-    # the block tasks ran in worker processes, not in the stage's own, on one torch thread each (the
-    # engines' default) where the sequential run used all cores: the codes do not depend on it
-    quantize = _stage_metrics(project, "quantize")
-    assert quantize["task_processes_elsewhere"] >= 1
-    assert quantize["task_threads_min"] == quantize["task_threads_max"] == 1
+    _ran_in_one_thread_workers(project)
     assert _stage_metrics(clean_project, "quantize")["task_processes_elsewhere"] == 0
 
 
-def test_fp_inputs_blocks_run_in_parallel_threads_and_differ_from_quantized_inputs(make_project, clean_project):
+def test_fp_input_blocks_run_on_dask_workers_and_give_the_sequential_codes(make_project, clean_project):
+    pytest.importorskip("prefect_dask")
     seq = make_project("fp-seq", {"quantize": {"inputs": "fp"}})
-    par = make_project("fp-threads", {"quantize": {"inputs": "fp"}})  # the same commit: -S changes params only
+    dask = make_project("fp-dask", {"quantize": {"inputs": "fp"}})  # the same commit: -S changes params only
     seq.run_ok("run", "--to", "quantize")
-    par.run_ok("run", "--to", "quantize", "-S", "orchestration.runner=threads", "-S", "orchestration.workers=2")
-    codes = "data/quantized/quantized.safetensors"  # FP inputs calibrate each block differently
-    assert (par.root / codes).read_bytes() == (seq.root / codes).read_bytes()
-    assert (seq.root / codes).read_bytes() != (clean_project.root / codes).read_bytes()
+    dask.run_ok("run", "--to", "quantize", "-S", "orchestration.runner=dask", "-S", "orchestration.workers=2")
+    codes = "data/quantized/quantized.safetensors"
+    assert (dask.root / codes).read_bytes() == (seq.root / codes).read_bytes()
+    assert (seq.root / codes).read_bytes() != (clean_project.root / codes).read_bytes()  # FP inputs calibrate otherwise
     blocks = json.loads((seq.root / "data" / "quantized" / "quantize.json").read_text())["blocks"]
     assert [b["block"] for b in blocks] == list(range(N_BLOCKS))
+    _ran_in_one_thread_workers(dask)
 
 
-def test_two_checkouts_sharing_a_storage_root_share_cache_hits(make_project, tmp_path_factory):
-    shared = tmp_path_factory.mktemp("shared-storage")  # stands in for a shared mount
-    first = make_project("storage-a", {"orchestration": {"storage": str(shared)}})
+def _ran_in_one_thread_workers(project) -> None:
+    """The block tasks ran in worker processes, not in the stage's own, on one torch thread each (the
+    engines' default) where the sequential run used all cores: the codes do not depend on it."""
+    quantize = _stage_metrics(project, "quantize")
+    assert quantize["task_processes_elsewhere"] >= 1
+    assert quantize["task_threads_min"] == quantize["task_threads_max"] == 1
+
+
+def test_a_checkout_whose_storage_root_another_filled_gets_cache_hits_and_writes_nothing_there(
+        make_project, clean_project):
+    shared = clean_project.root / ".cache" / "ptq"  # stands in for a shared mount another checkout filled
+    before = sorted(p.relative_to(shared) for p in shared.rglob("*") if p.name != "project.lock")
     second = make_project("storage-b", {"orchestration": {"storage": str(shared)}})
-    first.run_ok("run", "--to", "quantize")
     log = second.run_ok("run", "--to", "quantize").stderr
     assert "fetch_model: cached" in log and "prepare_data: cached" in log
     assert "capture_activations: cached" in log and all(f"block {i}: cached" in log for i in range(N_BLOCKS))
     assert not (second.root / ".cache" / "ptq" / "acts").exists()  # nothing computed into the project
+    assert sorted(p.relative_to(shared) for p in shared.rglob("*") if p.name != "project.lock") == before
     assert (second.root / "data" / "quantized" / "quantize.json").read_bytes() == (
-        first.root / "data" / "quantized" / "quantize.json").read_bytes()
+        clean_project.root / "data" / "quantized" / "quantize.json").read_bytes()
 
 
 def test_sweep_of_two_methods_by_two_schemes_registers_four_results_and_one_table(make_project):
     project = make_project("sweep")
     done = project.run_ok("sweep", "-S", "quantize.method=rtn,gptq", "-S", "scheme=w4g32,w3g32", "-S", "qat.enabled=false",
-                           "--name", "grid")
+                           "-S", "orchestration.runner=threads", "-S", "orchestration.workers=2", "--name", "grid")
     out = project.root / "sweeps" / "grid"
     record = json.loads((out / "results.json").read_text())
+    assert record["runner"] == "threads"  # the configs ran as parallel tasks
     rows = {(r["method"], r["scheme"]): r for r in record["rows"]}
     assert set(rows) == {("rtn", "w4g32"), ("rtn", "w3g32"), ("gptq", "w4g32"), ("gptq", "w3g32")}
     assert len({r["model_uri"] for r in rows.values()}) == 4  # four registered versions
