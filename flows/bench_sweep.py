@@ -87,6 +87,7 @@ def render_md(rows: list[dict]) -> str:
                   f"Wall time: sequential {seq['wall_s']} s, Dask (2 workers) {par['wall_s']} s: "
                   f"ratio {par['wall_s'] / seq['wall_s']:.2f}. Seconds per config are its stages' time; on Dask the "
                   "configs overlap.", "", *[f"- {step}" for step in r.get("steps", [])], *([""] if r.get("steps") else []),
+                  *([f"Conditions: {r['note']}", ""] if r.get("note") else []),
                   "| config | ppl sequential | ppl dask | identical | seconds sequential | seconds dask |",
                   "|---|---:|---:|---|---:|---:|"]
         for k, v in seq["ppl"].items():
