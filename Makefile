@@ -28,8 +28,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ptq demo
 
+# two pytest processes (a test file stays in one): the pipeline tests wait on subprocesses about half
+# the time, so one process keeps only one of this machine's 2 cores busy
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 test-all: $(STAMP)
 	PTQ_RUN_SLOW=1 $(PY) -m pytest -q

@@ -38,6 +38,7 @@ __all__ = [
     "escaping_paths_problem",
     "verify_manifest",
     "temp_dir_beside",
+    "building_dir",
     "TEMP_GLOB",
     "sweep_temporaries",
     "publish_dir",
@@ -278,6 +279,18 @@ def temp_dir_beside(final: str | os.PathLike) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+
+
+@contextmanager
+def building_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """temp_dir_beside(final), removed if the body raises (a full disk, a library error), so a task
+    that fails leaves no temporary; a killed one leaves it to sweep_temporaries."""
+    tmp = temp_dir_beside(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 TEMP_GLOB = ".*.tmp"  # what temp_dir_beside, atomic_path and swap_dir leave behind when killed

@@ -28,7 +28,7 @@ from quantlib.windows import WindowStats, forward_blocks, run_window
 from quantlib.spec import QuantSpec
 
 from .cache import key_fn, stable_hash
-from .io import atomic_save_safetensors, file_ok, load_safetensors_verified, temp_dir_beside
+from .io import atomic_save_safetensors, building_dir, file_ok, load_safetensors_verified
 from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
@@ -108,8 +108,8 @@ def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_s
     batches, _ = capture_block_inputs(get_adapter(model), _calib(calib_path, calib_sha), batch_size)
     final = Path(cache_dir) / "acts" / stable_hash(["capture", model_sha, calib_sha, batch_size] +
                                                    ([] if dtype == "float32" else [dtype]))
-    tmp = temp_dir_beside(final)
-    return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
+    with building_dir(final) as tmp:
+        return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
 
 
 def ran_on() -> str:
@@ -140,14 +140,14 @@ def _quantize_block(adapter, model_sha: str, index: int, in_path: str, in_sha: s
     call = capture_block_calls(adapter, _calib(calib_path, calib_sha))[index]  # one embedding pass: ~50 ms
     key = stable_hash(["block", model_sha, index, in_sha, calib_sha, _job_key(job)])
     final = Path(cache_dir) / "acts" / key
-    tmp = temp_dir_beside(final)
     engine = _here(job).engine
-    results, outputs, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, engine, str(tmp))
-    tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
-    qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
-    return {"index": index, "names": sorted(results), "qweights": str(qpath),
-            "qweights_sha": atomic_save_safetensors(qpath, tensors),
-            "out": str(final), "out_sha": seal_shard(tmp, final, outputs), "stats": _stats_dict(stats)}
+    with building_dir(final) as tmp:
+        results, outputs, stats = quantize_block(adapter, index, inputs, call, job.spec, job.method, engine, str(tmp))
+        tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
+        qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
+        return {"index": index, "names": sorted(results), "qweights": str(qpath),
+                "qweights_sha": atomic_save_safetensors(qpath, tensors),
+                "out": str(final), "out_sha": seal_shard(tmp, final, outputs), "stats": _stats_dict(stats)}
 
 
 def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:
@@ -172,12 +172,11 @@ def fp_targets_task(model_dir: str, model_sha: str, in_path: str, in_sha: str, c
     for i in range(len(adapter.blocks)):
         final = Path(cache_dir) / "acts" / stable_hash(["fp", model_sha, in_sha, calib_sha, i] +
                                                        ([] if job.dtype == "float32" else [job.dtype]))
-        tmp = temp_dir_beside(final)
-        with blocks_loaded(sk, [i], model_sha):
+        with building_dir(final) as tmp, blocks_loaded(sk, [i], model_sha):
             block = adapter.blocks[i]
             out = forward_blocks([block.to(device)], [calls[i].to(device)], x, device, spill_dir=str(tmp))
             block.to("cpu")
-        bounds.append({"path": str(final), "sha": seal_shard(tmp, final, out)})
+            bounds.append({"path": str(final), "sha": seal_shard(tmp, final, out)})
         x = open_shard(final, bounds[-1]["sha"], in_memory=False)
     return {"bounds": bounds}
 
@@ -234,16 +233,16 @@ def _recon_window(adapter, model_sha: str, window: tuple[int, int], next_start: 
     key = stable_hash(["window", model_sha, window, next_start, in_sha, _sha(target), _sha(carry), calib_sha,
                        _job_key(job)])
     final = Path(cache_dir) / "acts" / key
-    tmp = temp_dir_beside(final)
-    r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method, _here(job).engine,
-                   _read_carry(carry), spill_dir=str(tmp))
-    tensors = {k: v for name, qw in r.results.items() for k, v in qw.state_dict(name).items()}
-    qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
-    return {"window": list(window), "names": sorted(r.results), "qweights": str(qpath),
-            "qweights_sha": atomic_save_safetensors(qpath, tensors), "out": str(final),
-            "out_sha": seal_shard(tmp, final, r.outputs),
-            "carry": _carry_file(r.carry, Path(cache_dir) / "carry" / f"{key}.safetensors"),
-            "stats": _window_stats(r.stats)}
+    with building_dir(final) as tmp:
+        r = run_window(adapter, calls, inputs, targets, tuple(window), next_start, job.spec, job.method,
+                       _here(job).engine, _read_carry(carry), spill_dir=str(tmp))
+        tensors = {k: v for name, qw in r.results.items() for k, v in qw.state_dict(name).items()}
+        qpath = Path(cache_dir) / "blocks" / f"{key}.safetensors"
+        return {"window": list(window), "names": sorted(r.results), "qweights": str(qpath),
+                "qweights_sha": atomic_save_safetensors(qpath, tensors), "out": str(final),
+                "out_sha": seal_shard(tmp, final, r.outputs),
+                "carry": _carry_file(r.carry, Path(cache_dir) / "carry" / f"{key}.safetensors"),
+                "stats": _window_stats(r.stats)}
 
 
 def window_ok(r: dict) -> bool:

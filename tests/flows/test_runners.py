@@ -1,5 +1,5 @@
-"""The pipeline on Prefect's task runners: a local Ray instance gives the sequential runner's release
-byte for byte, and a local Dask cluster its codes for independent (quantize.inputs fp) blocks, with
+"""The pipeline on Prefect's task runners: a local Ray instance and a local Dask cluster give the
+sequential runner's release byte for byte (Dask with independent, quantize.inputs fp, blocks), with
 the work done in one-thread worker processes; a storage root another checkout filled gives cache hits;
 a sweep runs its configs on the threads runner."""
 from __future__ import annotations
@@ -24,15 +24,15 @@ def test_ray_gives_the_sequential_release_byte_for_byte(make_project, clean_proj
     assert _stage_metrics(clean_project, "quantize")["task_processes_elsewhere"] == 0
 
 
-def test_fp_input_blocks_run_on_dask_workers_and_give_the_sequential_codes(make_project, clean_project):
+def test_dask_gives_the_sequential_release_byte_for_byte_with_fp_input_blocks_in_parallel(make_project, clean_project):
     pytest.importorskip("prefect_dask")
     seq = make_project("fp-seq", {"quantize": {"inputs": "fp"}})
     dask = make_project("fp-dask", {"quantize": {"inputs": "fp"}})  # the same commit: -S changes params only
-    seq.run_ok("run", "--to", "quantize")
-    dask.run_ok("run", "--to", "quantize", "-S", "orchestration.runner=dask", "-S", "orchestration.workers=2")
-    codes = "data/quantized/quantized.safetensors"
-    assert (dask.root / codes).read_bytes() == (seq.root / codes).read_bytes()
-    assert (seq.root / codes).read_bytes() != (clean_project.root / codes).read_bytes()  # FP inputs calibrate otherwise
+    seq.run_ok("run", "--to", "pack")
+    dask.run_ok("run", "--to", "pack", "-S", "orchestration.runner=dask", "-S", "orchestration.workers=2")
+    assert release_files(dask.release) == release_files(seq.release)  # MANIFEST included
+    codes = "data/quantized/quantized.safetensors"  # FP inputs calibrate each block otherwise
+    assert (seq.root / codes).read_bytes() != (clean_project.root / codes).read_bytes()
     blocks = json.loads((seq.root / "data" / "quantized" / "quantize.json").read_text())["blocks"]
     assert [b["block"] for b in blocks] == list(range(N_BLOCKS))
     _ran_in_one_thread_workers(dask)
