@@ -323,10 +323,23 @@ def publish_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     swap_dir(tmp, dst)
 
 
+def _same_intact_folder(new: Path, dst: Path) -> bool:
+    mine, theirs = new / MANIFEST_NAME, dst / MANIFEST_NAME
+    try:
+        return theirs.read_bytes() == mine.read_bytes() and not verify_manifest(dst)
+    except (OSError, ValueError, KeyError):  # no manifest on either side, or one being replaced: swap
+        return False
+
+
 def swap_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Put the complete folder `tmp` at `dst` by renames (same filesystem); an old `dst` is removed
-    only once the new one is in place."""
+    only once the new one is in place. An intact `dst` with tmp's MANIFEST.json, byte for byte, is
+    kept and tmp dropped: another writer sharing the storage root (a sweep's parallel configs)
+    published the same content, and a reader of theirs must not see it vanish between two renames."""
     tmp, dst = Path(tmp), Path(dst)
+    if _same_intact_folder(tmp, dst):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if dst.exists():
         old = temp_dir_beside(dst)  # unique: an empty folder the old dst is renamed over

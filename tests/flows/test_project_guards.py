@@ -18,7 +18,7 @@ import pytest
 
 from flows.cli import EXIT_LOCKED
 from flows.lock import LOCK_PATH, ProjectLocked, project_lock
-from tasks.io import TEMP_GLOB, atomic_write_bytes, swap_dir, sweep_temporaries, temp_dir_beside
+from tasks.io import TEMP_GLOB, atomic_write_bytes, swap_dir, sweep_temporaries, temp_dir_beside, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = ("import sys, time\nfrom pathlib import Path\nfrom flows.lock import project_lock\n"
@@ -95,6 +95,29 @@ def test_swap_dir_replaces_the_old_folder_through_a_unique_name(tmp_path):
         (tmp / "f").write_text(text)
         swap_dir(tmp, dst)
     assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_swap_dir_keeps_an_intact_folder_of_the_same_content_and_replaces_a_damaged_one(tmp_path):
+    # parallel sweep configs publish the same model folder: the second must not pull the first's
+    # out from under its readers (a window with no folder), unless the first is damaged
+    dst = tmp_path / "model"
+
+    def build(text: str) -> Path:
+        tmp = temp_dir_beside(dst)
+        (tmp / "w.bin").write_text(text)
+        write_manifest(tmp)
+        return tmp
+
+    swap_dir(build("weights"), dst)
+    first = (dst / "w.bin").stat().st_ino
+    swap_dir(build("weights"), dst)  # same content: theirs kept, ours dropped
+    assert (dst / "w.bin").stat().st_ino == first and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (dst / "w.bin").write_text("damaged")  # the MANIFEST no longer verifies: replaced
+    swap_dir(build("weights"), dst)
+    assert (dst / "w.bin").read_text() == "weights" and (dst / "w.bin").stat().st_ino != first
+    swap_dir(build("other weights"), dst)  # other content: replaced
+    assert (dst / "w.bin").read_text() == "other weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def _ptq(project, *args: str) -> subprocess.CompletedProcess:
