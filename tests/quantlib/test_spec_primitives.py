@@ -73,3 +73,12 @@ def test_clip_search_never_worse_than_minmax():
         se, ze = expand(s, 128), expand(z, 128)
         errs.append(float((dequantize(quantize(w, se, ze, spec.maxq), se, ze) - w).pow(2).sum()))
     assert errs[1] < 0.95 * errs[0]
+
+
+def test_fake_quant_clips_to_both_ends_of_a_grid_narrower_than_the_weights():
+    # a learned (clipped) grid: weights beyond either end land on the end codes 0 and maxq
+    from quantlib.primitives import fake_quant
+
+    w = torch.tensor([[-3.0, -0.5, 0.0, 0.5, 3.0]])
+    scale, zero = torch.tensor([[0.25]]), torch.tensor([[4.0]])  # 3 bits: codes 0..7 cover [-1.0, 0.75]
+    assert torch.equal(fake_quant(w, scale, zero, 7), torch.tensor([[-1.0, -0.5, 0.0, 0.5, 0.75]]))
