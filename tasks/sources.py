@@ -11,7 +11,6 @@ tokenizer and a MANIFEST.json of sha256 hashes, so later stages never depend on 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .faults import failpoint
 from .specs import BUILTIN_MODELS, ModelSource, builtin_gguf_path, parse_model_source
-from .io import MANIFEST_NAME, IntegrityError, sha256_file, swap_dir, temp_dir_beside, verify_manifest, write_manifest
+from .io import MANIFEST_NAME, IntegrityError, sha256_file, building_dir, swap_dir, verify_manifest, write_manifest
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -199,14 +198,10 @@ def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_rem
     out_dir = Path(out_dir)
     model, tokenizer, provenance = _LOADERS[source.kind](source, trust_remote_code)
     _check_vocab(model, tokenizer, f"model source {source.spec}")
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with building_dir(out_dir) as tmp:
         manifest = _save_folder(model, tokenizer, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    failpoint("fetch_model.written")
-    swap_dir(tmp, out_dir)
+        failpoint("fetch_model.written")
+        swap_dir(tmp, out_dir)
     return {
         "source": source.spec,
         "kind": source.kind,
