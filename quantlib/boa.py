@@ -34,6 +34,19 @@ W_V (kv head g): head outputs are o_h = A_h X W^T (A_h the causal attention prob
   The softmax Jacobian is dropped for Q/K (a relaxation), and Q/K/V statistics come from the FP
   attention of this block on the quantized prefix's inputs.
 
+Q/K norms (Qwen3, Gemma3: a per-head RMSNorm between projection and RoPE). q_t = R_t N(p_t) with
+N(p) = g o p / rho(p), rho(p) = sqrt(mean(p^2) + eps), g the gain. Linearized at the FP point,
+dN = (g / rho_t) o (I - p^ p^^T) dp with p^ = p / |p|; the projector only removes the radial
+direction (one of d_h; a norm is blind to it), which is dropped, so dq_t = R_t G D (x_t / rho_t),
+G = diag(g). The gain goes into the rows, H_row = G H_row G (the moments are of the model's
+normalized q and k), and the per-token, per-head 1/rho_t into the columns:
+H_col = 2/N sum_t x_t x_t^T / rho_{h,t}^2, one per head, since rho belongs to the token
+(a token with a huge x also has a huge rho, and the norm cancels both).
+Partial rotary (cos, sin narrower than d_h): R_t acts on the first d_r dimensions and is the
+identity on the rest, i.e. cos padded with 1, sin with 0, J the rotate_half of d_r (zero elsewhere).
+Fused projections (Phi-3 qkv_proj, GPT-2 c_attn): one Linear whose output rows are [Q | K | V]; each
+part is solved with its own Hessians and the codes are concatenated back.
+
 Fast RoPE sums: with R_a = C_a + S_a J and G symmetric,
     R_a^T G R_a = G o c c^T + (G o c s^T) J + [(G o c s^T) J]^T + J^T (G o s s^T) J,
 so sum_{a,b} w[a,b] R_a^T G_b R_a needs only the per-position second moments G_b and the tables
@@ -65,6 +78,7 @@ __all__ = [
     "AttentionLayout",
     "AttentionHessians",
     "AttentionStats",
+    "HeadNorm",
     "attention_layout",
     "rotate_half_matrix",
     "rope_weighted_sum",
@@ -108,23 +122,25 @@ class BoAConfig:
 # ----------------------------------------------------------------------------------------- math
 
 
-def rotate_half_matrix(d: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """J (d, d) with J @ p == rotate_half(p) = cat(-p[d/2:], p[:d/2])."""
+def rotate_half_matrix(d: int, dtype: torch.dtype = torch.float32, device=None, rotary: int | None = None) -> torch.Tensor:
+    """J (d, d) with J @ p == rotate_half(p) = cat(-p[d/2:], p[:d/2]); with `rotary` = d_r < d, the
+    rotate_half of the first d_r dimensions and zero on the rest (partial rotary)."""
     j = torch.zeros(d, d, dtype=dtype, device=device)
-    half = d // 2
+    half = (rotary or d) // 2
     eye = torch.eye(half, dtype=dtype, device=device)
-    j[:half, half:] = -eye
-    j[half:, :half] = eye
+    j[:half, half : 2 * half] = -eye
+    j[half : 2 * half, :half] = eye
     return j
 
 
 def rope_weighted_sum(
-    moments: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    moments: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int | None = None
 ) -> torch.Tensor:
     """sum_{a,b} weight[a, b] R_a^T moments[:, b] R_a with R_a = diag(cos[a]) + diag(sin[a]) J.
 
     moments: (G, T, d, d) symmetric per-position second moments; weight: (T, T), a indexes the
-    rotation's position, b the moment's; cos, sin: (T, d). Returns (G, d, d)."""
+    rotation's position, b the moment's; cos, sin: (T, d); rotary: J's width d_r (partial rotary,
+    cos/sin padded with 1/0 beyond it). Returns (G, d, d)."""
     t, d = cos.shape
     w = weight.to(moments.dtype).t()
 
@@ -136,7 +152,7 @@ def rope_weighted_sum(
 
     out = fold(table(cos, cos))
     if bool(sin.any()):
-        j = rotate_half_matrix(d, moments.dtype, moments.device)
+        j = rotate_half_matrix(d, moments.dtype, moments.device, rotary)
         cross = fold(table(cos, sin)) @ j
         out = out + cross + cross.transpose(-1, -2) + j.t() @ fold(table(sin, sin)) @ j
     return out
@@ -322,41 +338,55 @@ def kron_error(w: torch.Tensor, w_hat: torch.Tensor, h_row: torch.Tensor | None,
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Paths inside one block: the attention module, its q/k/v projections and output projection."""
+    """Paths inside one block: the attention module, its q/k/v projections and output projection.
+
+    fused: q, k and v name one Linear whose output rows are [Q (heads d_h) | K (kv d_h) | V (kv d_h)]
+    (Phi-3 qkv_proj, GPT-2 c_attn); norm_offset: a q_norm/k_norm gain is offset + weight (Gemma)."""
 
     module: str
     q: str
     k: str
     v: str
     out: str | None
+    fused: bool = False
+    norm_offset: float = 0.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The distinct Linears BoA solves."""
+        return (self.q,) if self.fused else (self.q, self.k, self.v)
 
 
 def attention_layout(adapter: ModelAdapter) -> AttentionLayout:
-    """Separate q/k/v Linears (the family's first group, in that order) under one attention module.
-    Fused projections (Phi-3 qkv_proj, GPT-2 c_attn) are rejected with the reason."""
+    """The family's first group: separate q/k/v Linears (in that order) or one fused qkv Linear,
+    under one attention module whose output projection is the second group."""
     fam, geo = adapter.family, adapter.geometry
-    if geo.fused_qkv or len(fam.groups[0]) != 3:
+    first = fam.groups[0]
+    if len(first) != (1 if geo.fused_qkv else 3):
         raise UnsupportedModelError(
-            f"BoA needs separate q/k/v projections; {fam.name} computes them with one fused Linear "
-            f"({', '.join(fam.groups[0])}); quantize this model with GPTQ"
+            f"BoA needs the attention's q/k/v projection(s) as the first group of {fam.name}, got {', '.join(first)}"
         )
-    q, k, v = fam.groups[0]
+    q, k, v = first * 3 if geo.fused_qkv else first
     module = q.rpartition(".")[0]
     if not (k.startswith(module + ".") and v.startswith(module + ".")):
         raise UnsupportedModelError(f"BoA: {q}, {k}, {v} do not share one attention module")
     out = fam.groups[1][0] if len(fam.groups) > 1 and fam.groups[1][0].startswith(module + ".") else None
-    return AttentionLayout(module, q, k, v, out)
+    return AttentionLayout(module, q, k, v, out, geo.fused_qkv, fam.norm_offset)
 
 
 @dataclass(frozen=True)
 class AttentionHessians:
-    """col: (d, d) 2XX^T/N shared by W_Q and W_K; row_q: (heads, d_h, d_h); row_k: (kv_heads, d_h, d_h);
-    col_v: (kv_heads, d, d) attention-weighted input Hessian per kv head."""
+    """col: (d, d) 2XX^T/N; row_q: (heads, d_h, d_h); row_k: (kv_heads, d_h, d_h); col_q: (1 or heads,
+    d, d) and col_k: (1 or kv_heads, d, d), the column Hessians of W_Q / W_K rows (col itself without
+    a q/k norm, else per head with the tokens weighted by 1/rho^2); col_v: (kv_heads, d, d)
+    attention-weighted input Hessian per kv head."""
 
     col: torch.Tensor
     row_q: torch.Tensor
     row_k: torch.Tensor
     col_v: torch.Tensor
+    col_q: torch.Tensor
+    col_k: torch.Tensor
 
 
 def _allowed(mask: torch.Tensor | None, t: int, device) -> torch.Tensor:
@@ -376,35 +406,49 @@ def _allowed(mask: torch.Tensor | None, t: int, device) -> torch.Tensor:
     return m[0]
 
 
-def _rotate(p: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF RoPE on p (b, heads, T, d_h) with cos, sin (T, d_h)."""
-    half = p.shape[-1] // 2
-    return p * cos + torch.cat([-p[..., half:], p[..., :half]], dim=-1) * sin
+def _rotate(p: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int) -> torch.Tensor:
+    """HF RoPE on the first `rotary` dims of p (b, heads, T, d_h); cos, sin (T, d_h) padded with 1, 0."""
+    half = rotary // 2
+    rot = torch.cat([-p[..., half:rotary], p[..., :half], torch.zeros_like(p[..., rotary:])], dim=-1)
+    return p * cos + rot * sin
+
+
+def _scaled_gram(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x (N, d), c (N, H) -> (H, d, d) sum_n c[n, h]^2 x_n x_n^T, one head at a time (memory N d)."""
+    return torch.stack([(x * c[:, h, None]).t() @ (x * c[:, h, None]) for h in range(c.shape[1])])
 
 
 class AttentionStats:
     """Running sums for one attention layer's BoA Hessians; fed one batch at a time by `observe`.
 
     Memory: two (kv_heads, T, d_h, d_h) per-position moment sums (the mask and RoPE are folded in
-    once, in `hessians`), one (kv_heads, d, d) value Hessian, and per batch one kv group's
-    (b, r, T, T) attention probabilities at a time."""
+    once, in `hessians`), one (kv_heads, d, d) value Hessian, with q/k norms (heads + kv_heads, d, d)
+    column sums, and per batch one kv group's (b, r, T, T) attention probabilities at a time.
+    gain_q, gain_k: (d_h,) gains of the q/k norms, or None without one."""
 
-    def __init__(self, geometry: AttentionGeometry) -> None:
+    def __init__(self, geometry: AttentionGeometry, gain_q: torch.Tensor | None = None,
+                 gain_k: torch.Tensor | None = None) -> None:
         self.geo = geometry
+        self.gain_q, self.gain_k = gain_q, gain_k
         self.h_col: torch.Tensor | None = None
         self.count = 0
         self.key_moments: torch.Tensor | float = 0.0  # (kv, T, d_h, d_h) sum over sequences of k_s k_s^T
         self.query_moments: torch.Tensor | float = 0.0  # (kv, T, d_h, d_h) same for q_t, summed over the group
         self.value_sum: torch.Tensor | float = 0.0  # (kv, d, d) sum of X^T (sum_h A_h^T A_h) X
+        self.col_q: torch.Tensor | float = 0.0  # (heads, d, d) sum of x x^T / rho_q^2, with a q norm
+        self.col_k: torch.Tensor | float = 0.0  # (kv, d, d) same for the keys
         self.sequences = 0
         self.allowed: torch.Tensor | None = None
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.rotary = geometry.head_dim
 
-    def observe(self, x, q, k, v, cos, sin, allowed, scaling: float, softcap: float | None) -> torch.Tensor:
+    def observe(self, x, q, k, v, cos, sin, allowed, scaling: float, softcap: float | None,
+                inv_q: torch.Tensor | None = None, inv_k: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, T, d) attention input; q (b, T, heads d_h), k, v (b, T, kv d_h) projections (with
-        bias, before RoPE); cos, sin (T, d_h) or None (no RoPE); allowed (T, T). Returns the
-        attention output this reconstruction implies, (b, T, heads d_h), for a consistency check."""
+        bias and q/k norm, before RoPE); cos, sin (T, d_r), d_r <= d_h, or None (no RoPE); allowed
+        (T, T); inv_q (b, T, heads), inv_k (b, T, kv) the norms' 1/rho per token, or None. Returns
+        the attention output this reconstruction implies, (b, T, heads d_h), for a consistency check."""
         geo = self.geo
         b, t, d = x.shape
         kv, hd = geo.num_kv_heads, geo.head_dim
@@ -413,19 +457,24 @@ class AttentionStats:
         q = q.float().view(b, t, geo.num_heads, hd).transpose(1, 2)  # (b, heads, T, d_h)
         k = k.float().view(b, t, kv, hd).transpose(1, 2)  # (b, kv, T, d_h)
         v = v.float().view(b, t, kv, hd).transpose(1, 2)
-        if cos is not None:
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        else:
-            cos, sin = torch.ones(t, hd, device=x.device), torch.zeros(t, hd, device=x.device)
+        rotary = hd if cos is None else cos.shape[-1]
+        pad = lambda table, fill: torch.cat([table.float(), table.new_full((t, hd - rotary), fill)], -1)  # noqa: E731
+        cos, sin = (torch.ones(t, hd, device=x.device), torch.zeros(t, hd, device=x.device)) if cos is None \
+            else (pad(cos, 1.0), pad(sin, 0.0))
+        q, k = _rotate(q, cos, sin, rotary), _rotate(k, cos, sin, rotary)
         if self.allowed is None:
-            self.allowed, self.cos, self.sin = allowed, cos.float(), sin.float()
+            self.allowed, self.cos, self.sin, self.rotary = allowed, cos, sin, rotary
         self.h_col, self.count = accumulate_hessian(self.h_col, self.count, x)
+        flat = x.reshape(b * t, d)
+        if inv_q is not None:
+            self.col_q = self.col_q + _scaled_gram(flat, inv_q.float().reshape(b * t, -1))
+        if inv_k is not None:
+            self.col_k = self.col_k + _scaled_gram(flat, inv_k.float().reshape(b * t, -1))
         qg = q.view(b, kv, r, t, hd)
         self.key_moments = self.key_moments + torch.einsum("bgsi,bgsj->gsij", k, k)
         self.query_moments = self.query_moments + torch.einsum("bgrti,bgrtj->gtij", qg, qg)
         out = torch.empty(b, kv, r, t, hd, dtype=x.dtype, device=x.device)
         value = torch.empty(kv, d, d, dtype=x.dtype, device=x.device)
-        flat = x.reshape(b * t, d)
         for g in range(kv):  # one kv group at a time bounds memory at (b, r, T, T)
             logits = (qg[:, g] @ k[:, g, None].transpose(-1, -2)) * scaling
             if softcap is not None:
@@ -445,15 +494,17 @@ class AttentionStats:
         pairs = float(m.sum()) * self.sequences
         r = self.geo.num_heads // self.geo.num_kv_heads
         # Q rows: rotation of the query position a = t, moments of the keys b = s: weight M[t, s]
-        row_q = rope_weighted_sum(self.key_moments, m, self.cos, self.sin) / pairs
+        row_q = rope_weighted_sum(self.key_moments, m, self.cos, self.sin, self.rotary) / pairs
         # K rows: rotation of the key position a = s, moments of the queries b = t: weight M[t, s]^T
-        row_k = rope_weighted_sum(self.query_moments, m.t(), self.cos, self.sin) / pairs
-        col_v = 2 * self.value_sum / self.count
+        row_k = rope_weighted_sum(self.query_moments, m.t(), self.cos, self.sin, self.rotary) / pairs
+        col = lambda acc: self.h_col[None] if isinstance(acc, float) else _sym(2 * acc / self.count)  # noqa: E731
         return AttentionHessians(
             col=self.h_col,
-            row_q=_sym(row_q).repeat_interleave(r, dim=0),
-            row_k=_sym(row_k),
-            col_v=_sym(col_v),
+            row_q=_sym(_gained(row_q, self.gain_q)).repeat_interleave(r, dim=0),
+            row_k=_sym(_gained(row_k, self.gain_k)),
+            col_v=_sym(2 * self.value_sum / self.count),
+            col_q=col(self.col_q),
+            col_k=col(self.col_k),
         )
 
 
@@ -461,27 +512,91 @@ def _sym(h: torch.Tensor) -> torch.Tensor:
     return 0.5 * (h + h.transpose(-1, -2))
 
 
-def _check_supported(attn: nn.Module, geo: AttentionGeometry) -> None:
-    for norm in ("q_norm", "k_norm"):
-        if isinstance(getattr(attn, norm, None), nn.Module):
-            raise UnsupportedModelError(
-                f"BoA needs attention logits linear in W_Q and W_K; {type(attn).__name__} normalizes them "
-                f"({norm}, as Qwen3/Gemma3 do); quantize this model with GPTQ"
-            )
+def _gained(h: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """G h G with G = diag(gain): a row Hessian of normalized q or k moved to the projection's rows."""
+    return h if gain is None else gain[:, None] * h * gain[None, :]
+
+
+@dataclass(frozen=True, eq=False)
+class HeadNorm:
+    """A per-head RMSNorm on q or k (Qwen3/Gemma3 q_norm, k_norm): module(p) = gain o p / rho(p),
+    rho(p) = sqrt(mean(p^2) + eps) over the head's d_h values; gain: (d_h,)."""
+
+    module: nn.Module
+    gain: torch.Tensor
+    eps: float
+
+    def __call__(self, p: torch.Tensor, heads: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """p (b, T, heads d_h) -> (the module's output, same shape; 1/rho (b, T, heads)); fails when
+        the module is not the RMSNorm this reconstruction assumes."""
+        b, t, _ = p.shape
+        ph = p.view(b, t, heads, hd)
+        out = self.module(ph)
+        inv = torch.rsqrt(ph.float().pow(2).mean(-1) + self.eps)
+        expected = self.gain * ph.float() * inv[..., None]
+        _check_close(out, expected, f"{type(self.module).__name__} (as gain * p / rms(p))")
+        return out.reshape(b, t, heads * hd), inv
+
+
+def _head_norm(attn: nn.Module, name: str, offset: float) -> HeadNorm | None:
+    module = getattr(attn, name, None)
+    if not isinstance(module, nn.Module):
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor):
+        raise UnsupportedModelError(
+            f"BoA reads {type(attn).__name__}.{name} as an RMSNorm (weight, eps); "
+            f"{type(module).__name__} is not one; quantize this model with GPTQ"
+        )
+    return HeadNorm(module, offset + weight.detach().float(), float(eps))
+
+
+def _check_supported(geo: AttentionGeometry) -> None:
     if geo.num_heads % geo.num_kv_heads:
         raise UnsupportedModelError(f"BoA: {geo.num_heads} heads are not a multiple of {geo.num_kv_heads} kv heads")
 
 
-def _check_reconstruction(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """BoA's statistics rebuild the attention from q/k/v, RoPE and the mask; a mismatch with what
+def _check_close(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """BoA's statistics rebuild the attention from q/k/v, norms, RoPE and the mask; a mismatch with what
     the model computed means an attention variant this reconstruction does not cover."""
     tol = 1e-3 if got.dtype in (torch.float32, torch.float64) else 3e-2
     err = float((got.float() - expected).norm() / expected.norm().clamp_min(1e-30))
     if err > tol:
         raise UnsupportedModelError(
             f"BoA's reconstruction of {name} differs from the model's attention (relative error {err:.2e}); "
-            "this attention variant (partial rotary, ALiBi, custom masking ...) is not supported; use GPTQ"
+            "this attention variant (ALiBi, custom masking, another norm ...) is not supported; use GPTQ"
         )
+
+
+def _projection(block: nn.Module, layout: AttentionLayout, geo: AttentionGeometry):
+    """x (b, T, d) -> (q (b, T, heads d_h), k, v (b, T, kv d_h)): the projections with bias."""
+    if not layout.fused:
+        mods = [block.get_submodule(n) for n in layout.names]
+        return lambda x: tuple(m(x) for m in mods)
+    fused = block.get_submodule(layout.q)
+    sizes = [geo.num_heads * geo.head_dim] + [geo.num_kv_heads * geo.head_dim] * 2
+
+    def project(x):
+        out = fused(x)
+        if out.shape[-1] != sum(sizes):
+            raise UnsupportedModelError(f"BoA: {layout.q} has {out.shape[-1]} outputs, not q/k/v's {sum(sizes)}")
+        return tuple(out.split(sizes, dim=-1))
+
+    return project
+
+
+def _rotary_tables(kwargs: dict, geo: AttentionGeometry, attn: nn.Module):
+    """(cos, sin) each (T, d_r) from the attention's position_embeddings, or (None, None) without RoPE."""
+    rope = kwargs.get("position_embeddings")
+    if rope is None and geo.rope:
+        raise UnsupportedModelError(f"BoA: {type(attn).__name__} received no position_embeddings (cos, sin)")
+    if rope is None:
+        return None, None
+    cos, sin = rope[0][0].float(), rope[1][0].float()
+    if cos.shape[-1] > geo.head_dim or cos.shape[-1] % 2:
+        raise UnsupportedModelError(f"BoA: rotary width {cos.shape[-1]} does not fit head_dim {geo.head_dim}")
+    return cos, sin
 
 
 @torch.no_grad()
@@ -492,30 +607,30 @@ def collect_attention_stats(
     attention module read its input, rotary tables and mask, and check the rebuilt attention against
     the output projection's input."""
     attn = block.get_submodule(layout.module)
-    _check_supported(attn, geo)
-    proj = [block.get_submodule(n) for n in (layout.q, layout.k, layout.v)]
-    stats = AttentionStats(geo)
+    _check_supported(geo)
+    project = _projection(block, layout, geo)
+    norm_q, norm_k = (_head_norm(attn, n, layout.norm_offset) for n in ("q_norm", "k_norm"))
+    stats = AttentionStats(geo, *(None if n is None else n.gain.to(device) for n in (norm_q, norm_k)))
     pending: list[torch.Tensor] = []
     softcap = getattr(attn, "attn_logit_softcapping", None)
     scaling = getattr(attn, "scaling", geo.head_dim**-0.5)
 
     def observe(_m, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        rope = kwargs.get("position_embeddings")
-        if rope is None and geo.rope:
-            raise UnsupportedModelError(f"BoA: {type(attn).__name__} received no position_embeddings (cos, sin)")
-        cos, sin = (None, None) if rope is None else (rope[0][0].float(), rope[1][0].float())
-        if cos is not None and cos.shape[-1] != geo.head_dim:
-            raise UnsupportedModelError(
-                f"BoA: rotary width {cos.shape[-1]} != head_dim {geo.head_dim} (partial rotary is not supported)"
-            )
+        cos, sin = _rotary_tables(kwargs, geo, attn)
         allowed = _allowed(kwargs.get("attention_mask"), x.shape[1], x.device)
-        rebuilt = stats.observe(x, *(p(x) for p in proj), cos, sin, allowed, scaling, softcap)
+        q, k, v = project(x)
+        inv_q = inv_k = None
+        if norm_q is not None:
+            q, inv_q = norm_q(q, geo.num_heads, geo.head_dim)
+        if norm_k is not None:
+            k, inv_k = norm_k(k, geo.num_kv_heads, geo.head_dim)
+        rebuilt = stats.observe(x, q, k, v, cos, sin, allowed, scaling, softcap, inv_q, inv_k)
         if layout.out is not None:
             pending.append(rebuilt)
 
     def check(_m, args):
-        _check_reconstruction(args[0], pending.pop(), layout.module)
+        _check_close(args[0], pending.pop(), layout.module)
 
     handles = [attn.register_forward_pre_hook(observe, with_kwargs=True)]
     if layout.out is not None:
@@ -532,35 +647,51 @@ def _quantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
     return QuantizedWeight(flat(codes).to(torch.uint8), flat(scale).float(), flat(zero).float(), g_idx, spec)
 
 
+def _stacked(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Row-wise concatenation [Q; K; V] of per-part results: a fused projection's QuantizedWeight."""
+    cat = lambda f: torch.cat([getattr(p, f) for p in parts])  # noqa: E731
+    return QuantizedWeight(cat("qweight"), cat("scale"), cat("zero"), parts[0].g_idx, parts[0].spec)
+
+
+def _head_weights(adapter: ModelAdapter, block: nn.Module, layout: AttentionLayout, geo: AttentionGeometry):
+    """(W_Q (heads, d_h, d), W_K (kv, d_h, d), W_V (kv, d_h, d)) in (out, in) layout, float32."""
+    heads, kv, hd = geo.num_heads, geo.num_kv_heads, geo.head_dim
+    w = [adapter.get_weight(block.get_submodule(n)).float() for n in layout.names]
+    if layout.fused:
+        w = list(w[0].split([heads * hd, kv * hd, kv * hd]))
+    if [t.shape[0] for t in w] != [heads * hd, kv * hd, kv * hd]:
+        raise UnsupportedModelError(f"BoA: projection shapes do not match {heads} heads / {kv} kv heads of {hd}")
+    return w[0].view(heads, hd, -1), w[1].view(kv, hd, -1), w[2].view(kv, hd, -1)
+
+
 @torch.no_grad()
 def solve_attention(
     adapter: ModelAdapter, block: nn.Module, group: list[str], inputs, call: BlockCall,
     spec: QuantSpec, cfg: BoAConfig, device,
 ) -> dict[str, tuple[QuantizedWeight, float]]:
     """The engine's group hook: {name: (QuantizedWeight, relative Kronecker-weighted error)} for
-    the attention's q/k/v when `group` contains them, else {}. One forward pass collects every
-    Hessian; W_Q and W_K share H_col, so their heads are swept as one batch."""
+    the attention's q/k/v when `group` contains them, else {} (a fused projection: one entry, the
+    mean of its three errors). One forward pass collects every Hessian; W_Q and W_K heads are swept
+    as one batch (sharing H_col unless q/k norms give each head its own)."""
     layout = attention_layout(adapter)
-    if not {layout.q, layout.k, layout.v} <= set(group):
+    if not set(layout.names) <= set(group):
         return {}
     geo = adapter.geometry
     hs = collect_attention_stats(block, layout, geo, inputs, call, device).hessians()
-    heads, kv, hd = geo.num_heads, geo.num_kv_heads, geo.head_dim
-    w = {n: adapter.get_weight(block.get_submodule(n)).float() for n in (layout.q, layout.k, layout.v)}
-    d = w[layout.q].shape[1]
-    if w[layout.q].shape[0] != heads * hd or w[layout.k].shape[0] != kv * hd or w[layout.v].shape[0] != kv * hd:
-        raise UnsupportedModelError(f"BoA: projection shapes do not match {heads} heads / {kv} kv heads of {hd}")
-    wq, wk, wv = w[layout.q].view(heads, hd, d), w[layout.k].view(kv, hd, d), w[layout.v].view(kv, hd, d)
-    row_qk = torch.cat([hs.row_q, hs.row_k])
-    codes, scale, zero = kron_gptq(torch.cat([wq, wk]), row_qk, hs.col[None], spec, cfg)
-    qk = _quantized(codes, scale, zero, spec)
-    w_hat = qk.dequantize().to(hs.col.device).view(heads + kv, hd, d)
-    err_q = kron_error(wq, w_hat[:heads], hs.row_q, hs.col[None])
-    err_k = kron_error(wk, w_hat[heads:], hs.row_k, hs.col[None])
-    split = lambda t, a, b: t.view(heads + kv, hd, -1)[a:b]  # noqa: E731
-    q_w = _quantized(split(codes, 0, heads), split(scale, 0, heads), split(zero, 0, heads), spec)
-    k_w = _quantized(split(codes, heads, None), split(scale, heads, None), split(zero, heads, None), spec)
+    heads, kv = geo.num_heads, geo.num_kv_heads
+    wq, wk, wv = _head_weights(adapter, block, layout, geo)
+    d = wq.shape[-1]
+    shared = hs.col_q.shape[0] == 1 and hs.col_k.shape[0] == 1
+    col_qk = hs.col_q if shared else torch.cat([hs.col_q.expand(heads, d, d), hs.col_k.expand(kv, d, d)])
+    codes, scale, zero = kron_gptq(torch.cat([wq, wk]), torch.cat([hs.row_q, hs.row_k]), col_qk, spec, cfg)
+    w_hat = _quantized(codes, scale, zero, spec).dequantize().to(hs.col.device).view(heads + kv, *wq.shape[1:])
+    err_q = kron_error(wq, w_hat[:heads], hs.row_q, hs.col_q)
+    err_k = kron_error(wk, w_hat[heads:], hs.row_k, hs.col_k)
+    q_w = _quantized(codes[:heads], scale[:heads], zero[:heads], spec)
+    k_w = _quantized(codes[heads:], scale[heads:], zero[heads:], spec)
     codes, scale, zero = kron_gptq(wv, None, hs.col_v, spec, cfg)
     v_w = _quantized(codes, scale, zero, spec)
-    err_v = kron_error(wv, v_w.dequantize().to(hs.col.device).view(kv, hd, d), None, hs.col_v)
+    err_v = kron_error(wv, v_w.dequantize().to(hs.col.device).view(wv.shape), None, hs.col_v)
+    if layout.fused:
+        return {layout.q: (_stacked([q_w, k_w, v_w]), (err_q + err_k + err_v) / 3)}
     return {layout.q: (q_w, err_q), layout.k: (k_w, err_k), layout.v: (v_w, err_v)}
