@@ -1,0 +1,92 @@
+"""Every supported family through `ptq run` with the default params (quantize.method auto, qat auto)
+and the release loaded back: auto picks recon + QAT at 2 bits, BoA + QAT at 3, GPTQ at 4, so a
+family whose attention BoA or the reconstruction cannot handle fails here, not for a user.
+
+In CI four families run at 3 bits (BoA, the path that rejected q/k norms and fused projections);
+with PTQ_RUN_SLOW=1 every family runs at 2, 3 and 4 bits. The README's list of supported
+architectures is checked against the families these tests build."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+
+from pipeline_projects import REPO, SETTINGS, Project, clone_checkout, git_commit_all, write_params
+
+from quantlib.adapters import FAMILIES as ADAPTER_FAMILIES
+
+
+def _tiny():
+    """tests/quantlib/tiny.py: one tiny random config per supported family."""
+    spec = importlib.util.spec_from_file_location("tiny_configs", REPO / "tests" / "quantlib" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = _tiny()
+
+
+# in CI: the families whose attention differs from Llama's (q/k norms, Gemma's offset gains and
+# sliding layers, fused q/k/v with partial-rotary support, transposed fused q/k/v without RoPE); Llama
+# itself runs in every other pipeline test, and BoA runs on every family in tests/quantlib/test_boa.py
+CI_FAMILIES = ("qwen3", "gemma3_text", "phi3", "gpt2")
+
+
+def _cases():
+    for family in TINY.FAMILIES:
+        for bits in (2, 3, 4):
+            slow = bits != 3 or family not in CI_FAMILIES
+            yield pytest.param(family, bits, id=f"{family}-w{bits}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.fixture(scope="session")
+def family_source(tmp_path_factory, tiny_source):
+    """family -> a local HF folder: the family's tiny random config with the tiny Llama's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_source)
+    built = {}
+
+    def build(family: str):
+        if family not in built:
+            config = TINY.tiny_config(family)
+            config.vocab_size = len(tok)
+            config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp("families") / family
+            AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
+            tok.save_pretrained(folder)
+            built[family] = folder
+        return built[family]
+
+    return build
+
+
+@pytest.mark.parametrize("family,bits", list(_cases()))
+def test_default_params_quantize_every_family(family, bits, family_source, tmp_path_factory, base_env):
+    root = clone_checkout(tmp_path_factory.mktemp("family") / f"{family}-w{bits}")
+    write_params(root / "params.yaml", family_source(family), {"quantize": {**SETTINGS["quantize"], "bits": bits}})
+    git_commit_all(root, base_env)
+    project = Project(root, base_env)
+    project.run_ok()
+    manifest = json.loads((project.release / "MANIFEST.json").read_text())
+    assert manifest["files"], manifest
+    info = json.loads((root / "data" / "quantized" / "quantize.json").read_text())
+    expected = {2: "ReconConfig", 3: "BoAConfig", 4: "GPTQConfig"}[bits]
+    assert info["method"] == expected and info["scheme"].startswith(f"w{bits}"), info["method"]
+    ppl = json.loads((root / "metrics" / "metrics.json").read_text())["ppl"]  # of the release, loaded back
+    assert ppl and all(1 < v < float("inf") for v in ppl.values()), ppl
+
+
+def test_readme_lists_exactly_the_families_the_tests_build():
+    """The README's supported-architecture list (config model_type values in backticks) is the
+    adapters' list, and every entry has a tiny model these tests quantize."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    line = re.search(r"Supported architectures \(config `model_type`\):([^.]*)\.", readme, re.S)
+    assert line, "README lost its 'Supported architectures (config `model_type`): ...' sentence"
+    listed = set(re.findall(r"`([a-z0-9_]+)`", line.group(1)))
+    assert listed == set(ADAPTER_FAMILIES) == set(TINY.FAMILIES), (listed, set(ADAPTER_FAMILIES))
