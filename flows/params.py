@@ -218,9 +218,9 @@ class _Section:
 class FetchModelParams(_Section):
     """The model to quantize (a known name, Hub repo id or local dir) and its compute dtype.
 
-    dtype: what the quantize stage loads and runs the blocks in (bfloat16 / float16 halve its host
-    memory and activation shards; the GPTQ/BoA solves stay float32; recon needs float32). QAT and
-    evaluation load float32.
+    dtype: what every stage loads and runs the model in: capture, blocks, QAT (its trainable scales
+    and optimizer state stay float32) and evaluation (bfloat16 / float16 halve host memory and the
+    activation shards; Hessians and the GPTQ/BoA solves stay float32; recon windows need float32).
     """
 
     SECTION: ClassVar[str] = "fetch_model"

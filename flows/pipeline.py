@@ -451,7 +451,7 @@ def _train_qat(ctx: StageContext, qdir: Path, info: dict) -> tuple[dict, int]:
     tokens_dir, tokens = _tokens(ctx)
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache),
-                  trust_remote_code=ctx.params.fetch_model.trust_remote_code)
+                  trust_remote_code=ctx.params.fetch_model.trust_remote_code, dtype=ctx.params.fetch_model.dtype)
     teacher, c1 = (None, True) if not cfg.needs_teacher else run_cached(
         ctx, qat_teacher_task, lambda r: file_ok(r["path"], r["sha"]), "qat teacher", topk=cfg.topk, **common)
     rec, c2 = run_cached(ctx, qat_train_task, lambda r: file_ok(r["path"], r["sha"]), "qat",
@@ -534,7 +534,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
     files, files_sha = _eval_files(ctx)
     release_sha = sha256_file(release / "MANIFEST.json")  # deterministic: identifies the release
     common = dict(eval_files=files, eval_files_sha=files_sha, batch_size=e.batch_size,
-                  trust_remote_code=ctx.params.fetch_model.trust_remote_code)
+                  trust_remote_code=ctx.params.fetch_model.trust_remote_code, dtype=ctx.params.fetch_model.dtype)
     # independent: submitted together on a parallel runner, in this order on the sequential one
     (ppl, c1), (fp, c2) = run_cached_many(ctx, ppl_task, lambda r: True, [
         ("perplexity (release)", dict(kind="release", folder=str(release), model_sha=release_sha, **common)),
@@ -567,7 +567,8 @@ def _lm_eval(ctx: StageContext, release: Path, release_sha: str) -> tuple[dict, 
         (f"lm_eval {name}", dict(folder=str(release), model_sha=release_sha, tasks=[name],
                                  include_path=str(include) if include else None, tasks_sha=tasks_sha,
                                  limit=e.lm_eval_limit, batch_size=e.batch_size,
-                                 trust_remote_code=ctx.params.fetch_model.trust_remote_code))
+                                 trust_remote_code=ctx.params.fetch_model.trust_remote_code,
+                                 dtype=ctx.params.fetch_model.dtype))
         for name in e.lm_eval_tasks])
     merged: dict = {}
     for result, _ in done:

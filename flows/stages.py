@@ -137,16 +137,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("fetch_model", deps=(INPUTS,), params=("fetch_model",), outs=(MODEL,)),
     # fetch_model.trust_remote_code: every stage that loads the model (or its tokenizer) honours it
     Stage("prepare_data", deps=(INPUTS, MODEL), params=("prepare_data", "fetch_model.trust_remote_code"), outs=(TOKENS,)),
-    # fetch_model.dtype: the dtype the model computes in while its blocks are quantized
+    # fetch_model.dtype: the dtype the model computes in (quantize, qat and evaluate honour it)
     Stage("quantize", deps=(MODEL, TOKENS), params=("quantize", "recon", "fetch_model.dtype",
                                                     "fetch_model.trust_remote_code"), outs=(QUANTIZED,),
           plots=(Plot(BLOCK_ERRORS, x="block"),)),
     # qat.enabled: auto decides by the number of bits
-    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits", "fetch_model.trust_remote_code"),
+    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits", "fetch_model.dtype",
+                                                                 "fetch_model.trust_remote_code"),
           outs=(QAT,)),
     Stage("pack", deps=(MODEL, TOKENS, QAT), params=RELEASE_PARAMS, outs=(RELEASE,)),
     Stage("evaluate", deps=(INPUTS, MODEL, TOKENS, RELEASE, BLOCK_ERRORS),
-          params=("evaluate", "prepare_data.eval_sources", "prepare_data.mirror", "fetch_model.trust_remote_code"),
+          params=("evaluate", "prepare_data.eval_sources", "prepare_data.mirror", "fetch_model.dtype",
+                  "fetch_model.trust_remote_code"),
           outs=(REPORT,), metrics=(METRICS,), plots=(Plot(PPL, x="model", y="ppl"),)),
     Stage("register", deps=(RELEASE, METRICS), params=("register",), outs=(), metrics=(REGISTRY,)),
 )

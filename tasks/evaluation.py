@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import task
 
 from .cache import key_fn
@@ -17,21 +18,24 @@ __all__ = ["ppl_task", "lm_eval_task", "LOCAL_TASKS", "prepare_local_tasks"]
 LOCAL_TASKS = ("ptq_cloze",)  # generated offline from the evaluation text
 
 
-def _load(kind: str, folder: str, trust_remote_code: bool = False):
+def _load(kind: str, folder: str, trust_remote_code: bool = False, dtype: str = "float32"):
+    """A release (kind 'release') or the FP source model (kind 'model') in compute dtype `dtype`."""
     if kind == "release":
-        return load_release(folder, trust_remote_code=trust_remote_code)
-    return load_model(folder, trust_remote_code=trust_remote_code)
+        return load_release(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return load_model(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
 
 
 def _windows(eval_files: dict[str, list[str]]) -> dict:
     return {name: read_token_ids(path, sha)["windows"] for name, (path, sha) in eval_files.items()}
 
 
-@task(name="perplexity", cache_key_fn=key_fn("kind", "model_sha", "eval_files_sha", "batch_size"), persist_result=True)
+@task(name="perplexity", cache_key_fn=key_fn("kind", "model_sha", "eval_files_sha", "batch_size", "dtype"),
+      persist_result=True)
 def ppl_task(kind: str, folder: str, model_sha: str, eval_files: dict, eval_files_sha: str, batch_size: int,
-             trust_remote_code: bool = False) -> dict:
-    """{source: perplexity} of a release (kind 'release') or the FP source model (kind 'model')."""
-    return evaluate_perplexity(_load(kind, folder, trust_remote_code), _windows(eval_files), batch_size)
+             trust_remote_code: bool = False, dtype: str = "float32") -> dict:
+    """{source: perplexity} of a release (kind 'release') or the FP source model (kind 'model'), run
+    in `dtype` (fetch_model.dtype; the log-probabilities are taken in float32)."""
+    return evaluate_perplexity(_load(kind, folder, trust_remote_code, dtype), _windows(eval_files), batch_size)
 
 
 def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int = 0, n_docs: int = 200) -> tuple[Path | None, str]:
@@ -48,9 +52,9 @@ def prepare_local_tasks(task_dir: Path, text: str, names: list[str], seed: int =
     return task_dir, sha
 
 
-@task(name="lm_eval", cache_key_fn=key_fn("model_sha", "tasks", "limit", "tasks_sha"), persist_result=True)
+@task(name="lm_eval", cache_key_fn=key_fn("model_sha", "tasks", "limit", "tasks_sha", "dtype"), persist_result=True)
 def lm_eval_task(folder: str, model_sha: str, tasks: list[str], include_path: str | None, tasks_sha: str,
-                 limit: int | None, batch_size: int, trust_remote_code: bool = False) -> dict:
-    model = load_release(folder, trust_remote_code=trust_remote_code)
+                 limit: int | None, batch_size: int, trust_remote_code: bool = False, dtype: str = "float32") -> dict:
+    model = _load("release", folder, trust_remote_code, dtype)
     return run_lm_eval(model, load_tokenizer(folder, verify=False, trust_remote_code=trust_remote_code), list(tasks),
                        Path(include_path) if include_path else None, limit, batch_size)

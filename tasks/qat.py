@@ -44,13 +44,19 @@ def apply_quantized(model, results: dict[str, QuantizedWeight]) -> None:
             adapter.set_weight(model.get_submodule(name), qw.dequantize())
 
 
-@task(name="qat_teacher", cache_key_fn=key_fn("model_sha", "calib_sha", "topk"), persist_result=True)
+def _dtyped(inputs: list, dtype: str) -> list:
+    """Hash inputs with the compute dtype, leaving float32 names as they were."""
+    return inputs + ([] if dtype == "float32" else [dtype])
+
+
+@task(name="qat_teacher", cache_key_fn=key_fn("model_sha", "calib_sha", "topk", "dtype"), persist_result=True)
 def qat_teacher_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, topk: int, cache_dir: str,
-                     trust_remote_code: bool = False) -> dict:
-    """The FP model's top-k next-token log-probs on the calibration sequences (safetensors)."""
-    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+                     trust_remote_code: bool = False, dtype: str = "float32") -> dict:
+    """The FP model's top-k next-token log-probs on the calibration sequences (safetensors), the
+    model run in `dtype` (fetch_model.dtype), the log-probs taken in float32."""
+    model = load_model(model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     teacher = teacher_targets(model, read_token_ids(calib_path, calib_sha)["calib"], topk)
-    path = Path(cache_dir) / "qat" / f"teacher-{stable_hash([model_sha, calib_sha, topk])}.safetensors"
+    path = Path(cache_dir) / "qat" / f"teacher-{stable_hash(_dtyped([model_sha, calib_sha, topk], dtype))}.safetensors"
     return {"path": str(path), "sha": atomic_save_safetensors(path, teacher)}
 
 
@@ -85,19 +91,21 @@ def checkpoint_key(*inputs) -> str:
     return stable_hash([*inputs, code_fingerprint(), library_versions()])
 
 
-@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher_sha", "cfg"),
+@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher_sha", "cfg", "dtype"),
       persist_result=True)
 def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantized_sha: str, names: list[str],
                    calib_path: str, calib_sha: str, teacher: dict | None, cfg: QATConfig, checkpoint_every: int,
-                   cache_dir: str, teacher_sha: str | None = None, trust_remote_code: bool = False) -> dict:
+                   cache_dir: str, teacher_sha: str | None = None, trust_remote_code: bool = False,
+                   dtype: str = "float32") -> dict:
     """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
     from the last one. Writes the refined integers + scales + zeros. `teacher` is the teacher
     task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds)."""
     if teacher is not None and teacher_sha != teacher["sha"]:
         raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
-    key = stable_hash([model_sha, quantized_sha, calib_sha, teacher_sha, cfg])
+    key = stable_hash(_dtyped([model_sha, quantized_sha, calib_sha, teacher_sha, cfg], dtype))
     ckpt = Path(cache_dir) / "qat" / f"checkpoint-{checkpoint_key(key)}.pt"
-    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    # the frozen model in `dtype`; the trainable scales/zeros/latents and the optimizer state stay float32
+    model = load_model(model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     results = load_quantized(quantized_path, quantized_sha, names)
     apply_quantized(model, results)
     targets = None if teacher is None else load_safetensors_verified(teacher["path"], teacher["sha"])

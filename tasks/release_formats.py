@@ -117,10 +117,18 @@ def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight]
     return tensors
 
 
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """A packed release's float dtype: bfloat16 when the source model is bfloat16 (its range; float16
+    would overflow where bf16 models keep large values), else float16, what GPTQ readers expect."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    return torch.bfloat16 if (raw.get("dtype") or raw.get("torch_dtype")) == "bfloat16" else torch.float16
+
+
 def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                         fmt: PackFormat | str, dtype: torch.dtype = torch.float16, trust_remote_code: bool = False) -> None:
-    """Write everything but MANIFEST.json of a packed release into out_dir."""
+                         fmt: PackFormat | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> None:
+    """Write everything but MANIFEST.json of a packed release into out_dir; dtype None: source_dtype."""
     fmt, out_dir, model_dir = PackFormat(fmt), Path(out_dir), Path(model_dir)
+    dtype = dtype or source_dtype(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):  # module names and types only, no memory
         skeleton = AutoModelForCausalLM.from_config(

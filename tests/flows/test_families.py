@@ -90,3 +90,32 @@ def test_readme_lists_exactly_the_families_the_tests_build():
     assert line, "README lost its 'Supported architectures (config `model_type`): ...' sentence"
     listed = set(re.findall(r"`([a-z0-9_]+)`", line.group(1)))
     assert listed == set(ADAPTER_FAMILIES) == set(TINY.FAMILIES), (listed, set(ADAPTER_FAMILIES))
+
+
+def test_bfloat16_end_to_end(family_source, tmp_path_factory, base_env):
+    """fetch_model.dtype: bfloat16 on a bf16 source, 3 bits (BoA + QAT), a GPTQ-format release: the
+    release keeps bf16 for its unquantized tensors, and the evaluate stage scored the release as a
+    bf16 model (its perplexity is the one our loader gives in bf16, not in float32)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tasks.evaluation import ppl_task
+
+    src = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(family_source("llama"), dtype=torch.bfloat16).save_pretrained(src)
+    for f in family_source("llama").glob("tok*"):
+        (src / f.name).write_bytes(f.read_bytes())
+    root = clone_checkout(tmp_path_factory.mktemp("family") / "bf16")
+    write_params(root / "params.yaml", src, {"fetch_model": {"dtype": "bfloat16"}, "pack": {"format": "gptq"},
+                                             "quantize": {**SETTINGS["quantize"], "bits": 3}})
+    git_commit_all(root, base_env)
+    Project(root, base_env).run_ok()
+    release = root / "data" / "release"
+    tensors = load_file(str(release / "model.safetensors"))
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert json.loads((release / "config.json").read_text())["dtype"] == "bfloat16"
+    tokens = json.loads((root / "data" / "tokens" / "tokens.json").read_text())
+    files = {name: [str(root / "data" / "tokens" / e["file"]), e["sha256"]] for name, e in tokens["eval"].items()}
+    ppl = json.loads((root / "metrics" / "metrics.json").read_text())["ppl"]
+    score = lambda dtype: ppl_task.fn("release", str(release), "r", files, "f", 4, dtype=dtype)  # noqa: E731
+    assert ppl == score("bfloat16") != score("float32")

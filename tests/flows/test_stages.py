@@ -49,11 +49,14 @@ def test_data_deps_come_from_earlier_stages() -> None:
 def test_pack_declares_every_param_the_release_records_and_qat_declares_the_bits() -> None:
     assert set(get_stage("pack").param_keys) == {k for sec in RELEASE_PARAMS for k in section_keys(sec)}
     assert "quantize.bits" in get_stage("qat").param_keys  # qat.enabled: auto decides by bits
-    assert get_stage("evaluate").param_keys[-3:] == ("prepare_data.eval_sources", "prepare_data.mirror",
-                                                     "fetch_model.trust_remote_code")
+    assert get_stage("evaluate").param_keys[-4:] == ("prepare_data.eval_sources", "prepare_data.mirror",
+                                                     "fetch_model.dtype", "fetch_model.trust_remote_code")
     # every stage that loads the model or its tokenizer honours trust_remote_code
     for name in ("prepare_data", "quantize", "qat", "pack", "evaluate"):
         assert "fetch_model.trust_remote_code" in get_stage(name).param_keys, name
+    # every stage that runs the model runs it in fetch_model.dtype
+    for name in ("quantize", "qat", "evaluate"):
+        assert "fetch_model.dtype" in get_stage(name).param_keys, name
     with pytest.raises(KeyError, match="unknown param 'quantize.nope'"):
         Stage("x", deps=(), params=("quantize.nope",), outs=()).param_keys
 

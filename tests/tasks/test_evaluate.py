@@ -70,3 +70,20 @@ def test_compare_ppl_table_layout():
     assert table.endswith("\n")
     with pytest.raises(ValueError, match="no rows"):
         compare_ppl_table([])
+
+
+def test_perplexity_task_runs_in_the_requested_dtype(model, tmp_path):
+    """fetch_model.dtype reaches evaluation: the task loads the model in bf16 and scores what a bf16
+    model gives (not the float32 number), with its own cache key."""
+    from tasks.evaluation import ppl_task
+    from tasks.textdata import write_token_ids
+
+    model.save_pretrained(tmp_path / "m")
+    ids = windows(3, 24, 1)
+    sha = write_token_ids(tmp_path / "eval.safetensors", {"windows": ids})
+    files = {"wikitext2": [str(tmp_path / "eval.safetensors"), sha]}
+    run = lambda dtype: ppl_task.fn("model", str(tmp_path / "m"), "m", files, "f", 2, dtype=dtype)["wikitext2"]  # noqa: E731
+    bf16 = LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    assert run("float32") == pytest.approx(direct_ppl(model, ids), rel=1e-5)
+    assert run("bfloat16") == pytest.approx(evaluate_perplexity(bf16, {"w": ids}, batch_size=2)["w"], rel=1e-6)
+    assert run("bfloat16") != run("float32")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quantlib"))
 
@@ -114,3 +115,23 @@ def test_apply_quantized_puts_dequantized_weights_in_place(inputs):
     Q.apply_quantized(model, results)
     name = inputs["names"][0]
     assert (model.get_submodule(name).weight == results[name].dequantize()).all()
+
+
+def test_qat_runs_in_bfloat16_with_float32_trainables(inputs, tmp_path, monkeypatch):
+    """fetch_model.dtype reaches QAT: the model is loaded in bf16 (the forward runs in bf16), the
+    trained scales stay float32, and the result differs from the float32 run's (another dtype, another
+    key and file)."""
+    seen = []
+    real = Q.train_qat
+
+    def spy(model, results, *a, **kw):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, results, *a, **kw)
+
+    monkeypatch.setattr(Q, "train_qat", spy)
+    fp32 = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "c"))
+    bf16 = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "c"), dtype="bfloat16")
+    assert seen == [torch.float32, torch.bfloat16]
+    assert bf16["path"] != fp32["path"] and bf16["sha"] != fp32["sha"]
+    trained = Q.load_quantized(bf16["path"], bf16["sha"], inputs["names"])
+    assert all(qw.scale.dtype == torch.float32 and torch.isfinite(qw.scale).all() for qw in trained.values())

@@ -100,6 +100,26 @@ def test_release_files_and_dtypes(tmp_path, fmt):
         assert tensors[f"{name}.weight_shape"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_bfloat16_source_gives_a_bfloat16_release_that_loads(tmp_path, fmt):
+    """fp16 would overflow where bf16 models keep large values: a bf16 source keeps bf16 for its
+    unquantized tensors (GPTQ scales stay fp16, what its kernels read) and the release loads back."""
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    adapter = get_adapter(model)
+    qweights = {f"{adapter.family.layers}.{i}.{n}": rtn_quantize(adapter.get_weight(m).detach().float(), QuantSpec(4, 32))
+                for i, block in enumerate(adapter.blocks) for n, m in adapter.linears(block).items()}
+    write_packed_release(tmp_path / "rel", tmp_path / "src", qweights, {"scheme": "w4g32"}, fmt)
+    tensors = load_file(str(tmp_path / "rel" / "model.safetensors"))
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)  # unchanged bits
+    scale = next(v for k, v in tensors.items() if k.endswith(("scales", "weight_scale")))
+    assert scale.dtype == (torch.float16 if fmt == "gptq" else torch.bfloat16)
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = load_packed_release(tmp_path / "rel", verify=False, dtype=torch.bfloat16)
+    assert torch.isfinite(_logits(loaded, tiny_ids(2, 16)).float()).all()
+
+
 @pytest.mark.parametrize("spec,group", [(QuantSpec(4, 32), 32), (QuantSpec(3, None, sym=True), -1)])
 def test_gptq_config(tmp_path, spec, group):
     rel, _, _ = _write(tmp_path, "llama", spec, "gptq")
