@@ -76,7 +76,14 @@ def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dty
     }
     if not spec.sym:
         weights["zp_dtype"] = "torch.int8"  # signed view z - 2^(b-1) before packing
+    # Asymmetric: compressed-tensors 0.20 writes weight_zero_point packed (ceil(out*b/32), G), as we do,
+    # but its load path (compress() on the meta model transformers builds) leaves the parameter at
+    # (out, G), so a plain from_pretrained fails on its own releases too. `dequantize` (read by
+    # transformers' CompressedTensorsConfig, ignored by compressed-tensors and vLLM) makes the plain call
+    # dequantize at load instead, exactly; the compressed mode decompresses at the first forward anyway.
+    load = {} if spec.sym else {"dequantize": True}
     return {
+        **load,
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",

@@ -264,6 +264,24 @@ def test_compressed_tensors_release_loads_in_transformers(tmp_path):
     assert (_logits(ours, ids) - a).abs().max() <= 2e-3 * a.abs().max()
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, None), QuantSpec(4, 32, sym=True)])
+def test_compressed_tensors_release_loads_with_the_plain_call(tmp_path, spec):
+    """`AutoModelForCausalLM.from_pretrained(release)`, nothing else: the first thing a user types.
+    Asymmetric releases carry `dequantize` (compressed-tensors' meta load path does not pack the zero
+    point it packs on write); every weight comes back as our dequantized fp16 weight."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    rel, fake, qweights = _write(tmp_path, "llama", spec, "compressed-tensors")
+    model = AutoModelForCausalLM.from_pretrained(rel)
+    ids = tiny_ids(2, 16)
+    logits = _logits(model, ids).float()  # the compressed (symmetric) mode decompresses here
+    for name, qw in qweights.items():
+        assert torch.equal(model.get_submodule(name).weight.detach().half(), _fp16_dense(qw)), name
+    a = _logits(fake, ids)
+    assert (logits - a).abs().max() <= 2e-2 * a.abs().max()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_load_release_dispatches_on_format(tmp_path, fmt):
     src, fake, qweights = _setup(tmp_path, "llama", QuantSpec(4, 32))
