@@ -8,19 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .logits import LOGIT_BUDGET, chunked_sum, final_hidden
+
 __all__ = ["window_nll", "perplexity"]
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor, score_from: int = 0) -> tuple[float, int]:
+def window_nll(model: nn.Module, windows: torch.Tensor, score_from: int = 0,
+               budget: int = LOGIT_BUDGET) -> tuple[float, int]:
     """windows: (B, T) ids. Sum of next-token NLL over positions t >= score_from (targets t+1),
-    computed in float64, and the number of predicted tokens."""
+    accumulated in float64, and the number of predicted tokens. The LM head runs on chunks of at most
+    `budget` logits (quantlib.logits), so a 262k vocabulary costs no more memory than a small one."""
     device = next(model.parameters()).device
     windows = windows.to(device)
-    logits = model(input_ids=windows, use_cache=False).logits[:, score_from:-1]  # (B, T-1-s, V)
+    hidden = final_hidden(model, windows)[:, score_from:-1]  # (B, T-1-s, d): the full logits never exist
     targets = windows[:, score_from + 1 :]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return float(nll.double()), targets.numel()
+
+    def nll(logits: torch.Tensor, sl: slice) -> torch.Tensor:  # logits (B, c, V) fp32
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, sl].flatten(), reduction="sum").double()
+
+    return float(chunked_sum(model, hidden, nll, budget)), targets.numel()
 
 
 def perplexity(

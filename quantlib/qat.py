@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import ModelAdapter, get_adapter
 from .engine import peak_memory_mb
+from .logits import LOGIT_BUDGET, chunked_sum, final_hidden, head_logits, position_chunks
 from .primitives import expand, round_ste
 from .qweight import QuantizedWeight
 
@@ -295,7 +296,7 @@ def _set_checkpointing(adapter: ModelAdapter, on: bool) -> None:
 
 @torch.no_grad()
 def teacher_targets(model: nn.Module, calib: torch.Tensor, topk: int = 64,
-                    batch_size: int = 4) -> dict[str, torch.Tensor]:
+                    batch_size: int = 4, budget: int = LOGIT_BUDGET) -> dict[str, torch.Tensor]:
     """The FP model's next-token distributions on calib (N, T), computed once: call it on the FP
     model, before quantizing. Returns plain CPU tensors (safetensors-ready):
 
@@ -306,7 +307,7 @@ def teacher_targets(model: nn.Module, calib: torch.Tensor, topk: int = 64,
 
     Memory: full logits for 128 x 512 tokens at vocab 49152 are 12.9 GB in fp32; top-64 values and
     int32 indices are 2 x 16.8 MB (+ 0.26 MB of tail), so top-k is the default and full is for small
-    vocabularies only. The values are unnormalized log-probs of the full softmax, so the loss can use
+    vocabularies only. The logits themselves exist `budget` elements at a time (quantlib.logits). The values are unnormalized log-probs of the full softmax, so the loss can use
     the exact tail mass (see `qat_loss`).
     """
     _check(calib.dim() == 2, f"calib must be (N, T) token ids, got shape {tuple(calib.shape)}")
@@ -314,10 +315,26 @@ def teacher_targets(model: nn.Module, calib: torch.Tensor, topk: int = 64,
     device = next(model.parameters()).device
     chunks: dict[str, list[torch.Tensor]] = {}
     for rows in torch.arange(calib.shape[0]).split(batch_size):
-        logp = F.log_softmax(model(input_ids=calib[rows].to(device), use_cache=False).logits.float(), -1)  # (B, T, V)
-        for key, value in _compress(logp, topk).items():
-            chunks.setdefault(key, []).append(value.cpu())
-    return {key: torch.cat(values) for key, values in chunks.items()}
+        hidden = final_hidden(model, calib[rows].to(device))  # (B, T, d)
+        vocab = model.config.vocab_size
+        for sl in position_chunks(hidden.shape[0], hidden.shape[1], vocab, budget):  # (B, c, V) at a time
+            logp = F.log_softmax(head_logits(model, hidden[:, sl]), -1)
+            for key, value in _compress(logp, topk).items():
+                chunks.setdefault(key, []).append(value.cpu())
+    # chunks come batch by batch, position chunks in order: cat positions within a batch, then batches
+    return {key: _cat_batches(values, calib.shape[1]) for key, values in chunks.items()}
+
+
+def _cat_batches(parts: list[torch.Tensor], seq: int) -> torch.Tensor:
+    """Position chunks (B, c, ...) of consecutive batches -> (N, T, ...)."""
+    rows, acc, done = [], [], 0
+    for p in parts:
+        acc.append(p)
+        done += p.shape[1]
+        if done == seq:
+            rows.append(torch.cat(acc, 1))
+            acc, done = [], 0
+    return torch.cat(rows)
 
 
 def _compress(logp: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
@@ -338,15 +355,20 @@ def _kl(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
     (data processing), equals it when the tail is empty, and unlike renormalizing onto the top-k it
     still penalizes a student that moves mass into the tail.
     """
-    logq = F.log_softmax(logits.float(), -1)  # (B, T, V)
+    return _kl_sum(logits, teacher) / logits.shape[:2].numel()
+
+
+def _kl_sum(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the (B, c) positions of `_kl`'s per-token KL; teacher holds the same positions."""
+    logq = F.log_softmax(logits.float(), -1)  # (B, c, V)
     if "logprobs" in teacher:
         logp = teacher["logprobs"]
-        return (logp.exp() * (logp - logq)).sum(-1).mean()
+        return (logp.exp() * (logp - logq)).sum()
     logp, idx, tail = teacher["topk_logprobs"], teacher["topk_indices"].long(), teacher["tail_logprob"]
-    q_top = logq.gather(-1, idx)  # (B, T, k)
-    q_tail = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)  # (B, T)
+    q_top = logq.gather(-1, idx)  # (B, c, k)
+    q_tail = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)  # (B, c)
     top = (logp.exp() * (logp - q_top)).sum(-1)
-    return (top + tail.exp() * (tail - q_tail)).mean()
+    return (top + tail.exp() * (tail - q_tail)).sum()
 
 
 def qat_loss(logits: torch.Tensor, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None,
@@ -361,6 +383,30 @@ def qat_loss(logits: torch.Tensor, ids: torch.Tensor, teacher: dict[str, torch.T
     if ce is None:
         return kl
     return ce if kl is None else ce + cfg.kl_weight * kl
+
+
+def chunked_qat_loss(model: nn.Module, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None,
+                     cfg: QATConfig, budget: int = LOGIT_BUDGET) -> torch.Tensor:
+    """`qat_loss(model(ids).logits, ids, teacher, cfg)` with the LM head run on chunks of positions
+    (quantlib.logits): equal value and gradients, at most `budget` logits alive at once."""
+    n, t = ids.shape
+    hidden = final_hidden(model, ids)  # (B, T, d)
+
+    def score(logits: torch.Tensor, sl: slice) -> torch.Tensor:  # logits (B, c, V) for positions sl
+        total = logits.new_zeros(())
+        if "ce" in cfg.loss:
+            last = min(sl.stop, t - 1) - sl.start  # positions t <= T - 2 have a next token
+            if last > 0:
+                target = ids[:, sl.start + 1 : sl.start + 1 + last]
+                ce = F.cross_entropy(logits[:, :last].flatten(0, 1), target.flatten(), reduction="sum")
+                total = total + ce / (n * (t - 1))
+        if cfg.needs_teacher:
+            part = {k: v[:, sl] for k, v in teacher.items()}
+            weight = cfg.kl_weight if "ce" in cfg.loss else 1.0
+            total = total + weight * _kl_sum(logits, part) / (n * t)
+        return total
+
+    return chunked_sum(model, hidden, score, budget)
 
 
 # --------------------------------------------------------------------------- training state
@@ -492,8 +538,7 @@ class _Run:
         ids = self.calib[rows].to(self.device)
         teacher = None if self.teacher is None else {k: v[rows].to(self.device) for k, v in self.teacher.items()}
         with _autocast(self.device):
-            logits = self.model(input_ids=ids, use_cache=False).logits
-        return qat_loss(logits, ids, teacher, self.cfg)
+            return chunked_qat_loss(self.model, ids, teacher, self.cfg)
 
     @torch.no_grad()
     def evaluate(self) -> float:

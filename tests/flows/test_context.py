@@ -37,7 +37,7 @@ def test_declared_gives_only_the_declared_keys_as_plain_data():
     declared = view.declared()
     assert declared["prepare_data"] == {"eval_sources": ["wikitext2"], "mirror": None}
     assert set(declared) == {"evaluate", "prepare_data", "fetch_model"}
-    assert declared["fetch_model"] == {"trust_remote_code": False}
+    assert declared["fetch_model"] == {"dtype": "float32", "trust_remote_code": False}
     json.dumps(declared)  # plain JSON data
 
 
