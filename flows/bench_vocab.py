@@ -93,7 +93,9 @@ def render_vocab_md(records: list[dict]) -> str:
              "vocabulary, scored by `ptq eval` on 16 windows of 1024 tokens in batches of 4 on this 2-core CPU,",
              "with the code of two commits. Before: the LM head ran on whole windows, (4, 1023, 262144) fp32",
              "logits = 4.3 GB per batch. After: it runs on chunks of positions (quantlib/logits.py, 64 MB of",
-             "logits at a time). Made by `python -m flows.bench_vocab` (docs/benchmarks/vocab.json).", ""]
+             "logits at a time). Wall times are indicative only (taken while other jobs shared the CPU); the",
+             "random model's perplexity is printed to 3 significant digits. Made by `python -m flows.bench_vocab`",
+             "(docs/benchmarks/vocab.json).", ""]
     for rec in records:
         lines += [f"{rec['date']}:", "", "| code | commit | peak RSS MiB | wall s | ppl |", "|---|---|---:|---:|---:|"]
         lines += [f"| {r['code']} | {r['commit']} | {r['peak_rss_mib']} | {r['seconds']:.0f} | {r['ppl']:.2f} |"

@@ -62,7 +62,7 @@ QAT_LOSSES = ("ce", "kl", "ce+kl")
 DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")
-PACK_FORMATS = ("gptq", "compressed-tensors")
+PACK_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 BLOCK_INPUTS = ("quantized", "fp")
 RUNNERS = ("sequential", "threads", "dask", "ray")
 
@@ -371,7 +371,8 @@ class QatParams(_Section):
 
 @dataclass(frozen=True)
 class PackParams(_Section):
-    """Release checkpoint format."""
+    """Release checkpoint format: gptq (v1, read by vLLM, ExLlama, Marlin, GPTQModel), gptq_v2 or
+    compressed-tensors."""
 
     SECTION: ClassVar[str] = "pack"
     format: str = _key("gptq", _choice(PACK_FORMATS))

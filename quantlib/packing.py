@@ -7,12 +7,14 @@ whole codes (code i at bit (i % (32/b)) * b of word i // (32/b)); for b = 3 code
 32 straddle a word boundary (GPTQ's and compressed-tensors' 3-bit layout). A dimension of n codes
 takes ceil(n*b/32) words; the bits after the last code are zero.
 
-Both formats store the same unsigned codes q in [0, 2^b - 1] and the same zero z (no offset), with
+GPTQ v2 and compressed-tensors store the same unsigned codes q in [0, 2^b - 1] and the same zero z
+(no offset; GPTQ v1 stores z - 1), with
 w = scale * (q - z): compressed-tensors' signed view is q - 2^(b-1) and z - 2^(b-1), and its
 packer adds 2^(b-1) back before packing, so the packed bits are identical.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 from typing import Callable
 
@@ -27,6 +29,7 @@ __all__ = [
     "packed_words",
     "pack_codes",
     "unpack_codes",
+    "to_gptq_v1",
     "pack_gptq",
     "unpack_gptq",
     "pack_compressed_tensors",
@@ -51,15 +54,21 @@ class PackFormat(str, Enum):
 
     GPTQ = (
         "gptq",
-        """GPTQ / GPTQModel `checkpoint_format: gptq_v2`, per Linear NAME with (out, in) weight:
+        """GPTQ `checkpoint_format: gptq` (v1: vLLM, ExLlama, Marlin, AutoGPTQ and GPTQModel read it), per
+        Linear NAME with (out, in) weight:
         NAME.qweight  int32 (ceil(in*b/32), out)  codes packed along the input dimension: column o
                       holds the bit stream of q[o, :] (code j of output o at stream bit j*b)
-        NAME.qzeros   int32 (G, ceil(out*b/32))   zeros packed along the output dimension, stored as
-                      is (v2; the legacy v1 `gptq` format stores z - 1 and loaders add 1 back)
+        NAME.qzeros   int32 (G, ceil(out*b/32))   zeros packed along the output dimension, stored
+                      as z - 1 (readers add 1 back), so z = 0 cannot be stored: see `to_gptq_v1`
         NAME.scales   fp16 (G, out)
         NAME.g_idx    int32 (in,)                  group of input column j (j // group_size unless
                       act-order without static groups reordered them)
         w[o, j] = scales[g_idx[j], o] * (q[o, j] - z[g_idx[j], o]).""",
+    )
+    GPTQ_V2 = (
+        "gptq_v2",
+        """GPTQModel `checkpoint_format: gptq_v2`: the GPTQ tensors with qzeros holding z itself (no
+        offset), so every zero in [0, 2^b - 1] is stored exactly.""",
     )
     COMPRESSED_TENSORS = (
         "compressed-tensors",
@@ -152,26 +161,50 @@ def _spec_of(bits: int, groups: int, n: int, sym: bool) -> QuantSpec:
     return QuantSpec(bits=bits, group_size=None if groups == 1 else n // groups, sym=sym)
 
 
-def pack_gptq(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """PackFormat.GPTQ tensors of one weight (keys without the module prefix)."""
+def to_gptq_v1(qw: QuantizedWeight) -> tuple[QuantizedWeight, int]:
+    """The weight with every zero >= 1, as GPTQ v1 (qzeros = z - 1) can store it, and the number of
+    codes that had to change value.
+
+    A group with z = 0 (all its weights >= about -scale/2) is shifted to q + 1, z = 1, the same
+    dequantized values, except that a code 2^b - 1 would need 2^b: it stays at 2^b - 1, one step
+    lower, and is counted. GPTQ v2 stores z = 0 as is."""
+    maxq = 2 ** qw.spec.bits - 1
+    zero = qw.zero.round()
+    shift = (zero == 0)[:, qw.g_idx.long()]  # (out, in): the columns of groups with z = 0
+    clipped = int((shift & (qw.qweight == maxq)).sum())
+    qweight = torch.where(shift, (qw.qweight + 1).clamp(max=maxq), qw.qweight).to(qw.qweight.dtype)
+    return replace(qw, qweight=qweight, zero=zero.clamp(min=1)), clipped
+
+
+def pack_gptq(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.float16, v1: bool = False) -> dict[str, torch.Tensor]:
+    """PackFormat.GPTQ_V2 tensors of one weight (keys without the module prefix); with v1, the
+    PackFormat.GPTQ ones, which needs every zero >= 1 (`to_gptq_v1`)."""
     bits = qw.spec.bits
+    zero = qw.zero.round().to(torch.int64)
+    if v1:
+        if bool((zero < 1).any()):
+            raise ValueError("GPTQ v1 stores zero - 1 and cannot hold a zero of 0: convert with to_gptq_v1 "
+                             "first, or write the gptq_v2 format")
+        zero = zero - 1
     return {
         "qweight": pack_codes(qw.qweight, bits).t().contiguous(),  # (in words, out)
-        "qzeros": pack_codes(qw.zero.round().to(torch.int64).t(), bits),  # (G, out words)
+        "qzeros": pack_codes(zero.t(), bits),  # (G, out words)
         "scales": qw.scale.t().to(scale_dtype).contiguous(),  # (G, out)
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
 
 
-def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, sym: bool = False) -> QuantizedWeight:
-    """QuantizedWeight (fp32 scale/zero) from PackFormat.GPTQ tensors; `bits` comes from the config."""
+def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, sym: bool = False, v1: bool = False) -> QuantizedWeight:
+    """QuantizedWeight (fp32 scale/zero) from PackFormat.GPTQ_V2 tensors (with v1: PackFormat.GPTQ);
+    `bits` comes from the config."""
     scales, g_idx = tensors["scales"], tensors["g_idx"]
     groups, out = scales.shape
     n = g_idx.numel()
+    zero = unpack_codes(tensors["qzeros"], bits, out).t().float().contiguous()
     return QuantizedWeight(
         qweight=unpack_codes(tensors["qweight"].t(), bits, n),
         scale=scales.t().float().contiguous(),
-        zero=unpack_codes(tensors["qzeros"], bits, out).t().float().contiguous(),
+        zero=zero + 1 if v1 else zero,
         g_idx=g_idx.to(torch.int32),
         spec=_spec_of(bits, groups, n, sym),
     )
@@ -218,11 +251,13 @@ def unpack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int) -> Qu
 
 
 _PACKERS: dict[PackFormat, Callable[..., dict[str, torch.Tensor]]] = {
-    PackFormat.GPTQ: pack_gptq,
+    PackFormat.GPTQ: lambda qw, scale_dtype: pack_gptq(qw, scale_dtype, v1=True),
+    PackFormat.GPTQ_V2: pack_gptq,
     PackFormat.COMPRESSED_TENSORS: pack_compressed_tensors,
 }
 _UNPACKERS: dict[PackFormat, Callable[..., QuantizedWeight]] = {
-    PackFormat.GPTQ: lambda t, bits, sym: unpack_gptq(t, bits, sym),
+    PackFormat.GPTQ: lambda t, bits, sym: unpack_gptq(t, bits, sym, v1=True),
+    PackFormat.GPTQ_V2: lambda t, bits, sym: unpack_gptq(t, bits, sym),
     PackFormat.COMPRESSED_TENSORS: lambda t, bits, sym: unpack_compressed_tensors(t, bits),
 }
 

@@ -6,7 +6,7 @@ Layout of a packed release (see quantlib.packing.PackFormat for each format's te
                       biases) in `dtype` (fp16 by default)
   config.json         the source config plus `quantization_config` (what GPTQ / compressed-tensors
                       readers dispatch on) and `torch_dtype`
-  quantize_config.json   (GPTQ only) the same config, where GPTQModel / AutoGPTQ look for it
+  quantize_config.json   (GPTQ v1 and v2) the same config, where GPTQModel / AutoGPTQ look for it
   quantization.json   format, scheme, method, job, quantized module names (our loaders read it)
   tokenizer and generation files copied from the source; MANIFEST.json is added by the pack stage.
 
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantlib.packing import PackFormat, pack_gptq, pack_weight, trivial_g_idx, unpack_compressed_tensors
+from quantlib.packing import PackFormat, pack_gptq, pack_weight, to_gptq_v1, trivial_g_idx, unpack_compressed_tensors, unpack_gptq
 from quantlib.qlinear import QuantLinear, replace_modules
 from quantlib.qweight import QuantizedWeight
 from quantlib.spec import QuantSpec
@@ -30,13 +30,14 @@ from quantlib.spec import QuantSpec
 from .io import atomic_save_safetensors, atomic_write_json, verify_manifest
 from .release import _model_tensors, _tied, copy_model_files, raise_integrity
 
-__all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release",
+__all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release", "release_format",
            "load_packed_release"]
 
 PACKED_FORMATS = tuple(f.value for f in PackFormat)
 _GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 _CT_KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_GPTQ_FORMATS = (PackFormat.GPTQ, PackFormat.GPTQ_V2)
 
 
 def _common_spec(qweights: dict[str, QuantizedWeight]) -> QuantSpec:
@@ -48,16 +49,16 @@ def _common_spec(qweights: dict[str, QuantizedWeight]) -> QuantSpec:
 
 def _scale_dtype(fmt: PackFormat, dtype: torch.dtype) -> torch.dtype:
     """GPTQ scales are fp16 by convention (its kernels read fp16); compressed-tensors follows `dtype`."""
-    return torch.float16 if PackFormat(fmt) is PackFormat.GPTQ else dtype
+    return torch.float16 if PackFormat(fmt) in _GPTQ_FORMATS else dtype
 
 
-def _gptq_config(spec: QuantSpec, desc_act: bool) -> dict:
+def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat) -> dict:
     return {
         "quant_method": "gptq",
-        # qzeros hold the zero itself (v1 `gptq` stores zero - 1); `format` is the current key
-        # (transformers' GPTQConfig, GPTQModel), `checkpoint_format` its older alias
-        "format": "gptq_v2",
-        "checkpoint_format": "gptq_v2",
+        # gptq (v1): qzeros hold zero - 1; gptq_v2: the zero itself. `format` is the current key
+        # (transformers' GPTQConfig, GPTQModel), `checkpoint_format` its older alias (vLLM reads it)
+        "format": fmt.value,
+        "checkpoint_format": fmt.value,
         "bits": spec.bits,
         "group_size": spec.group_size or -1,
         "desc_act": desc_act,  # False: g_idx[j] == j // group_size (static groups)
@@ -102,8 +103,8 @@ def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights:
     """config.json `quantization_config` of a packed release of `model` (a meta-device skeleton is
     enough: compressed-tensors names the Linears it does not quantize) with these weights."""
     fmt, spec = PackFormat(fmt), _common_spec(qweights)
-    if fmt is PackFormat.GPTQ:
-        return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()))
+    if fmt in _GPTQ_FORMATS:
+        return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()), fmt)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if set(qweights) <= linears:  # the usual llm-compressor shape: all Linears but the ignored
         return _ct_config(spec, ["Linear"], sorted(linears - set(qweights)), scale_dtype)
@@ -133,8 +134,14 @@ def source_dtype(model_dir: Path) -> torch.dtype:
 
 def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
                          fmt: PackFormat | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> None:
-    """Write everything but MANIFEST.json of a packed release into out_dir; dtype None: source_dtype."""
+    """Write everything but MANIFEST.json of a packed release into out_dir; dtype None: source_dtype.
+    GPTQ v1 shifts groups whose zero is 0 (`to_gptq_v1`); quantization.json counts the codes that moved,
+    and the evaluate stage scores the release as written."""
     fmt, out_dir, model_dir = PackFormat(fmt), Path(out_dir), Path(model_dir)
+    if fmt is PackFormat.GPTQ:
+        converted = {name: to_gptq_v1(qw) for name, qw in qweights.items()}
+        qweights = {name: qw for name, (qw, _) in converted.items()}
+        info = info | {"gptq_v1_clipped_codes": sum(n for _, n in converted.values())}
     dtype = dtype or source_dtype(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):  # module names and types only, no memory
@@ -149,7 +156,7 @@ def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, Qua
     # `dtype` for transformers >= 4.56, `torch_dtype` for older readers
     raw.update(quantization_config=qconfig, dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
     atomic_write_json(out_dir / "config.json", raw)
-    if fmt is PackFormat.GPTQ:
+    if fmt in _GPTQ_FORMATS:
         atomic_write_json(out_dir / "quantize_config.json", qconfig)
     atomic_write_json(out_dir / "quantization.json", info | {"format": fmt.value, "modules": sorted(qweights)})
 
@@ -159,10 +166,22 @@ def _module_tensors(tensors: dict[str, torch.Tensor], name: str, keys: tuple[str
 
 
 def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None) -> QuantLinear:
-    if fmt is PackFormat.GPTQ:
+    if fmt is PackFormat.GPTQ_V2:
         return QuantLinear.from_packed(t, bits, bias)
-    qw = unpack_compressed_tensors(t, bits)  # repack to the GPTQ layout QuantLinear holds
-    return QuantLinear.from_packed(pack_gptq(qw, t["weight_scale"].dtype), bits, bias)
+    if fmt is PackFormat.GPTQ:
+        qw, dtype = unpack_gptq(t, bits, v1=True), t["scales"].dtype
+    else:
+        qw, dtype = unpack_compressed_tensors(t, bits), t["weight_scale"].dtype
+    return QuantLinear.from_packed(pack_gptq(qw, dtype), bits, bias)  # the gptq_v2 layout QuantLinear holds
+
+
+def release_format(info: dict, qconfig: dict) -> PackFormat:
+    """The layout of a release's tensors. For GPTQ the config's checkpoint format decides: releases
+    written before v1 existed here say "gptq" in quantization.json and gptq_v2 in their config."""
+    fmt = PackFormat(info["format"])
+    if fmt in _GPTQ_FORMATS:
+        return PackFormat(qconfig.get("format") or qconfig.get("checkpoint_format") or "gptq")
+    return fmt
 
 
 def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32,
@@ -173,14 +192,15 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     if verify and (bad := verify_manifest(release_dir)):
         raise_integrity(release_dir, bad)
     info = json.loads((release_dir / "quantization.json").read_text())
-    fmt = PackFormat(info["format"])
     config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
     qconfig = config.quantization_config
-    bits = qconfig["bits"] if fmt is PackFormat.GPTQ else qconfig["config_groups"]["group_0"]["weights"]["num_bits"]
+    fmt = release_format(info, qconfig)
+    gptq = fmt in _GPTQ_FORMATS
+    bits = qconfig["bits"] if gptq else qconfig["config_groups"]["group_0"]["weights"]["num_bits"]
     del config.quantization_config  # from_config must build a plain model; we do the surgery
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     tensors = load_file(str(release_dir / "model.safetensors"))
-    keys = _GPTQ_KEYS if fmt is PackFormat.GPTQ else _CT_KEYS
+    keys = _GPTQ_KEYS if gptq else _CT_KEYS
     modules = {}
     for name in info["modules"]:
         bias = tensors.pop(f"{name}.bias", None)

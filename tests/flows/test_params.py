@@ -138,7 +138,7 @@ def test_float_key_accepts_int() -> None:
         ("", ("prepare_data.eval_sources=wikitext2",), "prepare_data.eval_sources: expected a list of str"),
         ("", ("prepare_data.eval_sources=[a, a]",), "prepare_data.eval_sources: items must be unique"),
         ("", ("evaluate.lm_eval_tasks=[1]",), "evaluate.lm_eval_tasks: item 0 must be a non-empty string"),
-        ("", ("pack.format=gguf",), "pack.format: must be one of 'gptq', 'compressed-tensors'"),
+        ("", ("pack.format=gguf",), "pack.format: must be one of 'gptq', 'gptq_v2', 'compressed-tensors'"),
         ("", ("register.alias=latest",), "register.alias: must be letters"),
         ("", ("register.alias=v3",), "register.alias: must be letters"),
         ("", ("register.model_name=a/b",), "register.model_name: must not contain"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from quantlib.packing import (
+    to_gptq_v1,
     SUPPORTED_BITS,
     PackFormat,
     pack_codes,
@@ -110,6 +111,9 @@ def test_gptq_layout_matches_autogptq_packer(bits):
     assert np.array_equal(t["qweight"].numpy(), _autogptq_pack(qw.qweight.t().numpy(), bits))
     # qzeros use the same loop along the output dimension, storing the zero itself (gptq_v2)
     assert np.array_equal(t["qzeros"].numpy(), _autogptq_pack(qw.zero.long().numpy(), bits).T)
+    # v1 (AutoGPTQ's own format): its pack subtracts one from the zeros before the same loop
+    v1 = to_gptq_v1(qw)[0]
+    assert np.array_equal(pack_gptq(v1, v1=True)["qzeros"].numpy(), _autogptq_pack(v1.zero.long().numpy() - 1, bits).T)
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -132,6 +136,8 @@ def test_compressed_tensors_layout_matches_library(bits, shape):
                                              (33, 60, 20, False)])
 def test_weight_round_trip_is_exact(fmt, bits, out, n, group, sym):
     qw = _qweight(out, n, bits, group, sym, seed=out + n)
+    if fmt is PackFormat.GPTQ:  # v1 holds zeros >= 1 only
+        qw = to_gptq_v1(qw)[0]
     back = unpack_weight(pack_weight(qw, fmt), fmt, bits, sym)
     assert torch.equal(back.qweight, qw.qweight)
     assert torch.equal(back.scale, qw.scale) and torch.equal(back.zero, qw.zero)
@@ -142,7 +148,7 @@ def test_weight_round_trip_is_exact(fmt, bits, out, n, group, sym):
 def test_gptq_keeps_arbitrary_g_idx_and_compressed_tensors_refuses_it():
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     qw = _qweight(8, 64, 4, 16, g_idx=(perm // 16).to(torch.int32))
-    back = unpack_weight(pack_weight(qw, PackFormat.GPTQ), PackFormat.GPTQ, 4)
+    back = unpack_weight(pack_weight(qw, PackFormat.GPTQ_V2), PackFormat.GPTQ_V2, 4)
     assert torch.equal(back.g_idx, qw.g_idx) and torch.equal(back.dequantize(), qw.dequantize())
     with pytest.raises(ValueError, match="consecutive groups"):
         pack_weight(qw, PackFormat.COMPRESSED_TENSORS)
@@ -164,5 +170,39 @@ def test_scales_round_to_the_storage_dtype():
 
 def test_formats_are_str_enums_documenting_their_layout():
     assert PackFormat("gptq") is PackFormat.GPTQ and PackFormat.COMPRESSED_TENSORS == "compressed-tensors"
-    assert "qzeros" in PackFormat.GPTQ.__doc__ and "gptq_v2" in PackFormat.GPTQ.__doc__
+    assert "qzeros" in PackFormat.GPTQ.__doc__ and "z - 1" in PackFormat.GPTQ.__doc__
+    assert PackFormat("gptq_v2") is PackFormat.GPTQ_V2 and "no" in PackFormat.GPTQ_V2.__doc__
     assert "weight_packed" in PackFormat.COMPRESSED_TENSORS.__doc__
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_gptq_v1_stores_zero_minus_one_in_the_v2_bits(bits):
+    """v1 and v2 differ only in qzeros, and v1's are v2's of z - 1 (what every v1 reader adds 1 to)."""
+    qw, _ = to_gptq_v1(_qweight(16, 64, bits, 32, seed=bits))
+    v1, v2 = pack_weight(qw, PackFormat.GPTQ), pack_weight(qw, PackFormat.GPTQ_V2)
+    assert all(torch.equal(v1[k], v2[k]) for k in ("qweight", "scales", "g_idx"))
+    shifted = QuantizedWeight(qw.qweight, qw.scale, qw.zero - 1, qw.g_idx, qw.spec)
+    assert torch.equal(v1["qzeros"], pack_weight(shifted, PackFormat.GPTQ_V2)["qzeros"])
+    back = unpack_weight(v1, PackFormat.GPTQ, bits)
+    assert torch.equal(back.zero, qw.zero) and torch.equal(back.qweight, qw.qweight)
+
+
+def test_gptq_v1_shifts_zero_point_zero_groups_and_counts_the_clipped_codes():
+    qw = _qweight(4, 64, 4, 32, seed=3)
+    codes, zero = qw.qweight.clone(), qw.zero.clone()
+    zero[0, 0] = zero[1, 1] = 0  # two groups whose range starts at 0
+    codes[0, :32] = codes[0, :32].clamp(max=14)  # row 0, group 0: representable exactly
+    codes[1, 32:35] = 15  # row 1, group 1: three codes at the top of the grid
+    qw = QuantizedWeight(codes, qw.scale, zero, qw.g_idx, qw.spec)
+    v1, clipped = to_gptq_v1(qw)
+    assert clipped == int((codes[1, 32:] == 15).sum()) >= 3
+    assert bool((v1.zero >= 1).all())
+    dense, dense_v1 = qw.dequantize(), v1.dequantize()
+    moved = torch.zeros_like(codes, dtype=torch.bool)
+    moved[1, 32:] = codes[1, 32:] == 15
+    assert torch.equal(dense_v1[~moved], dense[~moved])  # everything else exactly as before
+    torch.testing.assert_close(dense[moved] - dense_v1[moved], qw.scale[1, 1].expand(clipped))  # one step lower
+    with pytest.raises(ValueError, match="to_gptq_v1"):
+        pack_weight(qw, PackFormat.GPTQ)
+    again, n = to_gptq_v1(v1)  # idempotent
+    assert n == 0 and torch.equal(again.qweight, v1.qweight) and torch.equal(again.zero, v1.zero)

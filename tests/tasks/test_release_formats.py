@@ -24,12 +24,13 @@ from tiny import tiny_ids, tiny_model  # noqa: E402
 
 from quantlib.adapters import get_adapter  # noqa: E402
 from quantlib.qlinear import QuantLinear  # noqa: E402
+from quantlib.qweight import QuantizedWeight  # noqa: E402
 from quantlib.rtn import rtn_quantize  # noqa: E402
 from quantlib.spec import QuantSpec  # noqa: E402
 from tasks.release import load_release, write_release_files  # noqa: E402
 from tasks.release_formats import load_packed_release, write_packed_release  # noqa: E402
 
-FORMATS = ("gptq", "compressed-tensors")
+FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 
 
 def _setup(tmp_path: Path, family: str, spec: QuantSpec):
@@ -92,7 +93,7 @@ def test_release_files_and_dtypes(tmp_path, fmt):
     assert info["format"] == fmt and info["modules"] == sorted(qweights)
     config = json.loads((rel / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "float16"
-    if fmt == "gptq":
+    if fmt.startswith("gptq"):
         assert {f"{name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")} <= set(tensors)
         assert (rel / "quantize_config.json").is_file()
     else:
@@ -114,28 +115,30 @@ def test_a_bfloat16_source_gives_a_bfloat16_release_that_loads(tmp_path, fmt):
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)  # unchanged bits
     scale = next(v for k, v in tensors.items() if k.endswith(("scales", "weight_scale")))
-    assert scale.dtype == (torch.float16 if fmt == "gptq" else torch.bfloat16)
+    assert scale.dtype == (torch.float16 if fmt.startswith("gptq") else torch.bfloat16)
     assert json.loads((tmp_path / "rel" / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = load_packed_release(tmp_path / "rel", verify=False, dtype=torch.bfloat16)
     assert torch.isfinite(_logits(loaded, tiny_ids(2, 16)).float()).all()
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("spec,group", [(QuantSpec(4, 32), 32), (QuantSpec(3, None, sym=True), -1)])
-def test_gptq_config(tmp_path, spec, group):
-    rel, _, _ = _write(tmp_path, "llama", spec, "gptq")
+def test_gptq_config(tmp_path, spec, group, fmt):
+    rel, _, _ = _write(tmp_path, "llama", spec, fmt)
     q = json.loads((rel / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "gptq" and q["checkpoint_format"] == "gptq_v2"
+    assert q["quant_method"] == "gptq" and q["checkpoint_format"] == q["format"] == fmt
     assert (q["bits"], q["group_size"], q["sym"], q["desc_act"]) == (spec.bits, group, spec.sym, False)
     assert json.loads((rel / "quantize_config.json").read_text()) == q
     from transformers import GPTQConfig
 
     parsed = GPTQConfig.from_dict(q)  # what transformers' GPTQ loader would read
     assert (parsed.format, parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act) == \
-        ("gptq_v2", spec.bits, group, spec.sym, False)
+        (fmt, spec.bits, group, spec.sym, False)
 
 
-def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits):
-    """GPTQModel PackableQuantLinear.dequantize_weight (torch path), transcribed; gptq_v2 zeros."""
+def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1=False):
+    """GPTQModel PackableQuantLinear.dequantize_weight (torch path), transcribed; gptq_v2 zeros (v1:
+    its loader's v1 -> v2 conversion adds 1 to every unpacked zero first)."""
     maxq = 2**bits - 1
     if bits in (2, 4, 8):
         wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
@@ -159,16 +162,19 @@ def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits):
         weight = weight & 0x7
         weight = torch.cat([weight[:, 0, :11], weight[:, 1, 1:12], weight[:, 2, 1:11]], dim=1).reshape(-1, scales.shape[1])
     g = g_idx.long()
+    zeros = zeros + 1 if v1 else zeros
     return (scales[g] * (weight - zeros[g])).t()  # fp16 (out, in)
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_gptq_release_read_by_gptqmodel_dequantizer(tmp_path, bits):
-    rel, _, qweights = _write(tmp_path, "llama", QuantSpec(bits, 32), "gptq")
+def test_gptq_release_read_by_gptqmodel_dequantizer(tmp_path, bits, fmt):
+    rel, _, qweights = _write(tmp_path, "llama", QuantSpec(bits, 32), fmt)
+    assert json.loads((rel / "quantization.json").read_text()).get("gptq_v1_clipped_codes", 0) == 0
     tensors = load_file(str(rel / "model.safetensors"))
     for name, qw in qweights.items():
         t = [tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")]
-        w = _gptqmodel_dequantize(*t, bits)
+        w = _gptqmodel_dequantize(*t, bits, v1=fmt == "gptq")
         assert w.dtype == torch.float16
         assert torch.equal(w, _fp16_dense(qw)), name
 
@@ -206,8 +212,9 @@ def test_gptq_releases_loaded_by_gptqmodel_itself(tmp_path):
     ids = tiny_ids(2, 16, vocab=128)
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
     runs, args = [], []
-    for i, spec in enumerate(SPECS_FOR_GPTQMODEL):  # one reader process for all: its start-up is ~10 s
-        rel, fake, qweights = _write(tmp_path / f"s{i}", "llama", spec, "gptq")
+    cases = [(spec, fmt) for fmt in ("gptq", "gptq_v2") for spec in SPECS_FOR_GPTQMODEL]
+    for i, (spec, fmt) in enumerate(cases):  # one reader process for all: its start-up is ~10 s
+        rel, fake, qweights = _write(tmp_path / f"s{i}", "llama", spec, fmt)
         _tokenizer(fake.config.vocab_size).save_pretrained(rel)
         runs.append((spec, fake, qweights, tmp_path / f"read{i}.safetensors"))
         args += [str(rel), str(runs[-1][3])]
@@ -303,3 +310,38 @@ def test_compressed_tensors_refuses_act_order_g_idx(tmp_path):
         write_packed_release(tmp_path / "ct", src, qweights, {}, "compressed-tensors")
     write_packed_release(tmp_path / "gptq", src, qweights, {}, "gptq")  # GPTQ keeps g_idx, desc_act true
     assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["desc_act"] is True
+
+
+def test_gptq_v1_release_of_a_zero_point_zero_group_loads_as_converted(tmp_path):
+    """A group whose zero is 0 (v1 cannot store it) is shifted; the count of codes that moved is in
+    quantization.json and our loader reads back exactly the converted weights; gptq_v2 stays exact."""
+    from quantlib.packing import to_gptq_v1
+
+    src, _, qweights = _setup(tmp_path, "llama", QuantSpec(4, 32))
+    name = next(iter(qweights))
+    qw = qweights[name]
+    zero, codes = qw.zero.clone(), qw.qweight.clone()
+    zero[:2, 0] = 0
+    codes[0, :3] = 15
+    qweights[name] = QuantizedWeight(codes, qw.scale, zero, qw.g_idx, qw.spec)
+    want_v1, clipped = to_gptq_v1(qweights[name])
+    assert clipped >= 3
+    for fmt, want, n in (("gptq", want_v1, clipped), ("gptq_v2", qweights[name], None)):
+        write_packed_release(tmp_path / fmt, src, qweights, {}, fmt)
+        assert json.loads((tmp_path / fmt / "quantization.json").read_text()).get("gptq_v1_clipped_codes") == n
+        layer = load_packed_release(tmp_path / fmt, verify=False).get_submodule(name)
+        g = want.g_idx.long()  # the scales were stored in fp16
+        dense = want.scale.half().float()[:, g] * (want.qweight.float() - want.zero[:, g])
+        assert torch.equal(layer.dequantize(torch.float32), dense), fmt
+
+
+def test_releases_from_before_v1_still_load_as_v2(tmp_path):
+    """Releases written before the v1 default say format "gptq" in quantization.json and gptq_v2 in
+    config.json: the config decides, so their zeros are not shifted by one."""
+    src, fake, qweights = _setup(tmp_path, "llama", QuantSpec(4, 32))
+    write_packed_release(tmp_path / "rel", src, qweights, {}, "gptq_v2")
+    info = json.loads((tmp_path / "rel" / "quantization.json").read_text())
+    (tmp_path / "rel" / "quantization.json").write_text(json.dumps(info | {"format": "gptq"}))
+    ids = tiny_ids(1, 8)
+    a = _logits(fake, ids)
+    assert (_logits(load_packed_release(tmp_path / "rel", verify=False), ids) - a).abs().max() <= 2e-3 * a.abs().max()
