@@ -62,8 +62,9 @@ QAT_LOSSES = ("ce", "kl", "ce+kl")
 DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")
-PACK_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
+PACK_FORMATS = ("auto", "gptq", "gptq_v2", "compressed-tensors")
 BLOCK_INPUTS = ("quantized", "fp")
+QUANTIZE_TARGETS = ("blocks", "lm_head")  # quantlib.head.HEAD_TARGETS
 RUNNERS = ("sequential", "threads", "dask", "ray")
 
 
@@ -194,6 +195,22 @@ def _text_list() -> Check:
     return check
 
 
+def _subset(options: tuple[str, ...], required: str) -> Check:
+    """A list of distinct items of `options` that includes `required`."""
+    items = _text_list()
+
+    def check(path: str, value: Any) -> tuple[str, ...]:
+        value = items(path, value)
+        for item in value:
+            if item not in options:
+                raise ParamsError(f"{path}: {item!r} is not a target; allowed: {', '.join(map(repr, options))}")
+        if required not in value:
+            raise ParamsError(f"{path}: must include {required!r}, got {list(value)}")
+        return value
+
+    return check
+
+
 def _key(default: Any, check: Check) -> Any:
     """A section key: its default and the check run on every value it is given."""
     return field(default=default, metadata={"check": check})
@@ -261,7 +278,9 @@ class QuantizeParams(_Section):
     measured on the first that many calibration sequences (null: all; a full FP pass per block costs ~40%
     of a GPTQ block). inputs: what each block is calibrated on: the quantized prefix's outputs
     (quantized: sequential, as GPTQ) or the FP model's (fp: blocks are independent and run in
-    parallel on a task runner; recon windows always take the quantized prefix)."""
+    parallel on a task runner; recon windows always take the quantized prefix). targets: blocks (every
+    decoder-block Linear), plus lm_head to quantize the LM head too (after the last block, GPTQ for
+    the Hessian methods; a head tied to the input embeddings is untied, the embeddings stay FP)."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -280,6 +299,7 @@ class QuantizeParams(_Section):
     device: str = _key(
         "auto", _text(pattern=r"auto|cpu|cuda(:\d+)?", rule="must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     )
+    targets: tuple[str, ...] = _key(("blocks",), _subset(QUANTIZE_TARGETS, "blocks"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -371,11 +391,20 @@ class QatParams(_Section):
 
 @dataclass(frozen=True)
 class PackParams(_Section):
-    """Release checkpoint format: gptq (v1, read by vLLM, ExLlama, Marlin, GPTQModel), gptq_v2 or
-    compressed-tensors."""
+    """Release checkpoint format: auto (gptq if symmetric, else gptq_v2), gptq, gptq_v2 or compressed-tensors.
+
+    gptq is GPTQ v1 (zeros stored minus one: vLLM's Marlin and ExLlama kernels, GPTQModel); an
+    asymmetric v1 checkpoint cannot store a zero point of 0 and GPTQModel (7.6) refuses to load one,
+    so auto writes asymmetric schemes as gptq_v2 (zeros as they are: GPTQModel, vLLM >= 0.11)."""
 
     SECTION: ClassVar[str] = "pack"
-    format: str = _key("gptq", _choice(PACK_FORMATS))
+    format: str = _key("auto", _choice(PACK_FORMATS))
+
+    def resolved(self, sym: bool) -> str:
+        """The format written for a scheme with this symmetry."""
+        if self.format != "auto":
+            return self.format
+        return "gptq" if sym else "gptq_v2"
 
 
 @dataclass(frozen=True)

@@ -259,12 +259,16 @@ def quantize_stage(ctx: StageContext) -> dict:
                                  dtype=job.dtype, **common)
     n = len(adapter.blocks)
     if ctx.params.quantize.resolved_method == "recon":
-        blocks, windows, computed = _quantize_windows(ctx, job, n, cap, common)
+        blocks, windows, computed, last = _quantize_windows(ctx, job, n, cap, common)
     elif ctx.params.quantize.inputs == "fp":
-        (blocks, computed), windows = _quantize_blocks_fp(ctx, job, n, cap, common), []
+        (blocks, computed, last), windows = _quantize_blocks_fp(ctx, job, n, cap, common), []
     else:
-        (blocks, computed), windows = _quantize_blocks(ctx, job, n, cap, common), []
-    _write_quantized(ctx, job, blocks, windows, common)
+        (blocks, computed, last), windows = _quantize_blocks(ctx, job, n, cap, common), []
+    head = None
+    if "lm_head" in ctx.params.quantize.targets:
+        head, head_cached = _quantize_head(ctx, job, last, common)
+        computed += not head_cached
+    _write_quantized(ctx, job, blocks, windows, common, head)
     threads = sorted({b["threads"] for b in blocks if b.get("threads")})
     return {"blocks": n, "computed": computed + int(not cap_cached), "task_processes_elsewhere": _elsewhere(blocks),
             "task_threads_min": threads[0] if threads else 0, "task_threads_max": threads[-1] if threads else 0}
@@ -278,8 +282,9 @@ def _elsewhere(records: list[dict]) -> int:
     return len({r["ran_on"] for r in records if r.get("ran_on")} - {ran_on()})
 
 
-def _quantize_blocks(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
-    """One cached task per block, each fed by the previous block's output shard."""
+def _quantize_blocks(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int, dict]:
+    """One cached task per block, each fed by the previous block's output shard; also returns the
+    last block's output shard ({path, sha})."""
     from tqdm import tqdm
 
     from tasks.quantize import quantize_block_task
@@ -291,7 +296,7 @@ def _quantize_blocks(ctx: StageContext, job, n: int, cap: dict, common: dict) ->
         records.append(_block_record(ctx, i, rec))
         computed += not cached
         prev = (rec["out"], rec["out_sha"])
-    return records, computed
+    return records, computed, {"path": prev[0], "sha": prev[1]}
 
 
 def _block_record(ctx: StageContext, i: int, rec: dict) -> dict:
@@ -312,7 +317,7 @@ def _fp_targets(ctx: StageContext, job, cap: dict, common: dict) -> tuple[dict, 
                       "fp_targets", on=job.engine.device, in_path=cap["path"], in_sha=cap["sha"], job=job, **common)
 
 
-def _quantize_blocks_fp(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int]:
+def _quantize_blocks_fp(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], int, dict]:
     """quantize.inputs fp: every block calibrated on the FP model's activations at its input, so
     the n block tasks are independent and are all submitted at once (in parallel on a task runner)."""
     from tasks.quantize import quantize_block_task
@@ -323,10 +328,11 @@ def _quantize_blocks_fp(ctx: StageContext, job, n: int, cap: dict, common: dict)
              for i, x in enumerate(inputs)]
     done = run_cached_many(ctx, quantize_block_task, _block_ok, calls, on=job.engine.device)
     records = [_block_record(ctx, i, rec) for i, (rec, _) in enumerate(done)]
-    return records, int(not fp_cached) + sum(not cached for _, cached in done)
+    last = {"path": done[-1][0]["out"], "sha": done[-1][0]["out_sha"]}  # the last block on FP inputs
+    return records, int(not fp_cached) + sum(not cached for _, cached in done), last
 
 
-def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], list[dict], int]:
+def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -> tuple[list[dict], list[dict], int, dict]:
     """Cross-block reconstruction: FP targets once, then one cached task per window; a window's
     key covers its input shard, target shard and the carried state of the blocks it shares with the
     previous window, so a killed run resumes at the window it was in."""
@@ -362,10 +368,25 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
         blocks += finished
         computed += not cached
         prev, carry = (rec["out"], rec["out_sha"]), rec["carry"]
-    return blocks, stats, computed
+    return blocks, stats, computed, {"path": prev[0], "sha": prev[1]}
 
 
-def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[dict], common: dict) -> None:
+def _quantize_head(ctx: StageContext, job, last: dict, common: dict) -> tuple[dict, bool]:
+    """quantize.targets lm_head: one cached task on the last block's output shard."""
+    from tasks.io import file_ok
+    from tasks.quantize import quantize_head_task
+
+    keep = ("model_dir", "model_sha", "cache_dir", "trust_remote_code")
+    rec, cached = run_cached(ctx, quantize_head_task, lambda r: file_ok(r["qweights"], r["qweights_sha"]), "lm_head",
+                             on=job.engine.device, in_path=last["path"], in_sha=last["sha"], job=job,
+                             **{k: common[k] for k in keep})
+    if rec["error"] is not None:
+        ctx.log_metrics({"head_error": rec["error"]}, 0)
+    return rec, cached
+
+
+def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[dict], common: dict,
+                     head: dict | None = None) -> None:
     from tasks.cache import plain
     from tasks.io import atomic_save_safetensors, atomic_write_json
     from tasks.quantize import load_block_weights
@@ -373,7 +394,7 @@ def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[d
     out = ctx.path(S.QUANTIZED)
     tmp = _fresh_tmp(out)
     tensors, modules = {}, []
-    for b in blocks:
+    for b in blocks + ([head] if head else []):
         if b["qweights"] is not None:
             for name, qw in load_block_weights(b).items():
                 tensors.update(qw.state_dict(name))
@@ -383,7 +404,8 @@ def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[d
     atomic_write_json(tmp / "quantize.json", {
         "job": plain(job), "scheme": job.spec.name, "method": type(job.method).__name__, "modules": modules,
         "model_sha": common["model_sha"], "calib_sha": common["calib_sha"], "quantized_sha256": sha,
-        "blocks": [{k: b[k] for k in keep} for b in blocks], "windows": windows})
+        "blocks": [{k: b[k] for k in keep} for b in blocks], "windows": windows,
+        **({"head": {"module": head["names"][0], "error": head["error"]}} if head else {})})
     _swap(tmp, out)
     atomic_write_json(ctx.path(S.BLOCK_ERRORS),
                       [{"block": b["block"], "before": b["before"], "after": b["block_error"]} for b in blocks])
@@ -481,7 +503,8 @@ def pack_stage(ctx: StageContext) -> dict:
     out = ctx.path(S.RELEASE)
     tmp = _fresh_tmp(out)
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
-                        fmt=ctx.params.pack.format, trust_remote_code=ctx.params.fetch_model.trust_remote_code)
+                        fmt=ctx.params.pack.resolved(ctx.params.quantize.sym),
+                        trust_remote_code=ctx.params.fetch_model.trust_remote_code)
     build_release_manifest(tmp, params=ctx.params.declared(), chain=_chain(ctx, info), code=code_identity())
     failpoint("pack.written")
     _swap(tmp, out)

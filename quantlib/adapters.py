@@ -120,13 +120,17 @@ class ModelAdapter:
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {n: block.get_submodule(n) for n in self.linear_names()}
 
+    def _transposed(self, module: nn.Module) -> bool:
+        """GPT-2's Conv1D stores (in, out); its LM head is a plain nn.Linear."""
+        return self.family.transposed and not isinstance(module, nn.Linear)
+
     def get_weight(self, module: nn.Module) -> torch.Tensor:
         """(out, in) view of a Linear's weight."""
-        return module.weight.t() if self.family.transposed else module.weight
+        return module.weight.t() if self._transposed(module) else module.weight
 
     def set_weight(self, module: nn.Module, w: torch.Tensor) -> None:
         """Write an (out, in) weight back in the module's own layout and dtype."""
-        w = w.t() if self.family.transposed else w
+        w = w.t() if self._transposed(module) else w
         with torch.no_grad():
             module.weight.copy_(w.to(module.weight.dtype))
 

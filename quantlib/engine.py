@@ -20,6 +20,7 @@ from .activations import ActivationStore
 from .adapters import ModelAdapter
 from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks
 from .gptq import accumulate_hessian
+from .head import head_method, head_name, solve_head, untie_head
 from .methods import hessian_error, method_for, quantize_weight
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
@@ -287,12 +288,15 @@ def quantize_model(
     method_cfg: object,
     cfg: EngineConfig = EngineConfig(),
     on_block: Callable[[BlockStats], None] | None = None,
+    head: bool = False,
 ) -> tuple[dict[str, QuantizedWeight], list[BlockStats]]:
-    """Quantize every decoder-block Linear of adapter.model in place. calib_ids: (N, T) token ids
-    (None for data-free methods such as RTN)."""
+    """Quantize every decoder-block Linear of adapter.model in place (with `head`, then the LM head:
+    quantlib.head, untied from the embeddings). calib_ids: (N, T) token ids (None for data-free
+    methods such as RTN)."""
     results: dict[str, QuantizedWeight] = {}
     stats: list[BlockStats] = []
-    needs_data = method_for(method_cfg).needs_hessian or cfg.measure_block_error
+    needs_data = method_for(method_cfg).needs_hessian or cfg.measure_block_error or \
+        (head and method_for(head_method(method_cfg)).needs_hessian)
     if needs_data:
         batches, calls = capture_block_inputs(adapter, calib_ids, cfg.batch_size)
         acts = ActivationStore.from_batches(batches, _spill(cfg, 0))
@@ -305,6 +309,10 @@ def quantize_model(
         stats.append(st)
         if on_block is not None:
             on_block(st)
+    if head:
+        qw, _ = solve_head(adapter, acts if needs_data else [], spec, method_cfg, cfg.device)
+        untie_head(adapter.model, qw.dequantize())
+        results[head_name(adapter)] = qw
     return results, stats
 
 

@@ -16,6 +16,7 @@ import torch
 from prefect import task
 
 from quantlib.adapters import get_adapter
+from quantlib.head import head_name, untie_head
 from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
 from quantlib.qweight import QuantizedWeight
 
@@ -37,11 +38,15 @@ def load_quantized(path: str | os.PathLike, sha: str, names: list[str]) -> dict[
 
 
 def apply_quantized(model, results: dict[str, QuantizedWeight]) -> None:
-    """Put the dequantized weights of `results` into the model's Linears (in place)."""
+    """Put the dequantized weights of `results` into the model's Linears (in place); a quantized LM
+    head gets its own parameter (untied: the input embeddings stay full precision)."""
     adapter = get_adapter(model)
     with torch.no_grad():
         for name, qw in results.items():
-            adapter.set_weight(model.get_submodule(name), qw.dequantize())
+            if name == head_name(adapter):
+                untie_head(model, qw.dequantize())
+            else:
+                adapter.set_weight(model.get_submodule(name), qw.dequantize())
 
 
 def _dtyped(inputs: list, dtype: str) -> list:

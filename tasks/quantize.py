@@ -23,6 +23,7 @@ from quantlib.activations import ActivationStore
 from quantlib.adapters import get_adapter
 from quantlib.capture import capture_block_calls, capture_block_inputs
 from quantlib.engine import BlockStats, EngineConfig, quantize_block
+from quantlib.head import head_name, solve_head
 from quantlib.qweight import QuantizedWeight
 from quantlib.windows import WindowStats, forward_blocks, run_window
 from quantlib.spec import QuantSpec
@@ -33,8 +34,8 @@ from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
-__all__ = ["QuantizeJob", "ran_on", "capture_activations", "quantize_block_task", "fp_targets_task", "recon_window_task",
-           "load_block_weights", "window_ok"]
+__all__ = ["QuantizeJob", "ran_on", "capture_activations", "quantize_block_task", "quantize_head_task",
+           "fp_targets_task", "recon_window_task", "load_block_weights", "window_ok"]
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,19 @@ def _quantize_block(adapter, model_sha: str, index: int, in_path: str, in_sha: s
         return {"index": index, "names": sorted(results), "qweights": str(qpath),
                 "qweights_sha": atomic_save_safetensors(qpath, tensors),
                 "out": str(final), "out_sha": seal_shard(tmp, final, outputs), "stats": _stats_dict(stats)}
+
+
+@task(name="quantize_head", cache_key_fn=_key("model_sha", "in_sha", "job", job=_job_key), persist_result=True)
+def quantize_head_task(model_dir: str, model_sha: str, in_path: str, in_sha: str, job: QuantizeJob, cache_dir: str,
+                       trust_remote_code: bool = False) -> dict:
+    """Quantize the LM head from the last block's output shard (quantlib.head); writes its codes."""
+    adapter = get_adapter(_skeleton(model_dir, model_sha, job.dtype, trust_remote_code).model)
+    inputs = open_shard(Path(in_path), in_sha, in_memory=False)  # one batch at a time
+    qw, error = solve_head(adapter, inputs, job.spec, job.method, _here(job).engine.device)
+    name = head_name(adapter)
+    qpath = Path(cache_dir) / "blocks" / f"{stable_hash(['head', model_sha, in_sha, _job_key(job)])}.safetensors"
+    return {"names": [name], "qweights": str(qpath), "qweights_sha": atomic_save_safetensors(qpath, qw.state_dict(name)),
+            "error": error, "ran_on": ran_on()}
 
 
 def load_block_weights(record: dict) -> dict[str, QuantizedWeight]:

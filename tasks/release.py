@@ -23,7 +23,8 @@ from quantlib.qweight import QuantizedWeight
 
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified, verify_manifest
 
-__all__ = ["RELEASE_FORMAT", "write_release_files", "load_release", "release_weights"]
+__all__ = ["RELEASE_FORMAT", "write_release_files", "load_release", "release_weights", "drop_quantized", "tied_head",
+           "untied_config"]
 
 RELEASE_FORMAT = "ptq-codes-v1"
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -37,13 +38,43 @@ def _model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Source tensors minus quantized weights, plus the codes of every quantized Linear."""
-    tensors = _model_tensors(model_dir)
+def drop_quantized(tensors: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight], model_dir: Path,
+                   trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """`tensors` without the FP weight of each quantized module. A quantized LM head tied to the input
+    embeddings has no weight of its own in the source files: the embeddings stay, as they are."""
+    tied = tied_head(model_dir, trust_remote_code)
     for name in qweights:
-        if f"{name}.weight" not in tensors:
+        if f"{name}.weight" in tensors:
+            del tensors[f"{name}.weight"]
+        elif name != tied:
             raise ValueError(f"quantized module {name} has no weight in {model_dir}; wrong source model?")
-        del tensors[f"{name}.weight"]
+    return tensors
+
+
+def tied_head(model_dir: Path, trust_remote_code: bool = False) -> str | None:
+    """The LM head's module name if the model ties it to the input embeddings, else None."""
+    from quantlib.adapters import FAMILIES
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return (family.head if family else "lm_head") if getattr(text, "tie_word_embeddings", False) else None
+
+
+def untied_config(raw: dict, qweights: dict[str, QuantizedWeight], head: str | None) -> dict:
+    """config.json of a release: a quantized tied head is stored on its own, so the release unties it."""
+    if head is None or head not in qweights:
+        return raw
+    raw = dict(raw, tie_word_embeddings=False)
+    if isinstance(raw.get("text_config"), dict):
+        raw["text_config"] = dict(raw["text_config"], tie_word_embeddings=False)
+    return raw
+
+
+def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight],
+                    trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """Source tensors minus quantized weights, plus the codes of every quantized Linear."""
+    tensors = drop_quantized(_model_tensors(model_dir), qweights, model_dir, trust_remote_code)
     for name, qw in qweights.items():
         tensors.update(qw.state_dict(name))
     return tensors
@@ -58,10 +89,12 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
 
         return write_packed_release(out_dir, model_dir, qweights, info, fmt, trust_remote_code=trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(out_dir / "model.safetensors", release_weights(model_dir, qweights),
+    atomic_save_safetensors(out_dir / "model.safetensors", release_weights(model_dir, qweights, trust_remote_code),
                             metadata={"format": RELEASE_FORMAT})
     (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
     copy_model_files(model_dir, out_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    atomic_write_json(out_dir / "config.json", untied_config(raw, qweights, tied_head(model_dir, trust_remote_code)))
     atomic_write_json(out_dir / "quantization.json",
                       info | {"format": RELEASE_FORMAT, "modules": sorted(qweights)})
 

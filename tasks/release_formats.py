@@ -28,7 +28,7 @@ from quantlib.qweight import QuantizedWeight
 from quantlib.spec import QuantSpec
 
 from .io import atomic_save_safetensors, atomic_write_json, verify_manifest
-from .release import _model_tensors, _tied, copy_model_files, raise_integrity
+from .release import _model_tensors, _tied, copy_model_files, drop_quantized, raise_integrity, tied_head, untied_config
 
 __all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release", "release_format",
            "load_packed_release"]
@@ -52,7 +52,7 @@ def _scale_dtype(fmt: PackFormat, dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if PackFormat(fmt) in _GPTQ_FORMATS else dtype
 
 
-def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat) -> dict:
+def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat, lm_head: bool) -> dict:
     return {
         "quant_method": "gptq",
         # gptq (v1): qzeros hold zero - 1; gptq_v2: the zero itself. `format` is the current key
@@ -64,7 +64,7 @@ def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat) -> dict:
         "desc_act": desc_act,  # False: g_idx[j] == j // group_size (static groups)
         "sym": spec.sym,
         "pack_dtype": "int32",
-        "lm_head": False,
+        "lm_head": lm_head,  # GPTQModel's flag: the LM head is quantized too
         "meta": {"quantizer": ["ptq-pipeline"]},
     }
 
@@ -104,7 +104,9 @@ def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights:
     enough: compressed-tensors names the Linears it does not quantize) with these weights."""
     fmt, spec = PackFormat(fmt), _common_spec(qweights)
     if fmt in _GPTQ_FORMATS:
-        return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()), fmt)
+        head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+        return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()),
+                            fmt, head in qweights)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if set(qweights) <= linears:  # the usual llm-compressor shape: all Linears but the ignored
         return _ct_config(spec, ["Linear"], sorted(linears - set(qweights)), scale_dtype)
@@ -112,13 +114,9 @@ def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights:
 
 
 def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight], fmt: PackFormat | str,
-                           dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                           dtype: torch.dtype = torch.float16, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
     """Source tensors in `dtype` minus quantized weights, plus every quantized weight packed in `fmt`."""
-    tensors = _model_tensors(model_dir)
-    for name in qweights:
-        if f"{name}.weight" not in tensors:
-            raise ValueError(f"quantized module {name} has no weight in {model_dir}; wrong source model?")
-        del tensors[f"{name}.weight"]
+    tensors = drop_quantized(_model_tensors(model_dir), qweights, model_dir, trust_remote_code)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     for name, qw in qweights.items():
         tensors.update({f"{name}.{k}": v for k, v in pack_weight(qw, fmt, _scale_dtype(fmt, dtype)).items()})
@@ -148,11 +146,13 @@ def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, Qua
         skeleton = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
     qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype))
-    atomic_save_safetensors(out_dir / "model.safetensors", packed_release_tensors(model_dir, qweights, fmt, dtype),
+    atomic_save_safetensors(out_dir / "model.safetensors",
+                            packed_release_tensors(model_dir, qweights, fmt, dtype, trust_remote_code),
                             metadata={"format": "pt"})
     (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
     copy_model_files(model_dir, out_dir)
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = untied_config(json.loads((model_dir / "config.json").read_text()), qweights,
+                        tied_head(model_dir, trust_remote_code))
     # `dtype` for transformers >= 4.56, `torch_dtype` for older readers
     raw.update(quantization_config=qconfig, dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
     atomic_write_json(out_dir / "config.json", raw)

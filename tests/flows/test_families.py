@@ -119,3 +119,27 @@ def test_bfloat16_end_to_end(family_source, tmp_path_factory, base_env):
     ppl = json.loads((root / "metrics" / "metrics.json").read_text())["ppl"]
     score = lambda dtype: ppl_task.fn("release", str(release), "r", files, "f", 4, dtype=dtype)  # noqa: E731
     assert ppl == score("bfloat16") != score("float32")
+
+
+def test_lm_head_target_on_a_tied_model(family_source, tmp_path_factory, base_env):
+    """quantize.targets [blocks, lm_head] on GPT-2 (head tied to wte, a plain Linear beside Conv1D
+    blocks) at 3 bits: BoA for the blocks, GPTQ for the head from the last block's outputs, QAT over
+    both; the release packs the head, keeps wte full precision, unties them, and loads back."""
+    from safetensors.torch import load_file
+
+    root = clone_checkout(tmp_path_factory.mktemp("family") / "head")
+    write_params(root / "params.yaml", family_source("gpt2"),
+                 {"quantize": {**SETTINGS["quantize"], "bits": 3, "targets": ["blocks", "lm_head"]}})
+    git_commit_all(root, base_env)
+    Project(root, base_env).run_ok()
+    info = json.loads((root / "data" / "quantized" / "quantize.json").read_text())
+    assert "lm_head" in info["modules"] and 0 < info["head"]["error"] < 1, info.get("head")
+    release = root / "data" / "release"
+    tensors = load_file(str(release / "model.safetensors"))
+    assert {"lm_head.qweight", "lm_head.qzeros", "lm_head.scales"} <= set(tensors) and "lm_head.weight" not in tensors
+    assert tensors["transformer.wte.weight"].dtype == torch.float16
+    config = json.loads((release / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["lm_head"] is True
+    assert "lm_head" in json.loads((release / "quantization.json").read_text())["modules"]
+    ppl = json.loads((root / "metrics" / "metrics.json").read_text())["ppl"]
+    assert ppl and all(1 < v < float("inf") for v in ppl.values()), ppl

@@ -11,6 +11,7 @@ from flows.params import (
     METHODS,
     SECTIONS,
     ParamsError,
+    PackParams,
     PipelineParams,
     QuantizeParams,
     PrepareDataParams,
@@ -58,7 +59,10 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     assert QuantizeParams(bits=2).resolved_method == "recon"
     assert QuantizeParams(bits=3, method="recon").resolved_method == "recon"
     assert p.qat.enabled == "auto" and not p.qat.active(4) and p.qat.active(3) and p.qat.active(2)
-    assert p.pack.format == "gptq"
+    assert p.pack.format == "auto" and p.pack.resolved(sym=False) == "gptq_v2" and p.pack.resolved(sym=True) == "gptq"
+    assert PackParams(format="gptq").resolved(sym=False) == "gptq"  # an explicit format is kept
+    assert q.targets == ("blocks",)
+    assert QuantizeParams(targets=["blocks", "lm_head"]).targets == ("blocks", "lm_head")
     assert (p.evaluate.lm_eval_tasks, p.evaluate.lm_eval_limit, p.evaluate.batch_size) == ((), None, 4)
     r = p.register
     assert (r.tracking_uri, r.experiment, r.model_name, r.alias) == (None, "ptq-pipeline", None, "candidate")
@@ -138,7 +142,9 @@ def test_float_key_accepts_int() -> None:
         ("", ("prepare_data.eval_sources=wikitext2",), "prepare_data.eval_sources: expected a list of str"),
         ("", ("prepare_data.eval_sources=[a, a]",), "prepare_data.eval_sources: items must be unique"),
         ("", ("evaluate.lm_eval_tasks=[1]",), "evaluate.lm_eval_tasks: item 0 must be a non-empty string"),
-        ("", ("pack.format=gguf",), "pack.format: must be one of 'gptq', 'gptq_v2', 'compressed-tensors'"),
+        ("", ("pack.format=gguf",), "pack.format: must be one of 'auto', 'gptq', 'gptq_v2', 'compressed-tensors'"),
+        ("", ("quantize.targets=[blocks,embed]",), "quantize.targets: 'embed' is not a target; allowed: 'blocks', 'lm_head'"),
+        ("", ("quantize.targets=[lm_head]",), "quantize.targets: must include 'blocks', got ['lm_head']"),
         ("", ("register.alias=latest",), "register.alias: must be letters"),
         ("", ("register.alias=v3",), "register.alias: must be letters"),
         ("", ("register.model_name=a/b",), "register.model_name: must not contain"),

@@ -108,7 +108,8 @@ def _key(task: Task, params: dict) -> str:
 
 def test_every_quantize_task_keys_on_content_hashes_not_paths():
     tasks = _tasks()
-    assert {t.name for t in tasks} == {"capture_activations", "quantize_block", "fp_targets", "recon_window"}
+    assert {t.name for t in tasks} == {"capture_activations", "quantize_block", "quantize_head", "fp_targets",
+                                       "recon_window"}
     for task in tasks:
         assert set(inspect.signature(task.fn).parameters) <= set(_parameters("/a"))  # every parameter covered
         here = _key(task, _parameters("/home/one/project"))  # key_fn refuses any path it is given
@@ -123,7 +124,7 @@ def test_the_compute_dtype_is_in_every_key_and_the_method_not_in_the_fp_targets_
     assert _key(TQ.capture_activations, p) != _key(TQ.capture_activations, p | {"dtype": "bfloat16"})
     bf16 = TQ.QuantizeJob(_JOB.spec, _JOB.method, _JOB.engine, dtype="bfloat16")
     rtn = TQ.QuantizeJob(QuantSpec(4, None), BoAConfig(), _JOB.engine)
-    for task in (TQ.quantize_block_task, TQ.recon_window_task, TQ.fp_targets_task):
+    for task in (TQ.quantize_block_task, TQ.quantize_head_task, TQ.recon_window_task, TQ.fp_targets_task):
         assert _key(task, p) != _key(task, p | {"job": bf16}), task.name
     assert _key(TQ.fp_targets_task, p) == _key(TQ.fp_targets_task, p | {"job": rtn})  # shared by every method
 

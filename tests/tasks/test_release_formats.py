@@ -200,7 +200,8 @@ def _tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
 
 
-SPECS_FOR_GPTQMODEL = (QuantSpec(2, 32), QuantSpec(3, 32), QuantSpec(4, None), QuantSpec(8, 64, sym=True))
+SPECS_FOR_GPTQMODEL = (QuantSpec(2, 32), QuantSpec(3, 32), QuantSpec(4, None), QuantSpec(8, 64, sym=True),
+                       QuantSpec(4, 32, sym=True))
 
 
 def test_gptq_releases_loaded_by_gptqmodel_itself(tmp_path):
@@ -212,7 +213,10 @@ def test_gptq_releases_loaded_by_gptqmodel_itself(tmp_path):
     ids = tiny_ids(2, 16, vocab=128)
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
     runs, args = [], []
-    cases = [(spec, fmt) for fmt in ("gptq", "gptq_v2") for spec in SPECS_FOR_GPTQMODEL]
+    # v2 for every scheme, v1 for the symmetric ones: GPTQModel 7.6 refuses asymmetric v1 checkpoints
+    # (zero points of 0 are lost in v1), which is why pack.format auto writes those as gptq_v2
+    cases = [(spec, "gptq_v2") for spec in SPECS_FOR_GPTQMODEL] + \
+        [(spec, "gptq") for spec in SPECS_FOR_GPTQMODEL if spec.sym]
     for i, (spec, fmt) in enumerate(cases):  # one reader process for all: its start-up is ~10 s
         rel, fake, qweights = _write(tmp_path / f"s{i}", "llama", spec, fmt)
         _tokenizer(fake.config.vocab_size).save_pretrained(rel)
@@ -345,3 +349,43 @@ def test_releases_from_before_v1_still_load_as_v2(tmp_path):
     ids = tiny_ids(1, 8)
     a = _logits(fake, ids)
     assert (_logits(load_packed_release(tmp_path / "rel", verify=False), ids) - a).abs().max() <= 2e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["ptq-codes-v1", *FORMATS])
+def test_a_quantized_tied_head_is_released_untied(tmp_path, fmt):
+    """quantize.targets lm_head on a model whose head is tied to the embeddings (SmolLM2's case): the
+    source files hold no lm_head.weight; the release stores the head's codes and the FP embeddings,
+    unties them in config.json, and loads back to the fake-quant model's logits."""
+    from quantlib.head import untie_head
+    from tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "src" / "model.safetensors"))
+    adapter, spec = get_adapter(model), QuantSpec(4, 32)
+    qweights = {f"{adapter.family.layers}.{i}.{n}": rtn_quantize(adapter.get_weight(m).detach(), spec)
+                for i, block in enumerate(adapter.blocks) for n, m in adapter.linears(block).items()}
+    qweights["lm_head"] = rtn_quantize(model.lm_head.weight.detach(), spec)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    for name, qw in qweights.items():
+        if name == "lm_head":
+            untie_head(model, qw.dequantize())
+        else:
+            adapter.set_weight(model.get_submodule(name), qw.dequantize())
+    write_release_files(tmp_path / "rel", tmp_path / "src", qweights, {"scheme": spec.name}, fmt=fmt)
+    written = json.loads((tmp_path / "rel" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False
+    if fmt.startswith("gptq"):
+        assert written["quantization_config"]["lm_head"] is True
+    if fmt == "compressed-tensors":
+        assert "lm_head" not in written["quantization_config"]["ignore"]
+    loaded = load_release(tmp_path / "rel", verify=False)
+    assert isinstance(loaded.lm_head, QuantLinear) == (fmt != "ptq-codes-v1")
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, embed, rtol=0, atol=1e-3)  # FP (fp16 when packed)
+    ids = tiny_ids(2, 8)
+    a = _logits(model, ids)
+    assert (_logits(loaded, ids) - a).abs().max() <= 2e-3 * a.abs().max()
