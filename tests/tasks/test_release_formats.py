@@ -214,11 +214,13 @@ def test_gptq_releases_loaded_by_gptqmodel_itself(tmp_path):
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
     runs, args = [], []
     # v2 for every scheme, v1 for the symmetric ones: GPTQModel 7.6 refuses asymmetric v1 checkpoints
-    # (zero points of 0 are lost in v1), which is why pack.format auto writes those as gptq_v2
+    # (zero points of 0 are lost in v1), which is why pack.format auto writes those as gptq_v2; and a
+    # release with a quantized head untied from the embeddings (lm_head: true)
     cases = [(spec, "gptq_v2") for spec in SPECS_FOR_GPTQMODEL] + \
         [(spec, "gptq") for spec in SPECS_FOR_GPTQMODEL if spec.sym]
-    for i, (spec, fmt) in enumerate(cases):  # one reader process for all: its start-up is ~10 s
-        rel, fake, qweights = _write(tmp_path / f"s{i}", "llama", spec, fmt)
+    releases = [(spec, *_write(tmp_path / f"s{i}", "llama", spec, fmt)) for i, (spec, fmt) in enumerate(cases)]
+    releases.append((QuantSpec(4, 32), *_tied_head_release(tmp_path / "head", QuantSpec(4, 32), "gptq_v2")))
+    for i, (spec, rel, fake, qweights) in enumerate(releases):  # one reader process for all: start-up ~10 s
         _tokenizer(fake.config.vocab_size).save_pretrained(rel)
         runs.append((spec, fake, qweights, tmp_path / f"read{i}.safetensors"))
         args += [str(rel), str(runs[-1][3])]
@@ -351,11 +353,9 @@ def test_releases_from_before_v1_still_load_as_v2(tmp_path):
     assert (_logits(load_packed_release(tmp_path / "rel", verify=False), ids) - a).abs().max() <= 2e-3 * a.abs().max()
 
 
-@pytest.mark.parametrize("fmt", ["ptq-codes-v1", *FORMATS])
-def test_a_quantized_tied_head_is_released_untied(tmp_path, fmt):
-    """quantize.targets lm_head on a model whose head is tied to the embeddings (SmolLM2's case): the
-    source files hold no lm_head.weight; the release stores the head's codes and the FP embeddings,
-    unties them in config.json, and loads back to the fake-quant model's logits."""
+def _tied_head_release(tmp_path: Path, spec: QuantSpec, fmt: str):
+    """A tiny Llama whose head is tied to its embeddings, every block Linear and the head RTN-quantized
+    and released in `fmt`: (release dir, fake-quant model with the head untied, qweights)."""
     from quantlib.head import untie_head
     from tiny import tiny_config
     from transformers import AutoModelForCausalLM
@@ -366,24 +366,33 @@ def test_a_quantized_tied_head_is_released_untied(tmp_path, fmt):
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(tmp_path / "src")
     assert "lm_head.weight" not in load_file(str(tmp_path / "src" / "model.safetensors"))
-    adapter, spec = get_adapter(model), QuantSpec(4, 32)
+    adapter = get_adapter(model)
     qweights = {f"{adapter.family.layers}.{i}.{n}": rtn_quantize(adapter.get_weight(m).detach(), spec)
                 for i, block in enumerate(adapter.blocks) for n, m in adapter.linears(block).items()}
     qweights["lm_head"] = rtn_quantize(model.lm_head.weight.detach(), spec)
-    embed = model.model.embed_tokens.weight.detach().clone()
     for name, qw in qweights.items():
         if name == "lm_head":
             untie_head(model, qw.dequantize())
         else:
             adapter.set_weight(model.get_submodule(name), qw.dequantize())
     write_release_files(tmp_path / "rel", tmp_path / "src", qweights, {"scheme": spec.name}, fmt=fmt)
-    written = json.loads((tmp_path / "rel" / "config.json").read_text())
+    return tmp_path / "rel", model, qweights
+
+
+@pytest.mark.parametrize("fmt", ["ptq-codes-v1", *FORMATS])
+def test_a_quantized_tied_head_is_released_untied(tmp_path, fmt):
+    """quantize.targets lm_head on a model whose head is tied to the embeddings (SmolLM2's case): the
+    source files hold no lm_head.weight; the release stores the head's codes and the FP embeddings,
+    unties them in config.json, and loads back to the fake-quant model's logits."""
+    rel, model, _ = _tied_head_release(tmp_path, QuantSpec(4, 32), fmt)
+    embed = load_file(str(tmp_path / "src" / "model.safetensors"))["model.embed_tokens.weight"]
+    written = json.loads((rel / "config.json").read_text())
     assert written["tie_word_embeddings"] is False
     if fmt.startswith("gptq"):
         assert written["quantization_config"]["lm_head"] is True
     if fmt == "compressed-tensors":
         assert "lm_head" not in written["quantization_config"]["ignore"]
-    loaded = load_release(tmp_path / "rel", verify=False)
+    loaded = load_release(rel, verify=False)
     assert isinstance(loaded.lm_head, QuantLinear) == (fmt != "ptq-codes-v1")
     torch.testing.assert_close(loaded.model.embed_tokens.weight, embed, rtol=0, atol=1e-3)  # FP (fp16 when packed)
     ids = tiny_ids(2, 8)
