@@ -174,6 +174,28 @@ def _decode_tokens_per_s(model, device: str, new_tokens: int, reps: int) -> floa
         return new_tokens / _seconds(lambda: model.generate(ids, **kw), device, reps)
 
 
+def _int4_cpu_kernel(qw, reps: int = 50) -> dict:
+    """torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu, torchao's CPU layout) on one layer's
+    codes at batch 1, fp32 and bf16 activations, against F.linear on the dense weight: ms per call.
+    Its dequantization is (q - 8) * scale + offset, so our w = s (q - z) is offset = s (8 - z)."""
+    g = qw.spec.group_size or qw.shape[1]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.qweight.to(torch.int32), 2)
+    scale = qw.scale.t().contiguous()  # (G, out)
+    qparams = torch.stack([scale, (qw.scale * (8 - qw.zero)).t()], -1).contiguous()  # (G, out, 2)
+    dense = qw.dequantize()
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, qw.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, qparams.to(dtype))
+        err = float((y.float() - x.float() @ dense.t()).abs().max())
+        w = dense.to(dtype)
+        out[str(dtype).removeprefix("torch.")] = {
+            "int4": 1e3 * _seconds(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, qparams.to(dtype)),
+                                   "cpu", reps),
+            "dense": 1e3 * _seconds(lambda: torch.nn.functional.linear(x, w), "cpu", reps), "max_abs_err": err}
+    return out | {"shape": list(qw.shape)}
+
+
 def run_decode(out_json: str | Path = DEFAULT_OUT, model: str = "smollm2-135m", scheme: str = "w4g64",
                new_tokens: int | None = None) -> list[dict]:
     """Release sizes of `model` at `scheme` (RTN codes: the size does not depend on the method) and
@@ -197,6 +219,7 @@ def run_decode(out_json: str | Path = DEFAULT_OUT, model: str = "smollm2-135m", 
     with tempfile.TemporaryDirectory() as tmp:
         sizes = _release_sizes(model_dir, qweights, {"scheme": spec.name}, Path(tmp))
         packed = load_packed_release(Path(tmp) / "gptq", verify=False, dtype=dtype).to(device)
+        cached = load_packed_release(Path(tmp) / "gptq", verify=False, dtype=dtype, backend="dense").to(device)
         dense = dense.to(device, dtype)
         reps = 3 if device == "cuda" else 1
         row = _stamp("decode", name) | {
@@ -204,8 +227,12 @@ def run_decode(out_json: str | Path = DEFAULT_OUT, model: str = "smollm2-135m", 
             "sizes_bytes": sizes, "gptq_vs_fp16": sizes["gptq"] / sizes["fp16"],
             "gptq_vs_ideal": sizes["gptq"] / sizes["ideal"]["total"],
             "packed_tokens_per_s": _decode_tokens_per_s(packed, device, new_tokens, reps),
+            "packed_dense_backend_tokens_per_s": _decode_tokens_per_s(cached, device, new_tokens, reps),
             "dense_tokens_per_s": _decode_tokens_per_s(dense, device, new_tokens, reps)}
-    print(json.dumps({k: row[k] for k in ("sizes_bytes", "gptq_vs_fp16", "gptq_vs_ideal", "packed_tokens_per_s",
-                                          "dense_tokens_per_s")}, indent=1), flush=True)
+        if device == "cpu":
+            row["int4_cpu_kernel_ms"] = _int4_cpu_kernel(max(qweights.values(), key=lambda q: q.qweight.numel()))
+    print(json.dumps({k: row.get(k) for k in ("sizes_bytes", "gptq_vs_fp16", "gptq_vs_ideal", "packed_tokens_per_s",
+                                              "packed_dense_backend_tokens_per_s", "dense_tokens_per_s",
+                                              "int4_cpu_kernel_ms")}, indent=1), flush=True)
     _append(out_json, [row])
     return [row]

@@ -17,7 +17,7 @@ from .qweight import QuantizedWeight
 
 __all__ = ["QuantLinear", "BACKENDS", "make_quantlinears", "replace_modules", "swap_to_quantlinear"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "dense")
 
 
 class QuantLinear(nn.Module):
@@ -25,7 +25,11 @@ class QuantLinear(nn.Module):
     g_idx, and bias when present).
 
     backend: "reference" dequantizes W to x.dtype with plain torch then runs F.linear; "triton" runs
-    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto" picks triton for CUDA inputs.
+    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto" picks triton for CUDA inputs;
+    "dense" dequantizes W once, at the first forward in a dtype and device, and keeps it (not in the
+    state dict): the CPU decode path, at dense speed and dense memory. No packed CPU kernel is used:
+    torch's int4 CPU kernel measured slower than the dense matmul on an AVX2 CPU (`ptq bench decode`,
+    int4_cpu_kernel_ms in docs/benchmarks/kernels.json).
     group_size > 0 records that g_idx[k] == k // group_size (the kernels then skip g_idx); 0 = not.
     """
 
@@ -42,6 +46,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scale_dtype))
         self.register_buffer("g_idx", torch.zeros(in_features, **i32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._dense: torch.Tensor | None = None  # backend "dense": W in the last forward's dtype and device
 
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None = None,
@@ -72,9 +77,17 @@ class QuantLinear(nn.Module):
             return x.is_cuda and triton_available()
         return self.backend == "triton"
 
+    def _weight(self, x: torch.Tensor) -> torch.Tensor:
+        """W for the torch path: dequantized now, or once and kept (backend "dense")."""
+        if self.backend != "dense":
+            return self.dequantize(x.dtype)
+        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
+            self._dense = self.dequantize(x.dtype).to(x.device)
+        return self._dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_triton(x):
-            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self._weight(x), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)  # (B*T, in)
         y = gptq_matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size)
         if self.bias is not None:

@@ -165,14 +165,15 @@ def _module_tensors(tensors: dict[str, torch.Tensor], name: str, keys: tuple[str
     return {k: tensors.pop(f"{name}.{k}") for k in keys if f"{name}.{k}" in tensors}
 
 
-def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None) -> QuantLinear:
+def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None,
+                 backend: str = "auto") -> QuantLinear:
     if fmt is PackFormat.GPTQ_V2:
-        return QuantLinear.from_packed(t, bits, bias)
+        return QuantLinear.from_packed(t, bits, bias, backend)
     if fmt is PackFormat.GPTQ:
         qw, dtype = unpack_gptq(t, bits, v1=True), t["scales"].dtype
     else:
         qw, dtype = unpack_compressed_tensors(t, bits), t["weight_scale"].dtype
-    return QuantLinear.from_packed(pack_gptq(qw, dtype), bits, bias)  # the gptq_v2 layout QuantLinear holds
+    return QuantLinear.from_packed(pack_gptq(qw, dtype), bits, bias, backend)  # the gptq_v2 layout it holds
 
 
 def release_format(info: dict, qconfig: dict) -> PackFormat:
@@ -185,9 +186,10 @@ def release_format(info: dict, qconfig: dict) -> PackFormat:
 
 
 def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32,
-                        trust_remote_code: bool = False):
+                        trust_remote_code: bool = False, backend: str = "auto"):
     """The causal LM of a packed release with QuantLinear modules (packed buffers, scales in their
-    stored dtype) in place of its quantized Linears; everything else in `dtype`."""
+    stored dtype; `backend` as QuantLinear's: "dense" for CPU decoding) in place of its quantized
+    Linears; everything else in `dtype`."""
     release_dir = Path(release_dir)
     if verify and (bad := verify_manifest(release_dir)):
         raise_integrity(release_dir, bad)
@@ -205,7 +207,7 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     for name in info["modules"]:
         bias = tensors.pop(f"{name}.bias", None)
         modules[name] = _quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
-                                     None if bias is None else bias.to(dtype))
+                                     None if bias is None else bias.to(dtype), backend)
     replace_modules(model, modules)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     quantized = {f"{n}.{k}" for n in info["modules"] for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}

@@ -71,3 +71,15 @@ def test_swap_rejects_mismatched_weights():
 def test_quantlinear_backend_is_validated():
     with pytest.raises(ValueError, match="backend"):
         QuantLinear(64, 32, 4, 2, 32, backend="cuda")
+
+
+def test_dense_backend_dequantizes_once_per_dtype_and_matches_the_reference():
+    qw = rtn_quantize(torch.randn(48, 64, generator=torch.Generator().manual_seed(0)), QuantSpec(4, 32))
+    ref = QuantLinear.from_quantized(qw, backend="reference")
+    dense = QuantLinear.from_quantized(qw, backend="dense")
+    x = torch.randn(3, 64)
+    assert torch.equal(dense(x), ref(x))
+    kept = dense._dense
+    assert kept is not None and dense(x) is not None and dense._dense is kept  # reused, not recomputed
+    assert torch.equal(dense(x.double()), ref(x.double())) and dense._dense.dtype == torch.float64  # rebuilt
+    assert "_dense" not in dict(dense.named_buffers()) and set(dense.state_dict()) == set(ref.state_dict())

@@ -398,3 +398,14 @@ def test_a_quantized_tied_head_is_released_untied(tmp_path, fmt):
     ids = tiny_ids(2, 8)
     a = _logits(model, ids)
     assert (_logits(loaded, ids) - a).abs().max() <= 2e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_release_loads_with_the_dense_backend(tmp_path, fmt):
+    """backend="dense" (the CPU decode path) reaches every QuantLinear and gives the reference's logits."""
+    rel, _, qweights = _write(tmp_path, "llama", QuantSpec(4, 32), fmt)
+    ref, dense = (load_packed_release(rel, verify=False, backend=b) for b in ("reference", "dense"))
+    layers = [m for m in dense.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == len(qweights) and {m.backend for m in layers} == {"dense"}
+    ids = tiny_ids(2, 8)
+    assert torch.equal(_logits(dense, ids), _logits(ref, ids))
