@@ -1,8 +1,9 @@
 """CBQ's coarse-to-fine pre-processing (CFP) of outliers, applied to one block before quantization.
 
 Weights: per output channel, coarse candidates are |w| above Q3 + 1.5 IQR; the fine step sorts the
-candidates and picks the split maximizing (distance between the two sets' means) - lam x (sum of
-their variances); values beyond the split are outliers and get truncated to it (a lossy step,
+candidates (in units of the row's mean |w|, so the cut does not depend on the weights' scale) and
+picks the split maximizing (distance between the two sets' means) - lam x (sum of their variances);
+values beyond the split are outliers and get truncated to it (a lossy step,
 justified by the range it saves every other weight in the group).
 Activations: input channels of a norm-fed Linear group whose max |x| is an IQR outlier among the
 channels are scaled down by s_c = sqrt(max|x_c| / max|W[:, c]|) (SmoothQuant, alpha = 0.5); the
@@ -42,36 +43,49 @@ def _iqr_upper(x: torch.Tensor, k: float) -> torch.Tensor:
 
 def _fine_split(values: torch.Tensor, lam: float) -> float:
     """values: sorted ascending 1-D candidates (>= 2). The threshold between the split sets that
-    maximizes mean distance - lam * (var_low + var_high)."""
-    best, thr = -float("inf"), float(values[-1])
-    for i in range(1, len(values)):
-        lo, hi = values[:i], values[i:]
-        score = float(hi.mean() - lo.mean()) - lam * float(lo.var(unbiased=False) + hi.var(unbiased=False))
-        if score > best:
-            best, thr = score, float(lo[-1])
-    return thr
+    maximizes mean distance - lam * (var_low + var_high): every split at once from prefix sums of
+    v and v^2 (float64), the first best split on ties."""
+    v = values.double()
+    n = v.numel()
+    i = torch.arange(1, n, dtype=torch.float64)  # the low set is v[:i]
+    s1, s2 = v.cumsum(0), (v * v).cumsum(0)
+    lo_mean, lo_sq = s1[:-1] / i, s2[:-1] / i
+    hi_mean, hi_sq = (s1[-1] - s1[:-1]) / (n - i), (s2[-1] - s2[:-1]) / (n - i)
+    var = (lo_sq - lo_mean ** 2).clamp_min(0) + (hi_sq - hi_mean ** 2).clamp_min(0)
+    best = int(torch.argmax((hi_mean - lo_mean) - lam * var))
+    return float(values[best])
 
 
 def weight_outlier_threshold(w_row: torch.Tensor, cfg: CFPConfig) -> float | None:
-    """Truncation threshold on |w| for one output channel, or None when it has no outliers."""
-    a = w_row.abs().float()
-    cand = a[a > _iqr_upper(a, cfg.iqr_k)]
-    if cand.numel() < 2:
-        return None
-    cand, _ = torch.sort(cand)
-    return _fine_split(cand, cfg.lam * float(a.var(unbiased=False)) / max(float(a.mean()) ** 2, 1e-12))
+    """Truncation threshold on |w| for one output channel, or None when it has no outliers.
+
+    The split runs on |w| / mean|w| (the row's own unit): its score adds a distance of means to
+    variances, which scale differently, so on raw magnitudes the cut would move with the weights'
+    overall scale; normalized, thr(c w) = c thr(w)."""
+    return _thresholds(w_row[None], cfg)[0]
+
+
+def _thresholds(w: torch.Tensor, cfg: CFPConfig) -> list[float | None]:
+    """weight_outlier_threshold of every row of (out, in) w: the quartiles, means and variances of
+    all rows at once, the fine split only on rows with >= 2 candidates."""
+    a = w.abs().float()
+    ref = a.mean(1, keepdim=True).clamp_min(1e-30)  # (out, 1)
+    u = a / ref
+    cand = u > _iqr_upper(u, cfg.iqr_k)  # the IQR rule is scale-free: the same set as on |w|
+    lam = cfg.lam * u.var(1, unbiased=False)  # (out,)
+    out: list[float | None] = [None] * w.shape[0]
+    for r in (cand.sum(1) >= 2).nonzero().flatten().tolist():
+        values, _ = torch.sort(u[r][cand[r]])
+        out[r] = _fine_split(values, float(lam[r])) * float(ref[r])
+    return out
 
 
 def truncate_weight_outliers(w: torch.Tensor, cfg: CFPConfig) -> tuple[torch.Tensor, int]:
     """(out, in) -> weights with each row's outliers clipped to its threshold; and how many."""
-    out = w.clone()
-    count = 0
-    for r in range(w.shape[0]):
-        thr = weight_outlier_threshold(w[r], cfg)
-        if thr is not None:
-            count += int((w[r].abs() > thr).sum())
-            out[r] = w[r].clamp(-thr, thr)
-    return out, count
+    thr = torch.tensor([float("inf") if t is None else t for t in _thresholds(w, cfg)], dtype=w.dtype,
+                       device=w.device)[:, None]
+    count = int((w.abs() > thr).sum())
+    return torch.minimum(torch.maximum(w, -thr), thr), count
 
 
 def activation_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, cfg: CFPConfig) -> torch.Tensor:

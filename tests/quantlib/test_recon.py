@@ -415,3 +415,43 @@ def test_window_block_errors_on_the_first_batches_only():
     assert sample == block_errors(a, [0, 1], ActivationStore.from_batches(batches[:1]), calls, state, cpu)
     full = block_errors(a, [0, 1], x, calls, state, cpu)
     assert all(e > 0 for e in sample + full) and sample != full
+
+
+def _loop_split(values, lam):
+    """The fine split by its definition, one candidate split at a time."""
+    best, thr = -float("inf"), float(values[-1])
+    for i in range(1, len(values)):
+        lo, hi = values[:i].double(), values[i:].double()
+        score = float(hi.mean() - lo.mean()) - lam * float(lo.var(unbiased=False) + hi.var(unbiased=False))
+        if score > best:
+            best, thr = score, float(values[i - 1])
+    return thr
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cfp_fine_split_from_prefix_sums_equals_the_definition(seed):
+    from quantlib.cfp import _fine_split
+
+    g = torch.Generator().manual_seed(seed)
+    values, _ = torch.sort(torch.cat([torch.rand(20, generator=g), 3 + 5 * torch.rand(4, generator=g)]))
+    for lam in (0.0, 0.3, 2.0):
+        assert _fine_split(values, lam) == _loop_split(values, lam)
+
+
+def test_cfp_weight_threshold_is_scale_invariant():
+    """thr(c w) = c thr(w): the cut is made in the row's own unit. On raw magnitudes (the score adds
+    a distance of means, which scales with c, to variances, which scale with c^2) it moves."""
+    from quantlib.cfp import _fine_split, weight_outlier_threshold
+
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(512, generator=g)
+    row[:12] *= torch.linspace(4, 30, 12)  # a spread of outliers, so where the cut lands matters
+    cfg = CFPConfig()
+    thr = weight_outlier_threshold(row, cfg)
+    for c in (1e-3, 0.05, 20.0):
+        assert weight_outlier_threshold(row * c, cfg) == pytest.approx(c * thr, rel=1e-5)
+    a = row.abs()
+    q1, q3 = float(torch.quantile(a, 0.25)), float(torch.quantile(a, 0.75))
+    cand, _ = torch.sort(a[a > q3 + 1.5 * (q3 - q1)])
+    raw = [_fine_split(cand * c, 1.0) / c for c in (1e-3, 20.0)]  # the same split rule on raw values
+    assert raw[0] != pytest.approx(raw[1], rel=1e-3)
