@@ -490,9 +490,10 @@ def pack_stage(ctx: StageContext) -> dict:
     """The release folder and its MANIFEST: every file's sha256, the params of every stage that made
     it, the hash chain source -> model -> tokens -> quantized -> qat codes, and the code identity."""
     from quantlib.qweight import QuantizedWeight
+    from tasks.card import render_card
     from tasks.codeid import code_identity
     from tasks.faults import failpoint
-    from tasks.io import load_safetensors_verified
+    from tasks.io import atomic_write_bytes, load_safetensors_verified
     from tasks.manifest import build_release_manifest
     from tasks.release import write_release_files
 
@@ -502,10 +503,15 @@ def pack_stage(ctx: StageContext) -> dict:
     qweights = {n: QuantizedWeight.from_state_dict(tensors, n) for n in info["modules"]}
     out = ctx.path(S.RELEASE)
     tmp = _fresh_tmp(out)
+    fmt = ctx.params.pack.resolved(ctx.params.quantize.sym)
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
-                        fmt=ctx.params.pack.resolved(ctx.params.quantize.sym),
-                        trust_remote_code=ctx.params.fetch_model.trust_remote_code)
-    build_release_manifest(tmp, params=ctx.params.declared(), chain=_chain(ctx, info), code=code_identity())
+                        fmt=fmt, trust_remote_code=ctx.params.fetch_model.trust_remote_code)
+    params, chain, code = ctx.params.declared(), _chain(ctx, info), code_identity()
+    source = _read_json(model_dir / "source.json")
+    card = render_card(name=f"{source['source']} {info['scheme']}", source=source, params=params, info=info,
+                       fmt=fmt, chain=chain, code=code)
+    atomic_write_bytes(tmp / "README.md", card.encode())
+    build_release_manifest(tmp, params=params, chain=chain, code=code)
     failpoint("pack.written")
     _swap(tmp, out)
     return {"files": sum(1 for p in out.rglob("*") if p.is_file())}
@@ -620,6 +626,7 @@ class GateError(RuntimeError):
 def register_stage(ctx: StageContext) -> dict:
     """Register the release once per MANIFEST (a version already registered is reused), and move the
     alias only when the quality gate passes; the outcome is written to metrics/registry.json."""
+    from tasks.card import card_with_metrics
     from tasks.io import atomic_write_json
     from tasks.registry import register_release, release_model_name
 
@@ -630,8 +637,10 @@ def register_stage(ctx: StageContext) -> dict:
     passed, reason = _gate(metrics, r.max_ppl_ratio)
     source = _read_json(release / "MANIFEST.json")["params"]["fetch_model"]["source"]
     name = r.model_name or release_model_name(source, metrics["scheme"])
+    card = release / "README.md"  # the registry entry's description: the card and the release's perplexity
+    description = card_with_metrics(card.read_text(), metrics) if card.is_file() else None
     reg = register_release(ctx.tracking.tracker, ctx.tracking.parent_run_id, release, name, r.alias,
-                           move_alias=passed, reason=reason)
+                           move_alias=passed, reason=reason, description=description)
     atomic_write_json(ctx.path(S.REGISTRY), {
         "model_name": reg.name, "version": reg.version, "new_version": reg.new, "alias": r.alias,
         "alias_moved": reg.alias_moved, "gate": reason or "passed", "model_uri": f"models:/{reg.name}/{reg.version}",

@@ -175,7 +175,8 @@ def _artifact_path(client: MlflowClient, run_id: str) -> str:
 
 
 def _register_new(
-    tracker: Tracker, run_id: str, release_dir: Path, model_name: str, tags: dict[str, str], gate: str | None
+    tracker: Tracker, run_id: str, release_dir: Path, model_name: str, tags: dict[str, str], gate: str | None,
+    description: str | None = None,
 ) -> int:
     """Upload the release, tag the run, then create the version (last: a kill before it leaves
     an orphan artifact, never a version pointing at a partial upload)."""
@@ -186,7 +187,8 @@ def _register_new(
     failpoint("register.uploaded")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
     version_tags = {**_version_tags(tags), **({TAG_GATE: gate} if gate is not None else {})}
-    return int(client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags).version)
+    return int(client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags,
+                                           description=description).version)
 
 
 def register_release(
@@ -198,6 +200,7 @@ def register_release(
     *,
     move_alias: bool,
     reason: str = "",
+    description: str | None = None,
 ) -> Registration:
     """Register `release_dir` as a version of `model_name`, logged as an artifact of run `run_id`.
 
@@ -207,7 +210,7 @@ def register_release(
     is uploaded as the run artifact "release", the run is tagged with `release_tags`, and a version
     with those tags (less run-only ones) is created whose source is that artifact. `alias` is set
     to the version when `move_alias`; otherwise it stays where it was and a new version records
-    `reason` in TAG_GATE.
+    `reason` in TAG_GATE. `description` (markdown: the model card with metrics) goes on a new version.
     """
     release_dir = Path(release_dir)
     manifest = read_release_manifest(release_dir)
@@ -221,7 +224,7 @@ def register_release(
     new = version is None
     if version is None:
         gate = None if move_alias else (reason or f"alias {alias!r} not moved")
-        version = _register_new(tracker, run_id, release_dir, model_name, tags, gate)
+        version = _register_new(tracker, run_id, release_dir, model_name, tags, gate, description)
         failpoint("register.versioned")
     if move_alias:
         client.set_registered_model_alias(model_name, alias, str(version))

@@ -476,6 +476,13 @@ def test_mlflow_holds_live_stage_runs_params_metrics_and_the_registered_version(
     head = git(root, clean_project.env, "rev-parse", "HEAD").strip()
     assert version.tags[TAG_GIT_COMMIT] == manifest["code"]["git_commit"] == head
     assert manifest["code"]["git_dirty"] is False
+    # the release's model card is covered by its MANIFEST; the registry entry adds the measured perplexity
+    card = (clean_project.release / "README.md").read_text()
+    assert manifest["files"]["README.md"] == sha256_file(clean_project.release / "README.md")
+    assert manifest["chain"]["calib"] in card and head in card and "w4g32" in card
+    metrics = json.loads((root / "metrics" / "metrics.json").read_text())
+    assert version.description.startswith(card) and "## Perplexity" in version.description
+    assert all(f"{v:.4f}" in version.description for v in metrics["ppl"].values())
 
 
 # ---------------------------------------------------------------------- registry gate, lineage
