@@ -28,8 +28,7 @@ class QuantLinear(nn.Module):
     the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto" picks triton for CUDA inputs;
     "dense" dequantizes W once, at the first forward in a dtype and device, and keeps it (not in the
     state dict): the CPU decode path, at dense speed and dense memory. No packed CPU kernel is used:
-    torch's int4 CPU kernel measured slower than the dense matmul on an AVX2 CPU (`ptq bench decode`,
-    int4_cpu_kernel_ms in docs/benchmarks/kernels.json).
+    `ptq bench decode` times torch's int4 CPU kernel against the dense matmul (int4_cpu_kernel_ms).
     group_size > 0 records that g_idx[k] == k // group_size (the kernels then skip g_idx); 0 = not.
     """
 
