@@ -121,11 +121,11 @@ def meta_model(folder: str | os.PathLike, trust_remote_code: bool = False) -> nn
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sources import _check_causal_lm
+    from .sources import MODEL_CONSTRUCTION, _check_causal_lm
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     _check_causal_lm(config, str(folder))
-    with init_empty_weights(include_buffers=False):
+    with MODEL_CONSTRUCTION, init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).eval()
 
 

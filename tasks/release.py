@@ -22,6 +22,7 @@ from quantlib.adapters import get_adapter
 from quantlib.qweight import QuantizedWeight
 
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified, verify_manifest
+from .sources import MODEL_CONSTRUCTION
 
 __all__ = ["RELEASE_FORMAT", "write_release_files", "load_release", "release_weights", "drop_quantized", "tied_head",
            "untied_config"]
@@ -121,7 +122,8 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
     if info.get("format") != RELEASE_FORMAT:
         raise ValueError(f"{release_dir}: unsupported release format {info.get('format')!r}")
     config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     tensors = load_file(str(release_dir / "model.safetensors"))
     adapter = get_adapter(model)
     for name in info["modules"]:

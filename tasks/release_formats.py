@@ -28,6 +28,7 @@ from quantlib.qweight import QuantizedWeight
 from quantlib.spec import QuantSpec
 
 from .io import atomic_save_safetensors, atomic_write_json, verify_manifest
+from .sources import MODEL_CONSTRUCTION
 from .release import _model_tensors, _tied, copy_model_files, drop_quantized, raise_integrity, tied_head, untied_config
 
 __all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release", "release_format",
@@ -142,7 +143,7 @@ def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, Qua
         info = info | {"gptq_v1_clipped_codes": sum(n for _, n in converted.values())}
     dtype = dtype or source_dtype(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):  # module names and types only, no memory
+    with MODEL_CONSTRUCTION, torch.device("meta"):  # module names and types only, no memory
         skeleton = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
     qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype))
@@ -200,7 +201,8 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     gptq = fmt in _GPTQ_FORMATS
     bits = qconfig["bits"] if gptq else qconfig["config_groups"]["group_0"]["weights"]["num_bits"]
     del config.quantization_config  # from_config must build a plain model; we do the surgery
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     tensors = load_file(str(release_dir / "model.safetensors"))
     keys = _GPTQ_KEYS if gptq else _CT_KEYS
     modules = {}

@@ -11,6 +11,7 @@ tokenizer and a MANIFEST.json of sha256 hashes, so later stages never depend on 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,11 +114,18 @@ def _hash_folder(folder: Path) -> dict[str, str]:
 
 Loaded = tuple[PreTrainedModel, Any, dict[str, Any]]
 
+# Building a model changes process-wide state: accelerate's init_empty_weights replaces
+# nn.Module.register_parameter, transformers sets torch's default dtype. Two threads of the
+# threads runner building models at once would put each other's weights on the meta device or in
+# the wrong dtype, so every model construction in tasks/ holds this lock.
+MODEL_CONSTRUCTION = threading.RLock()
+
 
 def _load_gguf_file(path: Path) -> tuple[PreTrainedModel, Any]:
     """GGUF -> float32 HF model (dequantized) and tokenizer."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with MODEL_CONSTRUCTION:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"could not load {path} as a causal-LM GGUF with transformers: {e}") from e
@@ -149,7 +157,8 @@ def _load_local(source: ModelSource, trust_remote_code: bool) -> Loaded:
     _check_weight_files(folder, where)
     hashes = _hash_folder(folder)  # before loading: what we hash is what we read
     # dtype="auto": keep the checkpoint's dtype; load_model picks the compute dtype later.
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     _check_lm_head(model, where)
     return model, tokenizer, {"source_files": hashes}
@@ -161,7 +170,8 @@ def _load_hf(source: ModelSource, trust_remote_code: bool) -> Loaded:
     repo, rev, where = source.repo, source.revision, f"Hub model {source.spec}"
     kw = {"revision": rev, "trust_remote_code": trust_remote_code}
     _check_causal_lm(AutoConfig.from_pretrained(repo, **kw), where)
-    model = AutoModelForCausalLM.from_pretrained(repo, dtype="auto", **kw)
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype="auto", **kw)
     tokenizer = AutoTokenizer.from_pretrained(repo, **kw)
     _check_lm_head(model, where)
     # The cache's snapshots/<commit>/ folder holds what was read; its name pins the revision.
@@ -234,7 +244,8 @@ def load_model(
     if verify:
         _verify_if_manifest(folder)
     _check_causal_lm(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), str(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 

@@ -96,3 +96,33 @@ def test_meta_model_has_shapes_and_no_memory(tmp_path):
     model = meta_model(folder)
     assert all(p.is_meta for p in model.parameters())
     assert len(get_adapter(model).blocks) == 3
+
+
+def test_models_built_in_two_threads_at_once_keep_their_weights(tmp_path):
+    # The threads runner builds models concurrently; accelerate's init_empty_weights (meta_model)
+    # patches nn.Module.register_parameter for the whole process, so without MODEL_CONSTRUCTION a
+    # load_model running meanwhile ends with parameters on the meta device.
+    import threading
+
+    folder, _ = _folder(tmp_path, "qwen3")
+    want = load_model(folder).state_dict()
+    stop, errors = threading.Event(), []
+
+    def build_meta() -> None:
+        while not stop.is_set():
+            meta_model(folder)
+
+    other = threading.Thread(target=build_meta)
+    other.start()
+    try:
+        for _ in range(20):
+            try:
+                got = load_model(folder).state_dict()
+            except NotImplementedError as e:  # "Cannot copy out of meta tensor"
+                errors.append(str(e))
+                continue
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        stop.set()
+        other.join()
+    assert not errors
