@@ -62,7 +62,7 @@ QAT_LOSSES = ("ce", "kl", "ce+kl")
 DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")
-PACK_FORMATS = ("auto", "gptq", "gptq_v2", "compressed-tensors")
+PACK_FORMATS = ("auto", "gptq", "gptq_v2", "compressed-tensors", "gguf")
 BLOCK_INPUTS = ("quantized", "fp")
 QUANTIZE_TARGETS = ("blocks", "lm_head")  # quantlib.head.HEAD_TARGETS
 RUNNERS = ("sequential", "threads", "dask", "ray")
@@ -391,7 +391,10 @@ class QatParams(_Section):
 
 @dataclass(frozen=True)
 class PackParams(_Section):
-    """Release checkpoint format: auto (gptq if symmetric, else gptq_v2), gptq, gptq_v2 or compressed-tensors.
+    """Release format: auto (gptq if symmetric, else gptq_v2), gptq, gptq_v2, compressed-tensors or gguf.
+
+    gguf is llama.cpp's single file (Llama, Mistral without sliding window, Qwen2, Qwen3; groups a
+    multiple of 32; see tasks/gguf_release.py for the exact type each scheme gets).
 
     gptq is GPTQ v1 (zeros stored minus one: vLLM's Marlin and ExLlama kernels, GPTQModel); an
     asymmetric v1 checkpoint cannot store a zero point of 0 and GPTQModel (7.6) refuses to load one,
@@ -506,6 +509,15 @@ class PipelineParams:
         if self.fetch_model.dtype != "float32" and self.quantize.resolved_method == "recon":
             raise ParamsError(f"fetch_model.dtype: recon windows train in float32; {self.fetch_model.dtype} is for "
                               "rtn, gptq and boa (set fetch_model.dtype: float32 or another quantize.method)")
+        if self.pack.format == "gguf":
+            from quantlib.gguf import gguf_type
+            from quantlib.spec import QuantSpec
+
+            q = self.quantize
+            try:
+                gguf_type(QuantSpec(q.bits, q.group_size, q.sym))
+            except ValueError as e:
+                raise ParamsError(f"pack.format: {e}") from None
 
 
 SECTIONS: Mapping[str, type[_Section]] = MappingProxyType(

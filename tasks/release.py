@@ -84,7 +84,12 @@ def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight],
 def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
                         fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False) -> None:
     """Write everything but MANIFEST.json into out_dir (which must be empty), in format `fmt`:
-    RELEASE_FORMAT, or a packed format of tasks.release_formats (`gptq`, `compressed-tensors`)."""
+    RELEASE_FORMAT, a packed format of tasks.release_formats (`gptq`, `compressed-tensors`) or `gguf`."""
+    if fmt == "gguf":
+        from .gguf_release import write_gguf_release
+        from .release_formats import source_dtype
+
+        return write_gguf_release(out_dir, model_dir, qweights, info, source_dtype(model_dir), trust_remote_code)
     if fmt != RELEASE_FORMAT:
         from .release_formats import write_packed_release
 
@@ -119,6 +124,10 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
 
     if info.get("format") in PACKED_FORMATS:  # QuantLinear modules, dequantizing on the fly
         return load_packed_release(release_dir, verify=False, dtype=dtype, trust_remote_code=trust_remote_code)
+    if info.get("format") == "gguf":  # transformers' GGUF reader, dequantized at load
+        from .gguf_release import load_gguf_release
+
+        return load_gguf_release(release_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     if info.get("format") != RELEASE_FORMAT:
         raise ValueError(f"{release_dir}: unsupported release format {info.get('format')!r}")
     config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)

@@ -250,9 +250,14 @@ def load_model(
 
 
 def load_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False, verify: bool = True) -> Any:
-    """Load the tokenizer of a materialized folder; verifies its non-weight files against MANIFEST.json."""
+    """Load the tokenizer of a materialized folder (or of a GGUF release: from its model.gguf);
+    verifies its non-weight files against MANIFEST.json."""
     folder = Path(folder)
     _check_model_folder(folder)
+    if (folder / "model.gguf").is_file() and not (folder / "tokenizer.json").is_file():
+        if verify:
+            _verify_if_manifest(folder)
+        return AutoTokenizer.from_pretrained(folder, gguf_file="model.gguf")
     _check_tokenizer_files(folder, str(folder))
     if verify:
         _verify_if_manifest(folder, include=lambda rel: not rel.endswith(_WEIGHT_SUFFIXES))

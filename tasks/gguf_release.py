@@ -1,0 +1,207 @@
+"""GGUF releases for llama.cpp: one `model.gguf` holding our codes exactly (quantlib.gguf), beside the
+config, tokenizer and quantization.json the other stages read.
+
+Layout of a GGUF release folder:
+  model.gguf          llama.cpp's format: architecture metadata, the tokenizer (tokens, merges,
+                      special ids, chat template), every quantized Linear as Q4_0/Q4_1/Q5_0/Q5_1/
+                      Q8_0 blocks (quantlib.gguf), other matrices in F16 (BF16 for a bf16 source),
+                      norms and biases in F32. llama-architecture Q/K rows are permuted as llama.cpp's
+                      converter does (its rotary pairs adjacent dimensions); readers undo it.
+  config.json         the source config (untied when a tied head is quantized): the architecture as
+                      quantized, which our loader passes to transformers (its GGUF metadata mapping
+                      drops keys such as Qwen3's head_dim). No tokenizer files: the tokenizer is in
+                      model.gguf, and transformers' GGUF tokenizer loader would mix files beside it in.
+  quantization.json   format "gguf", scheme, method, modules and the GGUF type of each
+The evaluate stage reads model.gguf back through transformers' GGUF loader, a reader that is not ours.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from quantlib.gguf import gguf_blocks
+from quantlib.qweight import QuantizedWeight
+
+from .io import atomic_write_json
+from .release import _model_tensors, drop_quantized, tied_head, untied_config
+from .sources import MODEL_CONSTRUCTION
+
+__all__ = ["GGUF_FORMAT", "GGUF_FILE", "GGUF_ARCHITECTURES", "check_gguf_model", "write_gguf_release",
+           "load_gguf_release"]
+
+GGUF_FORMAT = "gguf"
+GGUF_FILE = "model.gguf"
+# model_type -> (llama.cpp architecture, Q/K rows permuted for llama.cpp's rotary layout)
+GGUF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                      "qwen3": ("qwen3", False)}
+
+
+def _arch(config: PretrainedConfig) -> tuple[str, bool]:
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(f"pack.format gguf supports the {sorted(GGUF_ARCHITECTURES)} families, not "
+                         f"{config.model_type!r}; pick pack.format gptq or compressed-tensors for this model")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise ValueError(f"pack.format gguf: llama.cpp's {GGUF_ARCHITECTURES[config.model_type][0]} architecture has "
+                         f"no sliding window ({window} here); pick pack.format gptq or compressed-tensors")
+    return GGUF_ARCHITECTURES[config.model_type]
+
+
+def _rope_theta(config: PretrainedConfig) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"pack.format gguf: rope type {rope['rope_type']!r} is not exported (default rotary only)")
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def check_gguf_model(model_dir: Path, trust_remote_code: bool = False) -> None:
+    """Raise before any work when the model cannot be written as GGUF."""
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    _arch(config), _rope_theta(config)
+
+
+def _metadata(w: gguf.GGUFWriter, c: PretrainedConfig, name: str) -> None:
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_name(name)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(_rope_theta(c))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _vocab(model_dir: Path) -> gguf.Vocab:
+    for kind in (gguf.BpeVocab, gguf.LlamaHfVocab):
+        try:
+            return kind(model_dir)
+        except (FileNotFoundError, TypeError, ValueError, KeyError):
+            continue
+    raise ValueError(f"{model_dir}: no byte-level BPE or SentencePiece-style tokenizer.json to write into GGUF")
+
+
+def _added_types(model_dir: Path) -> dict[int, gguf.TokenType]:
+    """Token id -> CONTROL (special) or USER_DEFINED for tokenizer.json's added tokens, including those
+    that are also in the base vocabulary (a reader treats CONTROL tokens as specials, e.g. EOS)."""
+    path = model_dir / "tokenizer.json"
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []) if path.is_file() else []
+    return {t["id"]: gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED for t in added}
+
+
+def _tokenizer(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
+    """Tokens padded to the model's vocabulary (llama.cpp needs one per embedding row), merges, specials."""
+    vocab = _vocab(model_dir)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text), scores.append(score), types.append(kind)
+    if len(tokens) > n_vocab:
+        raise ValueError(f"{model_dir}: the tokenizer has {len(tokens)} tokens for {n_vocab} embedding rows")
+    for i, kind in _added_types(model_dir).items():  # as llama.cpp's converter marks them
+        if i < len(types):
+            types[i] = kind
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]"), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model(vocab.tokenizer_model)
+    w.add_tokenizer_pre("default")  # llama.cpp's converter detects finer pre-tokenizers by hashing
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=n_vocab).add_to_gguf(w, quiet=True)
+
+
+def _qk_rows(name: str, c: PretrainedConfig) -> int | None:
+    """Heads whose rows llama.cpp's converter permutes for this weight (q: all heads, k: kv heads)."""
+    if name.endswith("self_attn.q_proj"):
+        return c.num_attention_heads
+    if name.endswith("self_attn.k_proj"):
+        return c.num_key_value_heads
+    return None
+
+
+def _permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order of llama.cpp's `permute`: each head's (2, d/2) rotary halves become (d/2, 2) pairs."""
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def _permuted(qw: QuantizedWeight, perm: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(qw.qweight[perm], qw.scale[perm], qw.zero[perm], qw.g_idx, qw.spec)
+
+
+def _float_type(t: torch.Tensor, matrix_dtype: torch.dtype) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    if t.dim() < 2:  # norms and biases: llama.cpp computes them in F32
+        return t.float().numpy(), gguf.GGMLQuantizationType.F32
+    if matrix_dtype == torch.bfloat16:  # numpy has no bf16: its bits as uint16, typed BF16
+        return t.bfloat16().view(torch.uint16).numpy(), gguf.GGMLQuantizationType.BF16
+    return t.half().numpy(), gguf.GGMLQuantizationType.F16
+
+
+def _add_tensors(w: gguf.GGUFWriter, c: PretrainedConfig, arch: str, permute: bool, floats: dict[str, torch.Tensor],
+                 qweights: dict[str, QuantizedWeight], matrix_dtype: torch.dtype) -> dict[str, str]:
+    """Every tensor under its GGUF name; returns the GGUF type of each quantized module."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    types, items = {}, [*((k, v) for k, v in floats.items()), *((k + ".weight", qw) for k, qw in qweights.items())]
+    for key, value in sorted(items, key=lambda kv: kv[0]):
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"pack.format gguf: no llama.cpp name for tensor {key!r} of a {arch} model")
+        module = key.rsplit(".", 1)[0]
+        heads = _qk_rows(module, c) if permute else None
+        if isinstance(value, QuantizedWeight):
+            qw = value if heads is None else _permuted(value, _permutation(value.shape[0], heads))
+            kind, blocks = gguf_blocks(qw)
+            w.add_tensor(gname, blocks.numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
+            types[module] = kind
+            continue
+        if heads is not None:
+            value = value[_permutation(value.shape[0], heads)]
+        array, kind = _float_type(value, matrix_dtype)
+        w.add_tensor(gname, array, raw_shape=tuple(value.shape) if kind is gguf.GGMLQuantizationType.BF16 else None,
+                     raw_dtype=kind)
+    return types
+
+
+def write_gguf_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
+                       dtype: torch.dtype, trust_remote_code: bool = False) -> None:
+    """Write everything but MANIFEST.json of a GGUF release into out_dir (the pack stage's building folder)."""
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    arch, permute = _arch(config)
+    floats = drop_quantized(_model_tensors(model_dir), qweights, model_dir, trust_remote_code)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out_dir / GGUF_FILE, arch)
+    _metadata(writer, config, f"{config.model_type} {info.get('scheme', '')} {info.get('method', '')}".strip())
+    _tokenizer(writer, model_dir, config.vocab_size)
+    types = _add_tensors(writer, config, arch, permute, floats, qweights, dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    raw = json.loads((model_dir / "config.json").read_text())
+    atomic_write_json(out_dir / "config.json", untied_config(raw, qweights, tied_head(model_dir, trust_remote_code)))
+    atomic_write_json(out_dir / "quantization.json",
+                      info | {"format": GGUF_FORMAT, "modules": sorted(qweights), "gguf_types": types})
+
+
+def load_gguf_release(release_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """The release's model.gguf read back by transformers' GGUF loader (dequantized to `dtype`). The
+    architecture comes from the release's config.json: transformers' GGUF metadata mapping drops
+    some keys (Qwen3's head_dim), and the source config is what the model was quantized as."""
+    config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(release_dir, gguf_file=GGUF_FILE, config=config, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.eval()
