@@ -83,6 +83,17 @@ def preflight(params) -> None:
                   clip_search=q.clip_search, recon=params.recon.__dict__ if q.resolved_method == "recon" else None)
     if source.kind == "local" and q.group_size is not None:
         _check_group_size(source.path / "config.json", q.group_size)
+    if source.kind == "local" and params.pack.format == "gguf":  # other sources: the pack stage refuses
+        _check_gguf(source.path / "config.json")
+
+
+def _check_gguf(config_path: Path) -> None:
+    import json
+
+    from tasks.specs import gguf_refusal
+
+    if (why := gguf_refusal(json.loads(config_path.read_text(encoding="utf-8")))) is not None:
+        raise ValueError(why)
 
 
 def _check_group_size(config_path: Path, group_size: int) -> None:

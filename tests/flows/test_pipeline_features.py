@@ -3,7 +3,8 @@
 (the offline `ptq_cloze` task). Against the reference project (`clean_project`, same model and
 scheme): spilling activations to disk gives the same codes, the compressed-tensors release scores
 the perplexity of the GPTQ-format one, lm-eval's scores reach metrics.json and MLflow, and
-`ptq lineage` verifies the compressed-tensors release.
+`ptq lineage` verifies the compressed-tensors release. Its runs start their own temporary Prefect
+server, as `ptq run` does by default.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ EXTRA = {
 
 @pytest.fixture(scope="module")
 def features(make_project):
-    project = make_project("features", EXTRA)
+    project = make_project("features", EXTRA, server=False)  # the default: a temporary Prefect server
     project.run_ok()
     return project
 
@@ -61,3 +62,36 @@ def test_lm_eval_scores_reach_metrics_and_mlflow(features):
     [evaluate] = [r for r in client.search_runs([exp.experiment_id])
                   if r.data.tags.get("ptq.stage") == "evaluate" and r.data.tags.get("ptq.stage_status") == "run"]
     assert {k for k in lm if not k.endswith("sample_len")} <= set(evaluate.data.metrics)
+
+
+@pytest.fixture(scope="module")
+def gguf(features, tmp_path_factory):
+    """The features project, copied, then `ptq run -S pack.format=gguf`: only pack onwards reruns."""
+    import shutil
+
+    from pipeline_projects import Project
+
+    root = tmp_path_factory.mktemp("gguf") / "project"
+    shutil.copytree(features.root, root, symlinks=True)
+    project = Project(root, features.env)
+    return project, project.run_ok("run", "-S", "pack.format=gguf")
+
+
+def test_gguf_release_holds_the_same_codes_and_scores_like_the_others(gguf, features):
+    import gguf as gguf_package
+
+    project, done = gguf
+    import re
+
+    assert re.search(r"^quantize\s+up to date", done.stdout, re.M) and re.search(r"^pack\s+ran", done.stdout, re.M), \
+        done.stdout
+    release = project.root / "data" / "release"
+    assert sorted(p.name for p in release.iterdir()) == ["MANIFEST.json", "README.md", "config.json", "model.gguf",
+                                                         "quantization.json"]
+    types = {t.name: t.tensor_type.name for t in gguf_package.GGUFReader(str(release / "model.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "F16"
+    ours, ref = (_json(p, "metrics/metrics.json") for p in (project, features))
+    for name, ppl in ref["ppl"].items():  # Q4_1's min is -s*z rounded to fp16 once: nearly the same weights
+        assert ours["ppl"][name] == pytest.approx(ppl, rel=1e-3)
+    done = project.ptq("lineage", "data/release")
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]

@@ -225,3 +225,30 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_in_preflight(tmp_p
     for ok in (32, 64, None):  # divisors (and per-channel) pass
         preflight(load_params(tmp_path / "params.yaml", [f"fetch_model.source={model}",
                                                          f"quantize.group_size={'null' if ok is None else ok}"]))
+
+
+@pytest.mark.reliability(
+    fault='`pack.format: gguf` for a local model llama.cpp would compute otherwise (Gemma3, a Mistral sliding window)',
+    sees='`pack.format gguf supports the [...] families, not \'gemma3_text\'; pick pack.format gptq or compressed-tensors` '
+         'before any stage (other sources: the pack stage refuses, the quantized codes stay cached)',
+    kept='params.yaml unchanged, no data/')
+def test_a_model_gguf_cannot_hold_is_refused_in_preflight(tmp_path):
+    import json
+
+    from flows.cli_pipeline import preflight
+    from flows.params import load_params
+    from tests.quantlib.tiny import tiny_config
+
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    folders = {}
+    for family in ("gemma3_text", "mistral", "qwen3"):
+        folders[family] = tmp_path / family
+        folders[family].mkdir()
+        (folders[family] / "config.json").write_text(json.dumps(tiny_config(family).to_dict()))
+    done = _ptq(tmp_path, "run", "-S", f"fetch_model.source={folders['gemma3_text']}", "-S", "pack.format=gguf")
+    assert done.returncode == 2, done.stderr
+    assert "pack.format gguf supports the ['llama', 'mistral', 'qwen2', 'qwen3'] families, not 'gemma3_text'" in done.stderr
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="no sliding window"):
+        preflight(load_params(tmp_path / "params.yaml", [f"fetch_model.source={folders['mistral']}", "pack.format=gguf"]))
+    preflight(load_params(tmp_path / "params.yaml", [f"fetch_model.source={folders['qwen3']}", "pack.format=gguf"]))

@@ -126,3 +126,18 @@ def test_families_llama_cpp_would_compute_otherwise_are_refused(tmp_path, family
     with pytest.raises(ValueError, match=message):
         write_gguf_release(tmp_path / "rel", tmp_path / "src", {}, {}, torch.float16)
     assert not (tmp_path / "rel").exists()
+
+
+def test_a_bf16_source_keeps_its_matrices_in_bf16(tmp_path):
+    import gguf
+
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    _char_tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "src")
+    qweights = _codes(model.float(), QuantSpec(4, 32))
+    write_release_files(tmp_path / "rel", tmp_path / "src", qweights, {"scheme": "w4g32", "method": "rtn"}, fmt="gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "rel" / GGUF_FILE)).tensors}
+    assert types["token_embd.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32"
+    back = load_release(tmp_path / "rel", verify=False)
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    assert torch.equal(back.model.embed_tokens.weight, source.model.embed_tokens.weight)  # bf16 -> fp32, exact
