@@ -1,5 +1,5 @@
-"""GGUF releases for llama.cpp: one `model.gguf` holding our codes exactly (quantlib.gguf), beside the
-config, tokenizer and quantization.json the other stages read.
+"""GGUF releases for llama.cpp: one `model.gguf` holding our codes exactly (quantlib.gguf) and the
+tokenizer, beside the config and quantization.json the other stages read.
 
 Layout of a GGUF release folder:
   model.gguf          llama.cpp's format: architecture metadata, the tokenizer (tokens, merges,

@@ -32,8 +32,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "PTQ_DATA_MIRROR": str(DATA_MIRROR),
         "DO_NOT_TRACK": "1",
     }
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs one pytest process per core: each with torch's default of one thread per
+        # core, tiny-tensor tests spin on oversubscribed cores (tests/quantlib recon + boa: 171 s
+        # with the default, 34 s with one thread each). Subprocesses (ptq runs) inherit it.
+        env["OMP_NUM_THREADS"] = "1"
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("OMP_NUM_THREADS") == "1" and "torch" in sys.modules:  # imported before this hook
+        sys.modules["torch"].set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
