@@ -111,14 +111,15 @@ def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, 
     command = "python -m flows.bench_gguf " + shlex.join(sys.argv[1:])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in schemes:
-            for r in _one_scheme(model_dir, data, scheme, method, Path(tmp)):
-                rows.append(r | {"model": model, "fp32_ppl": fp, "command": command,
-                                 "date": dt.date.today().isoformat()})
+        for scheme in schemes:  # each scheme's rows are written as soon as they exist
+            done = [r | {"model": model, "fp32_ppl": fp, "command": command, "date": dt.date.today().isoformat()}
+                    for r in _one_scheme(model_dir, data, scheme, method, Path(tmp))]
+            for r in done:
                 print(json.dumps({k: r[k] for k in ("scheme", "gguf_type", "method", "ppl", "file_mb")}), flush=True)
-    records = (json.loads(out.read_text()) if out.is_file() else []) + rows
-    out.write_text(json.dumps(records, indent=1) + "\n")
-    out.with_suffix(".md").write_text(render_gguf_md(records))
+            records = (json.loads(out.read_text()) if out.is_file() else []) + done
+            out.write_text(json.dumps(records, indent=1) + "\n")
+            out.with_suffix(".md").write_text(render_gguf_md(records))
+            rows += done
     return rows
 
 
