@@ -1,6 +1,6 @@
 """GGUF export benchmark: what our codes are worth inside llama.cpp's file format.
 
-On the default model and the DESIGN.md protocol (calibration 128 x 512 from the first half of
+On the default model and the protocol of docs/protocol.md (calibration 128 x 512 from the first half of
 WikiText-2 test, 16 windows x 1024 from its second half), for each scheme with an exact GGUF type:
   ours        the scheme quantized by `--method` (gptq by default), scored as our fake-quant model;
   ours.gguf   the same codes written by `pack.format: gguf` and read back by transformers' GGUF
@@ -99,6 +99,7 @@ def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path) -> l
 
 
 def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, out: Path) -> list[dict]:
+    from tasks.io import atomic_write_bytes
     from tasks.sources import load_model, load_tokenizer
 
     from . import commands as C
@@ -117,8 +118,8 @@ def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, 
             for r in done:
                 print(json.dumps({k: r[k] for k in ("scheme", "gguf_type", "method", "ppl", "file_mb")}), flush=True)
             records = (json.loads(out.read_text()) if out.is_file() else []) + done
-            out.write_text(json.dumps(records, indent=1) + "\n")
-            out.with_suffix(".md").write_text(render_gguf_md(records))
+            atomic_write_bytes(out, (json.dumps(records, indent=1) + "\n").encode())
+            atomic_write_bytes(out.with_suffix(".md"), render_gguf_md(records).encode())
             rows += done
     return rows
 
