@@ -10,7 +10,7 @@ ifneq ($(MIRROR),)
 export PTQ_DATA_MIRROR ?= $(MIRROR)
 endif
 
-.PHONY: setup demo test test-all gptqmodel-env bench clean
+.PHONY: setup demo test test-all gptqmodel-env llama-cpp-env bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,15 @@ gptqmodel-env:
 	$(GM_VENV)/bin/pip install -q -U pip
 	$(GM_VENV)/bin/pip install -q $(TORCH)
 	BUILD_CUDA_EXT=0 $(GM_VENV)/bin/pip install -q gptqmodel==7.6.0
+
+# llama.cpp itself (llama-cpp-python built from source, for this CPU), for flows/bench_gguf.py's
+# llama.cpp rows: ~25 min here on 2 cores. Then PTQ_LLAMA_CPP_PYTHON=.venv-llama-cpp/bin/python.
+LC_VENV := .venv-llama-cpp
+llama-cpp-env:
+	python3 -m venv $(LC_VENV)
+	$(LC_VENV)/bin/pip install -q -U pip
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(LC_VENV)/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 
 clean:
 	rm -rf .cache .prefect out

@@ -1,25 +1,36 @@
-"""GGUF export benchmark: what our codes are worth inside llama.cpp's file format.
+"""GGUF export benchmark: what our codes are worth inside llama.cpp's file format, and in llama.cpp.
 
 On the default model and the protocol of docs/protocol.md (calibration 128 x 512 from the first half of
-WikiText-2 test, 16 windows x 1024 from its second half), for each scheme with an exact GGUF type:
+WikiText-2 test, 16 windows x 1024 from its second half), for each scheme (`w4g32`, or `w4g32:Q4_K`
+to add a K-quant type):
   ours        the scheme quantized by `--method` (gptq by default), scored as our fake-quant model;
   ours.gguf   the same codes written by `pack.format: gguf` and read back by transformers' GGUF
               loader (a reader that is not ours): equal to `ours` up to the fp16 block scales;
   rtn.gguf    the FP weights quantized by the gguf package's reference quantizer for the type (what
-              llama.cpp's `llama-quantize` does for it without an importance matrix), same file layout.
-Every row also has the file size. Caveat printed with the table: the default model is itself
-distributed as Q4_1 (dequantized by the fetch stage), so its weights already lie on a Q4_1 grid.
+              llama.cpp's `llama-quantize` does for it without an importance matrix), same file layout;
+  ours.K      with a K type: our codes fitted into it (`pack.gguf_type`), with the mean relative
+              weight error against our codes;
+  llama.cpp.K with a K type and llama.cpp: llama.cpp's own quantizer (`pure`, embeddings F16) on the
+              F16 file of the FP model (it substitutes its fallback types for rows not whole blocks).
+Every row has the file size. With `--llama-cpp PYTHON` (an interpreter with llama-cpp-python,
+`make llama-cpp-env`; default $PTQ_LLAMA_CPP_PYTHON) each K-type file is also scored by llama.cpp itself
+(perplexity on the same windows, ~4 min a file on 2 cores) and its tokenizer checked against ours;
+`--decode` measures greedy batch-1 decode tokens/s. Caveat printed with the table: the
+default model is itself distributed as Q4_1 (dequantized by the fetch stage), so its weights already
+lie on a Q4_1 grid.
 
-    python -m flows.bench_gguf                      # appends to docs/benchmarks/gguf.json, writes gguf.md
-    python -m flows.bench_gguf --schemes w4g32 --n-samples 32    # a quicker, reduced-protocol row
+    python -m flows.bench_gguf --schemes w4g32:Q4_K w2g64:Q2_K    # appends to docs/benchmarks/gguf.json
+    python -m flows.bench_gguf --decode                            # decode tokens/s: torch vs llama.cpp
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import os
 import resource
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +38,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_gguf", "render_gguf_md", "SCHEMES"]
+__all__ = ["run_gguf", "run_gguf_decode", "render_gguf_md", "SCHEMES"]
 
 DEFAULT_OUT = "docs/benchmarks/gguf.json"
-SCHEMES = ("w4g32s", "w4g32", "w5g32", "w8g32s")  # Q4_0, Q4_1, Q5_1, Q8_0
+SCHEMES = ("w4g32s", "w4g32:Q4_K", "w5g32", "w8g32s")  # Q4_0, Q4_1 (+ Q4_K), Q5_1, Q8_0
+TOOL = Path(__file__).with_name("llama_cpp_tool.py")
+PROMPT = [1, 504, 3458, 314, 260, 1176, 282]  # the decode prompt of `ptq bench decode`
 
 
 def _rtn_blocks(model, names: list[str], kind: str) -> dict[str, tuple[str, torch.Tensor]]:
@@ -60,46 +73,148 @@ def _score(path: Path, config_dir: Path, windows) -> float:
     return C.eval_ppl(model, windows)
 
 
-def _row(scheme: str, kind: str, label: str, ppl: float, size: int, seconds: float, settings: dict) -> dict:
-    return {"scheme": scheme, "gguf_type": kind, "method": label, "ppl": ppl, "file_mb": round(size / 2**20, 2),
-            "seconds": round(seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "settings": settings}
+def _llama_cpp(python: str, *args: str) -> list[dict]:
+    """Run flows/llama_cpp_tool.py in the llama.cpp interpreter; its JSON lines."""
+    done = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"llama.cpp tool failed ({' '.join(args)}):\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path) -> list[dict]:
+def _llama_cpp_scores(python: str, files: list[Path], windows, new_tokens: int, tmp: Path,
+                      texts: list[dict] = ()) -> dict[str, dict]:
+    job = tmp / "job.json"
+    job.write_text(json.dumps({"files": [str(f) for f in files], "windows": windows.tolist(), "prompt": PROMPT,
+                               "new_tokens": new_tokens, "threads": torch.get_num_threads(), "texts": list(texts)}))
+    return {r["file"]: r for r in _llama_cpp(python, "score", str(job))}
+
+
+def _row(scheme: str, kind: str, label: str, ppl: float | None, path: Path | None, seconds: float,
+         settings: dict, **extra) -> dict:
+    return {"scheme": scheme, "gguf_type": kind, "method": label, "ppl": ppl,
+            "file_mb": round(path.stat().st_size / 2**20, 2) if path else 0.0, "seconds": round(seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "settings": settings, "path": str(path) if path else None, **extra}
+
+
+def _ours(model_dir: Path, data, spec, method: str):
+    """(codes by module, fake-quant perplexity, seconds) of `method` at `spec` on the protocol data."""
     from quantlib.engine import EngineConfig
-    from quantlib.gguf import gguf_blocks, gguf_type
-    from quantlib.spec import parse_scheme
-    from tasks.gguf_release import write_gguf_file
     from tasks.sources import load_model
 
     from . import commands as C
     from .methods import parse_method
 
-    spec = parse_scheme(scheme)
-    kind = gguf_type(spec)
     model = load_model(model_dir)
-    settings = {"n_samples": int(data.calib.shape[0]), "seqlen": int(data.calib.shape[1]), "windows": len(data.windows)}
     t0 = time.perf_counter()
     results, _, _ = C.quantize_loaded(model, data.calib, spec, parse_method(method).base, EngineConfig())
     seconds = time.perf_counter() - t0
+    return results, C.eval_ppl(model, data.windows), seconds
+
+
+def _k_rows(model_dir: Path, data, results: dict, scheme: str, kind: str, method: str, tmp: Path,
+            llama: str | None, settings: dict) -> list[dict]:
+    """Our codes fitted into K type `kind`, and llama.cpp's own quantization to it (with llama.cpp)."""
+    from quantlib.gguf_k import gguf_export
+    from tasks.gguf_release import write_gguf_file
+
+    t0 = time.perf_counter()
+    blocks, errors = {}, []
+    for name, qw in sorted(results.items()):
+        got, rows, weight = gguf_export(qw, kind)
+        blocks[name] = (got, rows)
+        ours = qw.dequantize()
+        errors.append(float((weight - ours).norm() / ours.norm()))
+    path = tmp / f"{scheme}-{method}-{kind}.gguf"
+    write_gguf_file(path, model_dir, blocks, torch.float16, f"{scheme} {method} {kind}")
+    share = sum(k == kind for k, _ in blocks.values()) / len(blocks)
+    out = [_row(scheme, kind, f"{method}.{kind}", _score(path, model_dir, data.windows), path,
+                time.perf_counter() - t0, settings, weight_error=sum(errors) / len(errors), k_share=share)]
+    if llama:
+        f16 = tmp / "f16.gguf"
+        if not f16.exists():
+            write_gguf_file(f16, model_dir, {}, torch.float16, "f16")
+        path, t1 = tmp / f"{scheme}-llama.cpp-{kind}.gguf", time.perf_counter()
+        _llama_cpp(llama, "quantize", str(f16), str(path), kind)
+        out.append(_row(scheme, kind, f"llama.cpp.{kind}", _score(path, model_dir, data.windows), path,
+                        time.perf_counter() - t1, settings))
+    return out
+
+
+def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path, llama: str | None) -> list[dict]:
+    from quantlib.gguf import gguf_blocks, gguf_type
+    from quantlib.spec import parse_scheme
+    from tasks.gguf_release import write_gguf_file
+    from tasks.sources import load_model
+
+    name, _, k_type = scheme.partition(":")
+    spec = parse_scheme(name)
+    kind = gguf_type(spec)
+    settings = {"n_samples": int(data.calib.shape[0]), "seqlen": int(data.calib.shape[1]), "windows": len(data.windows)}
+    results, ppl, seconds = _ours(model_dir, data, spec, method)
     names = sorted(results)
-    rows = [_row(scheme, kind, method, C.eval_ppl(model, data.windows), 0, seconds, settings)]
-    path = tmp / f"{scheme}-{method}.gguf"
-    write_gguf_file(path, model_dir, {n: gguf_blocks(results[n]) for n in names}, torch.float16, f"{scheme} {method}")
-    rows.append(_row(scheme, kind, f"{method}.gguf", _score(path, model_dir, data.windows), path.stat().st_size, seconds,
-                     settings))
+    rows = [_row(name, kind, method, ppl, None, seconds, settings)]
+    path = tmp / f"{name}-{method}.gguf"
+    write_gguf_file(path, model_dir, {n: gguf_blocks(results[n]) for n in names}, torch.float16, f"{name} {method}")
+    rows.append(_row(name, kind, f"{method}.gguf", _score(path, model_dir, data.windows), path, seconds, settings))
     t1 = time.perf_counter()
     rtn = _rtn_blocks(load_model(model_dir), names, kind)
-    path = tmp / f"{scheme}-rtn.gguf"
-    write_gguf_file(path, model_dir, rtn, torch.float16, f"{scheme} llama.cpp rtn")
-    rows.append(_row(scheme, kind, "rtn.gguf", _score(path, model_dir, data.windows), path.stat().st_size,
+    path = tmp / f"{name}-rtn.gguf"
+    write_gguf_file(path, model_dir, rtn, torch.float16, f"{name} llama.cpp rtn")
+    rows.append(_row(name, kind, "rtn.gguf", _score(path, model_dir, data.windows), path,
                      time.perf_counter() - t1, settings))
+    if k_type:
+        rows += _k_rows(model_dir, data, results, name, k_type, method, tmp, llama, settings)
     return rows
 
 
-def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, out: Path) -> list[dict]:
+def _with_llama_cpp(rows: list[dict], llama: str | None, windows, tmp: Path, texts: list[dict]) -> list[dict]:
+    """Each row's file scored by llama.cpp itself: perplexity on the same windows, and whether its
+    tokenizer cuts `texts` into our ids (no decode timing here)."""
+    files = [Path(r["path"]) for r in rows if r["path"] and "_K" in r["gguf_type"]]  # ~4 min a file here
+    if not llama or not files:
+        return rows
+    scores = _llama_cpp_scores(llama, files, windows, 1, tmp, texts)
+    scores = {str(k): v for k, v in scores.items()}
+    return [r | ({"llama_cpp_ppl": scores[r["path"]]["ppl"],
+                  "llama_cpp_tokenization_identical": scores[r["path"]]["tokenization_identical"]}
+                 if r["path"] in scores else {}) for r in rows]
+
+
+def _tokenizer_probe(model_dir: Path) -> list[dict]:
+    """Texts with our tokenizer's ids: 20,000 characters from the middle of WikiText-2 test and a line
+    of digits, punctuation, accents, tabs and an emoji."""
+    from tasks.sources import load_tokenizer
+    from tasks.textdata import load_text, parse_text_source
+
+    tokenizer, wiki = load_tokenizer(model_dir), load_text(parse_text_source("wikitext2"))
+    texts = [wiki[len(wiki) // 2:len(wiki) // 2 + 20000],
+             "It's 2026: 12,345.67 tokens (naïve café) \t x**2 -> y  # \U0001F600\n\n  end."]
+    return [{"text": t, "ids": tokenizer(t)["input_ids"]} for t in texts]
+
+
+def _append(out: Path, done: list[dict]) -> None:
     from tasks.io import atomic_write_bytes
+
+    records = (json.loads(out.read_text()) if out.is_file() else []) + done
+    atomic_write_bytes(out, (json.dumps(records, indent=1) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".md"), render_gguf_md(records, _records(_decode_path(out))).encode())
+
+
+def _decode_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_decode.json")
+
+
+def _records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _stamp(model: str, command: str) -> dict:
+    return {"model": model, "command": command, "date": dt.date.today().isoformat(), "threads": torch.get_num_threads()}
+
+
+def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, out: Path,
+             llama: str | None = None) -> list[dict]:
     from tasks.sources import load_model, load_tokenizer
 
     from . import commands as C
@@ -109,48 +224,140 @@ def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, 
     calib = dict(CALIB, n=n_samples)
     data = C.protocol_data(load_tokenizer(model_dir), "wikitext2", None, **calib)
     fp = C.eval_ppl(load_model(model_dir), data.windows)
-    command = "python -m flows.bench_gguf " + shlex.join(sys.argv[1:])
+    stamp = _stamp(model, "python -m flows.bench_gguf " + shlex.join(sys.argv[1:]))
     rows = []
+    probe = _tokenizer_probe(model_dir) if llama else []
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in schemes:  # each scheme's rows are written as soon as they exist
-            done = [r | {"model": model, "fp32_ppl": fp, "command": command, "date": dt.date.today().isoformat()}
-                    for r in _one_scheme(model_dir, data, scheme, method, Path(tmp))]
+            done = _with_llama_cpp(_one_scheme(model_dir, data, scheme, method, Path(tmp), llama), llama,
+                                   data.windows, Path(tmp), probe)
+            done = [{k: v for k, v in r.items() if k != "path"} | stamp | {"fp32_ppl": fp} for r in done]
             for r in done:
-                print(json.dumps({k: r[k] for k in ("scheme", "gguf_type", "method", "ppl", "file_mb")}), flush=True)
-            records = (json.loads(out.read_text()) if out.is_file() else []) + done
-            atomic_write_bytes(out, (json.dumps(records, indent=1) + "\n").encode())
-            atomic_write_bytes(out.with_suffix(".md"), render_gguf_md(records).encode())
+                print(json.dumps({k: r.get(k) for k in ("scheme", "gguf_type", "method", "ppl", "llama_cpp_ppl",
+                                                        "file_mb", "llama_cpp_tokenization_identical")}), flush=True)
+            _append(out, done)
             rows += done
     return rows
 
 
-def render_gguf_md(records: list[dict]) -> str:
+def _torch_decode(model, new_tokens: int) -> float:
+    ids = torch.tensor([PROMPT])
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        start = time.perf_counter()
+        model.generate(ids, **kw)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def run_gguf_decode(model: str, scheme: str, kind: str, new_tokens: int, out: Path, llama: str) -> list[dict]:
+    """Greedy batch-1 decode tokens/s on this CPU: the dense model in torch (fp32) against llama.cpp
+    on F16, on our exact GGUF type, on our codes as `kind` and on llama.cpp's own `kind` (RTN codes:
+    speed does not depend on the method)."""
+    from quantlib.adapters import get_adapter
+    from quantlib.gguf_k import gguf_export
+    from quantlib.rtn import rtn_quantize
+    from quantlib.spec import parse_scheme
+    from tasks.gguf_release import write_gguf_file
+    from tasks.sources import load_model
+
+    from . import commands as C
+
+    model_dir, spec = C.cached_model(model), parse_scheme(scheme)
+    dense = load_model(model_dir)
+    adapter = get_adapter(dense)
+    codes = {f"{adapter.family.layers}.{i}.{n}": rtn_quantize(adapter.get_weight(m).detach(), spec)
+             for i, block in enumerate(adapter.blocks) for n, m in adapter.linears(block).items()}
+    stamp = _stamp(model, "python -m flows.bench_gguf " + shlex.join(sys.argv[1:])) | {"scheme": spec.name,
+                                                                                         "new_tokens": new_tokens}
+    rows = [stamp | {"runtime": "torch", "weights": "fp32 dense", "file_mb": None,
+                     "decode_tokens_per_s": _torch_decode(dense, new_tokens)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = {"F16": tmp / "f16.gguf", "ours exact": tmp / "exact.gguf", f"ours {kind}": tmp / "k.gguf",
+                 f"llama.cpp {kind}": tmp / "llama.gguf"}
+        write_gguf_file(files["F16"], model_dir, {}, torch.float16, "f16")
+        for label, k in (("ours exact", "exact"), (f"ours {kind}", kind)):
+            write_gguf_file(files[label], model_dir, {n: gguf_export(q, k)[:2] for n, q in codes.items()},
+                            torch.float16, label)
+        _llama_cpp(llama, "quantize", str(files["F16"]), str(files[f"llama.cpp {kind}"]), kind)
+        scores = _llama_cpp_scores(llama, list(files.values()), torch.tensor([PROMPT]), new_tokens, tmp)
+        rows += [stamp | {"runtime": "llama.cpp", "weights": label, "file_mb": round(f.stat().st_size / 2**20, 2),
+                          "decode_tokens_per_s": scores[str(f)]["decode_tokens_per_s"]} for label, f in files.items()]
+    for r in rows:
+        print(json.dumps({k: r[k] for k in ("runtime", "weights", "file_mb", "decode_tokens_per_s")}), flush=True)
+    from tasks.io import atomic_write_bytes
+
+    records = _records(_decode_path(out)) + rows
+    atomic_write_bytes(_decode_path(out), (json.dumps(records, indent=1) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".md"), render_gguf_md(_records(out), records).encode())
+    return rows
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _yes(x: bool | None) -> str:
+    return "" if x is None else "yes" if x else "NO"
+
+
+def render_gguf_md(records: list[dict], decode: list[dict] = ()) -> str:
     lines = ["# GGUF export", "",
              "Perplexity (WikiText-2 test, second half, 16 x 1024) of our codes written as GGUF and read back",
              "by transformers' GGUF loader, against the same GGUF type made by the gguf package's reference",
-             "quantizer (llama.cpp's round-to-nearest for that type, no importance matrix). Produced by",
+             "quantizer (`rtn.gguf`: llama.cpp's round-to-nearest for that type, no importance matrix) and, for",
+             "K-quant types, against llama.cpp's own quantizer (`llama.cpp.K`, pure, embeddings F16). `ours.K`",
+             "is our codes fitted into the K type (`pack.gguf_type`): `weight err` is its mean relative error",
+             "against our codes, `K share` the share of Linears in the K type (rows not whole 256-weight",
+             "super-blocks keep the exact type; llama.cpp substitutes its own fallback types there, so file sizes",
+             "differ). `llama.cpp ppl` is a K file scored by llama.cpp itself (llama-cpp-python); `same tokens`",
+             "says whether llama.cpp's tokenizer, read from the file, cuts 20,000 characters of WikiText-2 and a",
+             "line of digits, punctuation and accents into exactly our tokenizer's ids. Produced by",
              "`flows/bench_gguf.py`; the command of each row is in gguf.json. The default model is itself",
              "distributed as Q4_1, so its weights already lie on a Q4_1 grid: a round-to-nearest Q4_1 (or a",
              "finer type) of it loses almost nothing, which favours `rtn.gguf` in the Q4_1 and Q5_1 rows.", "",
-             "| model | scheme | GGUF type | codes | ppl | fp32 ppl | file MB | quant s | calib | date |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | scheme | GGUF type | codes | ppl | llama.cpp ppl | same tokens | fp32 ppl | file MB | weight err | "
+             "K share | quant s | calib | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r["settings"]
         lines.append(f"| {r['model']} | {r['scheme']} | {r['gguf_type']} | {r['method']} | {r['ppl']:.2f} | "
-                     f"{r['fp32_ppl']:.2f} | {r['file_mb'] or ''} | {r['seconds']} | {s['n_samples']}x{s['seqlen']} | "
-                     f"{r['date']} |")
+                     f"{_fmt(r.get('llama_cpp_ppl'))} | {_yes(r.get('llama_cpp_tokenization_identical'))} | "
+                     f"{r['fp32_ppl']:.2f} | {r['file_mb'] or ''} | "
+                     f"{_fmt(r.get('weight_error'), 4)} | {_fmt(r.get('k_share'))} | {r['seconds']} | "
+                     f"{s['n_samples']}x{s['seqlen']} | {r['date']} |")
+    if decode:
+        lines += ["", "## Decode speed", "",
+                  "Greedy batch-1 decode tokens/s on this CPU (`python -m flows.bench_gguf --decode`, records in",
+                  "gguf_decode.json): the dense model in torch against llama.cpp (llama-cpp-python) on each file.", "",
+                  "| model | scheme | runtime | weights | file MB | tokens/s | threads | new tokens | date |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['scheme']} | {r['runtime']} | {r['weights']} | {r['file_mb'] or ''} | "
+                  f"{r['decode_tokens_per_s']:.1f} | {r['threads']} | {r['new_tokens']} | {r['date']} |" for r in decode]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.bench_gguf", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="SCHEME or SCHEME:K_TYPE, e.g. w4g32:Q4_K")
     p.add_argument("--method", default="gptq")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    p.add_argument("--llama-cpp", default=os.environ.get("PTQ_LLAMA_CPP_PYTHON"),
+                   help="a Python with llama-cpp-python (make llama-cpp-env); default $PTQ_LLAMA_CPP_PYTHON")
+    p.add_argument("--decode", action="store_true", help="decode tokens/s instead of perplexity rows")
+    p.add_argument("--decode-scheme", default="w4g32:Q4_K")
+    p.add_argument("--new-tokens", type=int, default=128)
     a = p.parse_args(argv)
-    run_gguf(a.model, tuple(a.schemes), a.method, a.n_samples, a.out)
+    if a.decode:
+        if not a.llama_cpp:
+            p.error("--decode needs --llama-cpp PYTHON (or $PTQ_LLAMA_CPP_PYTHON)")
+        scheme, _, kind = a.decode_scheme.partition(":")
+        run_gguf_decode(a.model, scheme, kind or "Q4_K", a.new_tokens, a.out, a.llama_cpp)
+    else:
+        run_gguf(a.model, tuple(a.schemes), a.method, a.n_samples, a.out, a.llama_cpp)
     return 0
 
 

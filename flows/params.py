@@ -25,6 +25,7 @@ __all__ = [
     "CALIB_SPLITS",
     "DTYPES",
     "EVAL_SPLITS",
+    "GGUF_TYPES",
     "METHODS",
     "PACK_FORMATS",
     "SECTIONS",
@@ -63,6 +64,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CALIB_SPLITS = ("first_half", "all")
 EVAL_SPLITS = ("second_half", "all")
 PACK_FORMATS = ("auto", "gptq", "gptq_v2", "compressed-tensors", "gguf")
+GGUF_TYPES = ("exact", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # quantlib.gguf_k.GGUF_TYPES (a test keeps them equal)
 BLOCK_INPUTS = ("quantized", "fp")
 QUANTIZE_TARGETS = ("blocks", "lm_head")  # quantlib.head.HEAD_TARGETS
 RUNNERS = ("sequential", "threads", "dask", "ray")
@@ -394,7 +396,10 @@ class PackParams(_Section):
     """Release format: auto (gptq if symmetric, else gptq_v2), gptq, gptq_v2, compressed-tensors or gguf.
 
     gguf is llama.cpp's single file (Llama, Mistral without sliding window, Qwen2, Qwen3; groups a
-    multiple of 32; see tasks/gguf_release.py for the exact type each scheme gets).
+    multiple of 32; see tasks/gguf_release.py for the exact type each scheme gets). gguf_type: exact
+    (that legacy type: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, our codes bit for bit) or a K-quant type (Q2_K,
+    Q3_K, Q4_K, Q5_K, Q6_K: smaller files, fitted to our dequantized weights, each module's relative
+    weight error recorded in quantization.json; rows not a multiple of 256 keep the exact type).
 
     gptq is GPTQ v1 (zeros stored minus one: vLLM's Marlin and ExLlama kernels, GPTQModel); an
     asymmetric v1 checkpoint cannot store a zero point of 0 and GPTQModel (7.6) refuses to load one,
@@ -402,6 +407,7 @@ class PackParams(_Section):
 
     SECTION: ClassVar[str] = "pack"
     format: str = _key("auto", _choice(PACK_FORMATS))
+    gguf_type: str = _key("exact", _choice(GGUF_TYPES))
 
     def resolved(self, sym: bool) -> str:
         """The format written for a scheme with this symmetry."""
@@ -509,6 +515,9 @@ class PipelineParams:
         if self.fetch_model.dtype != "float32" and self.quantize.resolved_method == "recon":
             raise ParamsError(f"fetch_model.dtype: recon windows train in float32; {self.fetch_model.dtype} is for "
                               "rtn, gptq and boa (set fetch_model.dtype: float32 or another quantize.method)")
+        if self.pack.gguf_type != "exact" and self.pack.format != "gguf":
+            raise ParamsError(f"pack.gguf_type: {self.pack.gguf_type} is a GGUF type; set pack.format: gguf, or "
+                              "pack.gguf_type: exact for other formats")
         if self.pack.format == "gguf":
             from quantlib.gguf import gguf_type
             from quantlib.spec import QuantSpec

@@ -505,7 +505,8 @@ def pack_stage(ctx: StageContext) -> dict:
     tmp = _fresh_tmp(out)
     fmt = ctx.params.pack.resolved(ctx.params.quantize.sym)
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
-                        fmt=fmt, trust_remote_code=ctx.params.fetch_model.trust_remote_code)
+                        fmt=fmt, trust_remote_code=ctx.params.fetch_model.trust_remote_code,
+                        gguf_type=ctx.params.pack.gguf_type)
     params, chain, code = ctx.params.declared(), _chain(ctx, info), code_identity()
     source = _read_json(model_dir / "source.json")
     card = render_card(name=f"{source['source']} {info['scheme']}", source=source, params=params, info=info,

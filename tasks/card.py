@@ -80,6 +80,8 @@ def _scheme(params: Mapping[str, Mapping[str, Any]], info: Mapping[str, Any], fm
             ("bits", q.get("bits")), ("group size", q.get("group_size") or "per output channel"),
             ("symmetric", q.get("sym")), ("targets", ", ".join(q.get("targets", ["blocks"]))),
             ("format", f"`{fmt}`"), ("compute dtype", params.get("fetch_model", {}).get("dtype"))]
+    if fmt == "gguf":
+        rows.insert(-1, ("GGUF type", f"`{params.get('pack', {}).get('gguf_type', 'exact')}`"))
     qat = info.get("qat")
     if qat:
         cfg = qat.get("config", {})

@@ -11,7 +11,8 @@ Layout of a GGUF release folder:
                       quantized, which our loader passes to transformers (its GGUF metadata mapping
                       drops keys such as Qwen3's head_dim). No tokenizer files: the tokenizer is in
                       model.gguf, and transformers' GGUF tokenizer loader would mix files beside it in.
-  quantization.json   format "gguf", scheme, method, modules and the GGUF type of each
+  quantization.json   format "gguf", scheme, method, modules, the GGUF type of each and its relative
+                      weight error ||w_gguf - w_ours|| / ||w_ours|| (0 for exact types, up to fp16)
 The evaluate stage reads model.gguf back through transformers' GGUF loader, a reader that is not ours.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from quantlib.gguf import gguf_blocks
+from quantlib.gguf_k import gguf_export
 from quantlib.qweight import QuantizedWeight
 
 from .io import atomic_write_json
@@ -86,6 +87,27 @@ def _added_types(model_dir: Path) -> dict[int, gguf.TokenType]:
     return {t["id"]: gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED for t in added}
 
 
+def _pre_tokenizer(model_dir: Path) -> str:
+    """llama.cpp's name for tokenizer.json's pre-tokenizer (how text is cut before BPE merges), read
+    from its structure; "default" where none is recognised. A wrong name tokenizes differently in
+    llama.cpp (its "default" splits " ," that GPT-2's regex keeps whole), so the name matters."""
+    path = model_dir / "tokenizer.json"
+    pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") if path.is_file() else None
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"  # GPT-2's regex alone
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # each digit alone, then GPT-2's regex
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex", "")
+        if "\\p{L}+" in regex and "\\p{N}{1,3}" in regex:
+            return "llama-bpe"  # Llama 3's regex: digits in runs of up to three
+        if "\\p{L}+" in regex and "\\p{N}|" in regex:
+            return "qwen2"  # the same with single digits
+    return "default"
+
+
 def _tokenizer(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
     """Tokens padded to the model's vocabulary (llama.cpp needs one per embedding row), merges, specials."""
     vocab = _vocab(model_dir)
@@ -100,7 +122,7 @@ def _tokenizer(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]"), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model(vocab.tokenizer_model)
-    w.add_tokenizer_pre("default")  # llama.cpp's converter detects finer pre-tokenizers by hashing
+    w.add_tokenizer_pre(_pre_tokenizer(model_dir) if vocab.tokenizer_model == "gpt2" else "default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
@@ -169,17 +191,28 @@ def write_gguf_file(path: Path, model_dir: Path, blocks: dict[str, tuple[str, to
 
 
 def write_gguf_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                       dtype: torch.dtype, trust_remote_code: bool = False) -> None:
+                       dtype: torch.dtype, trust_remote_code: bool = False, gguf_type: str = "exact") -> None:
     """Write everything but MANIFEST.json of a GGUF release into out_dir (the pack stage's building folder)."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     raw, _, _ = _arch(model_dir)
-    blocks = {n: gguf_blocks(qw) for n, qw in qweights.items()}
+    blocks, errors = {}, {}
+    for n, qw in qweights.items():
+        kind, rows, weight = gguf_export(qw, gguf_type)
+        blocks[n], errors[n] = (kind, rows), _relative_error(weight, qw)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{raw.get('model_type', '')} {info.get('scheme', '')} {info.get('method', '')}".strip()
     write_gguf_file(out_dir / GGUF_FILE, model_dir, blocks, dtype, name, trust_remote_code)
     atomic_write_json(out_dir / "config.json", untied_config(raw, qweights, tied_head(model_dir, trust_remote_code)))
     atomic_write_json(out_dir / "quantization.json", info | {"format": GGUF_FORMAT, "modules": sorted(qweights),
-                                                            "gguf_types": {n: k for n, (k, _) in blocks.items()}})
+                                                            "gguf_type": gguf_type,
+                                                            "gguf_types": {n: k for n, (k, _) in blocks.items()},
+                                                            "gguf_error": errors})
+
+
+def _relative_error(weight: torch.Tensor, qw: QuantizedWeight) -> float:
+    """||weight - ours|| / ||ours||, to 4 significant digits (a release holds no float noise)."""
+    ours = qw.dequantize()
+    return float(f"{((weight - ours).norm() / ours.norm().clamp_min(1e-30)).item():.4g}")
 
 
 def load_gguf_release(release_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

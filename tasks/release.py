@@ -82,14 +82,16 @@ def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight],
 
 
 def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                        fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False) -> None:
+                        fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False, gguf_type: str = "exact") -> None:
     """Write everything but MANIFEST.json into out_dir (which must be empty), in format `fmt`:
-    RELEASE_FORMAT, a packed format of tasks.release_formats (`gptq`, `compressed-tensors`) or `gguf`."""
+    RELEASE_FORMAT, a packed format of tasks.release_formats (`gptq`, `compressed-tensors`) or `gguf`
+    (with `gguf_type`, quantlib.gguf_k.GGUF_TYPES)."""
     if fmt == "gguf":
         from .gguf_release import write_gguf_release
         from .release_formats import source_dtype
 
-        return write_gguf_release(out_dir, model_dir, qweights, info, source_dtype(model_dir), trust_remote_code)
+        return write_gguf_release(out_dir, model_dir, qweights, info, source_dtype(model_dir), trust_remote_code,
+                                  gguf_type)
     if fmt != RELEASE_FORMAT:
         from .release_formats import write_packed_release
 

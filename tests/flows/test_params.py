@@ -145,6 +145,8 @@ def test_float_key_accepts_int() -> None:
         ("", ("pack.format=ggml",), "pack.format: must be one of 'auto', 'gptq', 'gptq_v2', 'compressed-tensors', 'gguf'"),
         ("", ("pack.format=gguf", "quantize.group_size=16"), "pack.format: w4g16: GGUF blocks are 32 weights"),
         ("", ("pack.format=gguf", "quantize.bits=8"), "pack.format: w8g64: asymmetric 8-bit codes have no exact GGUF"),
+        ("", ("pack.gguf_type=Q4_K",), "pack.gguf_type: Q4_K is a GGUF type; set pack.format: gguf"),
+        ("", ("pack.format=gguf", "pack.gguf_type=Q4_K_M"), "pack.gguf_type: must be one of 'exact', 'Q2_K'"),
         ("", ("quantize.targets=[blocks,embed]",), "quantize.targets: 'embed' is not a target; allowed: 'blocks', 'lm_head'"),
         ("", ("quantize.targets=[lm_head]",), "quantize.targets: must include 'blocks', got ['lm_head']"),
         ("", ("register.alias=latest",), "register.alias: must be letters"),
@@ -275,3 +277,10 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
     assert (cfg.window, cfg.overlap, cfg.lookahead, cfg.iters) == (3, 1, 2, 7)
     q = qat_config(p.qat)
     assert (q.steps, q.trainable) == (5, "scales+zeros")
+
+
+def test_params_offer_exactly_the_gguf_types_quantlib_writes() -> None:
+    from flows.params import GGUF_TYPES
+    from quantlib.gguf_k import GGUF_TYPES as WRITTEN
+
+    assert GGUF_TYPES == WRITTEN

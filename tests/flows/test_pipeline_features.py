@@ -90,6 +90,7 @@ def test_gguf_release_holds_the_same_codes_and_scores_like_the_others(gguf, feat
                                                          "quantization.json"]
     types = {t.name: t.tensor_type.name for t in gguf_package.GGUFReader(str(release / "model.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "F16"
+    assert "| GGUF type | `exact` |" in (release / "README.md").read_text()
     ours, ref = (_json(p, "metrics/metrics.json") for p in (project, features))
     for name, ppl in ref["ppl"].items():  # Q4_1's min is -s*z rounded to fp16 once: nearly the same weights
         assert ours["ppl"][name] == pytest.approx(ppl, rel=1e-3)

@@ -141,3 +141,62 @@ def test_a_bf16_source_keeps_its_matrices_in_bf16(tmp_path):
     back = load_release(tmp_path / "rel", verify=False)
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
     assert torch.equal(back.model.embed_tokens.weight, source.model.embed_tokens.weight)  # bf16 -> fp32, exact
+
+
+@pytest.mark.parametrize("kind,spec", [("Q4_K", QuantSpec(4, 32)), ("Q3_K", QuantSpec(3, 64))])  # held; fitted
+def test_a_k_quant_release_reads_back_as_the_fit_and_records_its_error(tmp_path, kind, spec):
+    from quantlib.gguf_k import k_fit, k_weight
+
+    config = tiny_config("qwen2")  # 256-wide inputs (mlp 512): every Linear is whole super-blocks
+    config.hidden_size, config.intermediate_size = 256, 512
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    _char_tokenizer(config.vocab_size).save_pretrained(tmp_path / "src")
+    qweights = _codes(model, spec)
+    write_release_files(tmp_path / "rel", tmp_path / "src", qweights, {"scheme": spec.name, "method": "rtn"},
+                        fmt="gguf", gguf_type=kind)
+    back = load_release(tmp_path / "rel", verify=False)
+    adapter = get_adapter(back)
+    info = json.loads((tmp_path / "rel" / "quantization.json").read_text())
+    assert info["gguf_type"] == kind and set(info["gguf_types"].values()) == {kind}
+    for name, qw in qweights.items():
+        fitted = k_weight(k_fit(qw, kind))
+        assert torch.equal(adapter.get_weight(back.get_submodule(name)), fitted), name
+        ours = qw.dequantize()
+        assert info["gguf_error"][name] == pytest.approx(((fitted - ours).norm() / ours.norm()).item(), rel=1e-3)
+        assert 0 < info["gguf_error"][name] < 0.2  # Q3_K of asymmetric codes is the loosest fit
+    exact = tmp_path / "exact"
+    write_release_files(exact, tmp_path / "src", qweights, {"scheme": spec.name, "method": "rtn"}, fmt="gguf")
+    assert (tmp_path / "rel" / GGUF_FILE).stat().st_size < (exact / GGUF_FILE).stat().st_size
+
+
+_GPT2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_SPLIT = {"type": "Split", "behavior": "Isolated", "invert": False,
+          "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                               r"|\s*[\r\n]+|\s+(?!\S)|\s+"}}
+
+
+@pytest.mark.parametrize("pre,name", [
+    (_GPT2, "gpt-2"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _GPT2]}, "smollm"),
+    ({"type": "Sequence", "pretokenizers": [_SPLIT, dict(_GPT2, use_regex=False)]}, "llama-bpe"),
+    ({"type": "Sequence", "pretokenizers": [
+        dict(_SPLIT, pattern={"Regex": _SPLIT["pattern"]["Regex"].replace(r"\p{N}{1,3}", r"\p{N}")}),
+        dict(_GPT2, use_regex=False)]}, "qwen2"),
+    ({"type": "Whitespace"}, "default"),
+], ids=["gpt-2", "smollm", "llama-bpe", "qwen2", "unknown"])
+def test_the_pre_tokenizer_llama_cpp_is_told_is_the_one_the_tokenizer_has(tmp_path, pre, name):
+    from tasks.gguf_release import _pre_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre}))
+    assert _pre_tokenizer(tmp_path) == name
+
+
+def test_the_release_file_names_its_pre_tokenizer(tmp_path):
+    import gguf
+
+    rel, src, _, _ = _release(tmp_path, "llama", QuantSpec(4, 32))
+    pre = json.loads((src / "tokenizer.json").read_text())["pre_tokenizer"]
+    field = gguf.GGUFReader(str(rel / GGUF_FILE)).fields["tokenizer.ggml.pre"]
+    assert pre["type"] == "ByteLevel" and field.contents() == "gpt-2"
