@@ -210,7 +210,7 @@ def run_decode(out_json: str | Path = DEFAULT_OUT, model: str = "smollm2-135m", 
 
     device, name, _ = _device()
     dtype = torch.float16 if device == "cuda" else torch.float32
-    new_tokens = new_tokens or (128 if device == "cuda" else 4)  # CPU: every token dequantizes every layer
+    new_tokens = new_tokens or (128 if device == "cuda" else 32)
     model_dir, spec = cached_model(model), parse_scheme(scheme)
     dense = load_model(model_dir)
     adapter = get_adapter(dense)
@@ -229,10 +229,14 @@ def run_decode(out_json: str | Path = DEFAULT_OUT, model: str = "smollm2-135m", 
             "packed_tokens_per_s": _decode_tokens_per_s(packed, device, new_tokens, reps),
             "packed_dense_backend_tokens_per_s": _decode_tokens_per_s(cached, device, new_tokens, reps),
             "dense_tokens_per_s": _decode_tokens_per_s(dense, device, new_tokens, reps)}
-        if device == "cpu":
+        if device == "cpu":  # bf16: the packed model takes torch's int4 CPU kernel (QuantLinear auto)
+            int4 = load_packed_release(Path(tmp) / "gptq", verify=False, dtype=torch.bfloat16)
+            row["packed_int4_bf16_tokens_per_s"] = _decode_tokens_per_s(int4, device, new_tokens, reps)
+            row["dense_bf16_tokens_per_s"] = _decode_tokens_per_s(dense.to(torch.bfloat16), device, new_tokens, reps)
             row["int4_cpu_kernel_ms"] = _int4_cpu_kernel(max(qweights.values(), key=lambda q: q.qweight.numel()))
     print(json.dumps({k: row.get(k) for k in ("sizes_bytes", "gptq_vs_fp16", "gptq_vs_ideal", "packed_tokens_per_s",
                                               "packed_dense_backend_tokens_per_s", "dense_tokens_per_s",
+                                              "packed_int4_bf16_tokens_per_s", "dense_bf16_tokens_per_s",
                                               "int4_cpu_kernel_ms")}, indent=1), flush=True)
     _append(out_json, [row])
     return [row]

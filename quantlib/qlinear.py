@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.cpu_int4 import int4_cpu_supported, int4_matmul_cpu, pack_int4_cpu
 from .kernels.ops import gptq_matmul, triton_available
 from .kernels.reference import dequantize_gptq
 from .packing import pack_gptq, packed_words, trivial_g_idx
@@ -17,7 +18,8 @@ from .qweight import QuantizedWeight
 
 __all__ = ["QuantLinear", "BACKENDS", "make_quantlinears", "replace_modules", "swap_to_quantlinear"]
 
-BACKENDS = ("auto", "reference", "triton", "dense")
+BACKENDS = ("auto", "reference", "triton", "dense", "int4")
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class QuantLinear(nn.Module):
@@ -25,10 +27,12 @@ class QuantLinear(nn.Module):
     g_idx, and bias when present).
 
     backend: "reference" dequantizes W to x.dtype with plain torch then runs F.linear; "triton" runs
-    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "auto" picks triton for CUDA inputs;
-    "dense" dequantizes W once, at the first forward in a dtype and device, and keeps it (not in the
-    state dict): the CPU decode path, at dense speed and dense memory. No packed CPU kernel is used:
-    `ptq bench decode` times torch's int4 CPU kernel against the dense matmul (int4_cpu_kernel_ms).
+    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "int4" runs torch's int4 CPU kernel
+    (kernels/cpu_int4.py: codes of <= 4 bits in groups of 32/64/128/256, repacked once at the first
+    forward; fast for bf16/fp16 activations, slow for fp32); "auto" picks triton for CUDA inputs and
+    int4 for bf16/fp16 CPU inputs where the codes fit it, else reference; "dense" dequantizes W once,
+    at the first forward in a dtype and device, and keeps it (not in the state dict): dense speed and
+    dense memory, the fp32 CPU path.
     group_size > 0 records that g_idx[k] == k // group_size (the kernels then skip g_idx); 0 = not.
     """
 
@@ -46,6 +50,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, **i32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._dense: torch.Tensor | None = None  # backend "dense": W in the last forward's dtype and device
+        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # backend "int4": (packed, qparams)
+        self._int4_ok = int4_cpu_supported(bits, group_size, in_features)
+        if backend == "int4" and not self._int4_ok:
+            raise ValueError(f"backend int4: torch's CPU kernel takes codes of <= 4 bits in consecutive groups of "
+                             f"32, 64, 128 or 256 dividing the inputs; got {bits} bits, group {group_size or 'reordered'}, "
+                             f"{in_features} inputs (use backend dense or reference)")
 
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None = None,
@@ -84,7 +94,22 @@ class QuantLinear(nn.Module):
             self._dense = self.dequantize(x.dtype).to(x.device)
         return self._dense
 
+    def _use_int4(self, x: torch.Tensor) -> bool:
+        if self.backend == "auto":
+            return not x.is_cuda and x.dtype in _HALF and self._int4_ok
+        return self.backend == "int4"
+
+    def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int4 is None:
+            self._int4 = pack_int4_cpu(self.qweight, self.qzeros, self.scales, self.bits, self.in_features)
+        y = int4_matmul_cpu(x.reshape(-1, self.in_features), self._int4[0], self.group_size, self._int4[1])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_int4(x):
+            return self._int4_matmul(x)
         if not self._use_triton(x):
             return F.linear(x, self._weight(x), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)  # (B*T, in)

@@ -83,3 +83,37 @@ def test_dense_backend_dequantizes_once_per_dtype_and_matches_the_reference():
     assert kept is not None and dense(x) is not None and dense._dense is kept  # reused, not recomputed
     assert torch.equal(dense(x.double()), ref(x.double())) and dense._dense.dtype == torch.float64  # rebuilt
     assert "_dense" not in dict(dense.named_buffers()) and set(dense.state_dict()) == set(ref.state_dict())
+
+
+INT4_CASES = [(4, 64, False), (4, 32, True), (3, 32, False), (2, 128, False), (4, 256, False)]
+
+
+@pytest.mark.parametrize("bits,group,sym", INT4_CASES, ids=[f"w{b}g{g}{'s' if s else ''}" for b, g, s in INT4_CASES])
+def test_int4_cpu_kernel_matches_the_dense_matmul(bits, group, sym):
+    g = torch.Generator().manual_seed(bits * group)
+    qw = _fp16_scales(rtn_quantize(torch.randn(96, 512, generator=g) * 0.05, QuantSpec(bits, group, sym)))
+    bias = torch.randn(96, generator=g)
+    m = QuantLinear.from_quantized(qw, bias, backend="int4")
+    x = torch.randn(3, 5, 512, generator=g)
+    exact = torch.nn.functional.linear(x.double(), qw.dequantize().double(), bias.double())
+    # fp32 activations: the same weights, accumulated in another order
+    torch.testing.assert_close(m(x).double(), exact, rtol=1e-5, atol=1e-5)
+    # bf16 activations (the fast path, what auto picks): no worse than a dense bf16 matmul of our weights
+    xb = x.bfloat16()
+    dense_bf16 = torch.nn.functional.linear(xb, qw.dequantize().bfloat16(), bias.bfloat16())
+    err = lambda y: float((y.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
+    assert err(m(xb)) <= 2 * err(dense_bf16) + 1e-3 and m(xb).dtype == torch.bfloat16
+    assert m._int4 is not None and "_int4" not in dict(m.named_buffers())
+
+
+def test_auto_takes_the_int4_kernel_for_half_inputs_on_cpu_only_where_the_codes_fit():
+    g = torch.Generator().manual_seed(0)
+    fits = QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 128, generator=g), QuantSpec(4, 32)))
+    x = torch.randn(2, 128, generator=g)
+    assert fits._use_int4(x.bfloat16()) and not fits._use_int4(x)  # fp32: the kernel's slow path, not taken
+    x = torch.randn(2, 96, generator=g)
+    for spec in (QuantSpec(8, 32), QuantSpec(4, 16), QuantSpec(4, None)):  # 8 bits, g16, per-channel of 96
+        other = QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 96, generator=g), spec))
+        assert not other._use_int4(x.bfloat16())
+        with pytest.raises(ValueError, match="backend int4: torch's CPU kernel takes codes of <= 4 bits"):
+            QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 96, generator=g), spec), backend="int4")
