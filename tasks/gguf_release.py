@@ -215,11 +215,22 @@ def _relative_error(weight: torch.Tensor, qw: QuantizedWeight) -> float:
     return float(f"{((weight - ours).norm() / ours.norm().clamp_min(1e-30)).item():.4g}")
 
 
+def _reader_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config as the architecture written into the file: a family stored under another llama.cpp
+    architecture (Mistral without a sliding window is llama) is rebuilt as that one, the same
+    function, because transformers' GGUF loader knows only llama.cpp's architectures."""
+    arch = GGUF_ARCHITECTURES.get(config.model_type, (config.model_type,))[0]
+    if arch == config.model_type:
+        return config
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    return AutoConfig.for_model(arch, **fields)
+
+
 def load_gguf_release(release_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """The release's model.gguf read back by transformers' GGUF loader (dequantized to `dtype`). The
     architecture comes from the release's config.json: transformers' GGUF metadata mapping drops
     some keys (Qwen3's head_dim), and the source config is what the model was quantized as."""
-    config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
+    config = _reader_config(AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code))
     with MODEL_CONSTRUCTION:
         model = AutoModelForCausalLM.from_pretrained(release_dir, gguf_file=GGUF_FILE, config=config, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
