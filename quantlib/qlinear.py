@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.cpu_int4 import int4_cpu_supported, int4_matmul_cpu, pack_int4_cpu
+from .kernels.cpu import (int4_cpu_supported, int4_matmul_cpu, int8_cpu_supported, int8_matmul_cpu, pack_int4_cpu,
+                          pack_int8_cpu)
 from .kernels.ops import gptq_matmul, triton_available
 from .kernels.reference import dequantize_gptq
 from .packing import pack_gptq, packed_words, trivial_g_idx
@@ -18,8 +19,7 @@ from .qweight import QuantizedWeight
 
 __all__ = ["QuantLinear", "BACKENDS", "make_quantlinears", "replace_modules", "swap_to_quantlinear"]
 
-BACKENDS = ("auto", "reference", "triton", "dense", "int4")
-_HALF = (torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "reference", "triton", "dense", "int4", "int8")
 
 
 class QuantLinear(nn.Module):
@@ -27,10 +27,11 @@ class QuantLinear(nn.Module):
     g_idx, and bias when present).
 
     backend: "reference" dequantizes W to x.dtype with plain torch then runs F.linear; "triton" runs
-    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "int4" runs torch's int4 CPU kernel
-    (kernels/cpu_int4.py: codes of <= 4 bits in groups of 32/64/128/256, repacked once at the first
-    forward; fast for bf16/fp16 activations, slow for fp32); "auto" picks triton for CUDA inputs and
-    int4 for bf16/fp16 CPU inputs where the codes fit it, else reference; "dense" dequantizes W once,
+    the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "int4" and "int8" run torch's packed
+    CPU kernels (kernels/cpu.py: int4 for codes of <= 4 bits in groups of 32/64/128/256, int8 for
+    per-channel 8-bit codes; repacked once at the first forward; fast for bf16 activations only);
+    "auto" picks triton for CUDA inputs and int4/int8 for bf16 CPU inputs where the codes fit, else
+    reference; "dense" dequantizes W once,
     at the first forward in a dtype and device, and keeps it (not in the state dict): dense speed and
     dense memory, the fp32 CPU path.
     group_size > 0 records that g_idx[k] == k // group_size (the kernels then skip g_idx); 0 = not.
@@ -50,12 +51,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, **i32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._dense: torch.Tensor | None = None  # backend "dense": W in the last forward's dtype and device
-        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # backend "int4": (packed, qparams)
-        self._int4_ok = int4_cpu_supported(bits, group_size, in_features)
-        if backend == "int4" and not self._int4_ok:
-            raise ValueError(f"backend int4: torch's CPU kernel takes codes of <= 4 bits in consecutive groups of "
-                             f"32, 64, 128 or 256 dividing the inputs; got {bits} bits, group {group_size or 'reordered'}, "
-                             f"{in_features} inputs (use backend dense or reference)")
+        self._packed_cpu: tuple | None = None  # backends int4/int8: the kernel's tensors, built once
+        self._cpu_kernel = ("int4" if int4_cpu_supported(bits, group_size, in_features) else
+                            "int8" if int8_cpu_supported(bits, groups) else None)
+        if backend in ("int4", "int8") and self._cpu_kernel != backend:
+            raise ValueError(f"backend {backend}: torch's CPU kernels take codes of <= 4 bits in consecutive groups "
+                             f"of 32, 64, 128 or 256 dividing the inputs (int4) or per-channel 8-bit codes (int8); "
+                             f"got {bits} bits, group {group_size or 'reordered'}, {groups} groups, {in_features} "
+                             "inputs (use backend dense or reference)")
 
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], bits: int, bias: torch.Tensor | None = None,
@@ -94,22 +97,28 @@ class QuantLinear(nn.Module):
             self._dense = self.dequantize(x.dtype).to(x.device)
         return self._dense
 
-    def _use_int4(self, x: torch.Tensor) -> bool:
+    def _use_cpu_kernel(self, x: torch.Tensor) -> bool:
         if self.backend == "auto":
-            return not x.is_cuda and x.dtype in _HALF and self._int4_ok
-        return self.backend == "int4"
+            return not x.is_cuda and x.dtype == torch.bfloat16 and self._cpu_kernel is not None
+        return self.backend in ("int4", "int8")
 
-    def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int4 is None:
-            self._int4 = pack_int4_cpu(self.qweight, self.qzeros, self.scales, self.bits, self.in_features)
-        y = int4_matmul_cpu(x.reshape(-1, self.in_features), self._int4[0], self.group_size, self._int4[1])
+    def _cpu_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (B*T, in)
+        if self._cpu_kernel == "int4":
+            if self._packed_cpu is None:
+                self._packed_cpu = pack_int4_cpu(self.qweight, self.qzeros, self.scales, self.bits, self.in_features)
+            y = int4_matmul_cpu(x2, self._packed_cpu[0], self.group_size, self._packed_cpu[1])
+        else:
+            if self._packed_cpu is None:
+                self._packed_cpu = pack_int8_cpu(self.qweight, self.qzeros, self.scales, self.in_features)
+            y = int8_matmul_cpu(x2, *self._packed_cpu)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_int4(x):
-            return self._int4_matmul(x)
+        if self._use_cpu_kernel(x):
+            return self._cpu_matmul(x)
         if not self._use_triton(x):
             return F.linear(x, self._weight(x), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)  # (B*T, in)

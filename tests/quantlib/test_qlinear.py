@@ -85,15 +85,17 @@ def test_dense_backend_dequantizes_once_per_dtype_and_matches_the_reference():
     assert "_dense" not in dict(dense.named_buffers()) and set(dense.state_dict()) == set(ref.state_dict())
 
 
-INT4_CASES = [(4, 64, False), (4, 32, True), (3, 32, False), (2, 128, False), (4, 256, False)]
+CPU_CASES = [(4, 64, False, "int4"), (4, 32, True, "int4"), (3, 32, False, "int4"), (2, 128, False, "int4"),
+             (4, 256, False, "int4"), (8, None, True, "int8"), (8, None, False, "int8")]
 
 
-@pytest.mark.parametrize("bits,group,sym", INT4_CASES, ids=[f"w{b}g{g}{'s' if s else ''}" for b, g, s in INT4_CASES])
-def test_int4_cpu_kernel_matches_the_dense_matmul(bits, group, sym):
-    g = torch.Generator().manual_seed(bits * group)
+@pytest.mark.parametrize("bits,group,sym,kernel", CPU_CASES,
+                         ids=[f"w{b}g{g or 'pc'}{'s' if s else ''}" for b, g, s, _ in CPU_CASES])
+def test_cpu_kernels_match_the_dense_matmul(bits, group, sym, kernel):
+    g = torch.Generator().manual_seed(bits * (group or 7))
     qw = _fp16_scales(rtn_quantize(torch.randn(96, 512, generator=g) * 0.05, QuantSpec(bits, group, sym)))
     bias = torch.randn(96, generator=g)
-    m = QuantLinear.from_quantized(qw, bias, backend="int4")
+    m = QuantLinear.from_quantized(qw, bias, backend=kernel)
     x = torch.randn(3, 5, 512, generator=g)
     exact = torch.nn.functional.linear(x.double(), qw.dequantize().double(), bias.double())
     # fp32 activations: the same weights, accumulated in another order
@@ -103,17 +105,17 @@ def test_int4_cpu_kernel_matches_the_dense_matmul(bits, group, sym):
     dense_bf16 = torch.nn.functional.linear(xb, qw.dequantize().bfloat16(), bias.bfloat16())
     err = lambda y: float((y.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
     assert err(m(xb)) <= 2 * err(dense_bf16) + 1e-3 and m(xb).dtype == torch.bfloat16
-    assert m._int4 is not None and "_int4" not in dict(m.named_buffers())
+    assert m._packed_cpu is not None and "_packed_cpu" not in dict(m.named_buffers())
+    auto = QuantLinear.from_quantized(qw, bias)
+    assert auto._use_cpu_kernel(xb) and not auto._use_cpu_kernel(x) and not auto._use_cpu_kernel(x.half())
 
 
-def test_auto_takes_the_int4_kernel_for_half_inputs_on_cpu_only_where_the_codes_fit():
+def test_codes_no_cpu_kernel_takes_stay_on_the_reference_path():
     g = torch.Generator().manual_seed(0)
-    fits = QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 128, generator=g), QuantSpec(4, 32)))
-    x = torch.randn(2, 128, generator=g)
-    assert fits._use_int4(x.bfloat16()) and not fits._use_int4(x)  # fp32: the kernel's slow path, not taken
-    x = torch.randn(2, 96, generator=g)
-    for spec in (QuantSpec(8, 32), QuantSpec(4, 16), QuantSpec(4, None)):  # 8 bits, g16, per-channel of 96
+    x = torch.randn(2, 96, generator=g).bfloat16()
+    for spec in (QuantSpec(8, 32), QuantSpec(4, 16), QuantSpec(4, None)):  # 8-bit groups, g16, per-channel 96
         other = QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 96, generator=g), spec))
-        assert not other._use_int4(x.bfloat16())
-        with pytest.raises(ValueError, match="backend int4: torch's CPU kernel takes codes of <= 4 bits"):
-            QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 96, generator=g), spec), backend="int4")
+        assert not other._use_cpu_kernel(x)
+        for kernel in ("int4", "int8"):
+            with pytest.raises(ValueError, match=f"backend {kernel}: torch's CPU kernels take codes"):
+                QuantLinear.from_quantized(rtn_quantize(torch.randn(32, 96, generator=g), spec), backend=kernel)

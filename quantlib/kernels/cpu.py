@@ -1,6 +1,7 @@
-"""torch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`, the layout torchao's CPU int4 uses)
-for QuantLinear's CPU path: the codes repacked once, bf16/fp16 activations, no dense weight kept.
+"""torch's packed CPU kernels for QuantLinear's CPU path, the codes repacked once, no dense weight
+kept; fast with bf16 activations only (their fp32 and fp16 paths are 5-40x slower than a dense matmul).
 
+int4: `aten._weight_int4pack_mm_for_cpu` (the layout torchao's CPU int4 uses).
 The kernel computes y = x W^T with W[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n], g = k // group.
 Ours is w = s (q - z), z an integer. Where every q - z lies in [-8, 7] (all 2- and 3-bit codes,
 symmetric 4-bit ones) the codes are re-centred, q' = q - z + 8, with offset 0: exact, nothing to
@@ -14,7 +15,8 @@ import torch
 
 from ..packing import unpack_codes
 
-__all__ = ["GROUP_SIZES", "int4_cpu_supported", "pack_int4_cpu", "int4_matmul_cpu"]
+__all__ = ["GROUP_SIZES", "int4_cpu_supported", "pack_int4_cpu", "int4_matmul_cpu", "int8_cpu_supported",
+           "pack_int8_cpu", "int8_matmul_cpu"]
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
 INNER_K_TILES = 2
@@ -46,3 +48,33 @@ def pack_int4_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
 def int4_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, qparams: torch.Tensor) -> torch.Tensor:
     """(M, K) x.dtype @ W^T -> (M, N) x.dtype, W the int4 weight of pack_int4_cpu."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, qparams.to(x.dtype))
+
+
+# int8: `aten._weight_int8pack_mm` computes y = x (s * q8)^T for int8 q8 (N, K) and one scale per
+# output row, so only per-channel 8-bit codes fit. Ours is w = s (q - z) = s (q - 128) + s (128 - z):
+# q8 = q - 128, and a zero other than 128 (asymmetric) adds the rank-one term sum_k(x) * s (128 - z).
+
+
+def int8_cpu_supported(bits: int, groups: int) -> bool:
+    return bits == 8 and groups == 1 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def pack_int8_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q8 int8 (out, in), scale fp32 (out,), correction fp32 (out,) or None when symmetric)."""
+    out = scales.shape[1]
+    q8 = (unpack_codes(qweight.t(), 8, in_features).to(torch.int16) - 128).to(torch.int8)
+    z = unpack_codes(qzeros, 8, out).float()[0]  # (out,)
+    s = scales.float()[0]
+    return q8.contiguous(), s, None if bool((z == 128).all()) else s * (128 - z)
+
+
+def int8_matmul_cpu(x: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor,
+                    correction: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) x.dtype @ W^T -> (M, N) x.dtype, W the 8-bit weight of pack_int8_cpu."""
+    # unit scales in the kernel, ours applied in fp32: the kernel would round each row's scale to
+    # x.dtype (bf16: up to 0.4%, the same sign over the whole row, which does not average out)
+    y = torch.ops.aten._weight_int8pack_mm(x, q8, torch.ones_like(scale, dtype=x.dtype)).float() * scale
+    if correction is not None:
+        y = y + x.float().sum(-1, keepdim=True) * correction  # the rank-one term
+    return y.to(x.dtype)
