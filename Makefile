@@ -47,7 +47,7 @@ gptqmodel-env:
 	BUILD_CUDA_EXT=0 $(GM_VENV)/bin/pip install -q gptqmodel==7.6.0
 
 # llama.cpp itself (llama-cpp-python built from source, for this CPU), for flows/bench_gguf.py's
-# llama.cpp rows: ~25 min here on 2 cores. Then PTQ_LLAMA_CPP_PYTHON=.venv-llama-cpp/bin/python.
+# llama.cpp rows: ~10 min here on 2 cores. Then PTQ_LLAMA_CPP_PYTHON=.venv-llama-cpp/bin/python.
 LC_VENV := .venv-llama-cpp
 llama-cpp-env:
 	python3 -m venv $(LC_VENV)

@@ -38,12 +38,13 @@ from pathlib import Path
 
 import torch
 
+from .bench_kernels import DECODE_PROMPT, _decode_tokens_per_s
+
 __all__ = ["run_gguf", "run_gguf_decode", "render_gguf_md", "SCHEMES"]
 
 DEFAULT_OUT = "docs/benchmarks/gguf.json"
 SCHEMES = ("w4g32s", "w4g32:Q4_K", "w5g32", "w8g32s")  # Q4_0, Q4_1 (+ Q4_K), Q5_1, Q8_0
 TOOL = Path(__file__).with_name("llama_cpp_tool.py")
-PROMPT = [1, 504, 3458, 314, 260, 1176, 282]  # the decode prompt of `ptq bench decode`
 
 
 def _rtn_blocks(model, names: list[str], kind: str) -> dict[str, tuple[str, torch.Tensor]]:
@@ -84,7 +85,7 @@ def _llama_cpp(python: str, *args: str) -> list[dict]:
 def _llama_cpp_scores(python: str, files: list[Path], windows, new_tokens: int, tmp: Path,
                       texts: list[dict] = ()) -> dict[str, dict]:
     job = tmp / "job.json"
-    job.write_text(json.dumps({"files": [str(f) for f in files], "windows": windows.tolist(), "prompt": PROMPT,
+    job.write_text(json.dumps({"files": [str(f) for f in files], "windows": windows.tolist(), "prompt": DECODE_PROMPT,
                                "new_tokens": new_tokens, "threads": torch.get_num_threads(), "texts": list(texts)}))
     return {r["file"]: r for r in _llama_cpp(python, "score", str(job))}
 
@@ -116,15 +117,14 @@ def _k_rows(model_dir: Path, data, results: dict, scheme: str, kind: str, method
             llama: str | None, settings: dict) -> list[dict]:
     """Our codes fitted into K type `kind`, and llama.cpp's own quantization to it (with llama.cpp)."""
     from quantlib.gguf_k import gguf_export
-    from tasks.gguf_release import write_gguf_file
+    from tasks.gguf_release import relative_error, write_gguf_file
 
     t0 = time.perf_counter()
     blocks, errors = {}, []
     for name, qw in sorted(results.items()):
         got, rows, weight = gguf_export(qw, kind)
         blocks[name] = (got, rows)
-        ours = qw.dequantize()
-        errors.append(float((weight - ours).norm() / ours.norm()))
+        errors.append(relative_error(weight, qw))
     path = tmp / f"{scheme}-{method}-{kind}.gguf"
     write_gguf_file(path, model_dir, blocks, torch.float16, f"{scheme} {method} {kind}")
     share = sum(k == kind for k, _ in blocks.values()) / len(blocks)
@@ -240,16 +240,6 @@ def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, 
     return rows
 
 
-def _torch_decode(model, new_tokens: int) -> float:
-    ids = torch.tensor([PROMPT])
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        start = time.perf_counter()
-        model.generate(ids, **kw)
-    return new_tokens / (time.perf_counter() - start)
-
-
 def run_gguf_decode(model: str, scheme: str, kind: str, new_tokens: int, out: Path, llama: str) -> list[dict]:
     """Greedy batch-1 decode tokens/s on this CPU: the dense model in torch (fp32) against llama.cpp
     on F16, on our exact GGUF type, on our codes as `kind` and on llama.cpp's own `kind` (RTN codes:
@@ -271,7 +261,7 @@ def run_gguf_decode(model: str, scheme: str, kind: str, new_tokens: int, out: Pa
     stamp = _stamp(model, "python -m flows.bench_gguf " + shlex.join(sys.argv[1:])) | {"scheme": spec.name,
                                                                                          "new_tokens": new_tokens}
     rows = [stamp | {"runtime": "torch", "weights": "fp32 dense", "file_mb": None,
-                     "decode_tokens_per_s": _torch_decode(dense, new_tokens)}]
+                     "decode_tokens_per_s": _decode_tokens_per_s(dense, "cpu", new_tokens, 1)}]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = {"F16": tmp / "f16.gguf", "ours exact": tmp / "exact.gguf", f"ours {kind}": tmp / "k.gguf",
@@ -281,7 +271,7 @@ def run_gguf_decode(model: str, scheme: str, kind: str, new_tokens: int, out: Pa
             write_gguf_file(files[label], model_dir, {n: gguf_export(q, k)[:2] for n, q in codes.items()},
                             torch.float16, label)
         _llama_cpp(llama, "quantize", str(files["F16"]), str(files[f"llama.cpp {kind}"]), kind)
-        scores = _llama_cpp_scores(llama, list(files.values()), torch.tensor([PROMPT]), new_tokens, tmp)
+        scores = _llama_cpp_scores(llama, list(files.values()), torch.tensor([DECODE_PROMPT]), new_tokens, tmp)
         rows += [stamp | {"runtime": "llama.cpp", "weights": label, "file_mb": round(f.stat().st_size / 2**20, 2),
                           "decode_tokens_per_s": scores[str(f)]["decode_tokens_per_s"]} for label, f in files.items()]
     for r in rows:

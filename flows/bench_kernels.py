@@ -167,31 +167,30 @@ def _release_sizes(model_dir: Path, qweights: dict, info: dict, tmp: Path) -> di
     return sizes
 
 
+DECODE_PROMPT = [1, 504, 3458, 314, 260, 1176, 282]  # a short fixed prompt (flows/bench_gguf.py's too)
+
+
 def _decode_tokens_per_s(model, device: str, new_tokens: int, reps: int) -> float:
-    ids = torch.tensor([[1, 504, 3458, 314, 260, 1176, 282]], device=device)  # a short fixed prompt
+    ids = torch.tensor([DECODE_PROMPT], device=device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         return new_tokens / _seconds(lambda: model.generate(ids, **kw), device, reps)
 
 
 def _int4_cpu_kernel(qw, reps: int = 50) -> dict:
-    """torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu, torchao's CPU layout) on one layer's
-    codes at batch 1, fp32 and bf16 activations, against F.linear on the dense weight: ms per call.
-    Its dequantization is (q - 8) * scale + offset, so our w = s (q - z) is offset = s (8 - z)."""
-    g = qw.spec.group_size or qw.shape[1]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.qweight.to(torch.int32), 2)
-    scale = qw.scale.t().contiguous()  # (G, out)
-    qparams = torch.stack([scale, (qw.scale * (8 - qw.zero)).t()], -1).contiguous()  # (G, out, 2)
-    dense = qw.dequantize()
+    """QuantLinear's int4 CPU kernel (quantlib/kernels/cpu.py) on one layer's codes at batch 1, fp32 and
+    bf16 activations, against F.linear on the dense weight: ms per call and the largest difference."""
+    from quantlib.qlinear import QuantLinear
+
+    layer = QuantLinear.from_quantized(qw, backend="int4")
+    dense = layer.dequantize(torch.float32)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(1, qw.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, qparams.to(dtype))
-        err = float((y.float() - x.float() @ dense.t()).abs().max())
+        err = float((layer(x).float() - x.float() @ dense.t()).abs().max())
         w = dense.to(dtype)
         out[str(dtype).removeprefix("torch.")] = {
-            "int4": 1e3 * _seconds(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, qparams.to(dtype)),
-                                   "cpu", reps),
+            "int4": 1e3 * _seconds(lambda: layer(x), "cpu", reps),
             "dense": 1e3 * _seconds(lambda: torch.nn.functional.linear(x, w), "cpu", reps), "max_abs_err": err}
     return out | {"shape": list(qw.shape)}
 

@@ -33,7 +33,7 @@ from .release import _model_tensors, drop_quantized, tied_head, untied_config
 from .sources import MODEL_CONSTRUCTION
 from .specs import GGUF_ARCHITECTURES, gguf_refusal
 
-__all__ = ["GGUF_FORMAT", "GGUF_FILE", "write_gguf_file", "write_gguf_release", "load_gguf_release"]
+__all__ = ["GGUF_FORMAT", "GGUF_FILE", "relative_error", "write_gguf_file", "write_gguf_release", "load_gguf_release"]
 
 GGUF_FORMAT = "gguf"
 GGUF_FILE = "model.gguf"
@@ -198,7 +198,7 @@ def write_gguf_release(out_dir: Path, model_dir: Path, qweights: dict[str, Quant
     blocks, errors = {}, {}
     for n, qw in qweights.items():
         kind, rows, weight = gguf_export(qw, gguf_type)
-        blocks[n], errors[n] = (kind, rows), _relative_error(weight, qw)
+        blocks[n], errors[n] = (kind, rows), relative_error(weight, qw)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{raw.get('model_type', '')} {info.get('scheme', '')} {info.get('method', '')}".strip()
     write_gguf_file(out_dir / GGUF_FILE, model_dir, blocks, dtype, name, trust_remote_code)
@@ -209,7 +209,7 @@ def write_gguf_release(out_dir: Path, model_dir: Path, qweights: dict[str, Quant
                                                             "gguf_error": errors})
 
 
-def _relative_error(weight: torch.Tensor, qw: QuantizedWeight) -> float:
+def relative_error(weight: torch.Tensor, qw: QuantizedWeight) -> float:
     """||weight - ours|| / ||ours||, to 4 significant digits (a release holds no float noise)."""
     ours = qw.dequantize()
     return float(f"{((weight - ours).norm() / ours.norm().clamp_min(1e-30)).item():.4g}")
