@@ -17,6 +17,7 @@ from tqdm import tqdm
 from quantlib.adapters import get_adapter
 from quantlib.data import eval_windows, sample_calibration, split_halves
 from quantlib.engine import BlockStats, EngineConfig, quantize_model
+from quantlib.moe import fused
 from quantlib.perplexity import perplexity
 from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
 from quantlib.qweight import QuantizedWeight
@@ -148,7 +149,8 @@ def save_quantized(out_dir: Path, model, tokenizer, results: dict[str, Quantized
     """DIR: the dense (dequantized) model as an HF folder, quantized.safetensors with integers +
     scales + zeros + g_idx for every quantized Linear, quantization.json, MANIFEST.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    with fused(model):  # a mixture-of-experts model is saved in transformers' own layout
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     tensors = {k: v for name, qw in results.items() for k, v in qw.state_dict(name).items()}
     info = dict(info, quantized_sha256=atomic_save_safetensors(out_dir / "quantized.safetensors", tensors))

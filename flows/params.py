@@ -282,7 +282,9 @@ class QuantizeParams(_Section):
     (quantized: sequential, as GPTQ) or the FP model's (fp: blocks are independent and run in
     parallel on a task runner; recon windows always take the quantized prefix). targets: blocks (every
     decoder-block Linear), plus lm_head to quantize the LM head too (after the last block, GPTQ for
-    the Hessian methods; a head tied to the input embeddings is untied, the embeddings stay FP)."""
+    the Hessian methods; a head tied to the input embeddings is untied, the embeddings stay FP).
+    moe_min_tokens: in a mixture-of-experts model, an expert the router sent fewer calibration tokens
+    gets its Hessian shrunk toward the mean of its layer's experts (routers stay full precision)."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -302,6 +304,7 @@ class QuantizeParams(_Section):
         "auto", _text(pattern=r"auto|cpu|cuda(:\d+)?", rule="must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     )
     targets: tuple[str, ...] = _key(("blocks",), _subset(QUANTIZE_TARGETS, "blocks"))
+    moe_min_tokens: int = _key(128, _integer(1))
 
     def __post_init__(self) -> None:
         super().__post_init__()

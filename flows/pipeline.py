@@ -208,7 +208,8 @@ def quantize_job(quantize: Any, recon: Any, dtype: str = "float32"):
                              recon={f: getattr(recon, f) for f in _recon_keys()} if method == "recon" else None),
         engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,
                             device=quantize.device, measure_block_error=True,  # resolved by each task
-                            block_error_batches=error_batches(quantize.error_sequences, quantize.batch_size)),
+                            block_error_batches=error_batches(quantize.error_sequences, quantize.batch_size),
+                            moe_min_tokens=quantize.moe_min_tokens),
         stream_from_disk=quantize.spill_to_disk,
         dtype=dtype,
     )
@@ -303,8 +304,13 @@ def _block_record(ctx: StageContext, i: int, rec: dict) -> dict:
     st = rec["stats"]
     if st["block_error"] is not None:
         ctx.log_metrics({"block_error": st["block_error"]}, i)
+    routed = st.get("expert_tokens") or {}
+    if routed:  # per expert: the calibration tokens its router sent it (gate/up's count), and the shrunk ones
+        ctx.log_metrics({f"expert_tokens.{i}.{n.rpartition('.')[0]}": c for n, c in routed.items()
+                         if n.endswith("gate_proj")} | {"experts_shrunk": len(st["shrunk_experts"])}, i)
     return {"block": i, "names": rec["names"], "qweights": rec["qweights"], "qweights_sha": rec["qweights_sha"],
             "layer_errors": st["layer_errors"], "before": None, "block_error": st["block_error"],
+            "expert_tokens": routed, "shrunk_experts": st.get("shrunk_experts") or [],
             "ran_on": st.get("ran_on"), "threads": st.get("threads")}
 
 
@@ -404,11 +410,18 @@ def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[d
     atomic_write_json(tmp / "quantize.json", {
         "job": plain(job), "scheme": job.spec.name, "method": type(job.method).__name__, "modules": modules,
         "model_sha": common["model_sha"], "calib_sha": common["calib_sha"], "quantized_sha256": sha,
-        "blocks": [{k: b[k] for k in keep} for b in blocks], "windows": windows,
+        "blocks": [{k: b[k] for k in keep} | _routing(b) for b in blocks], "windows": windows,
         **({"head": {"module": head["names"][0], "error": head["error"]}} if head else {})})
     _swap(tmp, out)
     atomic_write_json(ctx.path(S.BLOCK_ERRORS),
                       [{"block": b["block"], "before": b["before"], "after": b["block_error"]} for b in blocks])
+
+
+def _routing(block: dict) -> dict:
+    """A mixture-of-experts block's routed calibration tokens per expert Linear and the shrunk ones."""
+    if not block.get("expert_tokens"):
+        return {}
+    return {"expert_tokens": block["expert_tokens"], "shrunk_experts": block["shrunk_experts"]}
 
 
 # ---------------------------------------------------------------------------------------- qat

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AttentionGeometry", "Family", "ModelAdapter", "FAMILIES", "get_adapter", "check_spec_fits", "UnsupportedModelError"]
+from .moe import MIXTRAL_RENAMES, LinearExperts, checkpoint_name, module_name, unfuse_experts
+
+__all__ = ["AttentionGeometry", "Family", "MoE", "ModelAdapter", "FAMILIES", "get_adapter", "check_spec_fits", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -28,11 +30,24 @@ class AttentionGeometry:
 
 
 @dataclass(frozen=True)
+class MoE:
+    """A sparse MLP at `module` in each block (blocks without one keep the dense groups): a router
+    (never quantized), `experts` (quantlib.moe.LinearExperts once unfused) and, with `shared`, a
+    dense expert every token passes through. renames: (module-name, checkpoint-name) patterns for
+    checkpoints whose tensor names differ from the modules' (quantlib.moe.checkpoint_name)."""
+
+    module: str = "mlp"
+    shared: str | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Family:
     """Dotted module paths relative to the CausalLM (model) or to one block.
 
-    groups: the block's Linears in true-sequential order; Linears in one group share their input.
-    transposed: weights stored (in, out) as in GPT-2's Conv1D.
+    groups: the block's Linears in true-sequential order; Linears of one group with the same parent
+    module share their input (ModelAdapter.input_sets). transposed: weights stored (in, out) as in
+    GPT-2's Conv1D. moe: the block's MLP is sparse (ModelAdapter.groups expands it per expert).
     """
 
     name: str
@@ -47,6 +62,7 @@ class Family:
     rope: bool = True
     fused_qkv: bool = False
     transposed: bool = False
+    moe: MoE | None = None
 
 
 _LLAMA_GROUPS = (
@@ -62,6 +78,8 @@ def _llama_like(name: str, **kw) -> Family:
 
 
 _GEMMA2_NORMS = (("input_layernorm", 0), ("pre_feedforward_layernorm", 2))
+# a sparse MLP's norm also feeds the router: equivalent transforms fold into the attention's norm only
+_MOE_NORMS = (("input_layernorm", 0),)
 
 FAMILIES: dict[str, Family] = {
     **{t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3")},
@@ -78,6 +96,10 @@ FAMILIES: dict[str, Family] = {
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
         norms=(("self_attn_layer_norm", 0), ("final_layer_norm", 2)), rope=False,
     ),
+    "mixtral": _llama_like("mixtral", norms=_MOE_NORMS, moe=MoE(renames=MIXTRAL_RENAMES)),
+    "qwen2_moe": _llama_like("qwen2_moe", norms=_MOE_NORMS, moe=MoE(shared="shared_expert")),
+    "qwen3_moe": _llama_like("qwen3_moe", norms=_MOE_NORMS, moe=MoE()),
+    "olmoe": _llama_like("olmoe", norms=_MOE_NORMS, moe=MoE()),
     "gpt2": Family(
         "gpt2", "transformer.h", "transformer.wte", "transformer.ln_f",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
@@ -114,11 +136,39 @@ class ModelAdapter:
         """The module whose forward embeds tokens and runs the blocks (no LM head)."""
         return self.model.base_model
 
-    def linear_names(self) -> list[str]:
-        return [n for g in self.family.groups for n in g]
+    def groups(self, block: nn.Module) -> tuple[tuple[str, ...], ...]:
+        """The block's Linear groups: the family's, with a sparse MLP's groups expanded per expert
+        (shared expert first): (gate/up of every expert), (down of every expert)."""
+        moe = self.family.moe
+        experts = None if moe is None else getattr(block.get_submodule(moe.module), "experts", None)
+        if not isinstance(experts, LinearExperts):
+            return self.family.groups
+        heads = [f"{moe.module}.{moe.shared}"] if moe.shared else []
+        heads += [f"{moe.module}.experts.{e}" for e in range(len(experts))]
+        return (*self.family.groups[:2], tuple(f"{h}.{p}" for h in heads for p in ("gate_proj", "up_proj")),
+                tuple(f"{h}.down_proj" for h in heads))
+
+    @staticmethod
+    def input_sets(group) -> list[list[str]]:
+        """`group` split into the Linears that see the same input: those with one parent module (an
+        attention's q/k/v, one expert's gate/up); each expert sees only its routed tokens."""
+        sets: dict[str, list[str]] = {}
+        for name in group:
+            sets.setdefault(name.rpartition(".")[0], []).append(name)
+        return list(sets.values())
+
+    def linear_names(self, block: nn.Module) -> list[str]:
+        return [n for g in self.groups(block) for n in g]
 
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
-        return {n: block.get_submodule(n) for n in self.linear_names()}
+        return {n: block.get_submodule(n) for n in self.linear_names(block)}
+
+    def checkpoint_name(self, name: str) -> str:
+        """A module (or tensor) name as the family's checkpoints spell it (Mixtral's experts differ)."""
+        return checkpoint_name(self.family.moe.renames if self.family.moe else (), name)
+
+    def module_name(self, name: str) -> str:
+        return module_name(self.family.moe.renames if self.family.moe else (), name)
 
     def _transposed(self, module: nn.Module) -> bool:
         """GPT-2's Conv1D stores (in, out); its LM head is a plain nn.Linear."""
@@ -153,7 +203,8 @@ class ModelAdapter:
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Adapter for a loaded causal LM; unsupported architectures fail naming the supported list."""
+    """Adapter for a loaded causal LM; unsupported architectures fail naming the supported list.
+    A mixture-of-experts model's fused experts become per-expert Linears here (quantlib.moe)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
@@ -166,6 +217,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"supported model_type values: {', '.join(sorted(FAMILIES))}"
         )
     adapter = ModelAdapter(model, family)
+    if family.moe is not None:
+        unfuse_experts(model)
     try:
         adapter.blocks, adapter.embed, adapter.norm, adapter.head
     except AttributeError as e:

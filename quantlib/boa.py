@@ -424,7 +424,8 @@ class AttentionStats:
     Memory: two (kv_heads, T, d_h, d_h) per-position moment sums (the mask and RoPE are folded in
     once, in `hessians`), one (kv_heads, d, d) value Hessian, with q/k norms (heads + kv_heads, d, d)
     column sums, and per batch one kv group's (b, r, T, T) attention probabilities at a time.
-    gain_q, gain_k: (d_h,) gains of the q/k norms, or None without one."""
+    gain_q, gain_k: (d_h,) gains of per-head q/k norms, (heads, d_h) / (kv, d_h) of full-width ones
+    (OLMoE), or None without one."""
 
     def __init__(self, geometry: AttentionGeometry, gain_q: torch.Tensor | None = None,
                  gain_k: torch.Tensor | None = None) -> None:
@@ -500,7 +501,7 @@ class AttentionStats:
         col = lambda acc: self.h_col[None] if isinstance(acc, float) else _sym(2 * acc / self.count)  # noqa: E731
         return AttentionHessians(
             col=self.h_col,
-            row_q=_sym(_gained(row_q, self.gain_q)).repeat_interleave(r, dim=0),
+            row_q=_sym(_gained(row_q.repeat_interleave(r, dim=0), self.gain_q)),
             row_k=_sym(_gained(row_k, self.gain_k)),
             col_v=_sym(2 * self.value_sum / self.count),
             col_q=col(self.col_q),
@@ -513,14 +514,19 @@ def _sym(h: torch.Tensor) -> torch.Tensor:
 
 
 def _gained(h: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
-    """G h G with G = diag(gain): a row Hessian of normalized q or k moved to the projection's rows."""
-    return h if gain is None else gain[:, None] * h * gain[None, :]
+    """G h G with G = diag(gain): a row Hessian of normalized q or k moved to the projection's rows.
+    h (n, d_h, d_h); gain (d_h,) shared by the heads, or (n, d_h) per head (a full-width norm)."""
+    if gain is None:
+        return h
+    gain = gain if gain.dim() == 2 else gain[None]
+    return gain[:, :, None] * h * gain[:, None, :]
 
 
 @dataclass(frozen=True, eq=False)
 class HeadNorm:
-    """A per-head RMSNorm on q or k (Qwen3/Gemma3 q_norm, k_norm): module(p) = gain o p / rho(p),
-    rho(p) = sqrt(mean(p^2) + eps) over the head's d_h values; gain: (d_h,)."""
+    """An RMSNorm on q or k: module(p) = gain o p / rho(p), rho(p) = sqrt(mean(p^2) + eps) over each
+    head's d_h values (Qwen3/Gemma3 q_norm, k_norm; gain (d_h,)) or, full-width, over all heads d_h
+    values of the token (OLMoE; gain (heads d_h,), one rho shared by the token's heads)."""
 
     module: nn.Module
     gain: torch.Tensor
@@ -530,12 +536,19 @@ class HeadNorm:
         """p (b, T, heads d_h) -> (the module's output, same shape; 1/rho (b, T, heads)); fails when
         the module is not the RMSNorm this reconstruction assumes."""
         b, t, _ = p.shape
-        ph = p.view(b, t, heads, hd)
-        out = self.module(ph)
-        inv = torch.rsqrt(ph.float().pow(2).mean(-1) + self.eps)
-        expected = self.gain * ph.float() * inv[..., None]
-        _check_close(out, expected, f"{type(self.module).__name__} (as gain * p / rms(p))")
+        if self.gain.numel() == heads * hd != hd:  # full width
+            out = self.module(p)
+            inv = torch.rsqrt(p.float().pow(2).mean(-1) + self.eps)[..., None].expand(b, t, heads)
+        else:
+            out = self.module(p.view(b, t, heads, hd))
+            inv = torch.rsqrt(p.view(b, t, heads, hd).float().pow(2).mean(-1) + self.eps)
+        expected = self.head_gain(heads, hd) * p.float().view(b, t, heads, hd) * inv[..., None]
+        _check_close(out.reshape(b, t, heads, hd), expected, f"{type(self.module).__name__} (as gain * p / rms(p))")
         return out.reshape(b, t, heads * hd), inv
+
+    def head_gain(self, heads: int, hd: int) -> torch.Tensor:
+        """(d_h,) for a per-head norm, (heads, d_h) for a full-width one."""
+        return self.gain.view(heads, hd) if self.gain.numel() == heads * hd != hd else self.gain
 
 
 def _head_norm(attn: nn.Module, name: str, offset: float) -> HeadNorm | None:
@@ -610,7 +623,8 @@ def collect_attention_stats(
     _check_supported(geo)
     project = _projection(block, layout, geo)
     norm_q, norm_k = (_head_norm(attn, n, layout.norm_offset) for n in ("q_norm", "k_norm"))
-    stats = AttentionStats(geo, *(None if n is None else n.gain.to(device) for n in (norm_q, norm_k)))
+    stats = AttentionStats(geo, *(None if n is None else n.head_gain(h, geo.head_dim).to(device)
+                                  for n, h in ((norm_q, geo.num_heads), (norm_k, geo.num_kv_heads))))
     pending: list[torch.Tensor] = []
     softcap = getattr(attn, "attn_logit_softcapping", None)
     scaling = getattr(attn, "scaling", geo.head_dim**-0.5)

@@ -22,6 +22,7 @@ from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks
 from .gptq import accumulate_hessian
 from .head import head_method, head_name, solve_head, untie_head
 from .methods import hessian_error, method_for, quantize_weight
+from .moe import is_expert_linear, routed_hessians
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
@@ -40,7 +41,9 @@ class EngineConfig:
     GPTQ the first group's Hessian pass runs the whole block instead of stopping at the group
     (costs the block's FP matmuls once more), and without any pass (RTN) it gets a pass of its own.
     block_error_batches: measure it on the first k input batches only (None: all of them); where
-    no full pass comes for free, F(X) then costs a pass over those k batches only."""
+    no full pass comes for free, F(X) then costs a pass over those k batches only.
+    moe_min_tokens: an expert Linear whose router sent it fewer calibration tokens gets its Hessian
+    shrunk toward the mean of its layer's experts (quantlib.moe.routed_hessians)."""
 
     batch_size: int = 8
     true_sequential: bool = True
@@ -48,8 +51,11 @@ class EngineConfig:
     spill_dir: str | None = None
     measure_block_error: bool = False
     block_error_batches: int | None = None
+    moe_min_tokens: int = 128
 
     def __post_init__(self) -> None:
+        if self.moe_min_tokens < 1:
+            raise ValueError(f"moe_min_tokens must be >= 1, got {self.moe_min_tokens}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.block_error_batches is not None and self.block_error_batches <= 0:
@@ -63,6 +69,8 @@ class BlockStats:
     peak_mb: float
     layer_errors: dict[str, float] = field(default_factory=dict)
     block_error: float | None = None  # ||F_q(X) - F(X)||^2 / ||F(X)||^2 on the quantized prefix's X
+    expert_tokens: dict[str, int] = field(default_factory=dict)  # routed calibration tokens per expert Linear
+    shrunk_experts: list[str] = field(default_factory=list)  # expert Linears under moe_min_tokens
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -142,8 +150,9 @@ class _Reference:
 @torch.no_grad()
 def _collect_hessians(
     block: nn.Module, modules: dict[str, nn.Module], inputs: ActivationStore, call: BlockCall, device
-) -> dict[str, torch.Tensor]:
-    """One full forward over all batches; H for every Linear in `modules` (fp32, on device)."""
+) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """One forward over all batches; (H, rows seen) for every Linear in `modules` (fp32, on device;
+    H None for a Linear never called: an expert no token was routed to)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in modules}
 
     def hook(name):
@@ -153,7 +162,7 @@ def _collect_hessians(
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     run_with_hooks(block, inputs, call, device, handles)
-    return {n: h for n, (h, _) in acc.items()}
+    return acc
 
 
 @torch.no_grad()
@@ -168,10 +177,10 @@ def _probe_hessian(
     return probe.h
 
 
-def _hessian_plan(adapter: ModelAdapter, true_sequential: bool) -> list[tuple[list[str], list[str]]]:
+def _hessian_plan(adapter: ModelAdapter, block: nn.Module, true_sequential: bool) -> list[tuple[list[str], list[str]]]:
     """[(Linears solved after this pass, Linears after them)]: one pass per group when true
-    sequential (groups share their input), else one pass for all Linears."""
-    groups = [list(g) for g in adapter.family.groups]
+    sequential, else one pass for all Linears."""
+    groups = [list(g) for g in adapter.groups(block)]
     if not true_sequential:
         return [([n for g in groups for n in g], [])]
     return [(g, [n for later in groups[k + 1 :] for n in later]) for k, g in enumerate(groups)]
@@ -218,13 +227,14 @@ def quantize_block(
     if cfg.measure_block_error:
         ref = _Reference(block, min(cfg.block_error_batches or len(inputs), len(inputs)))
     try:
-        results, errors = _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref)
+        results, errors, routing = _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref)
     finally:
         if ref is not None:
             ref.remove()
     outputs, block_error = _outputs(block, inputs, call, device, out_spill_dir, None if ref is None else ref.outputs)
     adapter.blocks[index].to("cpu")
-    stats = BlockStats(index, time.perf_counter() - t0, peak_memory_mb(device), errors, block_error)
+    stats = BlockStats(index, time.perf_counter() - t0, peak_memory_mb(device), errors, block_error,
+                       routing.tokens, routing.shrunk)
     return results, outputs, stats
 
 
@@ -236,7 +246,8 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
     prefix = f"{adapter.family.layers}.{index}"
     results: dict[str, QuantizedWeight] = {}
     errors: dict[str, float] = {}
-    plan = _hessian_plan(adapter, cfg.true_sequential) if method.needs_hessian else [(list(linears), None)]
+    routing = _Routing()
+    plan = _hessian_plan(adapter, block, cfg.true_sequential) if method.needs_hessian else [(list(linears), None)]
     for group, later in plan:
         # a method may solve some Linears of the group jointly (BoA: q/k/v); the rest as usual
         joint = {} if method.solve_group is None else method.solve_group(
@@ -245,7 +256,7 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
         # a pending reference over all batches: the first group's pass runs the whole block to feed it
         full = ref is not None and ref.pending and ref.batches == len(inputs)
         hessians = {} if not rest else _group_hessians(block, linears, rest, later, inputs, call, device, adapter,
-                                                        cfg, full)
+                                                        cfg, full, routing)
         if ref is not None:
             ref.close(inputs, call, device)  # F(X) complete before the first weight changes
         for name in group:
@@ -261,24 +272,48 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
                     errors[name] = hessian_error(w, w_hat, h)
             adapter.set_weight(linears[name], w_hat)
             results[f"{prefix}.{name}"] = qw
-    return results, errors
+    return results, errors, routing
+
+
+@dataclass
+class _Routing:
+    """Per-expert routed token counts and the expert Linears whose Hessian was shrunk."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    shrunk: list[str] = field(default_factory=list)
 
 
 def _group_hessians(
-    block, linears, group, later, inputs, call, device, adapter, cfg, full: bool = False
+    block, linears, group, later, inputs, call, device, adapter, cfg, full: bool = False,
+    routing: _Routing | None = None,
 ) -> dict[str, torch.Tensor]:
     """{name: H} for the Linears of `group` (empty when the method needs none: later is None).
-    True-sequential groups share one H, from a probe pass that stops at the group, or with `full`
-    from a hook on the group's first Linear in an unstubbed pass (the same inputs, so the same H)."""
+    A true-sequential group whose Linears share one input gets one H, from a probe pass that stops
+    at the group, or with `full` from a hook on the group's first Linear in an unstubbed pass (the
+    same inputs, so the same H). A group of several inputs (a sparse MLP's experts) hooks the first
+    Linear of each with the later Linears stubbed; expert Hessians go through moe.routed_hessians."""
     if later is None:
         return {}
-    if not cfg.true_sequential:
-        return _collect_hessians(block, {n: linears[n] for n in group}, inputs, call, device)
-    if full:
-        h = _collect_hessians(block, {group[0]: linears[group[0]]}, inputs, call, device)[group[0]]
-    else:
-        h = _probe_hessian(block, group, later, inputs, call, device, adapter)
-    return {n: h for n in group}
+    sets = adapter.input_sets(group)
+    if cfg.true_sequential and len(sets) == 1:
+        if full:
+            h = _collect_hessians(block, {group[0]: linears[group[0]]}, inputs, call, device)[group[0]][0]
+        else:
+            h = _probe_hessian(block, group, later, inputs, call, device, adapter)
+        return {n: h for n in group}
+    firsts = [s[0] for s in sets] if cfg.true_sequential else list(group)
+    with _stubbed(block, later if cfg.true_sequential and not full else [], None, adapter):
+        acc = _collect_hessians(block, {n: linears[n] for n in firsts}, inputs, call, device)
+    experts = {n: acc[n][0] for n in firsts if is_expert_linear(n)}
+    if experts:
+        tokens = {n: acc[n][1] for n in experts}
+        shrunk_h, shrunk = routed_hessians(experts, tokens, cfg.moe_min_tokens)
+        acc.update({n: (shrunk_h[n], tokens[n]) for n in experts})
+        if routing is not None:
+            routing.tokens.update(tokens)
+            routing.shrunk.extend(shrunk)
+    first_of = {n: s[0] if cfg.true_sequential else n for s in sets for n in s}
+    return {n: acc[first_of[n]][0] for n in group}
 
 
 def quantize_model(

@@ -97,8 +97,13 @@ def _read(sk: Skeleton, keys: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Put each tensor in place of the (meta or loaded) parameter or buffer of that name."""
-    for name, t in tensors.items():
+    """Put each tensor in place of the (meta or loaded) parameter or buffer of that checkpoint name
+    (a mixture-of-experts model's experts are per-expert Linears: quantlib.moe)."""
+    from quantlib.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    for ckpt_name, t in tensors.items():
+        name = adapter.module_name(ckpt_name)
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
         if attr in module._parameters:
@@ -106,7 +111,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         elif attr in module._buffers:
             module._buffers[attr] = t
         else:
-            raise IntegrityError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}; the folder "
+            raise IntegrityError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}; the folder "
                                  "was not written by save_pretrained of this architecture")
 
 

@@ -121,7 +121,7 @@ def ran_on() -> str:
 
 def _stats_dict(st: BlockStats) -> dict:
     return {"seconds": st.seconds, "peak_mb": st.peak_mb, "layer_errors": st.layer_errors,
-            "block_error": st.block_error, "ran_on": ran_on(), "threads": torch.get_num_threads()}
+            "block_error": st.block_error, "expert_tokens": st.expert_tokens, "shrunk_experts": st.shrunk_experts, "ran_on": ran_on(), "threads": torch.get_num_threads()}
 
 
 @task(name="quantize_block", cache_key_fn=_key("model_sha", "index", "in_sha", "calib_sha", "job", job=_job_key),

@@ -52,6 +52,23 @@ def drop_quantized(tensors: dict[str, torch.Tensor], qweights: dict[str, Quantiz
     return tensors
 
 
+def checkpoint_keyed(qweights: dict[str, QuantizedWeight], model_dir: Path,
+                     trust_remote_code: bool = False) -> dict[str, QuantizedWeight]:
+    """`qweights` keyed by the module names of the source's checkpoint files, which a release keeps:
+    a mixture-of-experts family may name its expert Linears differently (quantlib.moe)."""
+    from quantlib.adapters import FAMILIES
+    from quantlib.moe import checkpoint_name
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    moe = getattr(FAMILIES.get(getattr(config, "model_type", None)), "moe", None)
+    return {checkpoint_name(moe.renames if moe else (), n): qw for n, qw in qweights.items()}
+
+
+def module_keyed(adapter, tensors: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict, list[str]]:
+    """A release's checkpoint-named tensors and module list in the names of the model's modules."""
+    return {adapter.module_name(k): v for k, v in tensors.items()}, [adapter.module_name(n) for n in modules]
+
+
 def tied_head(model_dir: Path, trust_remote_code: bool = False) -> str | None:
     """The LM head's module name if the model ties it to the input embeddings, else None."""
     from quantlib.adapters import FAMILIES
@@ -85,7 +102,8 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
                         fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False, gguf_type: str = "exact") -> None:
     """Write everything but MANIFEST.json into out_dir (which must be empty), in format `fmt`:
     RELEASE_FORMAT, a packed format of tasks.release_formats (`gptq`, `compressed-tensors`) or `gguf`
-    (with `gguf_type`, quantlib.gguf_k.GGUF_TYPES)."""
+    (with `gguf_type`, quantlib.gguf_k.GGUF_TYPES). `qweights` are keyed by module names."""
+    qweights = checkpoint_keyed(qweights, model_dir, trust_remote_code)
     if fmt == "gguf":
         from .gguf_release import write_gguf_release
         from .release_formats import source_dtype
@@ -135,15 +153,15 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
     config = AutoConfig.from_pretrained(release_dir, trust_remote_code=trust_remote_code)
     with MODEL_CONSTRUCTION:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
-    tensors = load_file(str(release_dir / "model.safetensors"))
     adapter = get_adapter(model)
-    for name in info["modules"]:
+    tensors, modules = module_keyed(adapter, load_file(str(release_dir / "model.safetensors")), info["modules"])
+    for name in modules:
         qw = QuantizedWeight.from_state_dict(tensors, name)
         adapter.set_weight(model.get_submodule(name), qw.dequantize())
         for suffix in ("qweight", "scale", "zero", "g_idx", "spec"):
             del tensors[f"{name}.{suffix}"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    expected_missing = {f"{n}.weight" for n in info["modules"]} | _tied(model)
+    expected_missing = {f"{n}.weight" for n in modules} | _tied(model)
     if unexpected or set(missing) - expected_missing:
         raise ValueError(f"{release_dir}: release does not match its config "
                          f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})")

@@ -23,13 +23,15 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantlib.packing import PackFormat, pack_gptq, pack_weight, to_gptq_v1, trivial_g_idx, unpack_compressed_tensors, unpack_gptq
+from quantlib.moe import is_router_tensor
 from quantlib.qlinear import QuantLinear, replace_modules
 from quantlib.qweight import QuantizedWeight
 from quantlib.spec import QuantSpec
 
 from .io import atomic_save_safetensors, atomic_write_json, verify_manifest
 from .sources import MODEL_CONSTRUCTION
-from .release import _model_tensors, _tied, copy_model_files, drop_quantized, raise_integrity, tied_head, untied_config
+from .release import (_model_tensors, _tied, copy_model_files, drop_quantized, module_keyed, raise_integrity, tied_head,
+                      untied_config)
 
 __all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release", "release_format",
            "load_packed_release"]
@@ -116,9 +118,10 @@ def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights:
 
 def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight], fmt: PackFormat | str,
                            dtype: torch.dtype = torch.float16, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
-    """Source tensors in `dtype` minus quantized weights, plus every quantized weight packed in `fmt`."""
+    """Source tensors in `dtype` minus quantized weights, plus every quantized weight packed in `fmt`.
+    A mixture-of-experts router keeps the source's precision (a rounding there flips routings)."""
     tensors = drop_quantized(_model_tensors(model_dir), qweights, model_dir, trust_remote_code)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = {k: v.to(dtype) if v.is_floating_point() and not is_router_tensor(k) else v for k, v in tensors.items()}
     for name, qw in qweights.items():
         tensors.update({f"{name}.{k}": v for k, v in pack_weight(qw, fmt, _scale_dtype(fmt, dtype)).items()})
     return tensors
@@ -203,16 +206,19 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     del config.quantization_config  # from_config must build a plain model; we do the surgery
     with MODEL_CONSTRUCTION:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
-    tensors = load_file(str(release_dir / "model.safetensors"))
+    from quantlib.adapters import get_adapter
+
+    tensors, names = module_keyed(get_adapter(model), load_file(str(release_dir / "model.safetensors")),
+                                  info["modules"])
     keys = _GPTQ_KEYS if gptq else _CT_KEYS
     modules = {}
-    for name in info["modules"]:
+    for name in names:
         bias = tensors.pop(f"{name}.bias", None)
         modules[name] = _quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
                                      None if bias is None else bias.to(dtype), backend)
     replace_modules(model, modules)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    quantized = {f"{n}.{k}" for n in info["modules"] for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    quantized = {f"{n}.{k}" for n in names for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     if unexpected or set(missing) - quantized - _tied(model):
         raise ValueError(f"{release_dir}: release does not match its config "
                          f"(missing {sorted(set(missing) - quantized - _tied(model))[:5]}, unexpected {unexpected[:5]})")

@@ -30,8 +30,8 @@ def support_rows() -> list[tuple[str, dict[str, str]]]:
 
 def support_matrix_md() -> str:
     columns = (*METHODS, *PACKED_FORMATS, "gguf")
-    heads = [("method: " if c == METHODS[0] else "format: " if c == PACKED_FORMATS[0] else "") + f"`{c}`"
-             for c in columns]
+    heads = [("method: " if i == 0 else "format: " if i == len(METHODS) else "") + f"`{c}`"
+             for i, c in enumerate(columns)]
     lines = ["| `model_type` | " + " | ".join(heads) + " |",
              "|---|" + "---|" * len(columns)]
     lines += [f"| `{family}` | " + " | ".join(cells[c] for c in columns) + " |" for family, cells in support_rows()]

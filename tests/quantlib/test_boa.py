@@ -138,6 +138,9 @@ def _one_block(family: str, seed: int = 0):
                                              eos_token_id=2),
         "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=128,
                                      bos_token_id=0, eos_token_id=0),
+        # full-width q/k norms (one rms over all heads of a token) and a sparse MLP
+        "olmoe": lambda: T.OlmoeConfig(**_SMALL, num_experts=4, num_experts_per_tok=2, eos_token_id=2,
+                                       pad_token_id=1),
     }[family]()
     model = T.AutoModelForCausalLM.from_config(config).eval()
     attn = get_adapter(model).blocks[0].get_submodule(attention_layout(get_adapter(model)).module)
@@ -182,7 +185,7 @@ def _perturbed_rows(adapter, block, name, rows, delta):
     adapter.set_weight(m, w)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3_partial", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3_partial", "gpt2", "olmoe"])
 def test_query_and_key_hessians_are_first_order_logit_error(family):
     """Block 0 on one repeated token (x_t the same at every t, so the Kronecker relaxation is exact):
     for a perturbation D of one head's rows, the mean over allowed pairs of the measured logit change
@@ -333,9 +336,10 @@ def _attention_output(block, layout, batches, call):
 @pytest.mark.parametrize("family,seed,clip_search", [
     ("llama", 0, False), ("llama", 1, False), ("llama", 0, True), ("llama", 1, True),
     ("qwen3", 0, False), ("gemma3_text", 0, False), ("phi3_partial", 0, False), ("gpt2", 0, False),
+    ("olmoe", 0, False),
 ])
 def test_boa_beats_gptq_on_attention_output_error(family, seed, clip_search):
-    """q/k norms (Qwen3, Gemma3), partial rotary and a fused q/k/v (Phi-3), a fused transposed q/k/v
+    """q/k norms (Qwen3, Gemma3; OLMoE full-width), partial rotary and a fused q/k/v (Phi-3), a fused transposed q/k/v
     without RoPE (GPT-2): BoA's joint solve beats per-Linear GPTQ on the attention's output."""
     adapter = get_adapter(_peaked(family, seed))
     layout = attention_layout(adapter)
@@ -379,7 +383,7 @@ def test_boa_engine_runs_and_beats_rtn_on_model_output(family):
         with torch.no_grad():
             err[name] = float((model(ids).logits - ref).pow(2).mean())
     adapter = get_adapter(model)
-    assert len(res) == len(adapter.blocks) * len(adapter.linear_names())
+    assert len(res) == sum(len(adapter.linear_names(b)) for b in adapter.blocks)
     for key, qw in res.items():  # the model holds exactly the quantized weights
         torch.testing.assert_close(adapter.get_weight(model.get_submodule(key)), qw.dequantize())
         assert torch.equal(qw.g_idx, torch.arange(qw.shape[1], dtype=torch.int32) // 32)

@@ -25,11 +25,22 @@ def tiny_config(family: str):
             hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=128,
             word_embed_proj_dim=64, max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2,
         ),
+        # experts narrower than the dense MLP, as in the real configs; Qwen2-MoE with a shared expert
+        # and a dense layer (mlp_only_layers), Qwen3-MoE with per-head q/k norms, OLMoE with full-width ones
+        "mixtral": lambda: T.MixtralConfig(**dict(gqa, intermediate_size=64), num_local_experts=4,
+                                           num_experts_per_tok=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**gqa, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                              num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1]),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**gqa, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                              num_experts_per_tok=2, norm_topk_prob=True),
+        "olmoe": lambda: T.OlmoeConfig(**dict(gqa, intermediate_size=32), num_experts=4, num_experts_per_tok=2),
         "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=128, n_positions=128, bos_token_id=0, eos_token_id=0),
     }[family]()
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2",
+            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def tiny_model(family: str = "llama", seed: int = 0):
