@@ -112,6 +112,12 @@ def _worker(job: dict) -> list[dict]:
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     calib = CALIB | job["calib"]
     data = C.protocol_data(tok, "wikitext2", None, mirror=job.get("mirror"), **calib)
+    offdomain = C.offdomain_windows(tok, job.get("mirror"), calib["window"], calib["n_windows"])
+
+    def scores() -> dict:  # wiki (the calibration domain) and, where the mirror has it, the Python docs
+        return {"ppl": C.eval_ppl(model, data.windows),
+                "ppl_pydocs": None if offdomain is None else C.eval_ppl(model, offdomain, desc="python-docs")}
+
     seconds = 0.0
     settings = dict(calib, dtype="float32", device=job["device"])
     rows = []
@@ -127,15 +133,14 @@ def _worker(job: dict) -> list[dict]:
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
         if qat is not None:
             t_eval = time.perf_counter()
-            rows.append({"method": method.base_label, "scheme": job["scheme"], "ppl": C.eval_ppl(model, data.windows),
+            rows.append({"method": method.base_label, "scheme": job["scheme"], **scores(),
                          "quant_seconds": round(t_eval - t_quant, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
             settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
                 "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
         seconds = time.perf_counter() - t0
-    ppl = C.eval_ppl(model, data.windows)
-    return rows + [{"method": job["label"], "scheme": job["scheme"], "ppl": ppl, "quant_seconds": round(seconds, 1),
+    return rows + [{"method": job["label"], "scheme": job["scheme"], **scores(), "quant_seconds": round(seconds, 1),
                     "peak_rss_mb": _rss_mb(), "settings": settings}]
 
 
@@ -189,11 +194,14 @@ def render_quality_md(records: list[dict]) -> str:
     lines = ["# Quality benchmark", "",
              "Protocol (docs/protocol.md): WikiText-2 test, calibration 128 x 512 from the first half (seed 0), ",
              "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
+             "python-docs: the off-domain check of docs/protocol.md (first 200,000 characters of the Python ",
+             "docs, 16 x 1024 windows; fp32 11.60), for rows made since it was added. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
-             "| model | method | scheme | ppl | quant s | threads | peak RSS MB | calib | date |",
-             "|---|---|---|---:|---:|---:|---:|---|---|"]
+             "| model | method | scheme | ppl | python-docs | quant s | threads | peak RSS MB | calib | date |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
-        lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | "
+        off = "" if r.get("ppl_pydocs") is None else f"{r['ppl_pydocs']:.2f}"
+        lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {off} | {r['quant_seconds']:.0f} | "
                      f"{r.get('versions', {}).get('threads', '')} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
     lines += _settings_table([r for r in latest.values() if _is_recon(r) or "qat" in r["settings"]])

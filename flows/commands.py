@@ -26,7 +26,7 @@ from quantlib.spec import QuantSpec
 from quantlib.windows import reconstruct_model
 from tasks.io import atomic_save_safetensors, atomic_write_json, read_manifest, write_manifest
 from tasks.sources import materialize_model, parse_model_source
-from tasks.textdata import load_text, parse_text_source, tokenize_text
+from tasks.textdata import load_text, parse_text_source, read_offdomain, tokenize_text
 
 from .methods import BlockConfig
 
@@ -112,6 +112,14 @@ def protocol_data(tokenizer, calib_spec: str, eval_spec: str | None, *, n: int =
             f"seqlen={seqlen}; use a longer text or a smaller --seqlen"
         )
     return ProtocolData(sample_calibration(pool, n, seqlen, seed), eval_windows(rest, window, n_windows))
+
+
+def offdomain_windows(tokenizer, mirror: str | None = None, window: int = 1024,
+                      n_windows: int | None = 16) -> torch.Tensor | None:
+    """docs/protocol.md's off-domain windows (the Python docs, from the start of the text; nothing is
+    drawn from it), or None when the data mirror does not hold the file."""
+    text = read_offdomain(mirror)
+    return None if text is None else eval_windows(tokenize_text(text, tokenizer), window, n_windows)
 
 
 def _block_bar(total: int, desc: str):

@@ -6,7 +6,7 @@ optional `QATConfig`); everything downstream receives that object, never the nam
 
 Grammar (see METHOD_FORMS):
   NAME   := BASE [ "+qat" [STEPS] ]          e.g. gptq, boa+qat, boa+qat128
-  BASE   := rtn | gptq | boa | recon [ "-" PART ]...
+  BASE   := rtn | (gptq | boa) [ "-d" DAMP ] | recon [ "-" PART ]...   (gptq-d0.1: damping 0.1)
   PART   := k<window>[o<overlap>][L<lookahead>]   (k2o1, k3, k3o1L1; no o = no overlap)
           | L<n> | la<n>                          look-ahead blocks
           | nearest | adaround | lora             rounding
@@ -38,7 +38,8 @@ BlockConfig = Union[RTNConfig, GPTQConfig, BoAConfig, ReconConfig]
 METHOD_NAMES = ("rtn", "gptq", "boa", "recon")
 _LABELS = {RTNConfig: "rtn", GPTQConfig: "gptq", BoAConfig: "boa", ReconConfig: "recon"}
 METHOD_FORMS = (
-    "rtn, gptq, boa or recon[-PART...], optionally followed by +qat or +qat<steps> (e.g. boa+qat128); "
+    "rtn, gptq[-d<damp>], boa[-d<damp>] or recon[-PART...], optionally followed by +qat or +qat<steps> "
+    "(e.g. boa+qat128, gptq-d0.1); "
     "recon parts: k<window>[o<overlap>][L<lookahead>], L<n> or la<n> (look-ahead), "
     f"a rounding ({', '.join(ROUNDINGS)}), a loss ({', '.join(LOSSES)}), an init ({', '.join(INITS)}), "
     "i<iterations>, cfp (CBQ outlier pre-processing); e.g. recon-k2o1-gptq-i40+qat128"
@@ -88,9 +89,12 @@ def parse_method(name: str, *, act_order: bool = True, damp: float = 0.01, block
     head, *parts = base_name.split("-")
     if head not in METHOD_NAMES:
         raise ValueError(_unknown(head, name))
+    if parts and head in ("gptq", "boa"):  # the one part they take: the Hessian damping
+        damp = _damp_part(parts, name)
+        parts = []
     if parts and head != "recon":
-        raise ValueError(f"cannot parse {'-'.join(parts)!r} in method {name!r}: only recon takes -parts; "
-                         f"accepted: {METHOD_FORMS}")
+        raise ValueError(f"cannot parse {'-'.join(parts)!r} in method {name!r}: only recon takes -parts "
+                         f"(gptq and boa a damping d<fraction>); accepted: {METHOD_FORMS}")
     recon_fields = (_recon_parts(parts, name) | dict(recon or {})) if head == "recon" else {}
     try:  # the configs validate themselves; their messages name the setting
         base = _base_config(head, recon_fields, act_order=act_order, damp=damp, block_size=block_size,
@@ -98,6 +102,15 @@ def parse_method(name: str, *, act_order: bool = True, damp: float = 0.01, block
         return MethodChoice(base, _qat_config(named, qat or {}), label=name, base_label=base_name)
     except ValueError as e:
         raise ValueError(f"method {name!r}: {e}") from None
+
+
+def _damp_part(parts: list[str], name: str) -> float:
+    """`d<fraction>` (e.g. gptq-d0.1): the damping, as a fraction of the Hessian's mean diagonal."""
+    m = re.fullmatch(r"d(\d*\.?\d+)", parts[0]) if len(parts) == 1 else None
+    if m is None:
+        raise ValueError(f"cannot parse {'-'.join(parts)!r} in method {name!r}: gptq and boa take one part, "
+                         f"d<fraction> (e.g. gptq-d0.1); accepted: {METHOD_FORMS}")
+    return float(m.group(1))
 
 
 def method_config(name: str, *, act_order: bool = True, damp: float = 0.01, block_size: int = 128,

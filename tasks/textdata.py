@@ -25,6 +25,8 @@ from .io import IntegrityError, atomic_save_safetensors, load_safetensors_verifi
 __all__ = [
     "MIRROR_ENV",
     "WIKITEXT2_MIRROR_FILE",
+    "PYDOCS_MIRROR_FILE",
+    "read_offdomain",
     "WIKITEXT2_SHA256",
     "TextSource",
     "parse_text_source",
@@ -39,6 +41,10 @@ MIRROR_ENV = "PTQ_DATA_MIRROR"
 WIKITEXT2_MIRROR_FILE = "wikitext-2-raw/wiki.test.raw"
 # From the mirror's README: the benchmark protocol is defined on exactly these bytes.
 WIKITEXT2_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+# the off-domain text of docs/protocol.md: Python 3.11 documentation sources, its first 200,000 characters
+PYDOCS_MIRROR_FILE = "python-docs/python-3.11-docs.txt"
+PYDOCS_SHA256 = "c6711c9dc2c3a880103d5245ecf3542698aa48811d63e7b4cefb57715d34311b"
+PYDOCS_CHARS = 200_000
 _C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 
 TextKind = Literal["wikitext2", "c4", "hf", "file"]
@@ -165,6 +171,18 @@ def _read_wikitext2(mirror: Path | None) -> str:
         return _read_plain(path)
     looked = f"{mirror / WIKITEXT2_MIRROR_FILE}" if mirror is not None else f"no mirror (${MIRROR_ENV} unset)"
     return _read_hub("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text", f"wikitext2 [{looked}]")
+
+
+def read_offdomain(mirror: str | os.PathLike | None = None) -> str | None:
+    """docs/protocol.md's off-domain text (the first PYDOCS_CHARS characters of the Python docs), or
+    None when the mirror does not hold it; a file that differs from the protocol's is refused."""
+    root = resolve_mirror(mirror)
+    if root is None or not (root / PYDOCS_MIRROR_FILE).is_file():
+        return None
+    path = root / PYDOCS_MIRROR_FILE
+    if (actual := sha256_file(path)) != PYDOCS_SHA256:
+        raise IntegrityError(f"{path}: sha256 mismatch, expected {PYDOCS_SHA256}, actual {actual}")
+    return _read_plain(path)[:PYDOCS_CHARS]  # as docs/protocol.md cuts it (the file has no "\r")
 
 
 def _read_c4() -> str:

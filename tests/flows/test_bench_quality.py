@@ -25,6 +25,7 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     assert [(r["method"], r["scheme"]) for r in rows] == [("recon-k2o1-i2", "w3g32"), ("rtn", "w3g32"),
                                                           ("rtn+qat", "w3g32")]
     assert all(math.isfinite(r["ppl"]) and r["quant_seconds"] >= 0 for r in rows)  # tiny RTN rounds to 0.0 s
+    assert all(math.isfinite(r["ppl_pydocs"]) and r["ppl_pydocs"] != r["ppl"] for r in rows)  # off-domain text
     assert rows[0]["quant_seconds"] > 0
     assert rows[2]["quant_seconds"] > rows[1]["quant_seconds"] and "qat" not in rows[1]["settings"]
     recon, qat = rows[0]["settings"], rows[2]["settings"]
@@ -32,7 +33,8 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     assert recon["method_config"]["window"] == 2 and recon["method_config"]["iters"] == 2
     assert qat["qat"]["steps"] <= 2 and qat["qat"]["loss"] == "ce"
     md = out.with_suffix(".md").read_text()
-    assert "| rtn+qat | w3g32 |" in md and "| rtn | w3g32 |" in md
+    assert "| rtn+qat | w3g32 |" in md and "| rtn | w3g32 |" in md and "| python-docs |" in md
+    assert f"| {rows[2]['ppl']:.2f} | {rows[2]['ppl_pydocs']:.2f} |" in md
 
 
 @pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),

@@ -43,6 +43,17 @@ def test_solver_settings_reach_the_configs():
     assert parse_method("gptq", recon={"iters": 3}).base == GPTQConfig()  # recon settings only reach recon
 
 
+def test_gptq_and_boa_take_a_damping_part():
+    assert parse_method("gptq-d0.1").base == GPTQConfig(damp=0.1)
+    choice = parse_method("boa-d.05+qat", damp=0.3)  # the name's part wins over the setting
+    assert choice.base == BoAConfig(damp=0.05) and choice.base_label == "boa-d.05" and choice.qat is not None
+    for bad in ("gptq-d", "boa-d0.1-d0.2", "rtn-d0.1"):
+        with pytest.raises(ValueError, match="cannot parse"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match="damp must be in"):
+        parse_method("gptq-d1.5")
+
+
 @pytest.mark.parametrize("name, message", [
     ("recon-k2o2", "overlap must satisfy"),
     ("recon-fast", "cannot parse 'fast'"),

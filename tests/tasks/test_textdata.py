@@ -13,10 +13,12 @@ from quantlib.data import eval_windows, sample_calibration, split_halves
 from tasks.io import IntegrityError, sha256_file
 from tasks.textdata import (
     MIRROR_ENV,
+    PYDOCS_MIRROR_FILE,
     WIKITEXT2_MIRROR_FILE,
     WIKITEXT2_SHA256,
     TextSource,
     load_text,
+    read_offdomain,
     parse_text_source,
     read_token_ids,
     resolve_mirror,
@@ -126,6 +128,21 @@ def test_wikitext2_mirror_with_wrong_bytes_is_rejected(tmp_path):
     fake.write_text("not wikitext\n")
     with pytest.raises(IntegrityError, match=WIKITEXT2_SHA256):
         load_text(parse_text_source("wikitext2"), mirror=tmp_path)
+
+
+def test_offdomain_text_is_the_protocols_or_refused(tmp_path):
+    assert read_offdomain(tmp_path) is None  # a mirror without it: the benchmark leaves the column empty
+    fake = tmp_path / PYDOCS_MIRROR_FILE
+    fake.parent.mkdir(parents=True)
+    fake.write_text("not the python docs\n")
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        read_offdomain(tmp_path)
+
+
+@needs_mirror
+def test_offdomain_text_from_mirror():
+    text = read_offdomain(MIRROR)
+    assert len(text) == 200_000 and text.startswith((MIRROR / PYDOCS_MIRROR_FILE).read_text()[:1000])
 
 
 @needs_mirror
