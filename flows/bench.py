@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import quantlib
+from quantlib.actquant import parse_activations
 from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig
 from quantlib.gptq import GPTQConfig
@@ -60,8 +61,12 @@ class QualityBench:
     batch_size: int = 8
     true_sequential: bool = True
     mirror: str | None = None
+    activations: str | None = None  # quantlib.actquant: a8, a4 (rows' scheme gets the suffix), None weight-only
+    smooth: float | None = None  # SmoothQuant alpha before each block (rows' method gets +sq<alpha>)
 
     def __post_init__(self) -> None:
+        parse_activations(self.activations)
+        EngineConfig(smooth=self.smooth)  # validates alpha
         if self.n_samples < 1 or self.seqlen < 2:
             raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {self.n_samples} and {self.seqlen}")
         if not all(isinstance(m, MethodChoice) for m in self.methods):
@@ -124,16 +129,19 @@ def _worker(job: dict) -> list[dict]:
     if job["method"] is not None:
         method = _choice_from_json(job["method"])
         cfg, qat = method.base, method.qat
-        spec = parse_scheme(job["scheme"])
-        engine = EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"])
+        spec = parse_scheme(job["scheme"].split("-")[0])  # w8pc-a8: the weights' scheme, then the activations
+        engine = EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"],
+                              smooth=job.get("smooth"))
         t0 = time.perf_counter()
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
         t_quant = time.perf_counter()
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
-        settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"]}
+        C.quantize_activations(model, results, job.get("activations"))  # QAT replaces, then restores, these modules
+        settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"],
+                     **{k: job[k] for k in ("activations", "smooth") if job.get(k) is not None}}
         if qat is not None:
             t_eval = time.perf_counter()
-            rows.append({"method": method.base_label, "scheme": job["scheme"], **scores(),
+            rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": job["scheme"], **scores(),
                          "quant_seconds": round(t_eval - t_quant, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
@@ -159,7 +167,10 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
             "batch_size": bench.batch_size, "true_sequential": bench.true_sequential,
             "calib": {"n": bench.n_samples, "seqlen": bench.seqlen}}
     jobs = [dict(base, method=None, label="fp32", scheme="fp32")] if bench.fp32 else []
-    return jobs + [dict(base, method=_choice_to_json(m), label=m.label, scheme=s)
+    act = {"activations": bench.activations, "smooth": bench.smooth,
+           "method_suffix": "" if bench.smooth is None else f"+sq{bench.smooth:g}"}
+    return jobs + [dict(base, **act, method=_choice_to_json(m), label=m.label + act["method_suffix"],
+                        scheme=s + (f"-{bench.activations}" if bench.activations else ""))
                    for s in bench.schemes for m in bench.methods]
 
 

@@ -48,6 +48,11 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--spill-dir", default=None, help="keep calibration activations on disk here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--activations", default=None, choices=("a8", "a4"),
+                   help="also quantize the quantized Linears' inputs: symmetric int8/int4, one dynamic scale per token")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant before each block is solved (alpha in [0, 1], e.g. 0.5): activation outlier "
+                        "channels move into the weights through the norms")
     r = p.add_argument_group("reconstruction (--method recon or recon-k2o1L0-lora-i100)")
     r.add_argument("--window", type=int, help="blocks per window k")
     r.add_argument("--overlap", type=int, help="blocks shared by consecutive windows o < k")

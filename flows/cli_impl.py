@@ -25,7 +25,7 @@ __all__ = ["dispatch", "engine_config", "method_choice", "quality_bench"]
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(batch_size=args.batch_size, true_sequential=args.true_sequential,
-                        device=resolve_device(args.device), spill_dir=args.spill_dir)
+                        device=resolve_device(args.device), spill_dir=args.spill_dir, smooth=args.smooth)
 
 
 RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp")
@@ -61,7 +61,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if method.qat is not None:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
     seconds = time.perf_counter() - t0
+    C.quantize_activations(model, results, args.activations)
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
+            "activations": args.activations, "smooth": args.smooth,
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
             "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
     tmp = out.with_name(out.name + ".tmp")
@@ -70,7 +72,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    rows = [{"model": "quantized", "method": method.label, "scheme": spec.name, "seconds": seconds}]
+    rows = [{"model": "quantized", "method": method.label, "seconds": seconds,
+             "scheme": spec.name + (f"-{args.activations}" if args.activations else "")}]
     if args.eval:
         rows[0]["ppl"] = C.eval_ppl(model, data.windows, desc="quantized perplexity")
         rows.insert(0, {"model": "fp32", "method": "-", "scheme": "-", "ppl": fp_ppl})
@@ -107,7 +110,8 @@ def quality_bench(args: argparse.Namespace) -> QualityBench:
     methods = tuple(method_choice(args, name) for name in _csv(args.methods))
     return QualityBench(model=args.model, methods=methods, schemes=_csv(args.schemes), out=Path(args.out),
                         fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, device=resolve_device(args.device),
-                        batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror)
+                        batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror,
+                        activations=args.activations, smooth=args.smooth)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

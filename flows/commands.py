@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quantlib.actquant import attach, parse_activations
 from quantlib.adapters import get_adapter
 from quantlib.data import eval_windows, sample_calibration, split_halves
 from quantlib.engine import BlockStats, EngineConfig, quantize_model
@@ -151,6 +152,14 @@ def quantize_loaded(model, calib: torch.Tensor, spec: QuantSpec, method_cfg: Blo
         results, stats = quantize_model(adapter, calib, spec, method_cfg, engine,
                                         on_block=_block_bar(len(adapter.blocks), type(method_cfg).__name__))
     return results, stats, time.perf_counter() - t0
+
+
+def quantize_activations(model, results: dict[str, QuantizedWeight], activations: str | None) -> None:
+    """Quantize the inputs of every quantized module from now on (quantlib.actquant: `a8`, `a4`, or
+    None for weight-only)."""
+    spec = parse_activations(activations)
+    if spec is not None:
+        attach(model, sorted(results), spec)
 
 
 def save_quantized(out_dir: Path, model, tokenizer, results: dict[str, QuantizedWeight], info: dict) -> None:

@@ -284,7 +284,10 @@ class QuantizeParams(_Section):
     decoder-block Linear), plus lm_head to quantize the LM head too (after the last block, GPTQ for
     the Hessian methods; a head tied to the input embeddings is untied, the embeddings stay FP).
     moe_min_tokens: in a mixture-of-experts model, an expert the router sent fewer calibration tokens
-    gets its Hessian shrunk toward the mean of its layer's experts (routers stay full precision)."""
+    gets its Hessian shrunk toward the mean of its layer's experts (routers stay full precision).
+    activations: null (weight-only) or a8 / a4: the release also quantizes every quantized Linear's
+    input, symmetric, one dynamic scale per token (quantlib.actquant); the weights are solved as
+    without it, the evaluation scores the release with it, and it needs a compressed-tensors release."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -305,6 +308,7 @@ class QuantizeParams(_Section):
     )
     targets: tuple[str, ...] = _key(("blocks",), _subset(QUANTIZE_TARGETS, "blocks"))
     moe_min_tokens: int = _key(128, _integer(1))
+    activations: str | None = _key(None, _text(nullable=True, pattern=r"a8|a4", rule="must be a8, a4 or null"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -412,10 +416,13 @@ class PackParams(_Section):
     format: str = _key("auto", _choice(PACK_FORMATS))
     gguf_type: str = _key("exact", _choice(GGUF_TYPES))
 
-    def resolved(self, sym: bool) -> str:
-        """The format written for a scheme with this symmetry."""
+    def resolved(self, sym: bool, activations: str | None = None) -> str:
+        """The format written for a scheme with this symmetry (and activation quantization: only
+        compressed-tensors records it)."""
         if self.format != "auto":
             return self.format
+        if activations is not None:
+            return "compressed-tensors"
         return "gptq" if sym else "gptq_v2"
 
 
@@ -518,6 +525,10 @@ class PipelineParams:
         if self.fetch_model.dtype != "float32" and self.quantize.resolved_method == "recon":
             raise ParamsError(f"fetch_model.dtype: recon windows train in float32; {self.fetch_model.dtype} is for "
                               "rtn, gptq and boa (set fetch_model.dtype: float32 or another quantize.method)")
+        if self.quantize.activations is not None and self.pack.format not in ("auto", "compressed-tensors"):
+            raise ParamsError(f"quantize.activations: {self.quantize.activations} needs a release format that records "
+                              f"activation quantization; pack.format {self.pack.format} cannot (set pack.format: "
+                              "compressed-tensors or auto)")
         if self.pack.gguf_type != "exact" and self.pack.format != "gguf":
             raise ParamsError(f"pack.gguf_type: {self.pack.gguf_type} is a GGUF type; set pack.format: gguf, or "
                               "pack.gguf_type: exact for other formats")

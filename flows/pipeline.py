@@ -516,8 +516,10 @@ def pack_stage(ctx: StageContext) -> dict:
     qweights = {n: QuantizedWeight.from_state_dict(tensors, n) for n in info["modules"]}
     out = ctx.path(S.RELEASE)
     tmp = _fresh_tmp(out)
-    fmt = ctx.params.pack.resolved(ctx.params.quantize.sym)
-    write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"]},
+    act = ctx.params.quantize.activations
+    fmt = ctx.params.pack.resolved(ctx.params.quantize.sym, act)
+    write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"],
+                                                   **({"activations": act} if act else {})},
                         fmt=fmt, trust_remote_code=ctx.params.fetch_model.trust_remote_code,
                         gguf_type=ctx.params.pack.gguf_type)
     params, chain, code = ctx.params.declared(), _chain(ctx, info), code_identity()

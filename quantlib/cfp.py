@@ -19,7 +19,8 @@ from torch import nn
 
 from .adapters import ModelAdapter
 
-__all__ = ["CFPConfig", "weight_outlier_threshold", "truncate_weight_outliers", "activation_scales", "fold_scales", "apply_cfp"]
+__all__ = ["CFPConfig", "weight_outlier_threshold", "truncate_weight_outliers", "activation_scales", "fold_scales",
+           "norm_fed_absmax", "group_weight_absmax", "apply_cfp"]
 
 
 @dataclass(frozen=True)
@@ -103,34 +104,46 @@ def fold_scales(adapter: ModelAdapter, block: nn.Module, norm: str, group: int, 
     n.weight.copy_(((off + n.weight.float()) / scales - off).to(n.weight.dtype))
     if getattr(n, "bias", None) is not None:
         n.bias.copy_((n.bias.float() / scales).to(n.bias.dtype))
-    for name in adapter.family.groups[group]:
+    for name in adapter.groups(block)[group]:
         m = block.get_submodule(name)
         adapter.set_weight(m, adapter.get_weight(m).float() * scales[None, :])
+
+
+@torch.no_grad()
+def norm_fed_absmax(adapter: ModelAdapter, block: nn.Module, inputs, call, device) -> dict[int, torch.Tensor]:
+    """{group index: (in,) max |x| per input channel} for every norm-fed group of the block, over the
+    calibration inputs (an iterable of (b, T, d) batches): one forward with hooks."""
+    from .capture import run_with_hooks
+
+    groups = adapter.groups(block)
+    amax: dict[int, torch.Tensor] = {}
+
+    def hook(g):
+        def fn(_m, args, _out):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            amax[g] = a if g not in amax else torch.maximum(amax[g], a)
+        return fn
+
+    handles = [block.get_submodule(groups[g][0]).register_forward_hook(hook(g)) for _, g in adapter.family.norms]
+    run_with_hooks(block, inputs, call, device, handles)
+    return amax
+
+
+def group_weight_absmax(adapter: ModelAdapter, block: nn.Module, group: int) -> torch.Tensor:
+    """(in,) max |W[:, c]| over every Linear of the block's group."""
+    return torch.stack([adapter.get_weight(block.get_submodule(n)).abs().amax(0).float()
+                        for n in adapter.groups(block)[group]]).amax(0)
 
 
 @torch.no_grad()
 def apply_cfp(adapter: ModelAdapter, block: nn.Module, inputs, call, cfg: CFPConfig, device) -> dict[str, int]:
     """CFP on one block in place, given its calibration inputs (an iterable of (b, T, d) batches).
     Returns counts: scaled activation channels and truncated weights."""
-    from .capture import run_with_hooks
-
     counts = {"scaled_channels": 0, "truncated_weights": 0}
     if cfg.activations:
-        firsts = {g: block.get_submodule(adapter.family.groups[g][0]) for _, g in adapter.family.norms}
-        amax: dict[int, torch.Tensor] = {}
-
-        def hook(g):
-            def fn(_m, args, _out):
-                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-                amax[g] = a if g not in amax else torch.maximum(amax[g], a)
-            return fn
-
-        handles = [m.register_forward_hook(hook(g)) for g, m in firsts.items()]
-        run_with_hooks(block, inputs, call, device, handles)
+        amax = norm_fed_absmax(adapter, block, inputs, call, device)
         for norm, g in adapter.family.norms:
-            wmax = torch.stack([adapter.get_weight(block.get_submodule(n)).abs().amax(0).float()
-                                for n in adapter.family.groups[g]]).amax(0)
-            s = activation_scales(amax[g], wmax, cfg)
+            s = activation_scales(amax[g], group_weight_absmax(adapter, block, g), cfg)
             counts["scaled_channels"] += int((s > 1).sum())
             fold_scales(adapter, block, norm, g, s)
     if cfg.weights:

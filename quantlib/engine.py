@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationStore
+from .actquant import smooth_block
 from .adapters import ModelAdapter
 from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks
 from .gptq import accumulate_hessian
@@ -43,7 +44,9 @@ class EngineConfig:
     block_error_batches: measure it on the first k input batches only (None: all of them); where
     no full pass comes for free, F(X) then costs a pass over those k batches only.
     moe_min_tokens: an expert Linear whose router sent it fewer calibration tokens gets its Hessian
-    shrunk toward the mean of its layer's experts (quantlib.moe.routed_hessians)."""
+    shrunk toward the mean of its layer's experts (quantlib.moe.routed_hessians).
+    smooth: SmoothQuant's alpha: before a block is solved, its norm-fed groups are smoothed on its
+    inputs (quantlib.actquant.smooth_block; FP-exact, changes the norms too); None: off."""
 
     batch_size: int = 8
     true_sequential: bool = True
@@ -52,8 +55,11 @@ class EngineConfig:
     measure_block_error: bool = False
     block_error_batches: int | None = None
     moe_min_tokens: int = 128
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"smooth (SmoothQuant's alpha) must be in [0, 1] or None, got {self.smooth}")
         if self.moe_min_tokens < 1:
             raise ValueError(f"moe_min_tokens must be >= 1, got {self.moe_min_tokens}")
         if self.batch_size <= 0:
@@ -223,6 +229,8 @@ def quantize_block(
         torch.cuda.reset_peak_memory_stats(device)
     block = adapter.blocks[index].to(device)
     call = call.to(device)
+    if cfg.smooth is not None:
+        smooth_block(adapter, block, inputs, call, cfg.smooth, device)
     ref = None
     if cfg.measure_block_error:
         ref = _Reference(block, min(cfg.block_error_batches or len(inputs), len(inputs)))
@@ -330,7 +338,7 @@ def quantize_model(
     methods such as RTN)."""
     results: dict[str, QuantizedWeight] = {}
     stats: list[BlockStats] = []
-    needs_data = method_for(method_cfg).needs_hessian or cfg.measure_block_error or \
+    needs_data = method_for(method_cfg).needs_hessian or cfg.measure_block_error or cfg.smooth is not None or \
         (head and method_for(head_method(method_cfg)).needs_hessian)
     if needs_data:
         batches, calls = capture_block_inputs(adapter, calib_ids, cfg.batch_size)

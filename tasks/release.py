@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from quantlib.actquant import attach, parse_activations
 from quantlib.adapters import get_adapter
 from quantlib.qweight import QuantizedWeight
 
@@ -104,6 +105,9 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
     RELEASE_FORMAT, a packed format of tasks.release_formats (`gptq`, `compressed-tensors`) or `gguf`
     (with `gguf_type`, quantlib.gguf_k.GGUF_TYPES). `qweights` are keyed by module names."""
     qweights = checkpoint_keyed(qweights, model_dir, trust_remote_code)
+    if info.get("activations") and fmt not in (RELEASE_FORMAT, "compressed-tensors"):
+        raise ValueError(f"activation quantization ({info['activations']}) is recorded by compressed-tensors and "
+                         f"{RELEASE_FORMAT} releases only, not {fmt}; write pack.format: compressed-tensors")
     if fmt == "gguf":
         from .gguf_release import write_gguf_release
         from .release_formats import source_dtype
@@ -166,6 +170,8 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
         raise ValueError(f"{release_dir}: release does not match its config "
                          f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
+    if info.get("activations"):  # the inputs of the quantized modules too (quantlib.actquant)
+        attach(model, modules, parse_activations(info["activations"]))
     return model
 
 

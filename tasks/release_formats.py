@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantlib.packing import PackFormat, pack_gptq, pack_weight, to_gptq_v1, trivial_g_idx, unpack_compressed_tensors, unpack_gptq
+from quantlib.actquant import ActSpec, attach, parse_activations
 from quantlib.moe import is_router_tensor
 from quantlib.qlinear import QuantLinear, replace_modules
 from quantlib.qweight import QuantizedWeight
@@ -72,7 +73,18 @@ def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat, lm_head: bool
     }
 
 
-def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dtype: torch.dtype) -> dict:
+def _ct_inputs(activations: str | None) -> dict | None:
+    """compressed-tensors' input_activations for quantlib.actquant's scheme: symmetric int, dynamic
+    per token (vLLM's int8 W8A8 path reads exactly this), or None for weight-only."""
+    act = parse_activations(activations)
+    if act is None:
+        return None
+    return {"num_bits": act.bits, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
+            "group_size": None}
+
+
+def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dtype: torch.dtype,
+               activations: str | None = None) -> dict:
     weights = {
         "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
         "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size,
@@ -91,7 +103,7 @@ def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dty
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
+        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": _ct_inputs(activations),
                                       "output_activations": None, "format": "pack-quantized"}},
         "ignore": ignore,
         "kv_cache_scheme": None,
@@ -102,18 +114,22 @@ def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dty
 
 
 def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight],
-                        scale_dtype: torch.dtype = torch.float16) -> dict:
+                        scale_dtype: torch.dtype = torch.float16, activations: str | None = None) -> dict:
     """config.json `quantization_config` of a packed release of `model` (a meta-device skeleton is
-    enough: compressed-tensors names the Linears it does not quantize) with these weights."""
+    enough: compressed-tensors names the Linears it does not quantize) with these weights, and with
+    `activations` (quantlib.actquant's a8/a4) the inputs' quantization (compressed-tensors only)."""
     fmt, spec = PackFormat(fmt), _common_spec(qweights)
+    if activations is not None and fmt is not PackFormat.COMPRESSED_TENSORS:
+        raise ValueError(f"activation quantization ({activations}) is recorded by compressed-tensors releases only, "
+                         f"not {fmt.value}")
     if fmt in _GPTQ_FORMATS:
         head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
         return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()),
                             fmt, head in qweights)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if set(qweights) <= linears:  # the usual llm-compressor shape: all Linears but the ignored
-        return _ct_config(spec, ["Linear"], sorted(linears - set(qweights)), scale_dtype)
-    return _ct_config(spec, sorted(qweights), [], scale_dtype)  # e.g. GPT-2 Conv1D: by name
+        return _ct_config(spec, ["Linear"], sorted(linears - set(qweights)), scale_dtype, activations)
+    return _ct_config(spec, sorted(qweights), [], scale_dtype, activations)  # e.g. GPT-2 Conv1D, experts: by name
 
 
 def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight], fmt: PackFormat | str,
@@ -149,7 +165,7 @@ def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, Qua
     with MODEL_CONSTRUCTION, torch.device("meta"):  # module names and types only, no memory
         skeleton = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
-    qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype))
+    qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype), info.get("activations"))
     atomic_save_safetensors(out_dir / "model.safetensors",
                             packed_release_tensors(model_dir, qweights, fmt, dtype, trust_remote_code),
                             metadata={"format": "pt"})
@@ -178,6 +194,15 @@ def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: t
     else:
         qw, dtype = unpack_compressed_tensors(t, bits), t["weight_scale"].dtype
     return QuantLinear.from_packed(pack_gptq(qw, dtype), bits, bias, backend)  # the gptq_v2 layout it holds
+
+
+def _act_spec(inputs: dict, release_dir: Path) -> ActSpec:
+    """The ActSpec of a compressed-tensors input_activations entry; a scheme we cannot run is refused."""
+    if not (inputs.get("type") == "int" and inputs.get("symmetric") and inputs.get("dynamic") is True
+            and inputs.get("strategy") == "token"):
+        raise ValueError(f"{release_dir}: input_activations {inputs} is not symmetric int dynamic per-token, the "
+                         "activation scheme this loader runs")
+    return ActSpec(inputs["num_bits"])
 
 
 def release_format(info: dict, qconfig: dict) -> PackFormat:
@@ -217,6 +242,8 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
         modules[name] = _quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
                                      None if bias is None else bias.to(dtype), backend)
     replace_modules(model, modules)
+    if not gptq and (inputs := qconfig["config_groups"]["group_0"].get("input_activations")):
+        attach(model, names, _act_spec(inputs, release_dir))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     quantized = {f"{n}.{k}" for n in names for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     if unexpected or set(missing) - quantized - _tied(model):

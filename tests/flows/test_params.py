@@ -147,6 +147,10 @@ def test_float_key_accepts_int() -> None:
         ("", ("pack.format=gguf", "quantize.bits=8"), "pack.format: w8g64: asymmetric 8-bit codes have no exact GGUF"),
         ("", ("pack.gguf_type=Q4_K",), "pack.gguf_type: Q4_K is a GGUF type; set pack.format: gguf"),
         ("", ("pack.format=gguf", "pack.gguf_type=Q4_K_M"), "pack.gguf_type: must be one of 'exact', 'Q2_K'"),
+        ("", ("quantize.activations=a16",), "quantize.activations: must be a8, a4 or null"),
+        ("", ("quantize.activations=a8", "pack.format=gptq"), "quantize.activations: a8 needs a release format that "
+                                                               "records activation quantization; pack.format gptq cannot"),
+        ("", ("quantize.moe_min_tokens=0",), "quantize.moe_min_tokens: must be a positive integer"),
         ("", ("quantize.targets=[blocks,embed]",), "quantize.targets: 'embed' is not a target; allowed: 'blocks', 'lm_head'"),
         ("", ("quantize.targets=[lm_head]",), "quantize.targets: must include 'blocks', got ['lm_head']"),
         ("", ("register.alias=latest",), "register.alias: must be letters"),
@@ -284,3 +288,13 @@ def test_params_offer_exactly_the_gguf_types_quantlib_writes() -> None:
     from quantlib.gguf_k import GGUF_TYPES as WRITTEN
 
     assert GGUF_TYPES == WRITTEN
+
+
+def test_activations_make_auto_pack_compressed_tensors(tmp_path) -> None:
+    """The one release format that records activation quantization is what `auto` writes with it."""
+    from flows.params import PipelineParams, load_params
+
+    (tmp_path / "params.yaml").write_text("")
+    p = load_params(tmp_path / "params.yaml", ["quantize.activations=a8", "quantize.bits=8", "quantize.sym=true"])
+    assert p.pack.resolved(p.quantize.sym, p.quantize.activations) == "compressed-tensors"
+    assert PipelineParams().pack.resolved(True) == "gptq"

@@ -96,3 +96,31 @@ def test_gguf_release_holds_the_same_codes_and_scores_like_the_others(gguf, feat
         assert ours["ppl"][name] == pytest.approx(ppl, rel=1e-3)
     done = project.ptq("lineage", "data/release")
     assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def activations(features, tmp_path_factory):
+    """The features project, copied, then `ptq run -S quantize.activations=a4`."""
+    import shutil
+
+    from pipeline_projects import Project
+
+    root = tmp_path_factory.mktemp("act") / "project"
+    shutil.copytree(features.root, root, symlinks=True)
+    project = Project(root, features.env)
+    project.run_ok("run", "-S", "quantize.activations=a4")
+    return project
+
+
+def test_activation_quantization_keeps_the_codes_and_scores_the_release_with_it(activations, features):
+    """The weights are solved as before (block tasks from the cache: the same codes); the release
+    declares 4-bit dynamic per-token inputs and the evaluate stage scores it with them (on the same
+    codes, not the weight-only score: worse, if only slightly on a random tiny model near uniform)."""
+    ours, ref = (_json(p, "data/quantized/quantize.json") for p in (activations, features))
+    assert ours["quantized_sha256"] == ref["quantized_sha256"]
+    inputs = _json(activations, "data/release/config.json")["quantization_config"]["config_groups"]["group_0"][
+        "input_activations"]
+    assert inputs["num_bits"] == 4 and inputs["dynamic"] is True and inputs["strategy"] == "token"
+    assert _json(activations, "data/release/quantization.json")["activations"] == "a4"
+    ppl, base = (_json(p, "metrics/metrics.json")["ppl"] for p in (activations, features))
+    assert all(ppl[name] > base[name] for name in base), (ppl, base)

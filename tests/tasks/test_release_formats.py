@@ -409,3 +409,37 @@ def test_packed_release_loads_with_the_dense_backend(tmp_path, fmt):
     assert len(layers) == len(qweights) and {m.backend for m in layers} == {"dense"}
     ids = tiny_ids(2, 8)
     assert torch.equal(_logits(dense, ids), _logits(ref, ids))
+
+
+def test_w8a8_release_declares_and_applies_dynamic_per_token_inputs(tmp_path):
+    """quantize.activations a8 on a compressed-tensors release: the config declares symmetric int8
+    dynamic per-token inputs (what vLLM's W8A8 int8 path and compressed-tensors read), our loader
+    quantizes exactly the inputs of the quantized modules, transformers + compressed-tensors parse the
+    same scheme, and a GPTQ release refuses it (it cannot record it)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from quantlib.actquant import ActSpec, attached, fake_quant_tokens
+
+    spec = QuantSpec(8, None, sym=True)
+    src, fake, qweights = _setup(tmp_path, "llama", spec)
+    write_packed_release(tmp_path / "rel", src, qweights, {"scheme": spec.name, "activations": "a8"},
+                         "compressed-tensors")
+    group = json.loads((tmp_path / "rel" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                                          "strategy": "token", "group_size": None}
+    ours = load_release(tmp_path / "rel", verify=False)
+    assert attached(ours) == dict.fromkeys(qweights, "a8")
+    name = sorted(qweights)[0]
+    seen = {}
+    module = ours.get_submodule(name)
+    module.register_forward_hook(lambda _m, args, _o: seen.__setitem__("in", args[0]))
+    x = torch.randn(2, 5, module.in_features)
+    with torch.no_grad():
+        module(x)
+    assert torch.equal(seen["in"], fake_quant_tokens(x, ActSpec(8)))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "rel")
+    inputs = hf.get_submodule(name).quantization_scheme.input_activations
+    assert (inputs.num_bits, inputs.dynamic, inputs.strategy, inputs.symmetric) == (8, True, "token", True)
+    with pytest.raises(ValueError, match="compressed-tensors"):
+        write_release_files(tmp_path / "gptq", src, qweights, {"scheme": spec.name, "activations": "a8"}, fmt="gptq")

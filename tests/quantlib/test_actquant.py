@@ -1,0 +1,121 @@
+"""quantlib.actquant: per-token activation fake-quant against its formula, hooks that every module
+kind honours, and SmoothQuant that leaves the FP model's outputs unchanged."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from quantlib.actquant import ActSpec, attach, attached, fake_quant_tokens, parse_activations, smooth_block, smooth_scales
+from quantlib.adapters import get_adapter
+from quantlib.capture import capture_block_inputs
+from quantlib.engine import EngineConfig, quantize_model
+from quantlib.gptq import GPTQConfig
+from quantlib.spec import QuantSpec
+
+from tiny import tiny_ids, tiny_model
+
+
+def test_fake_quant_matches_the_per_token_formula():
+    """vLLM's dynamic int8 (scaled_int8_quant): s = max|x| / 127 per token, q = clamp(round(x / s))."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g) * torch.logspace(-2, 2, 64)  # channels of very different ranges
+    for bits, qmax in ((8, 127), (4, 7)):
+        y = fake_quant_tokens(x, ActSpec(bits))
+        s = x.abs().amax(-1, keepdim=True) / qmax
+        assert torch.equal(y, torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s)
+        codes = y / s
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= qmax + 1e-4
+    err8 = (fake_quant_tokens(x, ActSpec(8)) - x).abs().amax(-1)
+    assert torch.all(err8 <= x.abs().amax(-1) / 127 / 2 + 1e-6)  # half a step per token
+    assert torch.equal(fake_quant_tokens(torch.zeros(2, 8), ActSpec(8)), torch.zeros(2, 8))
+
+
+def test_gradient_passes_straight_through():
+    x = torch.randn(4, 16, requires_grad=True)
+    (fake_quant_tokens(x, ActSpec(4)) * torch.arange(16.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(16.0).expand(4, 16))
+
+
+def test_parse_activations():
+    assert parse_activations("a8") == ActSpec(8) and parse_activations(None) is None
+    assert parse_activations("null") is None
+    for bad in ("a3", "a16", "w8a8", "8"):
+        with pytest.raises(ValueError):
+            parse_activations(bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and GPT-2's Conv1D
+def test_attached_hooks_quantize_exactly_the_named_inputs(family):
+    model, ids = tiny_model(family), tiny_ids(2, 16)
+    adapter = get_adapter(model)
+    names = [f"{adapter.family.layers}.0.{n}" for n in adapter.linear_names(adapter.blocks[0])]
+    seen = {}
+    target = model.get_submodule(names[0])
+    target.register_forward_pre_hook(lambda _m, args: seen.__setitem__("raw", args[0]))
+    handles = attach(model, names, ActSpec(8))
+    target.register_forward_hook(lambda _m, args, _o: seen.__setitem__("in", args[0]))
+    with torch.no_grad():
+        quantized = model(ids).logits
+    assert torch.equal(seen["in"], fake_quant_tokens(seen["raw"], ActSpec(8)))
+    assert set(attached(model)) == set(names)
+    with pytest.raises(ValueError, match="already quantizes"):
+        attach(model, names[:1], ActSpec(4))
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, quantized) and attached(model) == {}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt", "mixtral"])  # RMSNorm, offset gains, LayerNorm bias
+def test_smoothing_keeps_the_fp_model_and_moves_outliers(family):
+    model, ids = tiny_model(family), tiny_ids(4, 32)
+    adapter = get_adapter(model)
+    with torch.no_grad():  # an outlier input channel for the attention: one norm gain 30x (Gemma: offset + w)
+        w, off = adapter.blocks[0].get_submodule(adapter.family.norms[0][0]).weight, adapter.family.norm_offset
+        w[5] = (off + w[5]) * 30 - off
+        ref = model(ids).logits
+    batches, calls = capture_block_inputs(adapter, ids, 4)
+    q0 = adapter.blocks[0].get_submodule(adapter.groups(adapter.blocks[0])[0][0])
+    before = adapter.get_weight(q0).detach().clone()
+    smooth_block(adapter, adapter.blocks[0], batches, calls[0], 0.5, "cpu")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    ratio = adapter.get_weight(q0).abs().amax(0) / before.abs().amax(0)
+    assert ratio[5] > 2 * ratio.median()  # the outlier channel's weight column grew the most
+
+
+def test_smooth_scales_formula():
+    x, w = torch.tensor([4.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 2.0])
+    assert torch.allclose(smooth_scales(x, w, 0.5), torch.tensor([2.0, 0.5, 1.0]))
+    assert torch.allclose(smooth_scales(x, w, 1.0)[:2], x[:2])
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_scales(x, w, 1.5)
+
+
+def test_smoothing_before_gptq_lowers_w8a8_error_with_an_outlier_channel():
+    """W8 per-channel + A8 per token with one 30x input channel: SmoothQuant (alpha 0.5) before GPTQ
+    brings the quantized model closer to the FP one than GPTQ alone."""
+    ids = tiny_ids(8, 32)
+    err = {}
+    for smooth in (None, 0.5):
+        model = tiny_model("llama")
+        adapter = get_adapter(model)
+        with torch.no_grad():
+            for block in adapter.blocks:
+                block.input_layernorm.weight[5] *= 30
+                block.post_attention_layernorm.weight[9] *= 30
+            ref = model(ids).logits
+        results, _ = quantize_model(adapter, ids, QuantSpec(8, None, sym=True), GPTQConfig(),
+                                    EngineConfig(batch_size=4, smooth=smooth))
+        attach(model, sorted(results), ActSpec(8))
+        with torch.no_grad():
+            err[smooth] = float((model(ids).logits - ref).pow(2).mean())
+    assert err[0.5] < 0.8 * err[None], err
+
+
+def test_engine_smooth_is_validated():
+    with pytest.raises(ValueError, match="alpha"):
+        EngineConfig(smooth=2.0)
+    copy.deepcopy(EngineConfig(smooth=0.5))
