@@ -92,8 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", action="store_true", help="print fp32 and quantized perplexity afterwards")
     q.add_argument("--trust-remote-code", action="store_true")
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text source")
-    e.add_argument("--model", required=True)
+    e = sub.add_parser("eval", help="perplexity of a model or a release folder on a text source")
+    e.add_argument("--model", required=True, help="as for quantize, or a release folder (ptq run's data/release: "
+                   "loaded as its format says, activation quantization included)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; a W4 release in bfloat16 on CPU runs torch's int4 kernel")
     e.add_argument("--data", default="wikitext2")
     e.add_argument("--split", choices=("second_half", "all"), default="second_half")
     e.add_argument("--window", type=int, default=1024)

@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from quantlib.adapters import check_spec_fits, get_adapter
 from quantlib.data import eval_windows, split_halves
 from quantlib.engine import EngineConfig
@@ -82,18 +84,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_model(spec: str, dtype: torch.dtype):
+    """(model, tokenizer): a release folder (its quantization.json names a release format) through
+    load_release, verified against its MANIFEST; anything else as a model source."""
+    from tasks.release import load_release
+
+    folder = Path(spec)
+    info = folder / "quantization.json"
+    if folder.is_dir() and info.is_file() and "format" in json.loads(info.read_text()):
+        return load_release(folder, dtype=dtype), load_tokenizer(folder)
+    model_dir = C.cached_model(spec)
+    return load_model(model_dir, dtype=dtype), load_tokenizer(model_dir)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     source = parse_text_source(args.data)
-    model_dir = C.cached_model(args.model)
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = _eval_model(args.model, getattr(torch, args.dtype))
     ids = tokenize_text(load_text(source, args.mirror), tok)
     if args.split == "second_half":
         ids = split_halves(ids)[1]
     stride = args.stride or args.window
     windows = eval_windows(ids, args.window, args.windows or None, stride)
     ppl = C.eval_ppl(model, windows, args.batch_size, score_from=args.window - stride)
-    print_table([{"model": args.model, "data": args.data, "windows": windows.shape[0], "ppl": ppl}],
-                ["model", "data", "windows", "ppl"])
+    print_table([{"model": args.model, "data": args.data, "dtype": args.dtype, "windows": windows.shape[0], "ppl": ppl}],
+                ["model", "data", "dtype", "windows", "ppl"])
     return 0
 
 

@@ -63,3 +63,54 @@ def test_quantize_loaded_takes_a_typed_config():
 def test_quantize_loaded_refuses_a_method_name():
     with pytest.raises(ValueError, match="no quantization method registered for str"):
         quantize_loaded(_tiny_llama(), None, QuantSpec(bits=4, group_size=32), "rtn", EngineConfig())
+
+
+def test_ptq_eval_scores_a_release_through_its_loader_in_the_dtype_asked(tmp_path, capsys):
+    """`ptq eval --model <release folder> --dtype bfloat16`: the release's own loader (QuantLinear
+    modules of a GPTQ v2 release), in bf16, gives the printed perplexity; a plain HF folder still
+    loads as a model."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from flows.cli import main
+    from quantlib.adapters import get_adapter
+    from quantlib.data import eval_windows
+    from quantlib.perplexity import perplexity
+    from tasks.io import write_manifest
+    from tasks.release import load_release, write_release_files
+    from tasks.textdata import tokenize_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quantlib"))
+    from tiny import tiny_model
+    from tests.tasks.test_gguf_release import _char_tokenizer
+
+    model, tok = tiny_model("llama"), _char_tokenizer(128)
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    adapter = get_adapter(model)
+    qweights = {f"model.layers.{i}.{n}": rtn_quantize(adapter.get_weight(m).detach(), QuantSpec(4, 32))
+                for i, b in enumerate(adapter.blocks) for n, m in adapter.linears(b).items()}
+    write_release_files(tmp_path / "rel", tmp_path / "src", qweights, {"scheme": "w4g32", "method": "rtn"},
+                        fmt="gptq_v2")
+    write_manifest(tmp_path / "rel")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    printed = {}
+    for dtype in ("bfloat16", "float32"):
+        assert main(["eval", "--model", str(tmp_path / "rel"), "--data", str(text), "--split", "all",
+                     "--window", "64", "--windows", "3", "--dtype", dtype]) == 0
+        printed[dtype] = float(re.findall(r"\d+\.\d+", capsys.readouterr().out.splitlines()[-1])[-1])
+    windows = eval_windows(tokenize_text(text.read_text(), tok), 64, 3)
+    for dtype, value in printed.items():
+        want = perplexity(load_release(tmp_path / "rel", dtype=getattr(torch, dtype)), windows, batch_size=4)
+        assert value == pytest.approx(want, rel=1e-3), dtype
+    from flows.cli_impl import _eval_model
+    from quantlib.qlinear import QuantLinear
+
+    loaded, _ = _eval_model(str(tmp_path / "rel"), torch.bfloat16)
+    assert isinstance(loaded.get_submodule("model.layers.0.mlp.down_proj"), QuantLinear)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    write_manifest(tmp_path / "src")
+    assert main(["eval", "--model", str(tmp_path / "src"), "--data", str(text), "--split", "all",
+                 "--window", "64", "--windows", "3"]) == 0
