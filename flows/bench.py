@@ -125,11 +125,12 @@ def _worker(job: dict) -> list[dict]:
 
     seconds = 0.0
     settings = dict(calib, dtype="float32", device=job["device"])
+    shown = job["scheme"] + (f"-{job['activations']}" if job.get("activations") else "")  # w8pcs-a8
     rows = []
     if job["method"] is not None:
         method = _choice_from_json(job["method"])
         cfg, qat = method.base, method.qat
-        spec = parse_scheme(job["scheme"].split("-")[0])  # w8pc-a8: the weights' scheme, then the activations
+        spec = parse_scheme(job["scheme"])
         engine = EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"],
                               smooth=job.get("smooth"))
         t0 = time.perf_counter()
@@ -141,14 +142,14 @@ def _worker(job: dict) -> list[dict]:
                      **{k: job[k] for k in ("activations", "smooth") if job.get(k) is not None}}
         if qat is not None:
             t_eval = time.perf_counter()
-            rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": job["scheme"], **scores(),
+            rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": shown, **scores(),
                          "quant_seconds": round(t_eval - t_quant, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
             settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
                 "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
         seconds = time.perf_counter() - t0
-    return rows + [{"method": job["label"], "scheme": job["scheme"], **scores(), "quant_seconds": round(seconds, 1),
+    return rows + [{"method": job["label"], "scheme": shown, **scores(), "quant_seconds": round(seconds, 1),
                     "peak_rss_mb": _rss_mb(), "settings": settings}]
 
 
@@ -170,7 +171,7 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
     act = {"activations": bench.activations, "smooth": bench.smooth,
            "method_suffix": "" if bench.smooth is None else f"+sq{bench.smooth:g}"}
     return jobs + [dict(base, **act, method=_choice_to_json(m), label=m.label + act["method_suffix"],
-                        scheme=s + (f"-{bench.activations}" if bench.activations else ""))
+                        scheme=s)
                    for s in bench.schemes for m in bench.methods]
 
 

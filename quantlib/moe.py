@@ -95,12 +95,16 @@ def _unfused(module: nn.Module, path: str) -> LinearExperts:
                 expert.gate_proj.weight.copy_(gate_up[e, :inter])
                 expert.up_proj.weight.copy_(gate_up[e, inter:])
                 expert.down_proj.weight.copy_(down[e])
-    # the fused module without its weights: what `fused` fills again for save_pretrained
-    module.gate_up_proj = nn.Parameter(torch.empty(gate_up.shape, dtype=gate_up.dtype, device="meta"),
-                                       requires_grad=False)
-    module.down_proj = nn.Parameter(torch.empty(down.shape, dtype=down.dtype, device="meta"), requires_grad=False)
+    _drop_weights(module)  # what `fused` fills again for save_pretrained
     object.__setattr__(experts, "fused_module", module)  # not a submodule: no parameters, no state dict
     return experts
+
+
+def _drop_weights(module: nn.Module) -> None:
+    """A fused experts module's 3-D parameters back to meta tensors of their shape (no memory)."""
+    for k in ("gate_up_proj", "down_proj"):
+        p = getattr(module, k)
+        setattr(module, k, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
 
 
 def unfuse_experts(model: nn.Module) -> int:
@@ -125,10 +129,7 @@ def fused(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for name, experts in swapped:
             model.set_submodule(name, experts)
-            meta = experts.fused_module
-            for k in ("gate_up_proj", "down_proj"):
-                p = getattr(meta, k)
-                setattr(meta, k, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
+            _drop_weights(experts.fused_module)
 
 
 def is_expert_linear(name: str) -> bool:

@@ -70,8 +70,6 @@ def test_ptq_eval_scores_a_release_through_its_loader_in_the_dtype_asked(tmp_pat
     modules of a GPTQ v2 release), in bf16, gives the printed perplexity; a plain HF folder still
     loads as a model."""
     import re
-    import sys
-    from pathlib import Path
 
     from flows.cli import main
     from quantlib.adapters import get_adapter
@@ -81,8 +79,7 @@ def test_ptq_eval_scores_a_release_through_its_loader_in_the_dtype_asked(tmp_pat
     from tasks.release import load_release, write_release_files
     from tasks.textdata import tokenize_text
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quantlib"))
-    from tiny import tiny_model
+    from tests.quantlib.tiny import tiny_model
     from tests.tasks.test_gguf_release import _char_tokenizer
 
     model, tok = tiny_model("llama"), _char_tokenizer(128)

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from quantlib.activations import ActivationStore
 from quantlib.adapters import get_adapter
-from quantlib.capture import capture_block_calls, capture_block_inputs, run_block
+from quantlib.capture import capture_block_inputs, run_block
 from quantlib.engine import EngineConfig, quantize_block
 from quantlib.gptq import GPTQConfig, accumulate_hessian
 from quantlib.methods import quantize_weight
@@ -114,8 +114,8 @@ def test_rarely_routed_experts_are_shrunk_toward_the_layer_pool():
 def test_engine_reports_and_shrinks_experts_under_the_threshold():
     model, ids = tiny_model("qwen3_moe"), tiny_ids(4, 16)
     adapter = get_adapter(model)
-    batches, _ = capture_block_inputs(adapter, ids, 4)
-    call = capture_block_calls(adapter, ids)[0]
+    batches, calls = capture_block_inputs(adapter, ids, 4)
+    call = calls[0]
     runs = {}
     for m in (1, 10_000):
         model = tiny_model("qwen3_moe")
@@ -136,7 +136,6 @@ def test_mixtral_release_uses_checkpoint_names_and_loads_back(tmp_path):
     names (every quantized module's weight is gone from the source tensors, nothing else), loads back
     to the fake-quant logits exactly (fp32 codes release), and a packed release keeps the router fp32."""
     from tasks.release import RELEASE_FORMAT, load_release, write_release_files
-    from tasks.release_formats import PACKED_FORMATS  # noqa: F401
 
     from flows.commands import quantize_loaded
     from flows.methods import parse_method
