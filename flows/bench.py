@@ -57,6 +57,7 @@ class QualityBench:
     fp32: bool = True
     n_samples: int = 128
     seqlen: int = 512
+    seed: int = 0  # the calibration draw (protocol: 0); rows at other seeds are kept apart and averaged
     device: str = "cpu"
     batch_size: int = 8
     true_sequential: bool = True
@@ -166,7 +167,7 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
     """One JSON job per row: fp32 first (if asked), then every method per scheme."""
     base = {"model_dir": str(model_dir), "mirror": bench.mirror, "device": bench.device,
             "batch_size": bench.batch_size, "true_sequential": bench.true_sequential,
-            "calib": {"n": bench.n_samples, "seqlen": bench.seqlen}}
+            "calib": {"n": bench.n_samples, "seqlen": bench.seqlen, "seed": bench.seed}}
     jobs = [dict(base, method=None, label="fp32", scheme="fp32")] if bench.fp32 else []
     act = {"activations": bench.activations, "smooth": bench.smooth,
            "method_suffix": "" if bench.smooth is None else f"+sq{bench.smooth:g}"}
@@ -208,7 +209,7 @@ def render_quality_md(records: list[dict]) -> str:
              "perplexity on the first 16 x 1024-token windows of the second half; fp32 on CPU. ",
              "python-docs: the off-domain check of docs/protocol.md (first 200,000 characters of the Python ",
              "docs, 16 x 1024 windows; fp32 11.60), for rows made since it was added. ",
-             "Generated from quality.json by `ptq bench quality` (latest row per method and scheme).", "",
+             "Generated from quality.json by `ptq bench quality` (latest row per method, scheme and calibration).", "",
              "| model | method | scheme | ppl | python-docs | quant s | threads | peak RSS MB | calib | date |",
              "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
@@ -216,17 +217,46 @@ def render_quality_md(records: list[dict]) -> str:
         lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {off} | {r['quant_seconds']:.0f} | "
                      f"{r.get('versions', {}).get('threads', '')} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
+    lines += _seeds_table(list(latest.values()))
     lines += _settings_table([r for r in latest.values() if _is_recon(r) or "qat" in r["settings"]])
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
     return "\n".join(lines) + "\n"
 
 
-RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "grid", "iters", "batch_size", "lr", "clip_lr")
+RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "grid", "iters", "batch_size", "lr",
+              "clip_lr", "heldout", "eval_every")
 QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init")
 
 
-def _calib(r: dict) -> str:
-    return f"{r['settings'].get('n', CALIB['n'])}x{r['settings'].get('seqlen', CALIB['seqlen'])}"
+def _calib(r: dict, seed: bool = True) -> str:
+    """`128x512`, with ` seed 1` for a calibration draw other than the protocol's."""
+    st = r["settings"]
+    size = f"{st.get('n', CALIB['n'])}x{st.get('seqlen', CALIB['seqlen'])}"
+    return size + (f" seed {st['seed']}" if seed and st.get("seed", 0) != CALIB["seed"] else "")
+
+
+def _seeds_table(latest: list[dict]) -> list[str]:
+    """Mean +- std (sample) over calibration seeds, for every method, scheme and size measured at
+    more than one seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in latest:
+        groups.setdefault((r.get("model", "smollm2-135m"), r["method"], r["scheme"], _calib(r, seed=False)), []).append(r)
+    groups = {k: v for k, v in groups.items() if len({r["settings"].get("seed", 0) for r in v}) > 1}
+    if not groups:
+        return []
+
+    def stat(values: list[float]) -> str:
+        t = torch.tensor(values, dtype=torch.float64)
+        return f"{float(t.mean()):.2f} ± {float(t.std()):.2f}"
+
+    out = ["", "## Over calibration seeds", "", "| model | method | scheme | calib | seeds | ppl | python-docs |",
+           "|---|---|---|---|---|---:|---:|"]
+    for (model, method, scheme, calib), rows in sorted(groups.items()):
+        off = [r["ppl_pydocs"] for r in rows if r.get("ppl_pydocs") is not None]
+        seeds = ",".join(str(s) for s in sorted(r["settings"].get("seed", 0) for r in rows))
+        out.append(f"| {model} | {method} | {scheme} | {calib} | {seeds} | {stat([r['ppl'] for r in rows])} | "
+                   f"{stat(off) if len(off) == len(rows) else ''} |")
+    return out
 
 
 def _is_recon(r: dict) -> bool:

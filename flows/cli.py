@@ -67,6 +67,10 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     r.add_argument("--grid", choices=("auto", "init", "learned"),
                    help="init: codes stay on the initializer's grid (auto for gptq/boa); learned: LWC clipping")
     r.add_argument("--cfp", action="store_true", default=None, help="CBQ outlier pre-processing before each block")
+    r.add_argument("--heldout", type=float, help="share of calibration batches a window never trains on; its guard "
+                   "judges on them (default 0: on the training batches)")
+    r.add_argument("--eval-every", type=int, help="early stopping: held-out loss every N iterations, best state kept")
+    r.add_argument("--patience", type=int, help="stop a window after this many evaluations without improvement")
     t = p.add_argument_group("global QAT refinement (method names ending in +qat, e.g. gptq+qat)")
     t.add_argument("--qat-trainable", choices=("scales", "scales+zeros", "weights"))
     t.add_argument("--qat-loss", choices=("ce", "kl", "ce+kl"))
@@ -115,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     bq.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 reference row")
     bq.add_argument("--n-samples", type=int, default=128, help="calibration sequences (protocol: 128)")
     bq.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (protocol: 512)")
+    bq.add_argument("--seed", type=int, default=0, help="calibration draw (protocol: 0); rows at several seeds "
+                    "are also shown as mean ± std")
     _add_solver(bq)
     bq.add_argument("--mirror", default=None)
 

@@ -30,7 +30,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=resolve_device(args.device), spill_dir=args.spill_dir, smooth=args.smooth)
 
 
-RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp")
+RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp",
+               "heldout", "eval_every", "patience")
 QAT_FLAGS = {"qat_trainable": "trainable", "qat_loss": "loss", "qat_steps": "steps", "qat_lr": "lr",
              "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk"}
 
@@ -123,7 +124,8 @@ def quality_bench(args: argparse.Namespace) -> QualityBench:
     """`ptq bench quality` arguments as a validated QualityBench; bad names fail before any work."""
     methods = tuple(method_choice(args, name) for name in _csv(args.methods))
     return QualityBench(model=args.model, methods=methods, schemes=_csv(args.schemes), out=Path(args.out),
-                        fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, device=resolve_device(args.device),
+                        fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed,
+                        device=resolve_device(args.device),
                         batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror,
                         activations=args.activations, smooth=args.smooth)
 

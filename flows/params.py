@@ -134,6 +134,18 @@ def _open_interval(lo: float, hi: float) -> Check:
     return check
 
 
+def _fraction() -> Check:
+    """[0, 1): a share that may be 0 (off)."""
+    def check(path: str, value: Any) -> float:
+        if not (_is_int(value) or isinstance(value, float)):
+            raise _expected(path, "float", value)
+        if not 0 <= value < 1:  # also rejects nan
+            raise ParamsError(f"{path}: must be in [0, 1) (0 = off), got {value}")
+        return float(value)
+
+    return check
+
+
 def _bool_or_auto() -> Check:
     def check(path: str, value: Any) -> bool | str:
         if not (isinstance(value, bool) or value == "auto"):
@@ -333,7 +345,10 @@ class ReconParams(_Section):
     rounding (nearest | adaround | lora with rank) / learn_weights choose what is trained; init is the
     method the codes start from; grid: init keeps the codes on the initializer's grid and learns the
     dequantization scale (auto: for gptq/boa inits), learned re-derives them on learned clipping (auto:
-    for rtn); lr is the rounding rate, clip_lr the clipping/scale rate.
+    for rtn); lr is the rounding rate, clip_lr the clipping/scale rate. heldout: share of the calibration
+    batches a window never trains on, whose loss the keep-or-revert guard judges (0: the training
+    batches); eval_every > 0 evaluates it during training, keeps the best state and stops after
+    `patience` evaluations without improvement (0: never early).
     """
 
     SECTION: ClassVar[str] = "recon"
@@ -355,9 +370,15 @@ class ReconParams(_Section):
     clip_lr: float = _key(1e-2, _positive())
     schedule: str = _key("cosine", _choice(SCHEDULES))
     seed: int = _key(0, _integer(0))
+    heldout: float = _key(0.0, _fraction())
+    eval_every: int = _key(0, _integer(0))
+    patience: int = _key(0, _integer(0))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.eval_every and not self.heldout:
+            raise ParamsError("recon.eval_every: early stopping judges on held-out batches: set recon.heldout "
+                              "(e.g. 0.125) or eval_every: 0")
         if self.overlap >= self.window:
             raise ParamsError(f"recon.overlap: must be smaller than recon.window ({self.window}), got {self.overlap}")
         if self.learn_weights and self.rounding != "nearest":

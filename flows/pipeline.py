@@ -358,13 +358,16 @@ def _quantize_windows(ctx: StageContext, job, n: int, cap: dict, common: dict) -
                                  carry=carry, job=job, **common)
         st = rec["stats"]
         stats.append({"window": w, **{k: st[k] for k in ("start", "end", "loss_init", "loss_final", "kept_init", "curve",
-                                                         "skipped_steps")}})
+                                                         "skipped_steps", "heldout_batches", "heldout_curve",
+                                                         "best_iter", "stopped_early")}})
         if st["skipped_steps"]:
             log.warning("window %d: steps %s had a non-finite loss or gradient and were not applied", w,
                         st["skipped_steps"])
         ctx.log_metrics({"recon_skipped_steps": len(st["skipped_steps"])}, w)
         for step, loss in enumerate(st["curve"]):
             ctx.log_metrics({f"recon_loss_window_{w:03d}": loss}, step)
+        for step, loss in st["heldout_curve"]:
+            ctx.log_metrics({f"recon_heldout_loss_window_{w:03d}": loss}, step)
         ctx.log_metrics({"recon_loss_final": st["loss_final"]}, w)
         share = {"layer_errors": {}, "names": [], "qweights": None, "qweights_sha": None}
         finished = [dict(share, block=e["block"], before=e["before"], block_error=e["after"]) for e in st["block_errors"]]

@@ -78,6 +78,12 @@ class ReconConfig:
     beta: tuple[float, float] = (20.0, 2.0)  # annealed regularizer exponent, start -> end
     warmup: float = 0.2  # fraction of iterations without the rounding regularizer
     seed: int = 0
+    # held out: the last round(heldout x batches) calibration batches never train; the guard (and early
+    # stopping) judge on them. eval_every > 0: the held-out loss every that many iterations, the best
+    # state kept, stop after `patience` evaluations without improvement (0: never stop early)
+    heldout: float = 0.0
+    eval_every: int = 0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         _check(self.window >= 1, f"window must be >= 1, got {self.window}")
@@ -94,6 +100,10 @@ class ReconConfig:
             _check(getattr(self, name) > 0 or (name in ("reg_weight", "kl_weight") and getattr(self, name) == 0),
                    f"{name} must be positive, got {getattr(self, name)}")
         _check(self.iters >= 0 and self.batch_size >= 1, "iters must be >= 0 and batch_size >= 1")
+        _check(0 <= self.heldout < 1, f"heldout must be in [0, 1) (0: judge on the training batches), got {self.heldout}")
+        _check(self.eval_every >= 0 and self.patience >= 0, "eval_every and patience must be >= 0")
+        _check(not self.eval_every or self.heldout > 0,
+               "eval_every (early stopping) needs held-out batches: set heldout > 0 (e.g. 0.125)")
         _check(not self.learn_weights or self.rounding == "nearest",
                "learn_weights trains the latent weights through the straight-through rounding: set rounding: nearest")
 

@@ -35,8 +35,8 @@ __all__ = ["WindowStats", "WindowResult", "ReconState", "init_block", "install_b
 class WindowStats:
     start: int
     end: int
-    loss_init: float  # hardened init, on all calibration batches
-    loss_final: float  # hardened result (= loss_init when the guard kept the init)
+    loss_init: float  # hardened init, on the held-out batches (all batches when cfg.heldout is 0)
+    loss_final: float  # hardened result kept (= loss_init when the guard kept the init)
     kept_init: bool
     seconds: float
     peak_mb: float
@@ -44,6 +44,10 @@ class WindowStats:
     skipped_steps: list[int] = field(default_factory=list)  # steps whose loss or gradient was not finite
     # [{"block", "before", "after"}]: relative output error of each finished block at init and after
     block_errors: list[dict] = field(default_factory=list)
+    heldout_batches: int = 0  # calibration batches the window never trained on, that the guard judged on
+    heldout_curve: list[tuple[int, float]] = field(default_factory=list)  # (iterations done, held-out loss)
+    best_iter: int | None = None  # iterations done at the state kept (None: the end, without evaluations)
+    stopped_early: bool = False
 
 
 @dataclass
@@ -161,10 +165,25 @@ def _beta(cfg: ReconConfig, it: int) -> float | None:
     return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * t
 
 
+def split_batches(n: int, heldout: float) -> tuple[list[int], list[int]]:
+    """(training batches, judged batches) of n calibration batches: the last round(heldout n) (at
+    least one) are held out; heldout 0 trains and judges on all of them."""
+    if heldout == 0:
+        return list(range(n)), list(range(n))
+    if n < 2:
+        raise ValueError(f"recon heldout {heldout} needs at least 2 calibration batches, got {n}: use more "
+                         "calibration sequences, a smaller engine batch size, or heldout 0")
+    k = min(max(1, round(heldout * n)), n - 1)
+    return list(range(n - k)), list(range(n - k, n))
+
+
 @torch.no_grad()
-def _eval_loss(blocks, calls, inputs: ActivationStore, targets: ActivationStore, cfg, device) -> float:
+def _eval_loss(blocks, calls, inputs: ActivationStore, targets: ActivationStore, cfg, device,
+               batches: list[int] | None = None) -> float:
+    """Mean loss per sequence over `batches` (all when None)."""
     total, n = 0.0, 0
-    for x, t in zip(inputs, targets):
+    for i in range(len(inputs)) if batches is None else batches:
+        x, t = inputs[i], targets[i]
         y = x.to(device)
         for block, call in zip(blocks, calls):
             y = run_block(block, y, call)
@@ -198,13 +217,21 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
             for p in ps:
                 p.requires_grad_(True)
     init_state = {id(m): copy.deepcopy(m.state_dict()) for m in modules}
+    train, judged = split_batches(len(inputs), cfg.heldout)
     _set_mode(modules, False)
-    loss_init = _eval_loss(blocks, dcalls, inputs, targets, cfg, device)
-    curve, skipped = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start) if cfg.iters \
-        else ([], [])
+    loss_init = _eval_loss(blocks, dcalls, inputs, targets, cfg, device, judged)
+    judge = _Judge(modules, loss_init, cfg, lambda: _eval_loss(blocks, dcalls, inputs, targets, cfg, device, judged))
+    curve, skipped = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start, train, judge) \
+        if cfg.iters else ([], [])
     _set_mode(modules, False)
-    loss_final = _eval_loss(blocks, dcalls, inputs, targets, cfg, device)
-    kept = not loss_final <= loss_init  # NaN included
+    if cfg.eval_every and cfg.iters:  # early stopping: the best evaluated state, or the init if none beat it
+        kept = judge.best_state is None
+        for m in [] if kept else modules:
+            m.load_state_dict(judge.best_state[id(m)])
+        loss_final = judge.best
+    else:
+        loss_final = _eval_loss(blocks, dcalls, inputs, targets, cfg, device, judged)
+        kept = not loss_final <= loss_init  # NaN included
     if kept:  # never ship something worse than (or not comparable with) the initialization
         for m in modules:
             m.load_state_dict(init_state[id(m)])
@@ -215,11 +242,41 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
     for i in idx:
         adapter.blocks[i].to("cpu")
     return WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device), curve,
-                       skipped_steps=skipped)
+                       skipped_steps=skipped, heldout_batches=len(judged) if cfg.heldout else 0,
+                       heldout_curve=judge.curve, best_iter=judge.best_iter, stopped_early=judge.stopped)
+
+
+class _Judge:
+    """Early stopping on the held-out batches: every cfg.eval_every iterations, the hardened state's
+    loss; the best state is kept (a copy) and training stops after cfg.patience evaluations without
+    improvement (never with patience 0). With eval_every 0 it never evaluates (best_state stays None)."""
+
+    def __init__(self, modules: list[LearnableLinear], loss_init: float, cfg: ReconConfig,
+                 evaluate: Callable[[], float]) -> None:
+        self.modules, self.cfg, self.evaluate = modules, cfg, evaluate
+        self.best, self.best_iter, self.best_state = loss_init, None, None
+        self.curve: list[tuple[int, float]] = []
+        self.misses, self.stopped = 0, False
+
+    def after(self, done: int) -> bool:
+        """Called after `done` iterations; True to stop."""
+        if not self.cfg.eval_every or done % self.cfg.eval_every and done != self.cfg.iters:
+            return False
+        _set_mode(self.modules, False)
+        loss = self.evaluate()
+        _set_mode(self.modules, True)
+        self.curve.append((done, loss))
+        if loss < self.best:
+            self.best, self.best_iter, self.misses = loss, done, 0
+            self.best_state = {id(m): copy.deepcopy(m.state_dict()) for m in self.modules}
+        else:
+            self.misses += 1
+        self.stopped = 0 < self.cfg.patience <= self.misses and done < self.cfg.iters
+        return self.stopped
 
 
 def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, loss_init: float,
-           start: int) -> tuple[list[float], list[int]]:
+           start: int, train: list[int], judge: _Judge) -> tuple[list[float], list[int]]:
     """(loss of every applied step, steps skipped because their loss or gradient was not finite: a
     NaN/Inf batch must not poison the learnables; the window goes on from its last good state)."""
     opt, sched = _optimizer(modules, cfg, cfg.iters)
@@ -229,7 +286,7 @@ def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, lo
     _set_mode(modules, True)
     curve, skipped = [], []
     for it in range(cfg.iters):
-        b = int(torch.randint(len(inputs), (1,), generator=gen))
+        b = train[int(torch.randint(len(train), (1,), generator=gen))]
         x, t = inputs[b], targets[b]
         rows = torch.randperm(x.shape[0], generator=gen)[: cfg.batch_size]
         with autocast:
@@ -251,6 +308,8 @@ def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, lo
         else:
             skipped.append(it)
         sched.step()
+        if judge.after(it + 1):
+            break
     return curve, skipped
 
 

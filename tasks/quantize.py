@@ -215,7 +215,9 @@ def _read_carry(record: dict | None) -> dict[int, dict[str, torch.Tensor]]:
 def _window_stats(st: WindowStats) -> dict:
     return {"start": st.start, "end": st.end, "loss_init": st.loss_init, "loss_final": st.loss_final,
             "kept_init": st.kept_init, "seconds": st.seconds, "peak_mb": st.peak_mb, "curve": st.curve,
-            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors, "ran_on": ran_on(),
+            "skipped_steps": st.skipped_steps, "block_errors": st.block_errors, "heldout_batches": st.heldout_batches,
+            "heldout_curve": st.heldout_curve, "best_iter": st.best_iter, "stopped_early": st.stopped_early,
+            "ran_on": ran_on(),
             "threads": torch.get_num_threads()}
 
 

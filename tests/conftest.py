@@ -58,32 +58,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 RELIABILITY_ENV = "PTQ_RELIABILITY_OUT"  # where to write the table (e.g. docs/reliability.md)
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Remember each `reliability`-marked test's outcome (its call phase, or a failed/skipped setup)."""
-    if report.when == "call" or report.outcome != "passed":
-        row = _PENDING.pop(report.nodeid, None)
-        if row is not None:
-            _ROWS.append({**row, "outcome": report.outcome})
-
-
-_PENDING: dict[str, dict] = {}
-_ROWS: list[dict] = []
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Carry a `reliability` marker's texts on the test's reports (user_properties travel from
+    pytest-xdist's workers to the controller, which writes the table)."""
     marker = item.get_closest_marker("reliability")
     if marker is not None:
         case = getattr(getattr(item, "callspec", None), "id", "")
-        _PENDING[item.nodeid] = {k: str(v).replace("{case}", case) for k, v in marker.kwargs.items()} | {
-            "test": item.nodeid}
+        item.user_properties.append(
+            ("reliability", {k: str(v).replace("{case}", case) for k, v in marker.kwargs.items()}))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember each `reliability`-marked test's outcome (its call phase, or a failed/skipped setup),
+    once per test."""
+    if report.when != "call" and report.outcome == "passed" or report.nodeid in _ROWS:
+        return
+    row = dict(report.user_properties).get("reliability")
+    if row is not None:
+        _ROWS[report.nodeid] = {**row, "test": report.nodeid, "outcome": report.outcome}
+
+
+_ROWS: dict[str, dict] = {}  # nodeid -> row, in this process (the controller under xdist)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     out = os.environ.get(RELIABILITY_ENV)
-    if out and _ROWS:
+    if out and _ROWS and not hasattr(session.config, "workerinput"):  # xdist workers report to the controller
         from reliability_doc import render
 
-        Path(out).write_text(render(_ROWS), encoding="utf-8")
+        Path(out).write_text(render([_ROWS[k] for k in sorted(_ROWS)]), encoding="utf-8")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

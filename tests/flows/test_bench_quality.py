@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pipeline_projects import MIRROR
 
-from flows.bench import QualityBench, _choice_from_json, _jobs
+from flows.bench import QualityBench, _choice_from_json, _jobs, render_quality_md
 from flows.cli import main
 from flows.methods import parse_method
 
@@ -18,7 +18,7 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     out = tmp_path / "quality.json"
     rc = main(["bench", "quality", "--model", str(tiny_source), "--methods", "recon-k2o1-i2,rtn+qat",
                "--schemes", "w3g32", "--no-fp32", "--out", str(out), "--qat-steps", "2", "--qat-loss", "ce",
-               "--device", "cpu", "--mirror", str(MIRROR), "--n-samples", "16", "--seqlen", "64"])
+               "--device", "cpu", "--mirror", str(MIRROR), "--n-samples", "16", "--seqlen", "64", "--seed", "1"])
     assert rc == 0, capsys.readouterr().err
     rows = json.loads(out.read_text())
     # a +qat job also reports its block-wise starting point, from the same quantization
@@ -29,11 +29,12 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     assert rows[0]["quant_seconds"] > 0
     assert rows[2]["quant_seconds"] > rows[1]["quant_seconds"] and "qat" not in rows[1]["settings"]
     recon, qat = rows[0]["settings"], rows[2]["settings"]
-    assert recon["n"] == 16 and recon["seqlen"] == 64  # a reduced calibration is recorded with the row
+    assert (recon["n"], recon["seqlen"], recon["seed"]) == (16, 64, 1)  # the calibration draw is recorded with the row
     assert recon["method_config"]["window"] == 2 and recon["method_config"]["iters"] == 2
     assert qat["qat"]["steps"] <= 2 and qat["qat"]["loss"] == "ce"
     md = out.with_suffix(".md").read_text()
     assert "| rtn+qat | w3g32 |" in md and "| rtn | w3g32 |" in md and "| python-docs |" in md
+    assert "| 16x64 seed 1 |" in md
     assert f"| {rows[2]['ppl']:.2f} | {rows[2]['ppl_pydocs']:.2f} |" in md
 
 
@@ -65,3 +66,20 @@ def test_quality_bench_validates_its_settings(kw, message):
     base = dict(model="m", methods=(parse_method("gptq"),), schemes=("w4pc",), out=Path("q.json"))
     with pytest.raises((ValueError, TypeError), match=message):
         QualityBench(**(base | kw))
+
+
+def _row(method: str, seed: int, ppl: float, pydocs: float | None) -> dict:
+    return {"method": method, "scheme": "w3g64", "ppl": ppl, "ppl_pydocs": pydocs, "quant_seconds": 1.0,
+            "peak_rss_mb": 1.0, "date": "2026-12-03", "command": "ptq bench quality",
+            "settings": {"n": 128, "seqlen": 512, "seed": seed}}
+
+
+def test_rows_at_several_seeds_are_kept_apart_and_averaged():
+    rows = [_row("gptq", 0, 30.0, 20.0), _row("gptq", 1, 31.0, 22.0), _row("gptq", 2, 32.0, 24.0),
+            _row("gptq", 1, 99.0, None),  # an older run at seed 1: the later one replaces it
+            _row("gptq", 1, 31.0, 22.0), _row("rtn", 0, 50.0, 40.0)]  # rtn: one seed, no mean
+    md = render_quality_md(rows)
+    assert "| 128x512 |" in md and "| 128x512 seed 1 |" in md and "| 128x512 seed 2 |" in md
+    seeds = md.split("## Over calibration seeds")[1]
+    assert "| smollm2-135m | gptq | w3g64 | 128x512 | 0,1,2 | 31.00 ± 1.00 | 22.00 ± 2.00 |" in seeds
+    assert "| rtn |" not in seeds.split("##")[0]

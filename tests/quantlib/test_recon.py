@@ -8,7 +8,8 @@ from quantlib.cfp import CFPConfig, apply_cfp, truncate_weight_outliers
 from quantlib.engine import EngineConfig
 from quantlib.recon import LearnableLinear, ReconConfig, recon_loss, window_starts
 from quantlib.spec import QuantSpec
-from quantlib.windows import ReconState, forward_blocks, fp_boundaries, init_block, reconstruct_model, train_window
+from quantlib.windows import (ReconState, _eval_loss, forward_blocks, fp_boundaries, init_block, reconstruct_model,
+                              split_batches, train_window)
 
 from tiny import FAMILIES, tiny_ids, tiny_model
 
@@ -325,6 +326,8 @@ def test_window_schedule():
     (dict(lr=-1e-3), "lr must be positive"),
     (dict(rounding="stochastic"), "rounding must be one of"),
     (dict(learn_weights=True, rounding="lora"), "learn_weights"),
+    (dict(heldout=1.0), r"heldout must be in \[0, 1\)"),
+    (dict(eval_every=4), "needs held-out batches"),
 ])
 def test_bad_configs_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -455,3 +458,51 @@ def test_cfp_weight_threshold_is_scale_invariant():
     cand, _ = torch.sort(a[a > q3 + 1.5 * (q3 - q1)])
     raw = [_fine_split(cand * c, 1.0) / c for c in (1e-3, 20.0)]  # the same split rule on raw values
     assert raw[0] != pytest.approx(raw[1], rel=1e-3)
+
+
+def _window_with_a_poisoned_batch(cfg: ReconConfig, poison: float = 100.0):
+    """Block 0 trained on 2 calibration batches whose second has targets `poison` off: (stats, adapter,
+    x, calls, targets). Any step on that batch has a loss far above any step on the first."""
+    a, x, calls, bounds = _captured()
+    targets = ActivationStore.from_batches([bounds[1][0], bounds[1][1] + poison])
+    state = ReconState()
+    init_block(a, 0, x, calls[0], SPEC, cfg, ENGINE, state)
+    return train_window(a, 0, 1, 1, x, targets, calls, cfg, state, torch.device("cpu")), a, x, calls, targets
+
+
+def test_heldout_batches_never_train_and_the_guard_judges_on_them():
+    base = dict(window=1, overlap=0, rounding="nearest", init="rtn", loss="mse", iters=12)
+    judged, *_ = _window_with_a_poisoned_batch(ReconConfig(**base, heldout=0.5))
+    assert judged.heldout_batches == 1 and len(judged.curve) == 12
+    assert max(judged.curve) < 1.0 < judged.loss_init  # steps saw only batch 0; the guard only batch 1
+    mixed, *_ = _window_with_a_poisoned_batch(ReconConfig(**base))  # heldout 0: both batches train
+    assert mixed.heldout_batches == 0 and max(mixed.curve) > 1.0
+
+
+def test_early_stopping_ships_the_best_evaluated_state():
+    cfg = ReconConfig(window=1, overlap=0, rounding="nearest", init="rtn", loss="mse", clip_lr=0.05, iters=24,
+                      heldout=0.5, eval_every=4, patience=0)
+    st, a, x, calls, targets = _window_with_a_poisoned_batch(cfg, poison=0.0)
+    losses = [loss for _, loss in st.heldout_curve]
+    assert [i for i, _ in st.heldout_curve] == [4, 8, 12, 16, 20, 24] and not st.stopped_early
+    assert not st.kept_init and st.loss_final == min(losses) < st.loss_init
+    assert st.best_iter == st.heldout_curve[losses.index(min(losses))][0] < 24  # not the last state: restored
+    shipped = _eval_loss([a.blocks[0]], [calls[0]], x, targets, cfg, torch.device("cpu"), [1])
+    assert shipped == st.loss_final  # the modules hold the best state, not the last one
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_init_when_nothing_beat_it():
+    # a huge rate wrecks the clipping at once: every evaluation is worse than the init
+    cfg = ReconConfig(window=1, overlap=0, rounding="nearest", init="rtn", loss="mse", clip_lr=50.0, iters=40,
+                      heldout=0.5, eval_every=2, patience=2)
+    st, *_ = _window_with_a_poisoned_batch(cfg, poison=0.0)
+    assert st.stopped_early and len(st.heldout_curve) == 2 and len(st.curve) == 4
+    assert st.kept_init and st.loss_final == st.loss_init and st.best_iter is None
+
+
+def test_split_batches_holds_out_the_last_ones_and_refuses_too_few():
+    assert split_batches(16, 0.125) == (list(range(14)), [14, 15])
+    assert split_batches(3, 0.0) == ([0, 1, 2], [0, 1, 2])
+    assert split_batches(2, 0.9) == ([0], [1])  # at least one batch trains
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        split_batches(1, 0.5)
