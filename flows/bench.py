@@ -26,6 +26,7 @@ from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig
 from quantlib.gptq import GPTQConfig
 from quantlib.qat import QATConfig
+from quantlib.qweight import bits_per_weight
 from quantlib.recon import ReconConfig
 from quantlib.rtn import RTNConfig
 from quantlib.spec import parse_scheme
@@ -127,7 +128,7 @@ def _worker(job: dict) -> list[dict]:
     seconds = 0.0
     settings = dict(calib, dtype="float32", device=job["device"])
     shown = job["scheme"] + (f"-{job['activations']}" if job.get("activations") else "")  # w8pcs-a8
-    rows = []
+    rows, size = [], {}  # size: effective bits per weight of a quantized row
     if job["method"] is not None:
         method = _choice_from_json(job["method"])
         cfg, qat = method.base, method.qat
@@ -139,18 +140,19 @@ def _worker(job: dict) -> list[dict]:
         t_quant = time.perf_counter()
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
         C.quantize_activations(model, results, job.get("activations"))  # QAT replaces, then restores, these modules
+        size = {"bpw": round(bits_per_weight(results), 4)}  # QAT keeps the scheme: one size for both rows
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"],
                      **{k: job[k] for k in ("activations", "smooth") if job.get(k) is not None}}
         if qat is not None:
             t_eval = time.perf_counter()
-            rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": shown, **scores(),
+            rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": shown, **size, **scores(),
                          "quant_seconds": round(t_eval - t_quant, 1), "peak_rss_mb": _rss_mb(), "settings": dict(settings)})
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
             settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
                 "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
         seconds = time.perf_counter() - t0
-    return rows + [{"method": job["label"], "scheme": shown, **scores(), "quant_seconds": round(seconds, 1),
+    return rows + [{"method": job["label"], "scheme": shown, **size, **scores(), "quant_seconds": round(seconds, 1),
                     "peak_rss_mb": _rss_mb(), "settings": settings}]
 
 
@@ -210,11 +212,14 @@ def render_quality_md(records: list[dict]) -> str:
              "python-docs: the off-domain check of docs/protocol.md (first 200,000 characters of the Python ",
              "docs, 16 x 1024 windows; fp32 11.60), for rows made since it was added. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method, scheme and calibration).", "",
-             "| model | method | scheme | ppl | python-docs | quant s | threads | peak RSS MB | calib | date |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "bits/w: effective bits per quantized weight (codes, an fp16 scale per group, a zero point per group ",
+             "when asymmetric; quantlib.qweight.bits_per_weight), for rows made since it was added.", "",
+             "| model | method | scheme | bits/w | ppl | python-docs | quant s | threads | peak RSS MB | calib | date |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         off = "" if r.get("ppl_pydocs") is None else f"{r['ppl_pydocs']:.2f}"
-        lines.append(f"| {model} | {method} | {scheme} | {r['ppl']:.2f} | {off} | {r['quant_seconds']:.0f} | "
+        bpw = "" if r.get("bpw") is None else f"{r['bpw']:.2f}"
+        lines.append(f"| {model} | {method} | {scheme} | {bpw} | {r['ppl']:.2f} | {off} | {r['quant_seconds']:.0f} | "
                      f"{r.get('versions', {}).get('threads', '')} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
     lines += _seeds_table(list(latest.values()))

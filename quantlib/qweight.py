@@ -8,7 +8,7 @@ import torch
 from .primitives import dequantize, expand
 from .spec import QuantSpec
 
-__all__ = ["QuantizedWeight"]
+__all__ = ["QuantizedWeight", "bits_per_weight"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,19 @@ class QuantizedWeight:
             g_idx=tensors[f"{prefix}.g_idx"],
             spec=QuantSpec(bits=bits, group_size=group or None, sym=bool(sym)),
         )
+
+
+def bits_per_weight(results: dict[str, QuantizedWeight], scale_bits: int = 16) -> float:
+    """Effective storage bits per quantized weight over all of `results`: the codes, one scale of
+    `scale_bits` per group and, for an asymmetric grid, one zero point of `bits` bits per group (as the
+    GPTQ and compressed-tensors formats store them). Unquantized tensors and g_idx are not counted.
+    W3 g64 asymmetric: 3 + (16 + 3) / 64 = 3.30."""
+    weights = bits = 0
+    for qw in results.values():
+        out, n = qw.qweight.shape
+        per_group = scale_bits + (0 if qw.spec.sym else qw.spec.bits)
+        weights += out * n
+        bits += out * n * qw.spec.bits + qw.scale.numel() * per_group
+    if not weights:
+        raise ValueError("bits_per_weight needs at least one quantized weight")
+    return bits / weights

@@ -35,6 +35,8 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     md = out.with_suffix(".md").read_text()
     assert "| rtn+qat | w3g32 |" in md and "| rtn | w3g32 |" in md and "| python-docs |" in md
     assert "| 16x64 seed 1 |" in md
+    assert all(r["bpw"] == pytest.approx(3 + 19 / 32, abs=1e-4) for r in rows)  # w3g32 asymmetric, QAT row included
+    assert f"| rtn+qat | w3g32 | {3 + 19 / 32:.2f} | {rows[2]['ppl']:.2f} |" in md
     assert f"| {rows[2]['ppl']:.2f} | {rows[2]['ppl_pydocs']:.2f} |" in md
 
 

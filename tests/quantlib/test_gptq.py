@@ -4,7 +4,7 @@ import torch
 from quantlib.boa import BoAConfig, kron_gptq
 from quantlib.gptq import GPTQConfig, accumulate_hessian, damped_inverse_cholesky, gptq_quantize
 from quantlib.methods import hessian_error
-from quantlib.primitives import qparams_from_range
+from quantlib.primitives import minmax_qparams, qparams_from_range, search_qparams
 from quantlib.qweight import QuantizedWeight
 from quantlib.rtn import rtn_quantize
 from quantlib.spec import QuantSpec
@@ -147,8 +147,10 @@ def test_gptq_equals_unblocked_reference_and_kron_solver_without_row_hessian(spe
 def test_codes_do_not_depend_on_block_size(spec, act_order):
     # g = 96 straddles blocks of 64 and 128; g = 64 straddles blocks of 96
     w, h, _ = _layer(seed=3, out=32, n=192)
-    runs = [gptq_quantize(w, h, spec, GPTQConfig(block_size=b, act_order=act_order)) for b in (32, 64, 96, 128, 1000)]
-    for b, qw in zip((64, 96, 128, 1000), runs[1:]):
+    # 33 and 97: a g32 / g96 group starts at a block's last column
+    sizes = (32, 33, 64, 96, 97, 128, 1000)
+    runs = [gptq_quantize(w, h, spec, GPTQConfig(block_size=b, act_order=act_order)) for b in sizes]
+    for b, qw in zip(sizes[1:], runs[1:]):
         assert torch.equal(qw.qweight, runs[0].qweight) and torch.equal(qw.zero, runs[0].zero), b
         # block size reorders float32 sums (lazy matmul vs per-column updates): scales agree to rounding
         torch.testing.assert_close(qw.scale, runs[0].scale, rtol=1e-5, atol=0, msg=str(b))
@@ -161,13 +163,66 @@ def test_dead_columns_are_zeroed():
     h[:, 5] = 0
     qw = gptq_quantize(w, h, QuantSpec(4, 32))
     assert qw.dequantize()[:, 5].abs().max() == 0
+    # and the rest is GPTQ with the dead column's diagonal set to 1 (it enters mean(diag H), the damping)
+    _assert_matches(qw, _reference_gptq(w, h, QuantSpec(4, 32)))
 
 
 def test_gptq_config_validation():
-    with pytest.raises(ValueError, match="damp must be in"):
-        GPTQConfig(damp=0)
+    for damp in (0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="damp must be in"):
+            GPTQConfig(damp=damp)
     with pytest.raises(ValueError, match="block_size must be positive"):
         GPTQConfig(block_size=0)
+    GPTQConfig(block_size=1, damp=0.999)  # the edges that are allowed
+
+
+def test_hessian_of_batched_inputs_equals_that_of_the_flattened_rows():
+    x = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))  # (batch, tokens, in): tokens != in
+    h3, n3 = accumulate_hessian(None, 0, x)
+    h2, n2 = accumulate_hessian(None, 0, x.reshape(15, 7))
+    assert n3 == n2 == 15 and h3.shape == (7, 7) and h3.dtype == torch.float32
+    torch.testing.assert_close(h3, h2, rtol=0, atol=0)
+    torch.testing.assert_close(h3, 2 / 15 * x.reshape(15, 7).t() @ x.reshape(15, 7))
+
+
+def test_the_damping_limit_is_passed_through_and_named_when_it_runs_out():
+    h = _indefinite(dtype=torch.float32)  # needs the third lambda (0.01, 0.1, 1.0)
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match=r"even with damping 0\.1 x mean"):  # the last one tried
+        gptq_quantize(w, h, QuantSpec(3, 8), GPTQConfig(act_order=False, max_damp_tries=2))
+    gptq_quantize(w, h, QuantSpec(3, 8), GPTQConfig(act_order=False, max_damp_tries=3))
+
+
+def test_codes_are_uint8_with_int32_g_idx_and_the_latent_is_the_weight_each_code_rounds():
+    w, h, _ = _layer(seed=4, out=16, n=64)
+    for act_order in (False, True):
+        qw = gptq_quantize(w, h, QuantSpec(3, 16), GPTQConfig(act_order=act_order))
+        assert qw.qweight.dtype == torch.uint8 and qw.g_idx.dtype == torch.int32
+        s, z = qw.scale[:, qw.g_idx.long()], qw.zero[:, qw.g_idx.long()]
+        # the latent is the error-compensated column just before rounding: it rounds to the codes and
+        # is not the original weight
+        assert torch.equal(torch.clamp(torch.round(qw.latent / s) + z, 0, 7).to(torch.uint8), qw.qweight)
+        assert not torch.allclose(qw.latent, w, atol=1e-3)
+
+
+def test_clip_search_takes_hessian_weighted_static_qparams():
+    # act-order groups are static: their qparams are the diag(H)-weighted clipping search on the
+    # original weight, which differs here from min-max and from the unweighted search
+    w, h, _ = _layer(seed=5, out=16, n=64)
+    spec = QuantSpec(3, 32)
+    qw = gptq_quantize(w, h, spec, GPTQConfig(act_order=True, clip_search=True))
+    scale, zero = search_qparams(w, spec, weight=torch.diag(h))
+    assert torch.equal(qw.scale, scale) and torch.equal(qw.zero, zero)
+    assert not torch.equal(scale, search_qparams(w, spec)[0]) and not torch.equal(scale, minmax_qparams(w, spec)[0])
+
+
+def test_clip_search_on_lazy_groups_changes_the_codes_and_not_with_the_block_size():
+    w, h, _ = _layer(seed=6, out=16, n=96)
+    spec = QuantSpec(2, 32)
+    runs = [gptq_quantize(w, h, spec, GPTQConfig(act_order=False, clip_search=True, block_size=b)) for b in (16, 33, 96)]
+    assert all(torch.equal(r.qweight, runs[0].qweight) for r in runs[1:])
+    plain = gptq_quantize(w, h, spec, GPTQConfig(act_order=False))
+    assert not torch.equal(runs[0].scale, plain.scale) and not torch.equal(runs[0].qweight, plain.qweight)
 
 
 def test_inverse_cholesky_bits_do_not_depend_on_the_thread_count():

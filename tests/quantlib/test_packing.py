@@ -19,7 +19,8 @@ from quantlib.packing import (
     unpack_codes,
     unpack_weight,
 )
-from quantlib.qweight import QuantizedWeight
+from quantlib.qweight import QuantizedWeight, bits_per_weight
+from quantlib.rtn import rtn_quantize
 from quantlib.spec import QuantSpec
 
 SHAPES = [(1, 1), (3, 7), (5, 31), (4, 32), (2, 33), (6, 96), (3, 100), (7, 257)]
@@ -206,3 +207,15 @@ def test_gptq_v1_shifts_zero_point_zero_groups_and_counts_the_clipped_codes():
         pack_weight(qw, PackFormat.GPTQ)
     again, n = to_gptq_v1(v1)  # idempotent
     assert n == 0 and torch.equal(again.qweight, v1.qweight) and torch.equal(again.zero, v1.zero)
+
+
+@pytest.mark.parametrize("bits, group, sym", [(2, 32, False), (3, 32, False), (4, 64, True), (8, None, False)])
+def test_bits_per_weight_counts_what_a_compressed_tensors_release_stores(bits, group, sym):
+    g = torch.Generator().manual_seed(bits)
+    results = {f"l{i}": rtn_quantize(torch.randn(out, n, generator=g), QuantSpec(bits, group, sym))
+               for i, (out, n) in enumerate([(64, 128), (32, 256)])}
+    stored = sum(t.numel() * t.element_size() for qw in results.values()
+                 for k, t in pack_compressed_tensors(qw).items() if k != "weight_shape")
+    assert bits_per_weight(results) == pytest.approx(8 * stored / (64 * 128 + 32 * 256), rel=1e-12)
+    if (bits, group, sym) == (3, 32, False):
+        assert bits_per_weight(results) == pytest.approx(3 + 19 / 32)
