@@ -65,25 +65,16 @@ class QATConfig:
     loss: "ce" (next-token NLL of the calibration text), "kl" (KL to the FP teacher, see `qat_loss`)
       or "ce+kl" (ce + kl_weight * kl). "kl" needs `teacher_targets` computed from the FP model. The
       default is "kl": PTQ aims at fidelity to the FP model, while "ce" also fine-tunes towards the
-      calibration text (on a tiny byte-level llama it even beat the FP model's perplexity on held-out
-      text of the same corpus, which is domain adaptation, not better quantization).
+      calibration text (domain adaptation, not better quantization: docs/benchmarks/tuning_notes.md).
     topk: teacher logits cached as the top-k log-probs (+ tail mass); 0 caches the full distribution.
 
     Learning rates (AdamW moves a parameter by about lr per step whatever its gradient's size, so each
-    parameter lives in units where one rate fits every layer):
-      lr        the log-scales: a relative scale change of ~lr per step, and s stays > 0. Tried on a
-                tiny llama pre-trained on WikiText bytes, GPTQ-initialized, KL loss, 64 steps: at w2g32
-                the held-out KL fell 2%/4%/11%/20%/28%/31% for 1e-4/3e-4/1e-3/3e-3/1e-2/3e-2; at w3g32
-                1e-2 was best (-19%) and 3e-2 overshot early (+22% after 8 steps). 5e-3 is half the
-                tiny optimum because a 30-block model compounds scale errors over 10x more blocks;
-                the best-state tracking and the guard catch an overshoot.
-      zero_lr   the zeros, in code units: a zero changes only after drifting 0.5, so it needs its own
-                rate. With 64 cosine-decayed steps 2e-2 never flipped one (same result as "scales"),
-                5e-2 flipped many and raised the held-out loss; 3e-2 flips only zeros pushed the same
-                way for ~20 steps (tiny llama: within 4% of "scales" at w2 and w3, no clear gain).
+    parameter lives in units where one rate fits every layer; how the defaults were picked:
+    docs/benchmarks/tuning_notes.md):
+      lr        the log-scales: a relative scale change of ~lr per step, and s stays > 0.
+      zero_lr   the zeros, in code units: a zero changes only after drifting 0.5, so it needs its own rate.
       weight_lr the latent weights, in units of the group's initial step s0 (the parameter is
-                latent / s0), so a code flips after a drift of 0.5; on the tiny llama 2e-2 (with lr
-                1e-3) was best, 5e-2 flipped too many codes at once.
+                latent / s0), so a code flips after a drift of 0.5.
       train_norms also trains the norm weights at `lr` (they are ~1, so lr is again a relative rate).
     heldout: fraction of calibration sequences held out (seeded permutation) to evaluate the same loss
       every eval_every steps; the best state is kept, patience evals without improvement stop early

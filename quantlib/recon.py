@@ -13,8 +13,8 @@ w_hat = s (q - z).
 Grid: "learned" re-derives the codes on the learned (s, z) (OmniQuant LWC: right for an RTN init);
 "init" keeps the codes on the initializer's grid (s0, z0) and learns only the dequantization scale
 s = s0 exp(log_scale) and the rounding offsets: a GPTQ/BoA solution is error-compensated code by code,
-and re-rounding it on a shifted grid undoes that (on SmolLM2 W3 g64 a learned grid raised the GPTQ-
-initialized window loss in every step). "auto" = "init" for GPTQ/BoA, "learned" for RTN.
+and re-rounding it on a shifted grid undoes that (docs/benchmarks/tuning_notes.md). "auto" = "init"
+for GPTQ/BoA, "learned" for RTN.
 Initialization from RTN, GPTQ or BoA: with GPTQ the latent W is GPTQ's error-
 updated weight, whose rounding reproduces GPTQ's codes exactly; with BoA (no latent) it is the FP
 weight clamped to within half a step of BoA's codes (`latent_near_codes`); h starts at the fractional
@@ -69,7 +69,7 @@ class ReconConfig:
     grid: str = "auto"
     iters: int = 100
     batch_size: int = 4
-    lr: float = 1e-3  # rounding parameters (1e-2 flipped GPTQ codes for the worse on SmolLM2 W3)
+    lr: float = 1e-3  # rounding parameters (why not 1e-2: docs/benchmarks/tuning_notes.md)
     clip_lr: float = 1e-2  # clipping (learned grid) / dequantization scale (frozen grid)
     weight_lr: float = 1e-5
     schedule: str = "cosine"
