@@ -32,7 +32,7 @@ from quantlib.rtn import RTNConfig
 from quantlib.spec import parse_scheme
 from tasks.io import atomic_write_bytes, atomic_write_json
 from tasks.sources import load_model, load_tokenizer
-from tasks.textdata import read_token_ids
+from tasks.textdata import parse_calibration_source, read_token_ids
 
 from . import commands as C
 from . import stages as S
@@ -59,6 +59,7 @@ class QualityBench:
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0  # the calibration draw (protocol: 0); rows at other seeds are kept apart and averaged
+    calib: str = "wikitext2"  # the calibration text (tasks.textdata spec; "a+b" mixes equal shares)
     device: str = "cpu"
     batch_size: int = 8
     true_sequential: bool = True
@@ -69,6 +70,7 @@ class QualityBench:
     def __post_init__(self) -> None:
         parse_activations(self.activations)
         EngineConfig(smooth=self.smooth)  # validates alpha
+        parse_calibration_source(self.calib)
         if self.n_samples < 1 or self.seqlen < 2:
             raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {self.n_samples} and {self.seqlen}")
         if not all(isinstance(m, MethodChoice) for m in self.methods):
@@ -118,7 +120,8 @@ def _worker(job: dict) -> list[dict]:
     model_dir = Path(job["model_dir"])
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     calib = CALIB | job["calib"]
-    data = C.protocol_data(tok, "wikitext2", None, mirror=job.get("mirror"), **calib)
+    source = calib.pop("source", "wikitext2")
+    data = C.protocol_data(tok, source, "wikitext2", mirror=job.get("mirror"), **calib)
     offdomain = C.offdomain_windows(tok, job.get("mirror"), calib["window"], calib["n_windows"])
 
     def scores() -> dict:  # wiki (the calibration domain) and, where the mirror has it, the Python docs
@@ -126,7 +129,7 @@ def _worker(job: dict) -> list[dict]:
                 "ppl_pydocs": None if offdomain is None else C.eval_ppl(model, offdomain, desc="python-docs")}
 
     seconds = 0.0
-    settings = dict(calib, dtype="float32", device=job["device"])
+    settings = dict(calib, dtype="float32", device=job["device"], **({} if source == "wikitext2" else {"calib": source}))
     shown = job["scheme"] + (f"-{job['activations']}" if job.get("activations") else "")  # w8pcs-a8
     rows, size = [], {}  # size: effective bits per weight of a quantized row
     if job["method"] is not None:
@@ -169,7 +172,7 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
     """One JSON job per row: fp32 first (if asked), then every method per scheme."""
     base = {"model_dir": str(model_dir), "mirror": bench.mirror, "device": bench.device,
             "batch_size": bench.batch_size, "true_sequential": bench.true_sequential,
-            "calib": {"n": bench.n_samples, "seqlen": bench.seqlen, "seed": bench.seed}}
+            "calib": {"n": bench.n_samples, "seqlen": bench.seqlen, "seed": bench.seed, "source": bench.calib}}
     jobs = [dict(base, method=None, label="fp32", scheme="fp32")] if bench.fp32 else []
     act = {"activations": bench.activations, "smooth": bench.smooth,
            "method_suffix": "" if bench.smooth is None else f"+sq{bench.smooth:g}"}
@@ -234,9 +237,9 @@ QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_s
 
 
 def _calib(r: dict, seed: bool = True) -> str:
-    """`128x512`, with ` seed 1` for a calibration draw other than the protocol's."""
+    """`128x512`, with the text when it is not WikiText-2 and ` seed 1` for a draw other than the protocol's."""
     st = r["settings"]
-    size = f"{st.get('n', CALIB['n'])}x{st.get('seqlen', CALIB['seqlen'])}"
+    size = f"{st.get('n', CALIB['n'])}x{st.get('seqlen', CALIB['seqlen'])}" + (f" {st['calib']}" if "calib" in st else "")
     return size + (f" seed {st['seed']}" if seed and st.get("seed", 0) != CALIB["seed"] else "")
 
 

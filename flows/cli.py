@@ -32,7 +32,8 @@ def _add_scheme(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="wikitext2", help="text source: wikitext2, c4, hf:NAME, or a .txt/.jsonl/.parquet file")
+    p.add_argument("--calib", default="wikitext2", help="text source: wikitext2, python-docs, c4, hf:NAME, or a "
+                   ".txt/.jsonl/.parquet file; join several with + for equal shares (wikitext2+python-docs)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -119,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     bq.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 reference row")
     bq.add_argument("--n-samples", type=int, default=128, help="calibration sequences (protocol: 128)")
     bq.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (protocol: 512)")
+    bq.add_argument("--calib", default="wikitext2", help="calibration text (protocol: wikitext2); join several "
+                    "with + for equal shares, e.g. wikitext2+python-docs (rows are evaluated on both texts anyway)")
     bq.add_argument("--seed", type=int, default=0, help="calibration draw (protocol: 0); rows at several seeds "
                     "are also shown as mean ± std")
     _add_solver(bq)

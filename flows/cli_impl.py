@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from quantlib.adapters import check_spec_fits, get_adapter
-from quantlib.data import eval_windows, split_halves
+from quantlib.data import eval_windows
 from quantlib.engine import EngineConfig
 from quantlib.spec import QuantSpec
 from tasks.sources import load_model, load_tokenizer
-from tasks.textdata import load_text, parse_text_source, tokenize_text
+from tasks.inputs import evaluation_ids
+from tasks.textdata import calibration_parts, parse_calibration_source, parse_text_source
 
 from . import commands as C
 from .bench import QualityBench, run_demo, run_quality
@@ -51,12 +52,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "quantization.json").exists():
         raise ValueError(f"--out {out} exists and is not a ptq output folder; choose an empty or new folder")
-    parse_text_source(args.calib)
+    parse_calibration_source(args.calib)
     model_dir = C.cached_model(args.model, args.trust_remote_code)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     check_spec_fits(get_adapter(model), spec.group_size)
-    data = C.protocol_data(tok, args.calib, None, n=args.n_samples, seqlen=args.seqlen, seed=args.seed,
-                           mirror=args.mirror)
+    data = C.protocol_data(tok, args.calib, calibration_parts(args.calib)[0], n=args.n_samples, seqlen=args.seqlen,
+                           seed=args.seed, mirror=args.mirror)
     fp_ppl = C.eval_ppl(model, data.windows, desc="fp32 perplexity") if args.eval else None
     t0 = time.perf_counter()
     teacher = C.qat_teacher(model, data.calib, method.qat)  # FP logits, before quantizing
@@ -99,11 +100,9 @@ def _eval_model(spec: str, dtype: torch.dtype):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    source = parse_text_source(args.data)
+    parse_text_source(args.data)
     model, tok = _eval_model(args.model, getattr(torch, args.dtype))
-    ids = tokenize_text(load_text(source, args.mirror), tok)
-    if args.split == "second_half":
-        ids = split_halves(ids)[1]
+    ids = evaluation_ids(args.data, tok, args.mirror, second_half=args.split == "second_half")  # python-docs: never halved
     stride = args.stride or args.window
     windows = eval_windows(ids, args.window, args.windows or None, stride)
     ppl = C.eval_ppl(model, windows, args.batch_size, score_from=args.window - stride)
@@ -124,7 +123,7 @@ def quality_bench(args: argparse.Namespace) -> QualityBench:
     """`ptq bench quality` arguments as a validated QualityBench; bad names fail before any work."""
     methods = tuple(method_choice(args, name) for name in _csv(args.methods))
     return QualityBench(model=args.model, methods=methods, schemes=_csv(args.schemes), out=Path(args.out),
-                        fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed,
+                        fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, calib=args.calib,
                         device=resolve_device(args.device),
                         batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror,
                         activations=args.activations, smooth=args.smooth)

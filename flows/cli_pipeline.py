@@ -60,7 +60,7 @@ def _checked_params(args: argparse.Namespace) -> tuple[bytes, Any]:
 def preflight(params) -> None:
     """Everything checkable without loading a model, before any stage runs."""
     from tasks.specs import parse_model_source
-    from tasks.textdata import parse_text_source
+    from tasks.textdata import parse_calibration_source, parse_text_source
 
     from .methods import method_config
 
@@ -72,10 +72,10 @@ def preflight(params) -> None:
         print(f"warning: fetch_model.source {source.spec!r} names no revision: the Hub may serve other files "
               f"tomorrow, so a rerun (or `ptq lineage --rebuild`) may not find the same model; pin one with "
               f"{source.spec}@<commit sha>", file=sys.stderr)
-    for key, spec in [("prepare_data.calib_source", params.prepare_data.calib_source),
-                      *[("prepare_data.eval_sources", s) for s in params.prepare_data.eval_sources]]:
+    for key, spec, parse in [("prepare_data.calib_source", params.prepare_data.calib_source, parse_calibration_source),
+                             *[("prepare_data.eval_sources", s, parse_text_source) for s in params.prepare_data.eval_sources]]:
         try:
-            parse_text_source(spec)
+            parse(spec)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{key}: {e}") from None
     q = params.quantize
@@ -192,7 +192,7 @@ def _summary(outcomes, seconds: float, root: Path) -> None:
     print(f"\ntotal {seconds:.1f} s")
     if metrics.is_file():
         m = json.loads(metrics.read_text())
-        first = next(iter(m["ppl"]))
+        first = S.primary_source(m)
         print(f"{m['method']} {m['scheme']}: ppl {m['ppl'][first]:.2f} (fp32 {m['fp32_ppl'][first]:.2f}) on {first}")
     print(f"release: {root / S.RELEASE}\nreport:  {root / S.REPORT / 'report.md'}")
     if registry.is_file():

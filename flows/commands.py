@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from quantlib.actquant import attach, parse_activations
 from quantlib.adapters import get_adapter
-from quantlib.data import eval_windows, sample_calibration, split_halves
+from quantlib.data import eval_windows
 from quantlib.engine import BlockStats, EngineConfig, quantize_model
 from quantlib.moe import fused
 from quantlib.perplexity import perplexity
@@ -27,7 +27,8 @@ from quantlib.spec import QuantSpec
 from quantlib.windows import reconstruct_model
 from tasks.io import atomic_save_safetensors, atomic_write_json, read_manifest, write_manifest
 from tasks.sources import materialize_model, parse_model_source
-from tasks.textdata import load_text, parse_text_source, read_offdomain, tokenize_text
+from tasks.inputs import calibration_ids, evaluation_ids
+from tasks.textdata import calibration_parts, read_offdomain, tokenize_text
 
 from .methods import BlockConfig
 
@@ -101,18 +102,14 @@ class ProtocolData:
 def protocol_data(tokenizer, calib_spec: str, eval_spec: str | None, *, n: int = 128, seqlen: int = 512,
                   seed: int = 0, window: int = 1024, n_windows: int | None = 16,
                   mirror: str | None = None) -> ProtocolData:
-    """Tokenize whole texts (no BOS); calibration from the first half of calib text, evaluation
-    windows from the second half of the eval text (same text by default)."""
-    calib_ids = tokenize_text(load_text(parse_text_source(calib_spec), mirror), tokenizer)
-    pool, rest = split_halves(calib_ids)
-    if eval_spec is not None and eval_spec != calib_spec:
-        _, rest = split_halves(tokenize_text(load_text(parse_text_source(eval_spec), mirror), tokenizer))
-    if len(pool) < seqlen:
-        raise ValueError(
-            f"calibration text {calib_spec!r} has {len(pool)} tokens in its first half, fewer than "
-            f"seqlen={seqlen}; use a longer text or a smaller --seqlen"
-        )
-    return ProtocolData(sample_calibration(pool, n, seqlen, seed), eval_windows(rest, window, n_windows))
+    """Tokenize whole texts (no BOS); calibration from the first half of the calibration text (equal
+    shares of each source of an "a+b" spec), evaluation windows from the second half of the eval text
+    (the calibration text's when eval_spec is None)."""
+    if eval_spec is None and len(calibration_parts(calib_spec)) > 1:
+        raise ValueError(f"calibration {calib_spec!r} joins several texts: name the evaluation text")
+    calib, _ = calibration_ids(calib_spec, tokenizer, mirror, n, seqlen, seed)
+    rest = evaluation_ids(eval_spec or calib_spec, tokenizer, mirror)
+    return ProtocolData(calib, eval_windows(rest, window, n_windows))
 
 
 def offdomain_windows(tokenizer, mirror: str | None = None, window: int = 1024,

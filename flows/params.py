@@ -265,7 +265,9 @@ class PrepareDataParams(_Section):
     """Calibration and evaluation token ids (defaults = the benchmark protocol).
 
     calib_split first_half is the protocol's calibration pool; eval_split second_half the held-out
-    half. eval_windows null scores every window; mirror null reads env PTQ_DATA_MIRROR.
+    half (python-docs, the off-domain text, is never halved). calib_source may join texts with "+"
+    for equal shares (wikitext2+python-docs). eval_windows null scores every window; mirror null
+    reads env PTQ_DATA_MIRROR.
     """
 
     SECTION: ClassVar[str] = "prepare_data"

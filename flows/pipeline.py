@@ -575,7 +575,7 @@ def _eval_files(ctx: StageContext) -> tuple[dict, str]:
 def evaluate_stage(ctx: StageContext) -> dict:
     from tasks.evaluation import ppl_task
     from tasks.faults import failpoint
-    from tasks.inputs import manifest_sha
+    from tasks.inputs import manifest_sha, source_name
     from tasks.io import atomic_write_json, sha256_file
 
     e, release, model_dir = ctx.params.evaluate, ctx.path(S.RELEASE), ctx.path(S.MODEL)
@@ -592,12 +592,13 @@ def evaluate_stage(ctx: StageContext) -> dict:
     lm, c3 = _lm_eval(ctx, release, release_sha)
     manifest = _read_json(release / "MANIFEST.json")
     method, scheme = release_label(manifest)
-    metrics = {"ppl": ppl, "fp32_ppl": fp, "lm_eval": lm, "scheme": scheme, "method": method}
+    first = ctx.params.prepare_data.eval_sources[0]  # the gate's text (JSON files keep keys sorted, not in order)
+    metrics = {"ppl": ppl, "fp32_ppl": fp, "lm_eval": lm, "scheme": scheme, "method": method, "primary": first}
     atomic_write_json(ctx.path(S.METRICS), metrics)
-    first = next(iter(ppl))
     atomic_write_json(ctx.path(S.PPL), [{"model": "fp32", "ppl": fp[first]}, {"model": method, "ppl": ppl[first]}])
     _report(ctx, f"{manifest['params']['fetch_model']['source']} {method} {scheme}", ppl[first], fp[first], lm)
-    ctx.log_metrics({"ppl": ppl[first], "fp32_ppl": fp[first], **lm}, 0)
+    others = {f"{k}.{source_name(name)}": v[name] for name in ppl if name != first for k, v in (("ppl", ppl), ("fp32_ppl", fp))}
+    ctx.log_metrics({"ppl": ppl[first], "fp32_ppl": fp[first], **others, **lm}, 0)  # e.g. ppl.python-docs
     return {"computed": int(not c1) + int(not c2) + int(not c3)}
 
 
@@ -670,7 +671,7 @@ def register_stage(ctx: StageContext) -> dict:
 
 
 def _gate(metrics: dict, max_ratio: float | None) -> tuple[bool, str]:
-    first = next(iter(metrics["ppl"]))
+    first = S.primary_source(metrics)
     ratio = metrics["ppl"][first] / metrics["fp32_ppl"][first]
     if max_ratio is None or ratio <= max_ratio:
         return True, ""

@@ -68,6 +68,13 @@ PPL = "metrics/ppl.json"
 REGISTRY = "metrics/registry.json"
 TIMINGS_DIR = "metrics/stages"
 
+
+def primary_source(metrics: dict) -> str:
+    """The evaluation text metrics.json's headline numbers and the quality gate use: the first of
+    prepare_data.eval_sources (recorded as "primary"; the JSON keeps its keys sorted, not in order)."""
+    return metrics.get("primary") or next(iter(metrics["ppl"]))
+
+
 # The code every stage runs, so that a code change re-runs the stages (hashed by DVC; keep
 # __pycache__ out of the hash with a .dvcignore).
 CODE_DEPS = ("quantlib", "tasks", "flows")

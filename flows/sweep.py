@@ -190,6 +190,7 @@ def _register(root: Path, base: PipelineParams, configs: list[Config], done: lis
     stage run here, one after the other."""
     from tasks.mlflow_runs import Tracker, close_run
 
+    from . import stages as S
     from .params import flatten
     from .pipeline import GateError
     from .runner import Tracking, run_one_stage
@@ -202,7 +203,7 @@ def _register(root: Path, base: PipelineParams, configs: list[Config], done: lis
         child = tracker.start_run(c.label, sweep_run, tags={"ptq.sweep": name, "ptq.sweep_config": c.label})
         tracker.log_params(child, flatten(params_to_dict(c.params)))
         m = res["metrics"]
-        first = next(iter(m["ppl"]))
+        first = S.primary_source(m)
         tracker.log_metrics(child, {"ppl": m["ppl"][first], "fp32_ppl": m["fp32_ppl"][first],
                                     **{f"seconds_{k}": v for k, v in res["seconds"].items()}})
         ws = out / "runs" / c.label

@@ -7,7 +7,7 @@ from pathlib import Path
 from .cache import stable_hash
 from .io import sha256_bytes, sha256_file
 from .specs import ModelSource, builtin_gguf_path
-from .textdata import load_text, parse_text_source, resolve_mirror
+from .textdata import calibration_parts, load_text, parse_text_source, resolve_mirror
 
 __all__ = ["source_fingerprint", "text_fingerprint"]
 
@@ -27,6 +27,9 @@ def source_fingerprint(source: ModelSource) -> str:
 
 
 def text_fingerprint(spec: str, mirror: str | None) -> str:
+    parts = calibration_parts(spec)
+    if len(parts) > 1:  # a joined calibration spec: its sources' fingerprints, in order
+        return sha256_bytes(" ".join(text_fingerprint(p, mirror) for p in parts).encode())
     source = parse_text_source(spec)
     if source.path is not None:
         return sha256_file(source.path)

@@ -2,10 +2,14 @@
 
 A spec is one of
   wikitext2                          WikiText-2 raw test split (offline mirror file if present, else Hub)
+  python-docs                        the Python 3.11 docs sources of the offline mirror: evaluation reads
+                                     their first 200,000 characters (docs/protocol.md's off-domain text),
+                                     calibration the rest, so the two never overlap
   c4                                 allenai/c4, first `en` validation shard (Hub, online only)
   hf:NAME[:CONFIG][@SPLIT][#COLUMN]  any Hub dataset with a text column (split "train", column "text")
   PATH.txt | PATH.raw                a local UTF-8 text file
   PATH.jsonl | PATH.parquet[#COL]    a local table; column "text" unless #COL is given
+A calibration spec may join several with "+" (wikitext2+python-docs): equal shares of the sequences.
 The offline mirror folder is an explicit argument or the PTQ_DATA_MIRROR environment variable.
 The protocol arithmetic on the token ids (split, sampling, windows) lives in quantlib.data.
 """
@@ -27,6 +31,11 @@ __all__ = [
     "WIKITEXT2_MIRROR_FILE",
     "PYDOCS_MIRROR_FILE",
     "read_offdomain",
+    "calibration_parts",
+    "parse_calibration_source",
+    "calibration_text",
+    "evaluation_text",
+    "halved_for_evaluation",
     "WIKITEXT2_SHA256",
     "TextSource",
     "parse_text_source",
@@ -47,11 +56,11 @@ PYDOCS_SHA256 = "c6711c9dc2c3a880103d5245ecf3542698aa48811d63e7b4cefb57715d34311
 PYDOCS_CHARS = 200_000
 _C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 
-TextKind = Literal["wikitext2", "c4", "hf", "file"]
+TextKind = Literal["wikitext2", "python-docs", "c4", "hf", "file"]
 _PLAIN_SUFFIXES = (".txt", ".raw")
 _TABLE_SUFFIXES = (".jsonl", ".parquet")
 _ACCEPTED = (
-    "accepted text sources: wikitext2; c4; hf:NAME[:CONFIG][@SPLIT][#COLUMN]; a local .txt or .raw "
+    "accepted text sources: wikitext2; python-docs; c4; hf:NAME[:CONFIG][@SPLIT][#COLUMN]; a local .txt or .raw "
     "file; a local .jsonl or .parquet file, optionally with #COLUMN (default column 'text')"
 )
 _HF_SPEC = re.compile(r"^hf:(?P<name>[^:@#\s]+)(?::(?P<config>[^@#]+))?(?:@(?P<split>[^#]+))?(?:#(?P<column>.+))?$")
@@ -70,8 +79,8 @@ class TextSource:
     path: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("wikitext2", "c4", "hf", "file"):
-            raise ValueError(f"TextSource.kind must be wikitext2, c4, hf or file, got {self.kind!r}")
+        if self.kind not in ("wikitext2", "python-docs", "c4", "hf", "file"):
+            raise ValueError(f"TextSource.kind must be wikitext2, python-docs, c4, hf or file, got {self.kind!r}")
         if (self.kind == "hf" and not self.name) or (self.kind == "file" and self.path is None):
             raise ValueError(f"TextSource(kind={self.kind!r}) is missing its {'name' if self.kind == 'hf' else 'path'}")
 
@@ -95,7 +104,7 @@ def parse_text_source(spec: str) -> TextSource:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"text source must be a non-empty string, got {spec!r}; {_ACCEPTED}")
     spec = spec.strip()
-    if spec in ("wikitext2", "c4"):
+    if spec in ("wikitext2", "python-docs", "c4"):
         return TextSource(kind=spec, spec=spec)
     if spec.startswith("hf:"):
         m = _HF_SPEC.match(spec)
@@ -173,16 +182,60 @@ def _read_wikitext2(mirror: Path | None) -> str:
     return _read_hub("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text", f"wikitext2 [{looked}]")
 
 
+def _read_pydocs(mirror: Path | None) -> str:
+    """The whole Python docs file of the mirror (sha256-checked)."""
+    if mirror is None or not (mirror / PYDOCS_MIRROR_FILE).is_file():
+        where = mirror / PYDOCS_MIRROR_FILE if mirror is not None else f"no mirror (${MIRROR_ENV} unset)"
+        raise FileNotFoundError(f"text source 'python-docs' is read from the offline data mirror, not found: {where}; "
+                                f"set {MIRROR_ENV} (or prepare_data.mirror) to the folder that holds {PYDOCS_MIRROR_FILE}")
+    path = mirror / PYDOCS_MIRROR_FILE
+    if (actual := sha256_file(path)) != PYDOCS_SHA256:
+        raise IntegrityError(f"{path}: sha256 mismatch, expected {PYDOCS_SHA256}, actual {actual}")
+    return _read_plain(path)
+
+
 def read_offdomain(mirror: str | os.PathLike | None = None) -> str | None:
     """docs/protocol.md's off-domain text (the first PYDOCS_CHARS characters of the Python docs), or
     None when the mirror does not hold it; a file that differs from the protocol's is refused."""
     root = resolve_mirror(mirror)
     if root is None or not (root / PYDOCS_MIRROR_FILE).is_file():
         return None
-    path = root / PYDOCS_MIRROR_FILE
-    if (actual := sha256_file(path)) != PYDOCS_SHA256:
-        raise IntegrityError(f"{path}: sha256 mismatch, expected {PYDOCS_SHA256}, actual {actual}")
-    return _read_plain(path)[:PYDOCS_CHARS]  # as docs/protocol.md cuts it (the file has no "\r")
+    return evaluation_text(TextSource(kind="python-docs", spec="python-docs"), _read_pydocs(root))
+
+
+def calibration_parts(spec: str) -> list[str]:
+    """The sources a calibration spec joins with "+" (one for a plain spec; a file whose name holds a
+    "+" stays one source)."""
+    if "+" not in spec or Path(spec).expanduser().is_file():
+        return [spec]
+    parts = [p.strip() for p in spec.split("+")]
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"calibration source {spec!r}: join distinct, non-empty sources with '+', e.g. "
+                         "wikitext2+python-docs")
+    return parts
+
+
+def parse_calibration_source(spec: str) -> list[TextSource]:
+    """Every source of a calibration spec, parsed (raises like parse_text_source)."""
+    return [parse_text_source(part) for part in calibration_parts(spec)]
+
+
+def calibration_text(source: TextSource, text: str) -> str:
+    """The part of a source's text calibration may draw from: all of it, but for python-docs the text
+    after the first PYDOCS_CHARS characters (those are its evaluation text)."""
+    return text[PYDOCS_CHARS:] if source.kind == "python-docs" else text
+
+
+def evaluation_text(source: TextSource, text: str) -> str:
+    """The part of a source's text evaluation reads: all of it, but for python-docs its first
+    PYDOCS_CHARS characters (the file has no "\r")."""
+    return text[:PYDOCS_CHARS] if source.kind == "python-docs" else text
+
+
+def halved_for_evaluation(source: TextSource) -> bool:
+    """Whether eval_split second_half applies: python-docs' evaluation text is already disjoint from
+    anything calibration draws, and is read from its start, as docs/protocol.md says."""
+    return source.kind != "python-docs"
 
 
 def _read_c4() -> str:
@@ -191,6 +244,7 @@ def _read_c4() -> str:
 
 _READERS: dict[str, Callable[[TextSource, Path | None], str]] = {
     "wikitext2": lambda source, mirror: _read_wikitext2(mirror),
+    "python-docs": lambda source, mirror: _read_pydocs(mirror),
     "c4": lambda source, mirror: _read_c4(),
     "hf": lambda s, mirror: _read_hub(s.name, s.config, s.split, s.column, s.spec),
     "file": lambda source, mirror: _read_file(source),

@@ -35,6 +35,44 @@ def test_protocol_data_calibrates_on_the_first_half_and_evaluates_on_the_second(
     assert torch.equal(data.windows, torch.arange(200, 248).reshape(3, 16))  # first windows, no overlap
 
 
+def test_protocol_data_mixes_calibration_texts_in_equal_shares(tmp_path, words):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"w{i}" for i in range(1000, 1400)))
+    data = protocol_data(WordTokenizer(), f"{words}+{other}", words, n=5, seqlen=8, seed=1, window=16, n_windows=3)
+    assert torch.equal(data.calib[:3], sample_calibration(torch.arange(200), 3, 8, seed=1))
+    assert torch.equal(data.calib[3:], sample_calibration(torch.arange(1000, 1200), 2, 8, seed=1))
+    assert torch.equal(data.windows, torch.arange(200, 248).reshape(3, 16))  # the text named for evaluation
+    with pytest.raises(ValueError, match="name the evaluation text"):
+        protocol_data(WordTokenizer(), f"{words}+{other}", None, n=4, seqlen=8)
+
+
+def test_prepare_data_records_where_each_share_of_a_mixed_calibration_came_from(tmp_path, words):
+    import json
+
+    from tasks.inputs import prepare_data_task
+
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"w{i}" for i in range(1000, 1400)))
+    settings = {"calib_source": f"{words}+{other}", "calib_split": "first_half", "n_samples": 3, "seqlen": 8,
+                "seed": 0, "eval_sources": [words], "eval_split": "second_half", "eval_window": 16, "eval_windows": 2}
+    tok = tmp_path / "tok"
+    _word_tokenizer_folder(tok)
+    record = prepare_data_task.fn(str(tok), "sha", settings, {}, None, str(tmp_path / "cache"))
+    calib = json.loads((tmp_path / record["path"] / "tokens.json").read_text())["calib"]
+    assert [(p["source"], p["n"]) for p in calib["parts"]] == [(words, 2), (str(other), 1)]
+    assert "starts" not in calib and all(len(p["starts"]) == p["n"] for p in calib["parts"])
+
+
+def _word_tokenizer_folder(folder) -> None:
+    """A folder with a fast tokenizer whose ids are the `wN` words' N (vocab w0..w1999) and a config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(2000)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(folder)
+    T.LlamaConfig(vocab_size=2000).save_pretrained(folder)  # a model folder's config, for load_tokenizer
+
+
 def test_protocol_data_rejects_a_short_pool(words):
     with pytest.raises(ValueError, match="fewer than seqlen=300"):
         protocol_data(WordTokenizer(), words, None, n=1, seqlen=300)

@@ -222,3 +222,61 @@ def test_benchmark_protocol_on_wikitext2(smollm2_tokenizer, tmp_path):
     again = read_token_ids(path, digest)
     assert torch.equal(again["calibration"], calib) and torch.equal(again["eval"], windows)
     assert write_token_ids(tmp_path / "ids2.safetensors", {"calibration": calib, "eval": windows}) == digest
+
+
+# ------------------------------------------------------ python-docs as a source, mixed calibration
+
+
+def test_calibration_parts_split_on_plus_but_not_a_file_named_so(tmp_path):
+    from tasks.textdata import calibration_parts
+
+    assert calibration_parts("wikitext2") == ["wikitext2"]
+    assert calibration_parts("wikitext2+python-docs") == ["wikitext2", "python-docs"]
+    plus = tmp_path / "a+b.txt"
+    plus.write_text("text")
+    assert calibration_parts(str(plus)) == [str(plus)]
+    for bad in ("wikitext2+", "wikitext2+wikitext2"):
+        with pytest.raises(ValueError, match="join distinct"):
+            calibration_parts(bad)
+
+
+@needs_mirror
+def test_python_docs_calibration_and_evaluation_texts_are_disjoint():
+    from tasks.inputs import calibration_ids, evaluation_ids
+
+    tok = _CharTokenizer()
+    whole = (MIRROR / PYDOCS_MIRROR_FILE).read_text()
+    # evaluation: the protocol's first 200,000 characters, never halved (they are never calibrated on)
+    ev = evaluation_ids("python-docs", tok, MIRROR, second_half=True)
+    assert "".join(map(chr, ev.tolist())) == read_offdomain(MIRROR) == whole[:200_000]
+    # calibration: the first half of the rest
+    calib, parts = calibration_ids("python-docs", tok, MIRROR, n=4, seqlen=64, seed=0)
+    rest = whole[200_000:]
+    for row, start in zip(calib, parts[0]["starts"]):
+        text = "".join(map(chr, row.tolist()))
+        assert text == rest[start : start + 64] and start + 64 <= len(rest) // 2
+
+
+@needs_mirror
+def test_mixed_calibration_draws_equal_shares_from_each_text_in_order():
+    from tasks.inputs import calibration_ids
+
+    tok = _CharTokenizer()
+    calib, parts = calibration_ids("wikitext2+python-docs", tok, MIRROR, n=5, seqlen=32, seed=3)
+    assert calib.shape == (5, 32) and [(p["source"], p["n"]) for p in parts] == [("wikitext2", 3), ("python-docs", 2)]
+    wiki = tokenize_text(load_text(parse_text_source("wikitext2"), MIRROR), tok)
+    alone, _ = calibration_ids("wikitext2", tok, MIRROR, n=3, seqlen=32, seed=3)
+    assert torch.equal(alone, sample_calibration(split_halves(wiki)[0], 3, 32, 3))  # one text: the protocol's draw
+    assert torch.equal(calib[:3], alone)
+    docs = (MIRROR / PYDOCS_MIRROR_FILE).read_text()[200_000:]
+    assert all("".join(map(chr, row.tolist())) in docs for row in calib[3:])
+    with pytest.raises(ValueError, match="fewer than the 2 calibration sources"):
+        calibration_ids("wikitext2+python-docs", tok, MIRROR, n=1, seqlen=32, seed=0)
+
+
+def test_python_docs_needs_the_mirror(tmp_path, monkeypatch):
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="offline data mirror"):
+        load_text(parse_text_source("python-docs"))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / PYDOCS_MIRROR_FILE))):
+        load_text(parse_text_source("python-docs"), tmp_path)
