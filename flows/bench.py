@@ -22,12 +22,14 @@ import torch
 
 import quantlib
 from quantlib.actquant import parse_activations
+from quantlib.adapters import get_adapter
 from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig
 from quantlib.gptq import GPTQConfig
 from quantlib.qat import QATConfig
 from quantlib.qweight import bits_per_weight
 from quantlib.recon import ReconConfig
+from quantlib.rotation import ROTATABLE, ROTATION_MODES, rotate_model
 from quantlib.rtn import RTNConfig
 from quantlib.spec import parse_scheme
 from tasks.io import atomic_write_bytes, atomic_write_json
@@ -66,10 +68,13 @@ class QualityBench:
     mirror: str | None = None
     activations: str | None = None  # quantlib.actquant: a8, a4 (rows' scheme gets the suffix), None weight-only
     smooth: float | None = None  # SmoothQuant alpha before each block (rows' method gets +sq<alpha>)
+    rotate: str | None = None  # quantlib.rotation mode before quantizing (rows' method gets +rot / +rotres)
 
     def __post_init__(self) -> None:
         parse_activations(self.activations)
         EngineConfig(smooth=self.smooth)  # validates alpha
+        if self.rotate is not None and self.rotate not in ROTATION_MODES:
+            raise ValueError(f"--rotate must be one of {', '.join(ROTATION_MODES)}, got {self.rotate!r}")
         parse_calibration_source(self.calib)
         if self.n_samples < 1 or self.seqlen < 2:
             raise ValueError(f"--n-samples must be >= 1 and --seqlen >= 2, got {self.n_samples} and {self.seqlen}")
@@ -99,6 +104,9 @@ def _choice_to_json(m: MethodChoice) -> dict:
 def _choice_from_json(d: dict) -> MethodChoice:
     return MethodChoice(_config_from_json(d["base"]), None if d["qat"] is None else _config_from_json(d["qat"]),
                         label=d["label"], base_label=d["base_label"])
+
+
+ROTATION_SUFFIX = {"full": "+rot", "residual": "+rotres"}
 
 
 def _versions() -> dict:
@@ -139,13 +147,15 @@ def _worker(job: dict) -> list[dict]:
         engine = EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"],
                               smooth=job.get("smooth"))
         t0 = time.perf_counter()
+        if job.get("rotate"):  # FP-exact, so the FP teacher and the fp32 row are unchanged
+            settings["rotation_seed"] = rotate_model(get_adapter(model), job["rotate"])["seed"]
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
         t_quant = time.perf_counter()
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
         C.quantize_activations(model, results, job.get("activations"))  # QAT replaces, then restores, these modules
         size = {"bpw": round(bits_per_weight(results), 4)}  # QAT keeps the scheme: one size for both rows
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"],
-                     **{k: job[k] for k in ("activations", "smooth") if job.get(k) is not None}}
+                     **{k: job[k] for k in ("activations", "smooth", "rotate") if job.get(k) is not None}}
         if qat is not None:
             t_eval = time.perf_counter()
             rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": shown, **size, **scores(),
@@ -174,8 +184,9 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
             "batch_size": bench.batch_size, "true_sequential": bench.true_sequential,
             "calib": {"n": bench.n_samples, "seqlen": bench.seqlen, "seed": bench.seed, "source": bench.calib}}
     jobs = [dict(base, method=None, label="fp32", scheme="fp32")] if bench.fp32 else []
-    act = {"activations": bench.activations, "smooth": bench.smooth,
-           "method_suffix": "" if bench.smooth is None else f"+sq{bench.smooth:g}"}
+    suffix = ("" if bench.rotate is None else ROTATION_SUFFIX[bench.rotate]) + \
+        ("" if bench.smooth is None else f"+sq{bench.smooth:g}")
+    act = {"activations": bench.activations, "smooth": bench.smooth, "rotate": bench.rotate, "method_suffix": suffix}
     return jobs + [dict(base, **act, method=_choice_to_json(m), label=m.label + act["method_suffix"],
                         scheme=s)
                    for s in bench.schemes for m in bench.methods]
@@ -184,6 +195,12 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
 def run_quality(bench: QualityBench) -> int:
     """Run every row of `bench`, appending each to bench.out (JSON) and regenerating its .md."""
     model_dir = C.cached_model(bench.model)
+    if bench.rotate is not None:  # before any row: quantlib.rotation refuses other families
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        if model_type not in ROTATABLE:
+            raise ValueError(f"--rotate supports {', '.join(ROTATABLE)}; {bench.model} is {model_type!r}")
     jobs = _jobs(bench, model_dir)
     out = bench.out
     command = "ptq " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -54,6 +54,10 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant before each block is solved (alpha in [0, 1], e.g. 0.5): activation outlier "
                         "channels move into the weights through the norms")
+    p.add_argument("--rotate", default=None, choices=("residual", "full"),
+                   help="QuaRot rotation of the FP model before quantizing (FP outputs unchanged): residual = "
+                        "folded into the weights only (any release format); full = also an online Hadamard on "
+                        "down_proj's input (ptq's own loaders)")
     r = p.add_argument_group("reconstruction (--method recon or recon-k2o1L0-lora-i100)")
     r.add_argument("--window", type=int, help="blocks per window k")
     r.add_argument("--overlap", type=int, help="blocks shared by consecutive windows o < k")

@@ -12,6 +12,7 @@ import torch
 from quantlib.adapters import check_spec_fits, get_adapter
 from quantlib.data import eval_windows
 from quantlib.engine import EngineConfig
+from quantlib.rotation import attach_online, check_rotatable, rotate_model
 from quantlib.spec import QuantSpec
 from tasks.sources import load_model, load_tokenizer
 from tasks.inputs import evaluation_ids
@@ -55,19 +56,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     parse_calibration_source(args.calib)
     model_dir = C.cached_model(args.model, args.trust_remote_code)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    check_spec_fits(get_adapter(model), spec.group_size)
+    adapter = get_adapter(model)
+    check_spec_fits(adapter, spec.group_size)
+    if args.rotate:
+        check_rotatable(adapter)
     data = C.protocol_data(tok, args.calib, calibration_parts(args.calib)[0], n=args.n_samples, seqlen=args.seqlen,
                            seed=args.seed, mirror=args.mirror)
+    t0 = time.perf_counter()
+    rotation = rotate_model(adapter, args.rotate) if args.rotate else None  # FP-exact: before the FP score
+    rotate_seconds = time.perf_counter() - t0
     fp_ppl = C.eval_ppl(model, data.windows, desc="fp32 perplexity") if args.eval else None
     t0 = time.perf_counter()
     teacher = C.qat_teacher(model, data.calib, method.qat)  # FP logits, before quantizing
     results, stats, _ = C.quantize_loaded(model, data.calib, spec, method.base, engine)
+    C.quantize_activations(model, results, args.activations)  # QAT trains with them (it swaps, then restores, the modules)
     if method.qat is not None:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
-    seconds = time.perf_counter() - t0
-    C.quantize_activations(model, results, args.activations)
+    seconds = time.perf_counter() - t0 + rotate_seconds
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
-            "activations": args.activations, "smooth": args.smooth,
+            "activations": args.activations, "smooth": args.smooth, "rotation": rotation, "modules": sorted(results),
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
             "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
     tmp = out.with_name(out.name + ".tmp")
@@ -92,11 +99,15 @@ def _eval_model(spec: str, dtype: torch.dtype):
     from tasks.release import load_release
 
     folder = Path(spec)
-    info = folder / "quantization.json"
-    if folder.is_dir() and info.is_file() and "format" in json.loads(info.read_text()):
+    info = json.loads((folder / "quantization.json").read_text()) if (folder / "quantization.json").is_file() else {}
+    if folder.is_dir() and "format" in info:
         return load_release(folder, dtype=dtype), load_tokenizer(folder)
     model_dir = C.cached_model(spec)
-    return load_model(model_dir, dtype=dtype), load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=dtype)
+    if info:  # `ptq quantize` output: dense weights; its online rotations and activation quantizers come back
+        attach_online(model, info.get("rotation"))
+        C.quantize_activations(model, dict.fromkeys(info.get("modules", [])), info.get("activations"))
+    return model, load_tokenizer(model_dir)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -126,7 +137,7 @@ def quality_bench(args: argparse.Namespace) -> QualityBench:
                         fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, calib=args.calib,
                         device=resolve_device(args.device),
                         batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror,
-                        activations=args.activations, smooth=args.smooth)
+                        activations=args.activations, smooth=args.smooth, rotate=args.rotate)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

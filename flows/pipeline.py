@@ -495,7 +495,8 @@ def _train_qat(ctx: StageContext, qdir: Path, info: dict) -> tuple[dict, int]:
     rec, c2 = run_cached(ctx, qat_train_task, lambda r: file_ok(r["path"], r["sha"]), "qat",
                          quantized_path=str(qdir / "quantized.safetensors"), quantized_sha=info["quantized_sha256"],
                          names=info["modules"], teacher=teacher, teacher_sha=teacher and teacher["sha"], cfg=cfg,
-                         checkpoint_every=ctx.params.qat.checkpoint_every, **common)
+                         checkpoint_every=ctx.params.qat.checkpoint_every, activations=ctx.params.quantize.activations,
+                         **common)
     return rec, int(not c1) + int(not c2)
 
 

@@ -149,8 +149,9 @@ STAGES: tuple[Stage, ...] = (
                                                     "fetch_model.trust_remote_code"), outs=(QUANTIZED,),
           plots=(Plot(BLOCK_ERRORS, x="block"),)),
     # qat.enabled: auto decides by the number of bits
-    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits", "fetch_model.dtype",
-                                                                 "fetch_model.trust_remote_code"),
+    # quantize.activations: QAT trains with the release's activation quantizers in its forward
+    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits", "quantize.activations",
+                                                          "fetch_model.dtype", "fetch_model.trust_remote_code"),
           outs=(QAT,)),
     Stage("pack", deps=(MODEL, TOKENS, QAT), params=RELEASE_PARAMS, outs=(RELEASE,)),
     Stage("evaluate", deps=(INPUTS, MODEL, TOKENS, RELEASE, BLOCK_ERRORS),

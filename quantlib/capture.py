@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 
-__all__ = ["BlockCall", "capture_block_inputs", "capture_block_calls", "run_block", "run_with_hooks"]
+__all__ = ["BlockCall", "capture_block_inputs", "capture_block_calls", "run_block", "run_with_hooks", "swap_module"]
 
 _DROP = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "cache_position")
 
@@ -32,6 +32,21 @@ class BlockCall:
     def to(self, device: torch.device | str) -> "BlockCall":
         move = lambda v: _to(v, device)  # noqa: E731
         return BlockCall(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
+
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at dotted path `name` in `root`, carrying the old module's forward pre-hooks (online
+    rotations, quantlib.rotation), so a stand-in or trainable replacement sees exactly the input the
+    module it replaces would. Returns the old module, which keeps its hooks for when it goes back."""
+    old = root.get_submodule(name)
+    for hid, hook in old._forward_pre_hooks.items():
+        new._forward_pre_hooks[hid] = hook
+        if hid in old._forward_pre_hooks_with_kwargs:
+            new._forward_pre_hooks_with_kwargs[hid] = True
+    if getattr(old, "act_spec", None) is not None:  # quantlib.actquant's mark travels with its hook
+        new.act_spec = old.act_spec
+    root.set_submodule(name, new)
+    return old
 
 
 def _to(v: Any, device):

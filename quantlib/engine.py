@@ -19,7 +19,7 @@ from torch import nn
 from .activations import ActivationStore
 from .actquant import smooth_block
 from .adapters import ModelAdapter
-from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks
+from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks, swap_module
 from .gptq import accumulate_hessian
 from .head import head_method, head_name, solve_head, untie_head
 from .methods import hessian_error, method_for, quantize_weight
@@ -110,7 +110,7 @@ def _stubbed(block: nn.Module, names: list[str], probe: str | None, adapter: Mod
     saved = {n: block.get_submodule(n) for n in [*names, *([probe] if probe else [])]}
     stubs = {n: _Zero(adapter.out_features(m), probe=n == probe) for n, m in saved.items()}
     for n, stub in stubs.items():
-        block.set_submodule(n, stub)
+        swap_module(block, n, stub)
     try:
         yield stubs.get(probe)
     finally:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import ModelAdapter, get_adapter
+from .capture import swap_module
 from .engine import peak_memory_mb
 from .logits import LOGIT_BUDGET, chunked_sum, final_hidden, head_logits, position_chunks
 from .primitives import expand, round_ste
@@ -238,7 +239,7 @@ def attach_qat(adapter: ModelAdapter, results: dict[str, QuantizedWeight], train
         original = model.get_submodule(name)
         device = adapter.get_weight(original).device
         qat = QATLinear(results[name], getattr(original, "bias", None), trainable).to(device)
-        model.set_submodule(name, qat)
+        swap_module(model, name, qat)
         mods.qat[name], mods.original[name] = qat, original
     return mods
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .activations import ActivationStore
 from .adapters import ModelAdapter
-from .capture import BlockCall, capture_block_inputs, run_block
+from .capture import BlockCall, capture_block_inputs, run_block, swap_module
 from .cfp import CFPConfig, apply_cfp
 from .engine import EngineConfig, peak_memory_mb, quantize_block
 from .gptq import GPTQConfig
@@ -100,7 +100,7 @@ def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call:
         latent = {"gptq": lambda: qw.latent, "rtn": lambda: fp_weights[name],
                   "boa": lambda: latent_near_codes(qw, fp_weights[name])}[cfg.init]()
         modules[name] = LearnableLinear(qw, latent, getattr(module, "bias", None), cfg, gen)
-        block.set_submodule(name, modules[name])
+        swap_module(block, name, modules[name])
     state.learnables[index] = modules
     return outputs
 
@@ -124,7 +124,7 @@ def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tens
         out, n = saved[f"{name}.latent"].shape
         groups = saved[f"{name}.s0"].shape[1]
         modules[name] = LearnableLinear.empty(spec, cfg, out, n, groups, f"{name}.bias" in saved)
-        block.set_submodule(name, modules[name])
+        swap_module(block, name, modules[name])
     block.load_state_dict(saved, strict=True)
     for m in modules.values():
         m.requires_grad_(False)

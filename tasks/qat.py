@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
+from quantlib.actquant import attach, parse_activations
 from quantlib.adapters import get_adapter
 from quantlib.head import head_name, untie_head
 from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
@@ -96,23 +97,30 @@ def checkpoint_key(*inputs) -> str:
     return stable_hash([*inputs, code_fingerprint(), library_versions()])
 
 
-@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher_sha", "cfg", "dtype"),
+@task(name="qat_train", cache_key_fn=key_fn("model_sha", "quantized_sha", "calib_sha", "teacher_sha", "cfg", "dtype",
+                                            "activations"),
       persist_result=True)
 def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantized_sha: str, names: list[str],
                    calib_path: str, calib_sha: str, teacher: dict | None, cfg: QATConfig, checkpoint_every: int,
                    cache_dir: str, teacher_sha: str | None = None, trust_remote_code: bool = False,
-                   dtype: str = "float32") -> dict:
+                   dtype: str = "float32", activations: str | None = None) -> dict:
     """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
     from the last one. Writes the refined integers + scales + zeros. `teacher` is the teacher
-    task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds)."""
+    task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds). With
+    `activations` (a8/a4) the quantized Linears' inputs are fake-quantized in the training forward,
+    as the release computes them (quantlib.actquant)."""
     if teacher is not None and teacher_sha != teacher["sha"]:
         raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
-    key = stable_hash(_dtyped([model_sha, quantized_sha, calib_sha, teacher_sha, cfg], dtype))
+    key = stable_hash(_dtyped([model_sha, quantized_sha, calib_sha, teacher_sha, cfg], dtype) +
+                      ([activations] if activations else []))
     ckpt = Path(cache_dir) / "qat" / f"checkpoint-{checkpoint_key(key)}.pt"
     # the frozen model in `dtype`; the trainable scales/zeros/latents and the optimizer state stay float32
     model = load_model(model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     results = load_quantized(quantized_path, quantized_sha, names)
     apply_quantized(model, results)
+    spec = parse_activations(activations)
+    if spec is not None:
+        attach(model, sorted(results), spec)
     targets = None if teacher is None else load_safetensors_verified(teacher["path"], teacher["sha"])
     resume = _load_checkpoint(ckpt)
     new, stats = train_qat(model, results, read_token_ids(calib_path, calib_sha)["calib"], cfg, targets,

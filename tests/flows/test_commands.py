@@ -149,3 +149,39 @@ def test_ptq_eval_scores_a_release_through_its_loader_in_the_dtype_asked(tmp_pat
     write_manifest(tmp_path / "src")
     assert main(["eval", "--model", str(tmp_path / "src"), "--data", str(text), "--split", "all",
                  "--window", "64", "--windows", "3"]) == 0
+
+
+def test_ptq_quantize_with_rotation_writes_what_ptq_eval_loads_back(tmp_path):
+    """`ptq quantize --rotate full`: the output's dense weights are rotated and its quantization.json
+    records the online rotation; `ptq eval`'s loader re-attaches it (and the activation quantizers),
+    so the loaded 8-bit model matches the FP source, which the bare dense folder does not."""
+    from flows.cli import main
+    from flows.cli_impl import _eval_model
+    from quantlib.actquant import attached
+    from quantlib.rotation import OnlineRotation
+    from tasks.io import write_manifest
+
+    from tests.quantlib.tiny import tiny_ids, tiny_model
+    from tests.tasks.test_gguf_release import _char_tokenizer
+
+    model, tok = tiny_model("llama"), _char_tokenizer(128)
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    write_manifest(tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 1000)  # the protocol evaluates 16 x 1024 tokens of it
+    common = ["quantize", "--model", str(tmp_path / "src"), "--calib", str(text), "--n-samples", "4", "--seqlen", "32",
+              "--method", "rtn", "--bits", "8", "--per-channel", "--rotate", "full"]
+    assert main([*common, "--out", str(tmp_path / "w8")]) == 0
+    assert main([*common, "--activations", "a8", "--out", str(tmp_path / "w8a8")]) == 0
+    ids = tiny_ids(2, 16)
+    ref = model(ids).logits
+    loaded, _ = _eval_model(str(tmp_path / "w8"), torch.float32)
+    downs = [b.mlp.down_proj for b in loaded.model.layers]
+    assert all(any(isinstance(h, OnlineRotation) for h in d._forward_pre_hooks.values()) for d in downs)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, ref, atol=0.02 * float(ref.abs().max()))
+        bare = T.AutoModelForCausalLM.from_pretrained(tmp_path / "w8")
+        assert not torch.allclose(bare(ids).logits, ref, atol=0.02 * float(ref.abs().max()))
+    a8, _ = _eval_model(str(tmp_path / "w8a8"), torch.float32)
+    assert set(attached(a8).values()) == {"a8"} and len(attached(a8)) == 7 * len(downs)

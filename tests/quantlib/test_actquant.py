@@ -119,3 +119,29 @@ def test_engine_smooth_is_validated():
     with pytest.raises(ValueError, match="alpha"):
         EngineConfig(smooth=2.0)
     copy.deepcopy(EngineConfig(smooth=0.5))
+
+
+def test_qat_trains_through_the_quantized_activations():
+    """QAT swaps every quantized Linear for a QATLinear: the swap keeps the activation quantizer, so
+    the training forward (and its gradients) see the int4 inputs a release computes with."""
+    from quantlib.qat import QATLinear, attach_qat, detach_qat
+
+    model, ids = tiny_model("llama"), tiny_ids(2, 16)
+    adapter = get_adapter(model)
+    results, _ = quantize_model(adapter, ids, QuantSpec(bits=4, group_size=32), GPTQConfig())
+    handles = attach(model, sorted(results), ActSpec(4))
+    with torch.no_grad():
+        release = model(ids).logits
+    mods = attach_qat(adapter, results, "scales")
+    assert all(isinstance(model.get_submodule(n), QATLinear) for n in results)
+    assert set(attached(model)) == set(results)
+    loss = model(ids).logits.float().pow(2).mean()
+    loss.backward()
+    qat_logits = model(ids).logits.detach()
+    assert torch.allclose(qat_logits, release, atol=1e-4)  # the QAT forward is the release's forward
+    assert all(q.log_scale.grad is not None and q.log_scale.grad.abs().sum() > 0 for q in mods.qat.values())
+    detach_qat(adapter, mods)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, release, atol=1e-4)  # without the quantizers again

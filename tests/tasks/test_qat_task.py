@@ -135,3 +135,23 @@ def test_qat_runs_in_bfloat16_with_float32_trainables(inputs, tmp_path, monkeypa
     assert bf16["path"] != fp32["path"] and bf16["sha"] != fp32["sha"]
     trained = Q.load_quantized(bf16["path"], bf16["sha"], inputs["names"])
     assert all(qw.scale.dtype == torch.float32 and torch.isfinite(qw.scale).all() for qw in trained.values())
+
+
+def test_qat_with_activations_trains_on_the_quantized_inputs(inputs, tmp_path, monkeypatch):
+    """quantize.activations reaches QAT: the model it trains quantizes every quantized Linear's inputs
+    (the release's forward), and the result is another key, file and loss curve than weight-only."""
+    from quantlib.actquant import attached
+
+    seen = []
+    real = Q.train_qat
+
+    def spy(model, results, *a, **kw):
+        seen.append(attached(model))
+        return real(model, results, *a, **kw)
+
+    monkeypatch.setattr(Q, "train_qat", spy)
+    plain = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "c"))
+    a4 = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "c"), activations="a4")
+    assert seen[0] == {} and seen[1] == dict.fromkeys(inputs["names"], "a4")
+    assert a4["path"] != plain["path"] and a4["sha"] != plain["sha"]
+    assert a4["stats"]["heldout_curve"] != plain["stats"]["heldout_curve"]
