@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, UnsupportedModelError
+from .adapters import ModelAdapter, UnsupportedModelError, get_adapter
+from .head import untie_head
 
 __all__ = ["ROTATION_MODES", "ROTATABLE", "Rotation", "OnlineRotation", "hadamard", "fwht", "orthogonal", "rotate_model",
            "attach_online", "check_rotatable"]
@@ -83,16 +85,19 @@ class Rotation:
     def size(self) -> int:
         return len(self.signs)
 
+    @cached_property
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signs (n,), R (m, m)) as float64 tensors, built once: apply runs on every forward."""
+        return torch.tensor(self.signs, dtype=torch.float64), torch.tensor(self.mix, dtype=torch.float64)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., n) -> x Q, computed in float32 (float64 stays float64), returned in x's dtype."""
         m, p = _split(self.size)
         work = x.dtype if x.dtype == torch.float64 else torch.float32
-        s = torch.tensor(self.signs, dtype=work, device=x.device)
-        y = (x.to(work) * s).reshape(*x.shape[:-1], m, p)
-        y = fwht(y)
+        signs, mix = (t.to(device=x.device, dtype=work) for t in self._factors)
+        y = fwht((x.to(work) * signs).reshape(*x.shape[:-1], m, p))
         if m > 1:  # (..., m, p): mix the blocks, out block j = sum_i R[i, j] block i
-            r = torch.tensor(self.mix, dtype=work, device=x.device)
-            y = torch.einsum("...ip,ij->...jp", y, r)
+            y = torch.einsum("...ip,ij->...jp", y, mix)
         return y.reshape(x.shape).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
@@ -184,13 +189,12 @@ def rotate_model(adapter: ModelAdapter, mode: str = "full", seed: int = 0) -> di
     if mode not in ROTATION_MODES:
         raise ValueError(f"unknown rotation mode {mode!r}; expected one of {', '.join(ROTATION_MODES)}")
     check_rotatable(adapter)
-    from .head import untie_head
-
     model, fam, geo = adapter.model, adapter.family, adapter.geometry
     gen = torch.Generator().manual_seed(seed)
     q = orthogonal(geo.hidden_size, gen).matrix()
     h = orthogonal(geo.head_dim, gen).matrix()
     online = orthogonal(adapter.blocks[0].mlp.down_proj.in_features, gen) if mode == "full" else None
+    online_q = None if online is None else online.matrix()
     untie_head(model, adapter.head.weight.detach().clone())
     _fold_norm(adapter, adapter.norm, [adapter.head])
     _right(adapter, adapter.head, q)
@@ -206,11 +210,12 @@ def rotate_model(adapter: ModelAdapter, mode: str = "full", seed: int = 0) -> di
         _rotate_heads(adapter, block.self_attn, h)
         for n in (*groups[1], *groups[3]):
             _left(adapter, block.get_submodule(n), q)
-        if online is not None:
+        if online_q is not None:
             down = block.mlp.down_proj
-            adapter.set_weight(down, adapter.get_weight(down).double() @ online.matrix())
-            down.register_forward_pre_hook(OnlineRotation(online))
-    return {"mode": mode, "seed": seed, "online": {} if online is None else {"mlp.down_proj": online.to_dict()}}
+            adapter.set_weight(down, adapter.get_weight(down).double() @ online_q)
+    record = {"mode": mode, "seed": seed, "online": {} if online is None else {"mlp.down_proj": online.to_dict()}}
+    _attach(adapter, record)
+    return record
 
 
 def attach_online(model: nn.Module, record: dict | None) -> int:
@@ -218,7 +223,10 @@ def attach_online(model: nn.Module, record: dict | None) -> int:
     weights already hold them; returns how many modules got one."""
     if not record or not record.get("online"):
         return 0
-    adapter = _adapter(model)
+    return _attach(get_adapter(model), record)
+
+
+def _attach(adapter: ModelAdapter, record: dict) -> int:
     count = 0
     for suffix, d in record["online"].items():
         rot = Rotation.from_dict(d)
@@ -227,8 +235,3 @@ def attach_online(model: nn.Module, record: dict | None) -> int:
             count += 1
     return count
 
-
-def _adapter(model: nn.Module) -> ModelAdapter:
-    from .adapters import get_adapter
-
-    return get_adapter(model)
