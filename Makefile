@@ -10,7 +10,7 @@ ifneq ($(MIRROR),)
 export PTQ_DATA_MIRROR ?= $(MIRROR)
 endif
 
-.PHONY: setup demo test test-env test-all gptqmodel-env llama-cpp-env bench clean
+.PHONY: setup demo test test-env test-all gptqmodel-env llama-cpp-env llmcompressor-env bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -64,6 +64,15 @@ llama-cpp-env:
 	$(LC_VENV)/bin/pip install -q -U pip
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(LC_VENV)/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36
+
+# llm-compressor, the measured peer of the weight-and-activation rows (flows/bench_peer.py), in its own
+# environment: it pins other versions than the project (transformers 5.17); ~3 min here
+LLMC_VENV := .venv-llmcompressor
+llmcompressor-env:
+	python3 -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q -U pip
+	$(LLMC_VENV)/bin/python -c "import torch" 2>/dev/null || $(LLMC_VENV)/bin/pip install -q $(TORCH)
+	$(LLMC_VENV)/bin/pip install -q llmcompressor==0.14.0.1
 
 clean:
 	rm -rf .cache .prefect out

@@ -69,9 +69,12 @@ class QualityBench:
     activations: str | None = None  # quantlib.actquant: a8, a4 (rows' scheme gets the suffix), None weight-only
     smooth: float | None = None  # SmoothQuant alpha before each block (rows' method gets +sq<alpha>)
     rotate: str | None = None  # quantlib.rotation mode before quantizing (rows' method gets +rot / +rotres)
+    quantized_inputs: bool = False  # solve on the activations' quantized inputs (EngineConfig.act_inputs; +qin)
 
     def __post_init__(self) -> None:
         parse_activations(self.activations)
+        if self.quantized_inputs and self.activations is None:
+            raise ValueError("quantized_inputs solves on the quantized inputs of `activations`: set activations")
         EngineConfig(smooth=self.smooth)  # validates alpha
         if self.rotate is not None and self.rotate not in ROTATION_MODES:
             raise ValueError(f"--rotate must be one of {', '.join(ROTATION_MODES)}, got {self.rotate!r}")
@@ -145,7 +148,7 @@ def _worker(job: dict) -> list[dict]:
         cfg, qat = method.base, method.qat
         spec = parse_scheme(job["scheme"])
         engine = EngineConfig(batch_size=job["batch_size"], true_sequential=job["true_sequential"], device=job["device"],
-                              smooth=job.get("smooth"))
+                              smooth=job.get("smooth"), act_inputs=job.get("activations") if job.get("quantized_inputs") else None)
         t0 = time.perf_counter()
         if job.get("rotate"):  # FP-exact, so the FP teacher and the fp32 row are unchanged
             settings["rotation_seed"] = rotate_model(get_adapter(model), job["rotate"])["seed"]
@@ -155,7 +158,7 @@ def _worker(job: dict) -> list[dict]:
         C.quantize_activations(model, results, job.get("activations"))  # QAT replaces, then restores, these modules
         size = {"bpw": round(bits_per_weight(results), 4)}  # QAT keeps the scheme: one size for both rows
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"],
-                     **{k: job[k] for k in ("activations", "smooth", "rotate") if job.get(k) is not None}}
+                     **{k: job[k] for k in ("activations", "smooth", "rotate", "quantized_inputs") if job.get(k) not in (None, False)}}
         if qat is not None:
             t_eval = time.perf_counter()
             rows.append({"method": method.base_label + job.get("method_suffix", ""), "scheme": shown, **size, **scores(),
@@ -185,8 +188,9 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
             "calib": {"n": bench.n_samples, "seqlen": bench.seqlen, "seed": bench.seed, "source": bench.calib}}
     jobs = [dict(base, method=None, label="fp32", scheme="fp32")] if bench.fp32 else []
     suffix = ("" if bench.rotate is None else ROTATION_SUFFIX[bench.rotate]) + \
-        ("" if bench.smooth is None else f"+sq{bench.smooth:g}")
-    act = {"activations": bench.activations, "smooth": bench.smooth, "rotate": bench.rotate, "method_suffix": suffix}
+        ("" if bench.smooth is None else f"+sq{bench.smooth:g}") + ("+qin" if bench.quantized_inputs else "")
+    act = {"activations": bench.activations, "smooth": bench.smooth, "rotate": bench.rotate,
+           "quantized_inputs": bench.quantized_inputs, "method_suffix": suffix}
     return jobs + [dict(base, **act, method=_choice_to_json(m), label=m.label + act["method_suffix"],
                         scheme=s)
                    for s in bench.schemes for m in bench.methods]

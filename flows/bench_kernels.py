@@ -4,6 +4,8 @@ docs/benchmarks/kernels.json, each naming the device it ran on.
 - run_kernels: one Linear, fused packed matmul (Triton on CUDA; the plain-torch reference path on
   CPU) vs torch.matmul on the dense weight, at decode/prefill batch sizes, for Llama-7B/8B layer
   shapes at W4 g128; time, bytes moved, achieved bandwidth and its fraction of the device's peak.
+  With w8a8: quantlib.int8linear.Int8Linear (per-token int8 inputs, the int8 Triton kernel on CUDA;
+  its dense float path on CPU) on the same shapes, the inputs' quantization included in its time.
 - run_decode: the default model at W4 g64: release size on disk (GPTQ and compressed-tensors) vs
   the fp16 checkpoint and vs the ideal size, and greedy decode speed of the packed model vs dense.
 """
@@ -96,6 +98,29 @@ def _bench_layer(k: int, n: int, m: int, bits: int, group: int, device: str, rep
             "quant_GBps": q_bytes / t_q / 1e9, "dense_GBps": d_bytes / t_d / 1e9}
 
 
+def _bench_int8_layer(k: int, n: int, m: int, device: str, reps: int) -> dict:
+    from quantlib.int8linear import Int8Linear
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    backend = "triton" if device == "cuda" else "dense"
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(k, n, backend=backend)
+    layer.weight.copy_(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
+    layer.weight_scale.copy_(torch.rand(n, generator=g) * 0.01)
+    layer = layer.to(device)
+    w = (layer.weight.float() * layer.weight_scale[:, None]).to(dtype)  # (N, K) dense baseline
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    with torch.no_grad():
+        t_q = _seconds(lambda: layer(x), device, reps)
+        t_d = _seconds(lambda: torch.matmul(x, w.t()), device, reps)
+    act = torch.finfo(dtype).bits // 8
+    q_bytes, d_bytes = k * n + n * 4 + (m * k + m * n) * act, k * n * act + (m * k + m * n) * act
+    return {"K": k, "N": n, "M": m, "bits": 8, "group_size": None, "activations": "a8",
+            "dtype": str(dtype).removeprefix("torch."), "backend": backend, "quant_ms": t_q * 1e3,
+            "dense_ms": t_d * 1e3, "speedup": t_d / t_q, "quant_bytes": q_bytes, "dense_bytes": d_bytes,
+            "quant_GBps": q_bytes / t_q / 1e9, "dense_GBps": d_bytes / t_d / 1e9}
+
+
 def _with_peak(row: dict, peak: float | None) -> dict:
     if peak is None:
         return row | {"peak_GBps": None}
@@ -122,9 +147,9 @@ def _stamp(kind: str, device_name: str) -> dict:
 
 
 def run_kernels(out_json: str | Path = DEFAULT_OUT, shapes=SHAPES, batches=None, bits: int = 4, group: int = 128,
-                reps: int | None = None) -> list[dict]:
-    """Per-layer packed matmul vs dense torch.matmul; on CPU (reference path) batches 1 and 16 and
-    2 repetitions so it finishes in minutes. Appends one record per (shape, batch)."""
+                reps: int | None = None, w8a8: bool = False) -> list[dict]:
+    """Per-layer packed matmul (w8a8: the W8A8 Int8Linear) vs dense torch.matmul; on CPU batches 1
+    and 16 and 2 repetitions so it finishes in minutes. Appends one record per (shape, batch)."""
     device, name, peak = _device()
     batches = batches or (BATCHES if device == "cuda" else CPU_BATCHES)
     reps = reps or (50 if device == "cuda" else 2)
@@ -132,7 +157,8 @@ def run_kernels(out_json: str | Path = DEFAULT_OUT, shapes=SHAPES, batches=None,
     rows = []
     for k, n in shapes:
         for m in batches:
-            rows.append(stamp | _with_peak(_bench_layer(k, n, m, bits, group, device, reps), peak))
+            row = _bench_int8_layer(k, n, m, device, reps) if w8a8 else _bench_layer(k, n, m, bits, group, device, reps)
+            rows.append(stamp | _with_peak(row, peak))
             r = rows[-1]
             print(f"{k:>6} x {n:<6} M={m:<3} packed {r['quant_ms']:8.3f} ms ({r['quant_GBps']:8.3f} GB/s)  "
                   f"dense {r['dense_ms']:8.3f} ms  x{r['speedup']:.2f}", flush=True)

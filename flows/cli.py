@@ -51,6 +51,9 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--activations", default=None, choices=("a8", "a4"),
                    help="also quantize the quantized Linears' inputs: symmetric int8/int4, one dynamic scale per token")
+    p.add_argument("--quantized-inputs", action="store_true",
+                   help="with --activations: solve each block with its Linears' inputs quantized (Hessians from "
+                        "quantized inputs, later blocks calibrated on the quantized model's activations)")
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant before each block is solved (alpha in [0, 1], e.g. 0.5): activation outlier "
                         "channels move into the weights through the norms")
@@ -166,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bk = bsub.add_parser("kernels", help="packed matmul vs fp16 matmul per layer shape; appends to docs/benchmarks/kernels.json")
     bk.add_argument("--out", default="docs/benchmarks/kernels.json")
+    bk.add_argument("--w8a8", action="store_true", help="the W8A8 int8 Linear (int8 Triton kernel on CUDA) instead of W4 g128")
     bd = bsub.add_parser("decode", help="release size and decode tokens/s, packed vs dense")
     bd.add_argument("--out", default="docs/benchmarks/kernels.json")
     bd.add_argument("--model", default="smollm2-135m")

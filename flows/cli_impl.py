@@ -27,9 +27,16 @@ from .table import print_table
 __all__ = ["dispatch", "engine_config", "method_choice", "quality_bench"]
 
 
+def _act_inputs(args: argparse.Namespace) -> str | None:
+    if args.quantized_inputs and args.activations is None:
+        raise ValueError("--quantized-inputs solves on the quantized inputs of --activations: give --activations a8|a4")
+    return args.activations if args.quantized_inputs else None
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(batch_size=args.batch_size, true_sequential=args.true_sequential,
-                        device=resolve_device(args.device), spill_dir=args.spill_dir, smooth=args.smooth)
+                        device=resolve_device(args.device), spill_dir=args.spill_dir, smooth=args.smooth,
+                        act_inputs=_act_inputs(args))
 
 
 RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp",
@@ -74,7 +81,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
     seconds = time.perf_counter() - t0 + rotate_seconds
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
-            "activations": args.activations, "smooth": args.smooth, "rotation": rotation, "modules": sorted(results),
+            "activations": args.activations, "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,
+            "rotation": rotation, "modules": sorted(results),
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
             "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
     tmp = out.with_name(out.name + ".tmp")
@@ -137,12 +145,13 @@ def quality_bench(args: argparse.Namespace) -> QualityBench:
                         fp32=args.fp32, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, calib=args.calib,
                         device=resolve_device(args.device),
                         batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror,
-                        activations=args.activations, smooth=args.smooth, rotate=args.rotate)
+                        activations=args.activations, smooth=args.smooth, rotate=args.rotate,
+                        quantized_inputs=_act_inputs(args) is not None)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "kernels":
-        rows = run_kernels(args.out)
+        rows = run_kernels(args.out, w8a8=args.w8a8)
     elif args.bench == "decode":
         rows = run_decode(args.out, model=args.model, scheme=args.scheme, new_tokens=args.new_tokens)
     elif args.bench == "orchestration":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ActSpec", "parse_activations", "fake_quant_tokens", "attach", "attached", "smooth_scales",
+__all__ = ["ActSpec", "parse_activations", "quantize_tokens", "fake_quant_tokens", "attach", "attached", "smooth_scales",
            "smooth_block"]
 
 
@@ -55,13 +55,19 @@ def parse_activations(name: str | None) -> ActSpec | None:
     return ActSpec(int(m.group(1)))
 
 
-def fake_quant_tokens(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
-    """x (..., in) -> its per-token symmetric quantization, dequantized, same dtype; the rounding is
-    straight-through for gradients. The scale is computed in fp32; an all-zero row stays zero."""
+def quantize_tokens(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., in) -> (codes int8 (..., in), scale fp32 (..., 1)), x ~ codes * scale: per-token
+    symmetric, the scale computed in fp32; an all-zero row gets codes 0 (scale 1e-12)."""
     xf = x.float()
     s = (xf.abs().amax(-1, keepdim=True) / spec.qmax).clamp_min(1e-12)  # (..., 1)
-    q = torch.clamp(torch.round(xf / s), -spec.qmax - 1, spec.qmax) * s
-    return x + (q.to(x.dtype) - x).detach()
+    return torch.clamp(torch.round(xf / s), -spec.qmax - 1, spec.qmax).to(torch.int8), s
+
+
+def fake_quant_tokens(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
+    """x (..., in) -> its per-token symmetric quantization (quantize_tokens), dequantized, same
+    dtype; the rounding is straight-through for gradients."""
+    q, s = quantize_tokens(x.detach(), spec)
+    return x + ((q.float() * s).to(x.dtype) - x).detach()
 
 
 class _Hook:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationStore
-from .actquant import smooth_block
+from .actquant import attach, parse_activations, smooth_block
 from .adapters import ModelAdapter
 from .capture import BlockCall, capture_block_inputs, run_block, run_with_hooks, swap_module
 from .gptq import accumulate_hessian
@@ -46,7 +46,12 @@ class EngineConfig:
     moe_min_tokens: an expert Linear whose router sent it fewer calibration tokens gets its Hessian
     shrunk toward the mean of its layer's experts (quantlib.moe.routed_hessians).
     smooth: SmoothQuant's alpha: before a block is solved, its norm-fed groups are smoothed on its
-    inputs (quantlib.actquant.smooth_block; FP-exact, changes the norms too); None: off."""
+    inputs (quantlib.actquant.smooth_block; FP-exact, changes the norms too); None: off.
+    act_inputs: an activation scheme (quantlib.actquant: a8, a4): while a block is solved and its
+    outputs propagated, its Linears' inputs are quantized as the release will quantize them, so the
+    Hessians are built from quantized inputs (X_q X_q^T) and every later block is calibrated on what
+    the quantized model really feeds it (the block error's F(X) then has quantized inputs too); the
+    hooks are removed afterwards. None: float inputs."""
 
     batch_size: int = 8
     true_sequential: bool = True
@@ -56,8 +61,10 @@ class EngineConfig:
     block_error_batches: int | None = None
     moe_min_tokens: int = 128
     smooth: float | None = None
+    act_inputs: str | None = None
 
     def __post_init__(self) -> None:
+        parse_activations(self.act_inputs)
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"smooth (SmoothQuant's alpha) must be in [0, 1] or None, got {self.smooth}")
         if self.moe_min_tokens < 1:
@@ -231,6 +238,23 @@ def quantize_block(
     call = call.to(device)
     if cfg.smooth is not None:
         smooth_block(adapter, block, inputs, call, cfg.smooth, device)
+    act = parse_activations(cfg.act_inputs)
+    hooks = [] if act is None else attach(block, adapter.linear_names(block), act)
+    try:
+        results, errors, routing, outputs, block_error = _solve_and_propagate(
+            adapter, index, block, inputs, call, spec, method_cfg, cfg, out_spill_dir)
+    finally:
+        for h in hooks:
+            h.remove()
+    adapter.blocks[index].to("cpu")
+    stats = BlockStats(index, time.perf_counter() - t0, peak_memory_mb(device), errors, block_error,
+                       routing.tokens, routing.shrunk)
+    return results, outputs, stats
+
+
+def _solve_and_propagate(adapter, index, block, inputs, call, spec, method_cfg, cfg, out_spill_dir):
+    """_solve_block, then the solved block's outputs (and its error against F(X) when measured)."""
+    device = torch.device(cfg.device)
     ref = None
     if cfg.measure_block_error:
         ref = _Reference(block, min(cfg.block_error_batches or len(inputs), len(inputs)))
@@ -240,10 +264,7 @@ def quantize_block(
         if ref is not None:
             ref.remove()
     outputs, block_error = _outputs(block, inputs, call, device, out_spill_dir, None if ref is None else ref.outputs)
-    adapter.blocks[index].to("cpu")
-    stats = BlockStats(index, time.perf_counter() - t0, peak_memory_mb(device), errors, block_error,
-                       routing.tokens, routing.shrunk)
-    return results, outputs, stats
+    return results, errors, routing, outputs, block_error
 
 
 def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref: _Reference | None):

@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantlib.packing import PackFormat, pack_gptq, pack_weight, to_gptq_v1, trivial_g_idx, unpack_compressed_tensors, unpack_gptq
+from quantlib.packing import (PackFormat, pack_gptq, pack_weight, to_gptq_v1, trivial_g_idx, unpack_codes,
+                              unpack_compressed_tensors, unpack_gptq)
 from quantlib.actquant import ActSpec, attach, parse_activations
+from quantlib.int8linear import INT8_BACKENDS, Int8Linear, int8_eligible
 from quantlib.moe import is_router_tensor
 from quantlib.qlinear import QuantLinear, replace_modules
 from quantlib.qweight import QuantizedWeight
@@ -196,6 +198,17 @@ def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: t
     return QuantLinear.from_packed(pack_gptq(qw, dtype), bits, bias, backend)  # the gptq_v2 layout it holds
 
 
+def _served(module: QuantLinear, act: ActSpec | None, backend: str) -> torch.nn.Module:
+    """W8A8 (8-bit per-channel symmetric codes with a8 inputs) as an Int8Linear, integer weights times
+    integer activations as a server runs them (the int8 Triton kernel on CUDA); anything else, or a
+    QuantLinear-only backend (int4, int8: torch's weight-only CPU kernels), as it is."""
+    if act is None or act.bits != 8 or backend not in INT8_BACKENDS or module.bits != 8 or module.scales.shape[0] != 1:
+        return module
+    if not int8_eligible(8, 1, unpack_codes(module.qzeros, 8, module.out_features)):
+        return module
+    return Int8Linear.from_packed(module.state_dict(), module.bias, backend)
+
+
 def _act_spec(inputs: dict, release_dir: Path) -> ActSpec:
     """The ActSpec of a compressed-tensors input_activations entry; a scheme we cannot run is refused."""
     if not (inputs.get("type") == "int" and inputs.get("symmetric") and inputs.get("dynamic") is True
@@ -236,16 +249,19 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     tensors, names = module_keyed(get_adapter(model), load_file(str(release_dir / "model.safetensors")),
                                   info["modules"])
     keys = _GPTQ_KEYS if gptq else _CT_KEYS
+    inputs = None if gptq else qconfig["config_groups"]["group_0"].get("input_activations")
+    act = None if inputs is None else _act_spec(inputs, release_dir)
     modules = {}
     for name in names:
         bias = tensors.pop(f"{name}.bias", None)
-        modules[name] = _quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
-                                     None if bias is None else bias.to(dtype), backend)
+        modules[name] = _served(_quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
+                                             None if bias is None else bias.to(dtype), backend), act, backend)
     replace_modules(model, modules)
-    if not gptq and (inputs := qconfig["config_groups"]["group_0"].get("input_activations")):
-        attach(model, names, _act_spec(inputs, release_dir))
+    if act is not None:  # an Int8Linear quantizes its own inputs
+        attach(model, [n for n in names if not isinstance(modules[n], Int8Linear)], act)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    quantized = {f"{n}.{k}" for n in names for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    quantized = {f"{n}.{k}" for n in names
+                 for k in ("qweight", "qzeros", "scales", "g_idx", "bias", "weight", "weight_scale")}
     if unexpected or set(missing) - quantized - _tied(model):
         raise ValueError(f"{release_dir}: release does not match its config "
                          f"(missing {sorted(set(missing) - quantized - _tied(model))[:5]}, unexpected {unexpected[:5]})")

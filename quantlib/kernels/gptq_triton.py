@@ -87,6 +87,18 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, m
 
 
 @triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: GROUP_M row tiles sweep the column
+    tiles together, so a column tile of W is reused from L2 by GROUP_M row tiles."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
 def _gptq_matmul_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, y_ptr,
     M, N, K, NW, stride_xm, stride_ym, M_BUCKET,
@@ -94,15 +106,8 @@ def _gptq_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row tiles sweep the column tiles together (L2 reuse of W tiles)
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
-    in_group = GROUP_M * tiles_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -1,11 +1,12 @@
-"""Plain-torch reference of the packed GPTQ matmul: the CPU path of QuantLinear and the kernels' oracle."""
+"""Plain-torch references of the kernels: the packed GPTQ matmul (QuantLinear's CPU path) and the W8A8
+scaled int8 matmul; the kernels' oracles."""
 from __future__ import annotations
 
 import torch
 
 from ..packing import unpack_codes
 
-__all__ = ["dequantize_gptq", "gptq_matmul_reference"]
+__all__ = ["dequantize_gptq", "gptq_matmul_reference", "int8_scaled_mm_reference"]
 
 
 def dequantize_gptq(
@@ -47,3 +48,16 @@ def gptq_matmul_reference(
     product accumulated in fp32 (as the kernels do)."""
     w = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, x.dtype)
     return (x.float() @ w.float().t()).to(x.dtype)
+
+
+def int8_scaled_mm_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(a (M, K) int8 @ b (N, K)^T int8) * scale_a[:, None] * scale_b[None, :] + bias -> (M, N).
+    The integer products are summed in float64, exactly (every partial sum is an integer below
+    2^53), so the accumulator equals the kernel's int32 one on any device; the epilogue is the
+    kernel's, in fp32, in the same order."""
+    acc = (a.double() @ b.double().t()).float()
+    y = acc * scale_a[:, None] * scale_b[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(out_dtype)

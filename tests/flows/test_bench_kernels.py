@@ -21,6 +21,13 @@ def test_run_kernels_appends_records(tmp_path):
     assert r["quant_ms"] > 0 and r["dense_ms"] > 0 and r["quant_bytes"] == kernel_bytes(128, 64, 1, 4, 128, 4)
 
 
+def test_run_kernels_w8a8_times_the_int8_linear(tmp_path):
+    rows = run_kernels(tmp_path / "k.json", shapes=((128, 64),), batches=(3,), reps=1, w8a8=True)
+    r = rows[0]
+    assert (r["bits"], r["activations"], r["M"]) == (8, "a8", 3) and r["quant_ms"] > 0
+    assert r["quant_bytes"] == 128 * 64 + 64 * 4 + (3 * 128 + 3 * 64) * 4  # int8 codes, fp32 scales, fp32 x and y
+
+
 def test_kernel_bytes_counts_packed_weight_qparams_and_activations():
     # 4096 x 4096 W4 g128: 8 MiB of codes, 32 x 4096 fp16 scales and 4-bit zeros, g_idx, x and y in fp16
     assert kernel_bytes(4096, 4096, 1, 4, 128) == 4096 * 4096 // 2 + 32 * 4096 * 2 + 32 * 4096 // 2 + 4096 * 4 + 2 * 4096 * 2

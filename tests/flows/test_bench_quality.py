@@ -41,12 +41,14 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),
-                                               ("rtn+qat", "heldout")])
+                                               ("rtn+qat", "heldout"), ("gptq", "give --activations")])
 def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods, message):
     args = ["bench", "quality", "--model", str(tiny_source), "--methods", methods, "--schemes", "w3g32",
             "--out", str(tmp_path / "q.json")]
     if methods == "rtn+qat":
         args += ["--qat-heldout", "1.5"]
+    if methods == "gptq":
+        args += ["--quantized-inputs"]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
@@ -63,7 +65,8 @@ def test_a_worker_receives_the_parsed_method():
 
 @pytest.mark.parametrize("kw, message", [(dict(schemes=("w4x",)), "unknown scheme"),
                                          (dict(n_samples=0), "--n-samples must be >= 1"),
-                                         (dict(methods=("gptq",)), "MethodChoice")])
+                                         (dict(methods=("gptq",)), "MethodChoice"),
+                                         (dict(quantized_inputs=True), "set activations")])
 def test_quality_bench_validates_its_settings(kw, message):
     base = dict(model="m", methods=(parse_method("gptq"),), schemes=("w4pc",), out=Path("q.json"))
     with pytest.raises((ValueError, TypeError), match=message):

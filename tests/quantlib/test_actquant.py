@@ -9,9 +9,11 @@ import torch
 
 from quantlib.actquant import ActSpec, attach, attached, fake_quant_tokens, parse_activations, smooth_block, smooth_scales
 from quantlib.adapters import get_adapter
-from quantlib.capture import capture_block_inputs
-from quantlib.engine import EngineConfig, quantize_model
-from quantlib.gptq import GPTQConfig
+from quantlib.activations import ActivationStore
+from quantlib.capture import capture_block_inputs, run_block
+from quantlib.engine import EngineConfig, quantize_block, quantize_model
+from quantlib.gptq import GPTQConfig, accumulate_hessian
+from quantlib.methods import quantize_weight
 from quantlib.spec import QuantSpec
 
 from tiny import tiny_ids, tiny_model
@@ -119,6 +121,45 @@ def test_engine_smooth_is_validated():
     with pytest.raises(ValueError, match="alpha"):
         EngineConfig(smooth=2.0)
     copy.deepcopy(EngineConfig(smooth=0.5))
+    with pytest.raises(ValueError, match="activation scheme"):
+        EngineConfig(act_inputs="a3x")
+
+
+def test_gptq_solves_on_the_quantized_inputs_the_release_feeds_it():
+    """act_inputs a4: down_proj's Hessian comes from its a4-quantized inputs, downstream of the block's
+    quantized q..up with a4 inputs of their own. Reference: GPTQ on exactly that Hessian gives the
+    same codes; float inputs give other codes. The block's outputs (the next block's calibration) are
+    those of the a4 block, and no hook stays behind."""
+    ids = tiny_ids(8, 32)
+    spec, cfg = QuantSpec(bits=3, group_size=32), GPTQConfig()
+    got = {}
+    for act in (None, "a4"):
+        model = tiny_model("llama")
+        adapter = get_adapter(model)
+        batches, calls = capture_block_inputs(adapter, ids, 4)
+        block = adapter.blocks[0]
+        w_down = block.mlp.down_proj.weight.detach().float().clone()
+        results, outputs, _ = quantize_block(adapter, 0, ActivationStore.from_batches(batches), calls[0], spec, cfg,
+                                             EngineConfig(batch_size=4, act_inputs=act))
+        got[act] = results[f"{adapter.family.layers}.0.mlp.down_proj"].qweight
+    assert attached(model) == {}
+    check = copy.deepcopy(block)  # the solved block; down_proj back to FP, every Linear's input a4
+    attach(check, adapter.linear_names(check), ActSpec(4))
+    with torch.no_grad():
+        solved = [run_block(check, x, calls[0]) for x in batches]
+    check.mlp.down_proj.weight.data.copy_(w_down)
+    h, n = None, 0
+
+    def hook(_m, args):
+        nonlocal h, n
+        h, n = accumulate_hessian(h, n, args[0])
+
+    check.mlp.down_proj.register_forward_pre_hook(hook)  # after the a4 hook: sees the quantized input
+    for x in batches:
+        run_block(check, x, calls[0])
+    assert torch.equal(got["a4"], quantize_weight(w_down, h, spec, cfg).qweight)
+    assert not torch.equal(got["a4"], got[None])
+    assert all(torch.equal(a, b) for a, b in zip(outputs, solved))
 
 
 def test_qat_trains_through_the_quantized_activations():

@@ -7,7 +7,6 @@ run compiled on the GPU. bf16 runs with fp32 tl.dot under the interpreter (its b
 """
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from interpreted import interpreted  # noqa: E402
 from quantlib.kernels import check_gptq_args, gptq_matmul, gptq_matmul_reference  # noqa: E402
 from quantlib.packing import pack_codes  # noqa: E402
 from quantlib.qlinear import QuantLinear  # noqa: E402
@@ -30,17 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module", autouse=True)
 def kt():
     """quantlib.kernels.gptq_triton, interpreted when there is no GPU."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    mod = importlib.import_module("quantlib.kernels.gptq_triton")
-    if mod.INTERPRET == CUDA:  # imported earlier in the other mode
-        mod = importlib.reload(mod)
-    yield mod
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
+    yield from interpreted("quantlib.kernels.gptq_triton")
 
 
 def _packed(k, n, bits, layout, seed=0, group=32):

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quantlib"))
 from tiny import tiny_ids, tiny_model  # noqa: E402
 
 from quantlib.adapters import get_adapter  # noqa: E402
+from quantlib.int8linear import Int8Linear  # noqa: E402
 from quantlib.qlinear import QuantLinear  # noqa: E402
 from quantlib.qweight import QuantizedWeight  # noqa: E402
 from quantlib.rtn import rtn_quantize  # noqa: E402
@@ -431,13 +433,16 @@ def test_w8a8_release_declares_and_applies_dynamic_per_token_inputs(tmp_path):
     ours = load_release(tmp_path / "rel", verify=False)
     assert attached(ours) == dict.fromkeys(qweights, "a8")
     name = sorted(qweights)[0]
-    seen = {}
     module = ours.get_submodule(name)
-    module.register_forward_hook(lambda _m, args, _o: seen.__setitem__("in", args[0]))
-    x = torch.randn(2, 5, module.in_features)
+    assert isinstance(module, Int8Linear)  # served integer x integer, quantizing its own inputs
+    x = torch.randn(2, 5, module.in_features) * torch.linspace(0.1, 4, module.in_features)
+    qw = qweights[name]
+    w = (qw.qweight.float() - qw.zero) * qw.scale.half().float()  # the release's fp16 scales
     with torch.no_grad():
-        module(x)
-    assert torch.equal(seen["in"], fake_quant_tokens(x, ActSpec(8)))
+        torch.testing.assert_close(module(x), F.linear(fake_quant_tokens(x, ActSpec(8)), w), rtol=1e-5, atol=1e-5)
+    # asked for torch's weight-only CPU kernel, the loader keeps a QuantLinear behind an a8 hook
+    kept = load_packed_release(tmp_path / "rel", verify=False, backend="int8").get_submodule(name)
+    assert isinstance(kept, QuantLinear) and kept.act_spec == ActSpec(8)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "rel")
     inputs = hf.get_submodule(name).quantization_scheme.input_activations
     assert (inputs.num_bits, inputs.dynamic, inputs.strategy, inputs.symmetric) == (8, True, "token", True)

@@ -1,0 +1,58 @@
+"""llm-compressor itself, the peer of the weight-and-activation rows: run by an interpreter that has
+`llmcompressor` (its own environment: `make llmcompressor-env`), never imported by the project.
+
+    PYTHONPATH=REPO PYTHON flows/llmcompressor_tool.py JOB.json OUT.json
+
+JOB.json = {"model_dir": str, "data": DATA.pt, "scheme": "W8A8", "smooth": 0.8 or null, "threads": T}.
+DATA.pt (written by flows/bench_peer.py) holds the protocol's calibration ids (n, seqlen), the wiki
+windows and the off-domain windows, the same tensors our rows use. The recipe is llm-compressor's
+W8A8 example: SmoothQuantModifier(smoothing_strength) then GPTQModifier(targets Linear, the preset
+scheme, lm_head ignored). The model is scored in memory right after `oneshot`: compressed-tensors has
+replaced every quantized Linear's forward by its own quantize-dequantize of the inputs and weights,
+i.e. llm-compressor's own W8A8 arithmetic, through quantlib.perplexity (torch only), as our rows are.
+OUT.json: {"ppl", "ppl_pydocs", "quant_seconds", "peak_rss_mb", "versions"}.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+from transformers import AutoModelForCausalLM
+
+from quantlib.perplexity import perplexity
+
+
+def main(job_path: str, out_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job["threads"])
+    data = torch.load(job["data"])
+    calib = data["calib"]  # (n, seqlen) int64
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    recipe = ([] if job["smooth"] is None else [SmoothQuantModifier(smoothing_strength=job["smooth"])]) + \
+        [GPTQModifier(targets="Linear", scheme=job["scheme"], ignore=["lm_head"])]
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calib.shape[1],
+            num_calibration_samples=calib.shape[0], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    scores = {"ppl": perplexity(model, data["windows"], batch_size=4)}
+    if data.get("offdomain") is not None:
+        scores["ppl_pydocs"] = perplexity(model, data["offdomain"], batch_size=4)
+    Path(out_path).write_text(json.dumps(scores | {
+        "quant_seconds": round(seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "versions": {k: version(k) for k in ("llmcompressor", "compressed-tensors", "torch", "transformers")}
+        | {"threads": torch.get_num_threads()}}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

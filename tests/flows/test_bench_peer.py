@@ -1,0 +1,58 @@
+"""flows/bench_peer.py (llm-compressor as the measured peer): bad input refused before any work; the
+tool itself, where llm-compressor's environment exists (`make llmcompressor-env`; skipped otherwise)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quantlib"))
+from tiny import tiny_ids, tiny_model  # noqa: E402
+
+from flows.bench_peer import TOOL, run_peer  # noqa: E402
+from quantlib.perplexity import perplexity  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PEER = REPO / ".venv-llmcompressor" / "bin" / "python"
+
+
+def test_missing_interpreter_and_unknown_scheme_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "rows.json"
+    with pytest.raises(FileNotFoundError, match="make llmcompressor-env"):
+        run_peer(str(tmp_path / "nope" / "python"), "smollm2-135m", "W8A8", 0.8, 4, 1, out)
+    with pytest.raises(ValueError, match="W8A8"):
+        run_peer(sys.executable, "smollm2-135m", "W2A2", 0.8, 4, 1, out)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not PEER.exists(), reason="llm-compressor's environment is absent (make llmcompressor-env)")
+def test_tool_quantizes_and_scores_a_tiny_model(tmp_path):
+    """SmoothQuant + GPTQ W8A8 by llm-compressor on a tiny llama, scored in memory: a finite perplexity
+    that differs from the FP model's (its quantize-dequantize forward is live)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    # llm-compressor wants a tokenizer beside a dataset, even a tokenized one
+    words = Tokenizer(WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(tmp_path / "model")
+    calib, windows = tiny_ids(8, 32), tiny_ids(2, 32, seed=1)
+    torch.save({"calib": calib, "windows": windows, "offdomain": None}, tmp_path / "data.pt")
+    job = {"model_dir": str(tmp_path / "model"), "data": str(tmp_path / "data.pt"), "scheme": "W8A8", "smooth": 0.8,
+           "threads": 1}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    r = subprocess.run([str(PEER), str(TOOL), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    fp = perplexity(model.eval(), windows)
+    assert math.isfinite(out["ppl"]) and out["ppl"] != fp and "ppl_pydocs" not in out
+    assert out["versions"]["llmcompressor"] == "0.14.0.1" and out["quant_seconds"] > 0
