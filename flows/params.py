@@ -301,7 +301,10 @@ class QuantizeParams(_Section):
     gets its Hessian shrunk toward the mean of its layer's experts (routers stay full precision).
     activations: null (weight-only) or a8 / a4: the release also quantizes every quantized Linear's
     input, symmetric, one dynamic scale per token (quantlib.actquant); the weights are solved as
-    without it, the evaluation scores the release with it, and it needs a compressed-tensors release."""
+    without it, the evaluation scores the release with it, and it needs a compressed-tensors release.
+    quantized_inputs: with activations, solve every block with its Linears' inputs quantized as the
+    release quantizes them (Hessians from quantized inputs; later blocks calibrated on the quantized
+    model's activations; quantlib EngineConfig.act_inputs); rtn, gptq and boa."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -323,9 +326,16 @@ class QuantizeParams(_Section):
     targets: tuple[str, ...] = _key(("blocks",), _subset(QUANTIZE_TARGETS, "blocks"))
     moe_min_tokens: int = _key(128, _integer(1))
     activations: str | None = _key(None, _text(nullable=True, pattern=r"a8|a4", rule="must be a8, a4 or null"))
+    quantized_inputs: bool = _key(False, _boolean())
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.quantized_inputs and self.activations is None:
+            raise ParamsError("quantize.quantized_inputs: true solves on the inputs quantize.activations quantizes; "
+                              "set quantize.activations: a8 or a4, or quantized_inputs: false")
+        if self.quantized_inputs and self.resolved_method == "recon":
+            raise ParamsError("quantize.quantized_inputs: reconstruction windows do not train with quantized inputs "
+                              "yet; use rtn, gptq or boa, or quantized_inputs: false")
         if self.inputs == "fp" and self.resolved_method == "recon":
             raise ParamsError("quantize.inputs: fp applies to rtn, gptq and boa; recon windows are trained on the "
                               "quantized prefix's outputs (set quantize.inputs: quantized, or another method)")

@@ -209,7 +209,8 @@ def quantize_job(quantize: Any, recon: Any, dtype: str = "float32"):
         engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,
                             device=quantize.device, measure_block_error=True,  # resolved by each task
                             block_error_batches=error_batches(quantize.error_sequences, quantize.batch_size),
-                            moe_min_tokens=quantize.moe_min_tokens),
+                            moe_min_tokens=quantize.moe_min_tokens,
+                            act_inputs=quantize.activations if quantize.quantized_inputs else None),
         stream_from_disk=quantize.spill_to_disk,
         dtype=dtype,
     )

@@ -148,6 +148,9 @@ def test_float_key_accepts_int() -> None:
         ("", ("pack.gguf_type=Q4_K",), "pack.gguf_type: Q4_K is a GGUF type; set pack.format: gguf"),
         ("", ("pack.format=gguf", "pack.gguf_type=Q4_K_M"), "pack.gguf_type: must be one of 'exact', 'Q2_K'"),
         ("", ("quantize.activations=a16",), "quantize.activations: must be a8, a4 or null"),
+        ("", ("quantize.quantized_inputs=true",), "quantize.quantized_inputs: true solves on the inputs"),
+        ("", ("quantize.quantized_inputs=true", "quantize.activations=a4", "quantize.method=recon"),
+         "quantize.quantized_inputs: reconstruction windows do not train"),
         ("", ("quantize.activations=a8", "pack.format=gptq"), "quantize.activations: a8 needs a release format that "
                                                                "records activation quantization; pack.format gptq cannot"),
         ("", ("quantize.moe_min_tokens=0",), "quantize.moe_min_tokens: must be a positive integer"),
@@ -298,3 +301,17 @@ def test_activations_make_auto_pack_compressed_tensors(tmp_path) -> None:
     p = load_params(tmp_path / "params.yaml", ["quantize.activations=a8", "quantize.bits=8", "quantize.sym=true"])
     assert p.pack.resolved(p.quantize.sym, p.quantize.activations) == "compressed-tensors"
     assert PipelineParams().pack.resolved(True) == "gptq"
+
+
+def test_quantized_inputs_reach_every_block_job(tmp_path) -> None:
+    """quantize.quantized_inputs puts the activation scheme into the engine config each block task
+    solves with (and that its cache key holds); off, the blocks are solved on float inputs."""
+    from flows.params import PipelineParams, load_params
+    from flows.pipeline import quantize_job
+
+    (tmp_path / "params.yaml").write_text("")
+    p = load_params(tmp_path / "params.yaml", ["quantize.activations=a4", "quantize.quantized_inputs=true"])
+    assert quantize_job(p.quantize, p.recon).engine.act_inputs == "a4"
+    off = load_params(tmp_path / "params.yaml", ["quantize.activations=a4"])
+    assert quantize_job(off.quantize, off.recon).engine.act_inputs is None
+    assert quantize_job(PipelineParams().quantize, PipelineParams().recon).engine.act_inputs is None
