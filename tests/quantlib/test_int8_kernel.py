@@ -6,11 +6,6 @@ importing quantlib.kernels.int8_triton, as tests/quantlib/test_kernels.py does f
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -26,7 +21,6 @@ from quantlib.spec import QuantSpec  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,11 +49,15 @@ def _assert_same(y, ref):
         assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n,bias", [(1, 64, 48, False), (3, 200, 70, True), (37, 576, 96, True),
-                                        (130, 96, 160, False)])
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize("m,k,n,bias,dtype", [(1, 64, 48, False, F32), (3, 200, 70, True, F16), (3, 200, 70, True, BF16),
+                                              (37, 576, 96, True, F32), (37, 576, 96, True, BF16),
+                                              (130, 96, 160, False, F16)])
 def test_int8_kernel_matches_the_exact_reference(m, k, n, bias, dtype):
-    """Odd M, N, K (masked tiles, K not a multiple of the tile), several M tiles, bias or none."""
+    """Odd M, N, K (masked tiles, K not a multiple of the tile), several M tiles, bias or none, every
+    output dtype (the compile check is in test_kernels.py's sm_90 test)."""
     args = _operands(m, k, n, bias)
     _assert_same(int8_scaled_mm(*args, dtype), int8_scaled_mm_reference(*args, dtype))
 
@@ -164,31 +162,6 @@ def test_int8linear_refuses_weights_it_cannot_hold():
         Int8Linear.from_quantized(rtn_quantize(w, QuantSpec(4, None, sym=True)))
     with pytest.raises(ValueError, match="backend"):
         Int8Linear(64, 16, backend="int4")
-
-
-def test_int8_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
-    """The kernel body through Triton's compiler down to an sm_90 cubin (ptxas), which the
-    interpreter never does: catches type errors in the compiled path (int8 tl.dot, the epilogue)."""
-    script = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from quantlib.kernels import int8_triton as kt
-fn = kt._int8_mm_kernel
-base = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32",
-        **{a: "i32" for a in ("M", "N", "K", "stride_am", "stride_bn", "stride_ym", "M_BUCKET")}}
-for yt, bias, (bm, bn, bk) in [("*fp16", True, (128, 128, 64)), ("*bf16", False, (16, 64, 128))]:
-    const = dict(HAS_BIAS=bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-    sig = dict(base, y_ptr=yt, **{k: "constexpr" for k in const})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-    assert len(compiled.asm["cubin"]) > 0
-print("compiled 2")
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "compiled 2" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -138,8 +138,9 @@ def test_custom_op_fake_impl_and_registration():
 
 
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    """The kernel body goes through Triton's compiler down to an sm_90 cubin (ptxas), which the
-    interpreter never does: catches type errors in the compiled path on machines without a GPU."""
+    """The kernel bodies (GPTQ, and the W8A8 int8 one: its int8 tl.dot and scaled epilogue) go through
+    Triton's compiler down to an sm_90 cubin (ptxas), which the interpreter never does: catches type
+    errors in the compiled path on machines without a GPU. One process for both (start-up dominates)."""
     script = f"""
 import triton
 from triton.backends.compiler import GPUTarget
@@ -157,12 +158,23 @@ for bits, group, split, xt, f32 in cases:
     src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(k),): v for k, v in const.items()}})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4, "num_stages": 3}})
     assert len(compiled.asm["cubin"]) > 0
-print("compiled", len(cases))
+from quantlib.kernels import int8_triton as k8
+fn = k8._int8_mm_kernel
+base = {{"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32",
+        **{{a: "i32" for a in ("M", "N", "K", "stride_am", "stride_bn", "stride_ym", "M_BUCKET")}}}}
+int8_cases = [("*fp16", True, (128, 128, 64)), ("*bf16", False, (16, 64, 128))]
+for yt, bias, (bm, bn, bk) in int8_cases:
+    const = dict(HAS_BIAS=bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    sig = dict(base, y_ptr=yt, **{{k: "constexpr" for k in const}})
+    src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(k),): v for k, v in const.items()}})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4, "num_stages": 3}})
+    assert len(compiled.asm["cubin"]) > 0
+print("compiled", len(cases) + len(int8_cases))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "compiled 5" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "compiled 7" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.gpu
