@@ -75,6 +75,9 @@ class QualityBench:
         parse_activations(self.activations)
         if self.quantized_inputs and self.activations is None:
             raise ValueError("quantized_inputs solves on the quantized inputs of `activations`: set activations")
+        if self.quantized_inputs:
+            for m in self.methods:
+                check_quantized_inputs(m)
         EngineConfig(smooth=self.smooth)  # validates alpha
         if self.rotate is not None and self.rotate not in ROTATION_MODES:
             raise ValueError(f"--rotate must be one of {', '.join(ROTATION_MODES)}, got {self.rotate!r}")
@@ -110,6 +113,13 @@ def _choice_from_json(d: dict) -> MethodChoice:
 
 
 ROTATION_SUFFIX = {"full": "+rot", "residual": "+rotres"}
+
+
+def check_quantized_inputs(method: MethodChoice) -> None:
+    """Quantized inputs change what GPTQ and BoA solve on; RTN reads no inputs, and reconstruction
+    windows do not train with quantized inputs yet: refuse rather than label a row +qin for nothing."""
+    if not isinstance(method.base, (GPTQConfig, BoAConfig)):
+        raise ValueError(f"--quantized-inputs applies to gptq and boa (they solve on inputs), not {method.label}")
 
 
 def _versions() -> dict:

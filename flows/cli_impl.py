@@ -19,7 +19,7 @@ from tasks.inputs import evaluation_ids
 from tasks.textdata import calibration_parts, parse_calibration_source, parse_text_source
 
 from . import commands as C
-from .bench import QualityBench, run_demo, run_quality
+from .bench import QualityBench, check_quantized_inputs, run_demo, run_quality
 from .bench_kernels import run_decode, run_kernels
 from .methods import MethodChoice, parse_method, resolve_device
 from .table import print_table
@@ -57,6 +57,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym)
     method = method_choice(args, args.method)
     engine = engine_config(args)
+    if engine.act_inputs is not None:
+        check_quantized_inputs(method)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "quantization.json").exists():
         raise ValueError(f"--out {out} exists and is not a ptq output folder; choose an empty or new folder")

@@ -81,11 +81,12 @@ class _Hook:
 def attach(model: nn.Module, names, spec: ActSpec) -> list:
     """Quantize the input of every module in `names` (dotted paths in `model`); returns the handles
     (`handle.remove()` detaches). A module is marked `act_spec` so a second attach is refused."""
-    handles = []
-    for name in names:
-        module = model.get_submodule(name)
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():  # all checked before any hook goes on: nothing half-attached
         if getattr(module, "act_spec", None) is not None:
             raise ValueError(f"{name} already quantizes its inputs ({module.act_spec.name})")
+    handles = []
+    for module in modules.values():
         module.act_spec = spec
         handles.append(_Handle(module, module.register_forward_pre_hook(_Hook(spec))))
     return handles

@@ -9,10 +9,12 @@ attached activation hook (`quantlib.actquant.attached` reports it, `attach` refu
 Backends:
 - "triton": quantlib.kernels' int8 kernel, int32 accumulation (CUDA, or CPU under TRITON_INTERPRET=1);
 - "reference": the kernel's oracle, exact integer products summed in float64;
-- "dense": q_x s_x through F.linear against the weight dequantized once, in the input's dtype: the
-  same arithmetic as a QuantLinear with an a8 hook, and the fast CPU path (torch's CPU int8 matmul,
-  `torch._int_mm`, ran 10x slower than an fp32 matmul on this project's 2-core reference machine);
-- "auto": triton for CUDA inputs when Triton is installed, else dense.
+- "dense": q_x s_x through F.linear against the weight dequantized once and kept, in the input's
+  dtype: the same arithmetic as a QuantLinear with an a8 hook, and the fast CPU path (torch's CPU int8
+  matmul, `torch._int_mm`, ran 10x slower than an fp32 matmul on this project's 2-core reference
+  machine), at dense memory;
+- "auto": triton for CUDA inputs when Triton is installed, else the dense arithmetic with the weight
+  dequantized on every call (int8 memory).
 """
 from __future__ import annotations
 
@@ -78,9 +80,9 @@ class Int8Linear(nn.Module):
     def from_packed(cls, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
                     backend: str = "auto") -> "Int8Linear":
         """From PackFormat.GPTQ buffers of 8-bit per-channel codes (qweight (in/4, out), qzeros (1, out/4),
-        scales (1, out)), the layout QuantLinear holds."""
-        words, out = tensors["qweight"].shape
-        codes = unpack_codes(tensors["qweight"].t().contiguous(), 8, words * 4)  # (out, in)
+        scales (1, out), g_idx (in,)), the layout QuantLinear holds."""
+        n, out = tensors["g_idx"].numel(), tensors["qweight"].shape[1]
+        codes = unpack_codes(tensors["qweight"].t().contiguous(), 8, n)  # (out, in), the packing's padding dropped
         zeros = unpack_codes(tensors["qzeros"], 8, out)[0]
         return cls.from_codes(codes, zeros, tensors["scales"][0], bias, backend)
 
@@ -90,8 +92,11 @@ class Int8Linear(nn.Module):
         return "triton" if x.is_cuda and triton_available() else "dense"
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor:
+        """W in x's dtype: dequantized on every call, or once and kept (backend "dense")."""
+        if self.backend != "dense":
+            return (self.weight.float() * self.weight_scale.float()[:, None]).to(x.dtype)
         if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
-            self._dense = (self.weight.float() * self.weight_scale[:, None]).to(x.dtype)
+            self._dense = (self.weight.float() * self.weight_scale.float()[:, None]).to(x.dtype)
         return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,8 @@ class Int8Linear(nn.Module):
             y = F.linear((q.float() * s).to(x.dtype), self._weight(x), None if self.bias is None else self.bias.to(x.dtype))
         else:
             mm = int8_scaled_mm if kernel == "triton" else int8_scaled_mm_reference
-            y = mm(q, self.weight, s[:, 0], self.weight_scale, self.bias, x.dtype)
+            # .float(): a model cast (model.half()) casts these buffers too; the kernel takes fp32 scales
+            y = mm(q, self.weight, s[:, 0], self.weight_scale.float(), self.bias, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -41,7 +41,8 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),
-                                               ("rtn+qat", "heldout"), ("gptq", "give --activations")])
+                                               ("rtn+qat", "heldout"), ("gptq", "give --activations"),
+                                               ("rtn", "applies to gptq and boa")])
 def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods, message):
     args = ["bench", "quality", "--model", str(tiny_source), "--methods", methods, "--schemes", "w3g32",
             "--out", str(tmp_path / "q.json")]
@@ -49,6 +50,8 @@ def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods
         args += ["--qat-heldout", "1.5"]
     if methods == "gptq":
         args += ["--quantized-inputs"]
+    if methods == "rtn":
+        args += ["--quantized-inputs", "--activations", "a4"]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()

@@ -150,7 +150,9 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.activations=a16",), "quantize.activations: must be a8, a4 or null"),
         ("", ("quantize.quantized_inputs=true",), "quantize.quantized_inputs: true solves on the inputs"),
         ("", ("quantize.quantized_inputs=true", "quantize.activations=a4", "quantize.method=recon"),
-         "quantize.quantized_inputs: reconstruction windows do not train"),
+         "quantize.quantized_inputs: applies to gptq and boa"),
+        ("", ("quantize.quantized_inputs=true", "quantize.activations=a4", "quantize.method=rtn"),
+         "quantize.quantized_inputs: applies to gptq and boa"),
         ("", ("quantize.activations=a8", "pack.format=gptq"), "quantize.activations: a8 needs a release format that "
                                                                "records activation quantization; pack.format gptq cannot"),
         ("", ("quantize.moe_min_tokens=0",), "quantize.moe_min_tokens: must be a positive integer"),

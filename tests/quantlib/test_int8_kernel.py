@@ -133,13 +133,30 @@ def test_int8linear_computes_what_the_a8_hooked_quantlinear_computes():
 def test_int8linear_feeds_the_kernel_the_per_token_codes():
     """The kernel sees quantize_tokens' codes and scales: replaying them by hand gives the output."""
     qw, bias = _w8(seed=1)
-    lin = Int8Linear.from_quantized(qw, bias, backend="reference")
-    x = torch.randn(5, 96) * 3
+    lin = Int8Linear.from_quantized(qw, bias, backend="triton").to(DEVICE)
+    x = torch.randn(5, 96, device=DEVICE) * 3
     q, s = quantize_tokens(x, ActSpec(8))
     acc = q.double() @ lin.weight.double().t()
-    manual = (acc.float() * s * lin.weight_scale[None, :] + bias[None, :])
-    assert torch.equal(lin(x), manual)
+    manual = (acc.float() * s * lin.weight_scale[None, :] + lin.bias[None, :])
+    _assert_same(lin(x), manual)
     assert int(lin.weight.abs().max()) <= 127 and lin.weight.dtype == torch.int8
+
+
+def test_int8linear_survives_a_model_cast_and_odd_widths():
+    """model.half() casts the scale buffer too (the kernel still gets fp32 scales); a width that is
+    not a multiple of 4 keeps its size through the packed layout (the padding is dropped)."""
+    g = torch.Generator().manual_seed(2)
+    qw = rtn_quantize(torch.randn(24, 30, generator=g), QuantSpec(8, None, sym=True))
+    holder = torch.nn.Module()
+    holder.lin = QuantLinear.from_quantized(qw, None, torch.float16, backend="reference")
+    lin = Int8Linear.from_packed(holder.lin.state_dict(), None, backend="triton")
+    assert (lin.in_features, tuple(lin.weight.shape)) == (30, (24, 30))
+    x = torch.randn(3, 30)
+    want = Int8Linear.from_packed(holder.lin.state_dict(), None, backend="reference")(x)
+    assert torch.equal(lin(x), want)
+    half = lin.half().to(DEVICE)
+    assert half.weight_scale.dtype == torch.float16
+    assert half(x.half().to(DEVICE)).dtype == torch.float16
 
 
 def test_int8linear_reports_its_input_scheme_and_refuses_a_second_hook():
