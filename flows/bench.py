@@ -165,7 +165,8 @@ def _worker(job: dict) -> list[dict]:
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
         t_quant = time.perf_counter()
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
-        C.quantize_activations(model, results, job.get("activations"))  # QAT replaces, then restores, these modules
+        # QAT replaces, then restores, these modules; static scales are calibrated on the calibration ids
+        C.quantize_activations(model, results, job.get("activations"), data.calib)
         size = {"bpw": round(bits_per_weight(results), 4)}  # QAT keeps the scheme: one size for both rows
         settings |= {"method_config": cfg.__dict__, "true_sequential": job["true_sequential"], "batch_size": job["batch_size"],
                      **{k: job[k] for k in ("activations", "smooth", "rotate", "quantized_inputs") if job.get(k) not in (None, False)}}

@@ -49,8 +49,9 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--spill-dir", default=None, help="keep calibration activations on disk here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--activations", default=None, choices=("a8", "a4"),
-                   help="also quantize the quantized Linears' inputs: symmetric int8/int4, one dynamic scale per token")
+    p.add_argument("--activations", default=None, choices=("a8", "a4", "a8s", "a4s"),
+                   help="also quantize the quantized Linears' inputs: symmetric int8/int4, one dynamic scale per token "
+                        "(a8, a4) or one static scale per Linear calibrated on the calibration set (a8s, a4s)")
     p.add_argument("--quantized-inputs", action="store_true",
                    help="with --activations: solve each block with its Linears' inputs quantized (Hessians from "
                         "quantized inputs, later blocks calibrated on the quantized model's activations)")

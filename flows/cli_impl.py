@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from quantlib.actquant import input_scales
 from quantlib.adapters import check_spec_fits, get_adapter
 from quantlib.data import eval_windows
 from quantlib.engine import EngineConfig
@@ -78,12 +79,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     teacher = C.qat_teacher(model, data.calib, method.qat)  # FP logits, before quantizing
     results, stats, _ = C.quantize_loaded(model, data.calib, spec, method.base, engine)
-    C.quantize_activations(model, results, args.activations)  # QAT trains with them (it swaps, then restores, the modules)
+    # QAT trains with them (it swaps, then restores, the modules); static scales calibrated on the calibration ids
+    C.quantize_activations(model, results, args.activations, data.calib)
     if method.qat is not None:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
     seconds = time.perf_counter() - t0 + rotate_seconds
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
-            "activations": args.activations, "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,
+            "activations": args.activations, "input_scales": {n: float(v) for n, v in input_scales(model).items()},
+            "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,
             "rotation": rotation, "modules": sorted(results),
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
             "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
@@ -116,7 +119,8 @@ def _eval_model(spec: str, dtype: torch.dtype):
     model = load_model(model_dir, dtype=dtype)
     if info:  # `ptq quantize` output: dense weights; its online rotations and activation quantizers come back
         attach_online(model, info.get("rotation"))
-        C.quantize_activations(model, dict.fromkeys(info.get("modules", [])), info.get("activations"))
+        C.quantize_activations(model, dict.fromkeys(info.get("modules", [])), info.get("activations"),
+                               scales=info.get("input_scales"))
     return model, load_tokenizer(model_dir)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quantlib.actquant import attach, parse_activations
+from quantlib.actquant import attach, calibrate_static, parse_activations
 from quantlib.adapters import get_adapter
 from quantlib.data import eval_windows
 from quantlib.engine import BlockStats, EngineConfig, quantize_model
@@ -151,12 +151,22 @@ def quantize_loaded(model, calib: torch.Tensor, spec: QuantSpec, method_cfg: Blo
     return results, stats, time.perf_counter() - t0
 
 
-def quantize_activations(model, results: dict[str, QuantizedWeight], activations: str | None) -> None:
-    """Quantize the inputs of every quantized module from now on (quantlib.actquant: `a8`, `a4`, or
-    None for weight-only)."""
+def quantize_activations(model, results: dict[str, QuantizedWeight], activations: str | None,
+                         calib: torch.Tensor | None = None, scales: dict | None = None, batch_size: int = 8) -> None:
+    """Quantize the inputs of every quantized module from now on (quantlib.actquant: `a8`, `a4`, the
+    static `a8s`, `a4s`, or None for weight-only). Static scales come from `scales` ({name: float},
+    as quantization.json records them) or are calibrated now on `calib` (N, T) ids, in batches."""
     spec = parse_activations(activations)
-    if spec is not None:
-        attach(model, sorted(results), spec)
+    if spec is None:
+        return
+    names = sorted(results)
+    if spec.static and scales is not None:
+        scales = {n: torch.tensor([float(scales[n])]) for n in names if n in scales}
+    elif spec.static:
+        if calib is None:
+            raise ValueError(f"static activations ({spec.name}) are calibrated on the calibration ids; none given")
+        scales = calibrate_static(model, names, calib.split(batch_size), spec)
+    attach(model, names, spec, scales)
 
 
 def save_quantized(out_dir: Path, model, tokenizer, results: dict[str, QuantizedWeight], info: dict) -> None:

@@ -299,9 +299,10 @@ class QuantizeParams(_Section):
     the Hessian methods; a head tied to the input embeddings is untied, the embeddings stay FP).
     moe_min_tokens: in a mixture-of-experts model, an expert the router sent fewer calibration tokens
     gets its Hessian shrunk toward the mean of its layer's experts (routers stay full precision).
-    activations: null (weight-only) or a8 / a4: the release also quantizes every quantized Linear's
-    input, symmetric, one dynamic scale per token (quantlib.actquant); the weights are solved as
-    without it, the evaluation scores the release with it, and it needs a compressed-tensors release.
+    activations: null (weight-only), a8 / a4: the release also quantizes every quantized Linear's
+    input, symmetric, one dynamic scale per token (quantlib.actquant), or a8s / a4s: one static scale
+    per Linear, calibrated on the calibration set by the pack stage (and by QAT for its forward); the
+    evaluation scores the release with it, and it needs a compressed-tensors (or ptq) release.
     quantized_inputs: with activations, solve every block with its Linears' inputs quantized as the
     release quantizes them (Hessians from quantized inputs; later blocks calibrated on the quantized
     model's activations; quantlib EngineConfig.act_inputs); gptq and boa."""
@@ -325,11 +326,15 @@ class QuantizeParams(_Section):
     )
     targets: tuple[str, ...] = _key(("blocks",), _subset(QUANTIZE_TARGETS, "blocks"))
     moe_min_tokens: int = _key(128, _integer(1))
-    activations: str | None = _key(None, _text(nullable=True, pattern=r"a8|a4", rule="must be a8, a4 or null"))
+    activations: str | None = _key(None, _text(nullable=True, pattern=r"a8s?|a4s?",
+                                                rule="must be a8, a4 (dynamic), a8s, a4s (static) or null"))
     quantized_inputs: bool = _key(False, _boolean())
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.quantized_inputs and self.activations is not None and self.activations.endswith("s"):
+            raise ParamsError(f"quantize.quantized_inputs: takes dynamic activations (a8, a4), not "
+                              f"{self.activations}: static scales are calibrated once the weights are solved")
         if self.quantized_inputs and self.activations is None:
             raise ParamsError("quantize.quantized_inputs: true solves on the inputs quantize.activations quantizes; "
                               "set quantize.activations: a8 or a4, or quantized_inputs: false")

@@ -526,7 +526,7 @@ def pack_stage(ctx: StageContext) -> dict:
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"],
                                                    **({"activations": act} if act else {})},
                         fmt=fmt, trust_remote_code=ctx.params.fetch_model.trust_remote_code,
-                        gguf_type=ctx.params.pack.gguf_type)
+                        gguf_type=ctx.params.pack.gguf_type, input_scales=_static_scales(ctx, qweights))
     params, chain, code = ctx.params.declared(), _chain(ctx, info), code_identity()
     source = _read_json(model_dir / "source.json")
     card = render_card(name=f"{source['source']} {info['scheme']}", source=source, params=params, info=info,
@@ -536,6 +536,24 @@ def pack_stage(ctx: StageContext) -> dict:
     failpoint("pack.written")
     _swap(tmp, out)
     return {"files": sum(1 for p in out.rglob("*") if p.is_file())}
+
+
+def _static_scales(ctx: StageContext, qweights: dict) -> dict | None:
+    """Static activations (quantize.activations a8s / a4s): every quantized module's input scale,
+    calibrated on the calibration ids with the final (post-QAT) weights; None otherwise."""
+    import torch
+
+    from quantlib.actquant import parse_activations
+    from tasks.release import static_input_scales
+    from tasks.textdata import read_token_ids
+
+    act = parse_activations(ctx.params.quantize.activations)
+    if act is None or not act.static:
+        return None
+    tokens_dir, tokens = _tokens(ctx)
+    calib = read_token_ids(tokens_dir / "calib.safetensors", tokens["calib"]["sha256"])["calib"]
+    return static_input_scales(ctx.path(S.MODEL), qweights, calib, act.name, getattr(torch, ctx.params.fetch_model.dtype),
+                               ctx.params.quantize.batch_size, ctx.params.fetch_model.trust_remote_code)
 
 
 def _chain(ctx: StageContext, info: dict) -> dict:

@@ -1,9 +1,13 @@
-"""Activation quantization: symmetric integer inputs to the quantized Linears, dynamic per token.
+"""Activation quantization: symmetric integer inputs to the quantized Linears, dynamic per token
+or static per tensor.
 
-Each Linear's input row x (one token, `in` values) is quantized on the fly with its own scale
-s = max|x| / qmax (qmax = 2^(b-1) - 1), q = clamp(round(x / s), -qmax - 1, qmax), and the matmul
-sees q s: what vLLM's int8 W8A8 kernels and compressed-tensors' `dynamic: true, strategy: token`
-compute. In training the rounding passes the gradient straight through (STE).
+Dynamic (`a8`, `a4`): each Linear's input row x (one token, `in` values) is quantized on the fly
+with its own scale s = max|x| / qmax (qmax = 2^(b-1) - 1), q = clamp(round(x / s), -qmax - 1, qmax),
+and the matmul sees q s: what vLLM's int8 W8A8 kernels and compressed-tensors' `dynamic: true,
+strategy: token` compute. Static (`a8s`, `a4s`): one scale per Linear, s = max|x| / qmax over every
+input it received on the calibration set (`calibrate_static`), fixed at run time; inputs beyond the
+calibrated range clip (compressed-tensors' `dynamic: false, strategy: tensor`, with an `input_scale`
+per module; vLLM's static int8 path). In training the rounding passes the gradient straight through.
 
 Activations are attached to a model with forward pre-hooks (`attach`), so every method, the
 evaluation and a loaded release see the same quantized inputs, whatever module class holds the
@@ -22,15 +26,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ActSpec", "parse_activations", "quantize_tokens", "fake_quant_tokens", "attach", "attached", "smooth_scales",
+__all__ = ["ActSpec", "parse_activations", "quantize_tokens", "fake_quant_tokens", "quantize_static",
+           "fake_quant_static", "calibrate_static", "attach", "attached", "input_scales", "smooth_scales",
            "smooth_block"]
 
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Symmetric `bits`-bit activations, one dynamic scale per token (row of the Linear's input)."""
+    """Symmetric `bits`-bit activations: one dynamic scale per token (row of the Linear's input), or
+    with `static` one calibrated scale per Linear."""
 
     bits: int = 8
+    static: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in (4, 8):
@@ -42,17 +49,19 @@ class ActSpec:
 
     @property
     def name(self) -> str:
-        return f"a{self.bits}"
+        return f"a{self.bits}" + ("s" if self.static else "")
 
 
 def parse_activations(name: str | None) -> ActSpec | None:
-    """`a8` / `a4` (dynamic per-token, symmetric) or None / "none" (weight-only)."""
+    """`a8` / `a4` (dynamic per token), `a8s` / `a4s` (static per tensor), or None / "none"
+    (weight-only)."""
     if name is None or str(name).strip().lower() in ("", "none", "null"):
         return None
-    m = re.fullmatch(r"a(\d+)", str(name).strip().lower())
+    m = re.fullmatch(r"a(\d+)(s?)", str(name).strip().lower())
     if not m:
-        raise ValueError(f"unknown activation scheme {name!r}; expected a8, a4 or null (weight-only)")
-    return ActSpec(int(m.group(1)))
+        raise ValueError(f"unknown activation scheme {name!r}; expected a8, a4 (dynamic per token), a8s, a4s "
+                         "(static per tensor) or null (weight-only)")
+    return ActSpec(int(m.group(1)), static=m.group(2) == "s")
 
 
 def quantize_tokens(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,25 +79,73 @@ def fake_quant_tokens(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     return x + ((q.float() * s).to(x.dtype) - x).detach()
 
 
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec: ActSpec) -> torch.Tensor:
+    """x (..., in) -> int8 codes (..., in) with one fixed scale (a 0-d or 1-element fp32 tensor):
+    clamp(round(x / scale), -qmax - 1, qmax); inputs beyond the calibrated range clip."""
+    return torch.clamp(torch.round(x.float() / scale.float().reshape(())), -spec.qmax - 1, spec.qmax).to(torch.int8)
+
+
+def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, spec: ActSpec) -> torch.Tensor:
+    """x quantized with its fixed scale (quantize_static), dequantized, same dtype; straight-through."""
+    q = quantize_static(x.detach(), scale, spec)
+    return x + ((q.float() * scale.float().reshape(())).to(x.dtype) - x).detach()
+
+
 class _Hook:
-    def __init__(self, spec: ActSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: ActSpec, scale: torch.Tensor | None = None) -> None:
+        self.spec, self.scale = spec, scale
 
     def __call__(self, _module: nn.Module, args: tuple):
-        return (fake_quant_tokens(args[0], self.spec), *args[1:])
+        x = args[0]
+        if self.scale is None:
+            return (fake_quant_tokens(x, self.spec), *args[1:])
+        return (fake_quant_static(x, self.scale.to(x.device), self.spec), *args[1:])
 
 
-def attach(model: nn.Module, names, spec: ActSpec) -> list:
+@torch.no_grad()
+def calibrate_static(model: nn.Module, names, batches, spec: ActSpec) -> dict[str, torch.Tensor]:
+    """{name: fp32 scale, shape (1,)}: max |x| / qmax over every input each module in `names` receives
+    while `model` runs on `batches` (token-id tensors), in one pass with float inputs. Hooks already
+    on a module (an online rotation) run first, so the range is that of what the module computes on."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str):
+        def hook(_m, args):
+            a = args[0].detach().abs().amax().float().cpu()
+            amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        for ids in batches:
+            model(ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    if missing := sorted(set(names) - set(amax)):
+        raise ValueError(f"{len(missing)} modules saw no calibration input (e.g. {missing[0]}): a static scale "
+                         "needs inputs; use dynamic activations (a8, a4) for them")
+    return {n: (amax[n] / spec.qmax).clamp_min(1e-12).reshape(1) for n in names}
+
+
+def attach(model: nn.Module, names, spec: ActSpec, scales: dict[str, torch.Tensor] | None = None) -> list:
     """Quantize the input of every module in `names` (dotted paths in `model`); returns the handles
-    (`handle.remove()` detaches). A module is marked `act_spec` so a second attach is refused."""
+    (`handle.remove()` detaches). A static spec takes each module's calibrated scale from `scales`
+    (calibrate_static), kept on the module as `input_scale`. A module is marked `act_spec` so a second
+    attach is refused; every module is checked before any hook goes on."""
     modules = {name: model.get_submodule(name) for name in names}
-    for name, module in modules.items():  # all checked before any hook goes on: nothing half-attached
+    for name, module in modules.items():
         if getattr(module, "act_spec", None) is not None:
             raise ValueError(f"{name} already quantizes its inputs ({module.act_spec.name})")
+    if spec.static and (missing := [n for n in modules if scales is None or n not in scales]):
+        raise ValueError(f"static activations ({spec.name}) need a calibrated scale per module; none for "
+                         f"{missing[0]} (quantlib.actquant.calibrate_static)")
     handles = []
-    for module in modules.values():
-        module.act_spec = spec
-        handles.append(_Handle(module, module.register_forward_pre_hook(_Hook(spec))))
+    for name, module in modules.items():
+        scale = scales[name].float() if spec.static else None
+        module.act_spec, module.input_scale = spec, scale
+        handles.append(_Handle(module, module.register_forward_pre_hook(_Hook(spec, scale))))
     return handles
 
 
@@ -98,7 +155,12 @@ class _Handle:
 
     def remove(self) -> None:
         self.handle.remove()
-        self.module.act_spec = None
+        self.module.act_spec = self.module.input_scale = None
+
+
+def input_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module path: its static input scale} of every module with static activations attached."""
+    return {n: m.input_scale for n, m in model.named_modules() if getattr(m, "input_scale", None) is not None}
 
 
 def attached(model: nn.Module) -> dict[str, str]:

@@ -44,7 +44,7 @@ def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
         if hid in old._forward_pre_hooks_with_kwargs:
             new._forward_pre_hooks_with_kwargs[hid] = True
     if getattr(old, "act_spec", None) is not None:  # quantlib.actquant's mark travels with its hook
-        new.act_spec = old.act_spec
+        new.act_spec, new.input_scale = old.act_spec, getattr(old, "input_scale", None)
     root.set_submodule(name, new)
     return old
 

@@ -64,7 +64,9 @@ class EngineConfig:
     act_inputs: str | None = None
 
     def __post_init__(self) -> None:
-        parse_activations(self.act_inputs)
+        if (act := parse_activations(self.act_inputs)) is not None and act.static:
+            raise ValueError(f"act_inputs takes a dynamic scheme (a8, a4), not {act.name}: static scales are "
+                             "calibrated once the weights are solved")
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"smooth (SmoothQuant's alpha) must be in [0, 1] or None, got {self.smooth}")
         if self.moe_min_tokens < 1:

@@ -81,7 +81,9 @@ def _scheme(params: Mapping[str, Mapping[str, Any]], info: Mapping[str, Any], fm
             ("symmetric", q.get("sym")), ("targets", ", ".join(q.get("targets", ["blocks"]))),
             ("format", f"`{fmt}`"), ("compute dtype", params.get("fetch_model", {}).get("dtype"))]
     if q.get("activations"):
-        rows.insert(4, ("activations", f"`{q['activations']}`: symmetric int, one dynamic scale per token"))
+        static = q["activations"].endswith("s")
+        rows.insert(4, ("activations", f"`{q['activations']}`: symmetric int, " +
+                        ("one static scale per Linear, calibrated" if static else "one dynamic scale per token")))
     if fmt == "gguf":
         rows.insert(-1, ("GGUF type", f"`{params.get('pack', {}).get('gguf_type', 'exact')}`"))
     qat = info.get("qat")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from quantlib.actquant import attach, parse_activations
+from quantlib.actquant import attach, calibrate_static, parse_activations
 from quantlib.adapters import get_adapter
 from quantlib.head import head_name, untie_head
 from quantlib.qat import QATConfig, QATStats, teacher_targets, train_qat
@@ -107,8 +107,8 @@ def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantize
     """Global QAT from the quantized state; checkpoints every `checkpoint_every` steps and resumes
     from the last one. Writes the refined integers + scales + zeros. `teacher` is the teacher
     task's record ({"path", "sha"}); `teacher_sha` its sha (what the cache key holds). With
-    `activations` (a8/a4) the quantized Linears' inputs are fake-quantized in the training forward,
-    as the release computes them (quantlib.actquant)."""
+    `activations` (a8/a4, or static a8s/a4s calibrated here first) the quantized Linears' inputs are
+    fake-quantized in the training forward, as the release computes them (quantlib.actquant)."""
     if teacher is not None and teacher_sha != teacher["sha"]:
         raise ValueError("qat_train_task: teacher_sha must be the teacher record's sha")
     key = stable_hash(_dtyped([model_sha, quantized_sha, calib_sha, teacher_sha, cfg], dtype) +
@@ -118,12 +118,14 @@ def qat_train_task(model_dir: str, model_sha: str, quantized_path: str, quantize
     model = load_model(model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     results = load_quantized(quantized_path, quantized_sha, names)
     apply_quantized(model, results)
+    calib = read_token_ids(calib_path, calib_sha)["calib"]
     spec = parse_activations(activations)
-    if spec is not None:
-        attach(model, sorted(results), spec)
+    if spec is not None:  # static scales: calibrated on the quantized model before training
+        scales = calibrate_static(model, sorted(results), calib.split(cfg.batch_size), spec) if spec.static else None
+        attach(model, sorted(results), spec, scales)
     targets = None if teacher is None else load_safetensors_verified(teacher["path"], teacher["sha"])
     resume = _load_checkpoint(ckpt)
-    new, stats = train_qat(model, results, read_token_ids(calib_path, calib_sha)["calib"], cfg, targets,
+    new, stats = train_qat(model, results, calib, cfg, targets,
                            resume=resume, checkpoint_every=checkpoint_every,
                            on_checkpoint=functools.partial(_checkpointed, ckpt))
     tensors = {k: v for name, qw in new.items() for k, v in qw.state_dict(name).items()}

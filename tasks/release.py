@@ -25,7 +25,7 @@ from quantlib.qweight import QuantizedWeight
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified, verify_manifest
 from .sources import MODEL_CONSTRUCTION
 
-__all__ = ["RELEASE_FORMAT", "write_release_files", "load_release", "release_weights", "drop_quantized", "tied_head",
+__all__ = ["RELEASE_FORMAT", "write_release_files", "static_input_scales", "load_release", "release_weights", "drop_quantized", "tied_head",
            "untied_config"]
 
 RELEASE_FORMAT = "ptq-codes-v1"
@@ -100,10 +100,16 @@ def release_weights(model_dir: Path, qweights: dict[str, QuantizedWeight],
 
 
 def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                        fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False, gguf_type: str = "exact") -> None:
+                        fmt: str = RELEASE_FORMAT, trust_remote_code: bool = False, gguf_type: str = "exact",
+                        input_scales: dict[str, torch.Tensor] | None = None) -> None:
     """Write everything but MANIFEST.json into out_dir (which must be empty), in format `fmt`:
     RELEASE_FORMAT, a packed format of tasks.release_formats (`gptq`, `compressed-tensors`) or `gguf`
-    (with `gguf_type`, quantlib.gguf_k.GGUF_TYPES). `qweights` are keyed by module names."""
+    (with `gguf_type`, quantlib.gguf_k.GGUF_TYPES). `qweights` (and a static activation scheme's
+    `input_scales`, static_input_scales) are keyed by module names; quantization.json records the
+    scales too ({name: float}, what a RELEASE_FORMAT loader reads)."""
+    if input_scales:
+        info = info | {"input_scales": {n: float(v) for n, v in sorted(input_scales.items())}}
+        input_scales = checkpoint_keyed(input_scales, model_dir, trust_remote_code)
     qweights = checkpoint_keyed(qweights, model_dir, trust_remote_code)
     if info.get("activations") and fmt not in (RELEASE_FORMAT, "compressed-tensors"):
         raise ValueError(f"activation quantization ({info['activations']}) is recorded by compressed-tensors and "
@@ -117,7 +123,8 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
     if fmt != RELEASE_FORMAT:
         from .release_formats import write_packed_release
 
-        return write_packed_release(out_dir, model_dir, qweights, info, fmt, trust_remote_code=trust_remote_code)
+        return write_packed_release(out_dir, model_dir, qweights, info, fmt, trust_remote_code=trust_remote_code,
+                                    input_scales=input_scales)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out_dir / "model.safetensors", release_weights(model_dir, qweights, trust_remote_code),
                             metadata={"format": RELEASE_FORMAT})
@@ -127,6 +134,22 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
     atomic_write_json(out_dir / "config.json", untied_config(raw, qweights, tied_head(model_dir, trust_remote_code)))
     atomic_write_json(out_dir / "quantization.json",
                       info | {"format": RELEASE_FORMAT, "modules": sorted(qweights)})
+
+
+@torch.no_grad()
+def static_input_scales(model_dir: Path, qweights: dict[str, QuantizedWeight], calib: torch.Tensor, activations: str,
+                        dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                        trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """{module name: its static input scale}: the source model with the quantized weights in place,
+    run on the calibration ids (N, T) in batches (quantlib.actquant.calibrate_static)."""
+    from quantlib.actquant import calibrate_static
+
+    from .qat import apply_quantized
+    from .sources import load_model
+
+    model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    apply_quantized(model, qweights)
+    return calibrate_static(model, sorted(qweights), calib.split(batch_size), parse_activations(activations))
 
 
 def copy_model_files(model_dir: Path, out_dir: Path) -> None:
@@ -171,7 +194,8 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
                          f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     if info.get("activations"):  # the inputs of the quantized modules too (quantlib.actquant)
-        attach(model, modules, parse_activations(info["activations"]))
+        scales = {n: torch.tensor([v]) for n, v in info.get("input_scales", {}).items()}
+        attach(model, modules, parse_activations(info["activations"]), scales)
     return model
 
 

@@ -77,12 +77,13 @@ def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat, lm_head: bool
 
 def _ct_inputs(activations: str | None) -> dict | None:
     """compressed-tensors' input_activations for quantlib.actquant's scheme: symmetric int, dynamic
-    per token (vLLM's int8 W8A8 path reads exactly this), or None for weight-only."""
+    per token, or static per tensor with an `input_scale` per module (vLLM's int8 W8A8 paths read
+    exactly these), or None for weight-only."""
     act = parse_activations(activations)
     if act is None:
         return None
-    return {"num_bits": act.bits, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
-            "group_size": None}
+    return {"num_bits": act.bits, "type": "int", "symmetric": True, "dynamic": not act.static,
+            "strategy": "tensor" if act.static else "token", "group_size": None}
 
 
 def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dtype: torch.dtype,
@@ -153,11 +154,18 @@ def source_dtype(model_dir: Path) -> torch.dtype:
 
 
 def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, QuantizedWeight], info: dict,
-                         fmt: PackFormat | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> None:
+                         fmt: PackFormat | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                         input_scales: dict[str, torch.Tensor] | None = None) -> None:
     """Write everything but MANIFEST.json of a packed release into out_dir; dtype None: source_dtype.
     GPTQ v1 shifts groups whose zero is 0 (`to_gptq_v1`); quantization.json counts the codes that moved,
-    and the evaluate stage scores the release as written."""
+    and the evaluate stage scores the release as written. Static activations (info["activations"]
+    a8s / a4s) take every module's calibrated scale from input_scales (quantlib.actquant.input_scales),
+    written as `<module>.input_scale` in the scales' dtype."""
     fmt, out_dir, model_dir = PackFormat(fmt), Path(out_dir), Path(model_dir)
+    act = parse_activations(info.get("activations"))
+    if act is not None and act.static and (missing := sorted(set(qweights) - set(input_scales or {}))):
+        raise ValueError(f"static activations ({act.name}) need a calibrated input scale for every quantized module; "
+                         f"none for {missing[0]} (quantlib.actquant.calibrate_static)")
     if fmt is PackFormat.GPTQ:
         converted = {name: to_gptq_v1(qw) for name, qw in qweights.items()}
         qweights = {name: qw for name, (qw, _) in converted.items()}
@@ -168,9 +176,10 @@ def write_packed_release(out_dir: Path, model_dir: Path, qweights: dict[str, Qua
         skeleton = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
     qconfig = quantization_config(fmt, skeleton, qweights, _scale_dtype(fmt, dtype), info.get("activations"))
-    atomic_save_safetensors(out_dir / "model.safetensors",
-                            packed_release_tensors(model_dir, qweights, fmt, dtype, trust_remote_code),
-                            metadata={"format": "pt"})
+    tensors = packed_release_tensors(model_dir, qweights, fmt, dtype, trust_remote_code)
+    if act is not None and act.static:
+        tensors |= {f"{n}.input_scale": input_scales[n].reshape(1).to(_scale_dtype(fmt, dtype)) for n in qweights}
+    atomic_save_safetensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})
     (out_dir / "model.safetensors.sha256").unlink()  # the MANIFEST holds every hash of a release
     copy_model_files(model_dir, out_dir)
     raw = untied_config(json.loads((model_dir / "config.json").read_text()), qweights,
@@ -198,24 +207,25 @@ def _quantlinear(fmt: PackFormat, t: dict[str, torch.Tensor], bits: int, bias: t
     return QuantLinear.from_packed(pack_gptq(qw, dtype), bits, bias, backend)  # the gptq_v2 layout it holds
 
 
-def _served(module: QuantLinear, act: ActSpec | None, backend: str) -> torch.nn.Module:
-    """W8A8 (8-bit per-channel symmetric codes with a8 inputs) as an Int8Linear, integer weights times
-    integer activations as a server runs them (the int8 Triton kernel on CUDA); anything else, or a
-    QuantLinear-only backend (int4, int8: torch's weight-only CPU kernels), as it is."""
+def _served(module: QuantLinear, act: ActSpec | None, backend: str,
+            input_scale: torch.Tensor | None) -> torch.nn.Module:
+    """W8A8 (8-bit per-channel symmetric codes with a8 or a8s inputs) as an Int8Linear, integer weights
+    times integer activations as a server runs them (the int8 Triton kernel on CUDA); anything else,
+    or a QuantLinear-only backend (int4, int8: torch's weight-only CPU kernels), as it is."""
     if act is None or act.bits != 8 or backend not in INT8_BACKENDS or module.bits != 8 or module.scales.shape[0] != 1:
         return module
     if not int8_eligible(8, 1, unpack_codes(module.qzeros, 8, module.out_features)):
         return module
-    return Int8Linear.from_packed(module.state_dict(), module.bias, backend)
+    return Int8Linear.from_packed(module.state_dict(), module.bias, backend, input_scale)
 
 
 def _act_spec(inputs: dict, release_dir: Path) -> ActSpec:
     """The ActSpec of a compressed-tensors input_activations entry; a scheme we cannot run is refused."""
-    if not (inputs.get("type") == "int" and inputs.get("symmetric") and inputs.get("dynamic") is True
-            and inputs.get("strategy") == "token"):
-        raise ValueError(f"{release_dir}: input_activations {inputs} is not symmetric int dynamic per-token, the "
-                         "activation scheme this loader runs")
-    return ActSpec(inputs["num_bits"])
+    kind = (inputs.get("type"), bool(inputs.get("symmetric")), inputs.get("dynamic"), inputs.get("strategy"))
+    if kind not in (("int", True, True, "token"), ("int", True, False, "tensor")):
+        raise ValueError(f"{release_dir}: input_activations {inputs} is neither symmetric int dynamic per-token nor "
+                         "static per-tensor, the activation schemes this loader runs")
+    return ActSpec(inputs["num_bits"], static=inputs["dynamic"] is False)
 
 
 def release_format(info: dict, qconfig: dict) -> PackFormat:
@@ -251,17 +261,24 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     keys = _GPTQ_KEYS if gptq else _CT_KEYS
     inputs = None if gptq else qconfig["config_groups"]["group_0"].get("input_activations")
     act = None if inputs is None else _act_spec(inputs, release_dir)
+    scales = {}
+    if act is not None and act.static:
+        if missing := [n for n in names if f"{n}.input_scale" not in tensors]:
+            raise ValueError(f"{release_dir}: static input_activations, but no input_scale for {missing[0]}: "
+                             "the release is incomplete; re-run its pack stage")
+        scales = {n: tensors.pop(f"{n}.input_scale").float() for n in names}
     modules = {}
     for name in names:
         bias = tensors.pop(f"{name}.bias", None)
         modules[name] = _served(_quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
-                                             None if bias is None else bias.to(dtype), backend), act, backend)
+                                             None if bias is None else bias.to(dtype), backend), act, backend,
+                                scales.get(name))
     replace_modules(model, modules)
     if act is not None:  # an Int8Linear quantizes its own inputs
-        attach(model, [n for n in names if not isinstance(modules[n], Int8Linear)], act)
+        attach(model, [n for n in names if not isinstance(modules[n], Int8Linear)], act, scales)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     quantized = {f"{n}.{k}" for n in names
-                 for k in ("qweight", "qzeros", "scales", "g_idx", "bias", "weight", "weight_scale")}
+                 for k in ("qweight", "qzeros", "scales", "g_idx", "bias", "weight", "weight_scale", "input_scale")}
     if unexpected or set(missing) - quantized - _tied(model):
         raise ValueError(f"{release_dir}: release does not match its config "
                          f"(missing {sorted(set(missing) - quantized - _tied(model))[:5]}, unexpected {unexpected[:5]})")

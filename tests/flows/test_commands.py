@@ -2,6 +2,8 @@
 config (method names are parsed in flows.methods; see test_methods.py)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as T
@@ -157,7 +159,7 @@ def test_ptq_quantize_with_rotation_writes_what_ptq_eval_loads_back(tmp_path):
     so the loaded 8-bit model matches the FP source, which the bare dense folder does not."""
     from flows.cli import main
     from flows.cli_impl import _eval_model
-    from quantlib.actquant import attached
+    from quantlib.actquant import attached, input_scales
     from quantlib.rotation import OnlineRotation
     from tasks.io import write_manifest
 
@@ -185,3 +187,9 @@ def test_ptq_quantize_with_rotation_writes_what_ptq_eval_loads_back(tmp_path):
         assert not torch.allclose(bare(ids).logits, ref, atol=0.02 * float(ref.abs().max()))
     a8, _ = _eval_model(str(tmp_path / "w8a8"), torch.float32)
     assert set(attached(a8).values()) == {"a8"} and len(attached(a8)) == 7 * len(downs)
+    # static scales: calibrated on the calibration ids, recorded, and re-attached exactly by `ptq eval`
+    assert main([*common, "--activations", "a8s", "--out", str(tmp_path / "w8a8s")]) == 0
+    recorded = json.loads((tmp_path / "w8a8s" / "quantization.json").read_text())["input_scales"]
+    a8s, _ = _eval_model(str(tmp_path / "w8a8s"), torch.float32)
+    assert set(attached(a8s).values()) == {"a8s"} and len(recorded) == 7 * len(downs)
+    assert {n: float(v) for n, v in input_scales(a8s).items()} == recorded and min(recorded.values()) > 0

@@ -115,18 +115,22 @@ def test_gguf_release_holds_the_same_codes_and_scores_like_the_others(gguf, feat
     assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def activations(features, tmp_path_factory):
-    """The features project, copied, then `ptq run -S quantize.activations=a4`."""
+def _copy_and_run(features, tmp_path_factory, name: str, *overrides: str):
+    """The features project, copied, then `ptq run -S override ...`."""
     import shutil
 
     from pipeline_projects import Project
 
-    root = tmp_path_factory.mktemp("act") / "project"
+    root = tmp_path_factory.mktemp(name) / "project"
     shutil.copytree(features.root, root, symlinks=True)
     project = Project(root, features.env)
-    project.run_ok("run", "-S", "quantize.activations=a4")
+    project.run_ok("run", *(a for o in overrides for a in ("-S", o)))
     return project
+
+
+@pytest.fixture(scope="module")
+def activations(features, tmp_path_factory):
+    return _copy_and_run(features, tmp_path_factory, "act", "quantize.activations=a4")
 
 
 def test_activation_quantization_keeps_the_codes_and_scores_the_release_with_it(activations, features):
@@ -143,3 +147,29 @@ def test_activation_quantization_keeps_the_codes_and_scores_the_release_with_it(
     # scored with quantized inputs: another perplexity on every text, and worse on wikitext2 (this random
     # tiny model is near uniform: on python-docs the 4-bit inputs happened to score 0.5% better)
     assert all(ppl[name] != base[name] for name in base) and ppl["wikitext2"] > base["wikitext2"], (ppl, base)
+
+
+@pytest.fixture(scope="module")
+def static_activations(features, tmp_path_factory):
+    return _copy_and_run(features, tmp_path_factory, "static", "quantize.activations=a4s")
+
+
+def test_static_activations_are_calibrated_by_the_pack_stage(static_activations, features):
+    """a4s: the same codes; the release declares static per-tensor inputs and carries one input_scale
+    per quantized module (also recorded in quantization.json, the same values), and the evaluate
+    stage scores it with them: another score than the weight-only one."""
+    from safetensors.torch import load_file
+
+    project = static_activations
+    ours, ref = (_json(p, "data/quantized/quantize.json") for p in (project, features))
+    assert ours["quantized_sha256"] == ref["quantized_sha256"]
+    inputs = _json(project, "data/release/config.json")["quantization_config"]["config_groups"]["group_0"][
+        "input_activations"]
+    assert (inputs["num_bits"], inputs["dynamic"], inputs["strategy"]) == (4, False, "tensor")
+    info = _json(project, "data/release/quantization.json")
+    tensors = load_file(str(project.root / "data" / "release" / "model.safetensors"))
+    assert info["activations"] == "a4s" and sorted(info["input_scales"]) == sorted(info["modules"])
+    for name in info["modules"]:
+        assert float(tensors[f"{name}.input_scale"]) == pytest.approx(info["input_scales"][name], rel=1e-3)
+    ppl, base = (_json(p, "metrics/metrics.json")["ppl"] for p in (project, features))
+    assert all(ppl[name] != base[name] for name in base), (ppl, base)

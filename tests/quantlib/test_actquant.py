@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from quantlib.actquant import ActSpec, attach, attached, fake_quant_tokens, parse_activations, smooth_block, smooth_scales
+from quantlib.actquant import (ActSpec, attach, attached, calibrate_static, fake_quant_static, fake_quant_tokens, input_scales,
+                               parse_activations, smooth_block, smooth_scales)
 from quantlib.adapters import get_adapter
 from quantlib.activations import ActivationStore
 from quantlib.capture import capture_block_inputs, run_block
@@ -186,3 +187,35 @@ def test_qat_trains_through_the_quantized_activations():
         h.remove()
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, release, atol=1e-4)  # without the quantizers again
+
+
+def test_static_scales_are_the_calibration_range_and_clip_beyond_it():
+    """calibrate_static: max |x| / qmax over every input the module got; the static fake-quant
+    uses that one scale for every token and clips what lies beyond the calibrated range."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    names = [f"{adapter.family.layers}.0.{n}" for n in adapter.linear_names(adapter.blocks[0])]
+    seen = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach()))
+             for n in names]
+    ids = tiny_ids(6, 16)
+    spec = parse_activations("a8s")
+    assert spec == ActSpec(8, static=True) and spec.name == "a8s"
+    scales = calibrate_static(model, names, ids.split(2), spec)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        assert scales[n].shape == (1,)
+        assert torch.equal(scales[n], (torch.cat([x.abs().amax().reshape(1) for x in seen[n]]).amax() / 127).reshape(1))
+    s = torch.tensor([0.5])
+    x = torch.tensor([[0.26, -0.74, 100.0, -100.0]])
+    assert torch.equal(fake_quant_static(x, s, spec), torch.tensor([[0.5, -0.5, 63.5, -64.0]]))
+    with pytest.raises(ValueError, match="calibrated scale"):
+        attach(model, names, spec)
+    handles = attach(model, names, spec, scales)
+    assert input_scales(model) == scales and set(attached(model).values()) == {"a8s"}
+    for h in handles:
+        h.remove()
+    assert input_scales(model) == {} and attached(model) == {}
+    with pytest.raises(ValueError, match="dynamic scheme"):
+        EngineConfig(act_inputs="a8s")

@@ -188,3 +188,25 @@ def test_int8_kernel_llama_shapes_on_gpu(m):
     """Autotuned configs on a real layer shape (4096 -> 11008)."""
     args = _operands(m, 4096, 11008, True)
     _assert_same(int8_scaled_mm(*args, torch.float16), int8_scaled_mm_reference(*args, torch.float16))
+
+
+def test_static_int8linear_uses_its_one_scale_for_every_token():
+    """a8s: the calibrated input scale quantizes every token (clipping beyond it); the kernel, the
+    reference and the dense path agree with a QuantLinear behind a static a8s hook."""
+    qw, bias = _w8(seed=3)
+    scale = torch.tensor([0.02])
+    holder = torch.nn.Module()
+    holder.lin = QuantLinear.from_quantized(qw, bias, torch.float16, backend="reference")
+    attach(holder, ["lin"], ActSpec(8, static=True), {"lin": scale})
+    x = torch.randn(4, 96) * 2  # beyond 127 * 0.02 in places: clipped
+    with torch.no_grad():
+        want = holder.lin(x)
+        got = {b: Int8Linear.from_packed(holder.lin.state_dict(), holder.lin.bias, b, input_scale=scale)(x)
+               for b in ("dense", "reference", "triton")}
+    for y in got.values():
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(got["triton"], got["reference"])
+    lin = Int8Linear.from_quantized(qw, bias, input_scale=scale)
+    assert lin.act_spec.name == "a8s" and torch.equal(lin.input_scale, scale)
+    dynamic = Int8Linear.from_quantized(qw, bias, backend="reference")(x)
+    assert not torch.allclose(dynamic, got["reference"])  # the per-token path gives other numbers

@@ -140,13 +140,14 @@ def test_qat_runs_in_bfloat16_with_float32_trainables(inputs, tmp_path, monkeypa
 def test_qat_with_activations_trains_on_the_quantized_inputs(inputs, tmp_path, monkeypatch):
     """quantize.activations reaches QAT: the model it trains quantizes every quantized Linear's inputs
     (the release's forward), and the result is another key, file and loss curve than weight-only."""
-    from quantlib.actquant import attached
+    from quantlib.actquant import attached, input_scales
 
-    seen = []
+    seen, scales = [], []
     real = Q.train_qat
 
     def spy(model, results, *a, **kw):
         seen.append(attached(model))
+        scales.append(input_scales(model))
         return real(model, results, *a, **kw)
 
     monkeypatch.setattr(Q, "train_qat", spy)
@@ -155,3 +156,7 @@ def test_qat_with_activations_trains_on_the_quantized_inputs(inputs, tmp_path, m
     assert seen[0] == {} and seen[1] == dict.fromkeys(inputs["names"], "a4")
     assert a4["path"] != plain["path"] and a4["sha"] != plain["sha"]
     assert a4["stats"]["heldout_curve"] != plain["stats"]["heldout_curve"]
+    # static: calibrated on the quantized model before training (a positive scale per module)
+    a4s = Q.qat_train_task.fn(**inputs, cache_dir=str(tmp_path / "c"), activations="a4s")
+    assert seen[2] == dict.fromkeys(inputs["names"], "a4s") and sorted(scales[2]) == sorted(inputs["names"])
+    assert all(float(v) > 0 for v in scales[2].values()) and a4s["sha"] not in (a4["sha"], plain["sha"])

@@ -413,6 +413,45 @@ def test_packed_release_loads_with_the_dense_backend(tmp_path, fmt):
     assert torch.equal(_logits(dense, ids), _logits(ref, ids))
 
 
+def test_static_w8a8_release_carries_its_input_scales(tmp_path):
+    """a8s: the config declares static per-tensor int8 inputs, every quantized module has its
+    `input_scale` (in the scales' dtype), our loader serves them through Int8Linear with exactly the
+    stored scale, transformers + compressed-tensors read the same scheme and scales, and a release
+    without its scales is refused at write time."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from quantlib.actquant import ActSpec, fake_quant_static
+
+    spec = QuantSpec(8, None, sym=True)
+    src, _, qweights = _setup(tmp_path, "llama", spec)
+    scales = {n: torch.tensor([0.01 + 0.001 * i]) for i, n in enumerate(sorted(qweights))}
+    info = {"scheme": spec.name, "activations": "a8s"}
+    with pytest.raises(ValueError, match="calibrated input scale"):
+        write_packed_release(tmp_path / "bad", src, qweights, info, "compressed-tensors")
+    write_packed_release(tmp_path / "rel", src, qweights, info, "compressed-tensors", input_scales=scales)
+    group = json.loads((tmp_path / "rel" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+                                          "strategy": "tensor", "group_size": None}
+    stored = load_file(str(tmp_path / "rel" / "model.safetensors"))
+    name = sorted(qweights)[1]
+    assert stored[f"{name}.input_scale"].dtype == torch.float16
+    ours = load_packed_release(tmp_path / "rel", verify=False)
+    module = ours.get_submodule(name)
+    s16 = scales[name].half().float()
+    assert isinstance(module, Int8Linear) and torch.equal(module.input_scale, s16)
+    x = torch.randn(2, 5, module.in_features)
+    qw = qweights[name]
+    w = (qw.qweight.float() - qw.zero) * qw.scale.half().float()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), F.linear(fake_quant_static(x, s16, ActSpec(8, static=True)), w),
+                                   rtol=1e-5, atol=1e-5)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "rel")
+    inputs = hf.get_submodule(name).quantization_scheme.input_activations
+    assert (inputs.num_bits, inputs.dynamic, inputs.strategy) == (8, False, "tensor")
+    assert torch.equal(hf.get_submodule(name).input_scale.detach().float().reshape(1), s16)
+
+
 def test_w8a8_release_declares_and_applies_dynamic_per_token_inputs(tmp_path):
     """quantize.activations a8 on a compressed-tensors release: the config declares symmetric int8
     dynamic per-token inputs (what vLLM's W8A8 int8 path and compressed-tensors read), our loader
