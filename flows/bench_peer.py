@@ -5,14 +5,15 @@
 The protocol's tensors (docs/protocol.md: calibration 128 x 512 at seed 0, the 16 wiki windows, the
 16 python-docs windows) are made here, by the same code as `ptq bench quality`'s rows, and handed to
 flows/llmcompressor_tool.py, which runs in llm-compressor's own environment (`make
-llmcompressor-env`); its row (the sha256 of the calibration ids in its settings) is appended to --out
-in `ptq bench quality`'s record format and the table regenerated.
+llmcompressor-env`). The tool reports the digest of the token ids llm-compressor's calibration really
+embedded; a row whose digest differs from the protocol's is refused. The row (with the calibration
+and evaluation digests in its settings) is appended to --out in `ptq bench quality`'s record format
+and the table regenerated.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shlex
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from quantlib.data import ids_digest
 from tasks.io import atomic_write_bytes, atomic_write_json
 from tasks.sources import load_tokenizer
 
@@ -34,10 +36,6 @@ TOOL = REPO / "flows" / "llmcompressor_tool.py"
 # llm-compressor preset schemes -> our scheme names (weights, then inputs); its W4A8 preset has
 # 4-bit groups of 128, a grid none of our rows uses, so it is not offered
 SCHEMES = {"W8A8": "w8pcs-a8"}
-
-
-def ids_sha(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def run_peer(python: str, model: str, scheme: str, smooth: float | None, n: int, threads: int, out: Path,
@@ -62,11 +60,14 @@ def run_peer(python: str, model: str, scheme: str, smooth: float | None, n: int,
         if done.returncode != 0:
             raise RuntimeError(f"llm-compressor run failed (exit {done.returncode}); its output is above")
         result = json.loads(Path(tmp, "out.json").read_text())
+    if result["calib_seen"] != ids_digest(data.calib):
+        raise RuntimeError(f"llm-compressor calibrated on other tokens than the protocol's (digest {result['calib_seen']} "
+                           f"against {ids_digest(data.calib)}): its row would not be comparable; nothing was written")
     label = "llm-compressor " + ("" if smooth is None else f"sq{smooth:g}+") + "gptq"
     row = {"method": label, "scheme": SCHEMES[scheme], "ppl": result["ppl"], "ppl_pydocs": result.get("ppl_pydocs"),
            "quant_seconds": result["quant_seconds"], "peak_rss_mb": result["peak_rss_mb"],
-           "settings": {"n": n, "seqlen": CALIB["seqlen"], "seed": CALIB["seed"], "calib_sha": ids_sha(data.calib),
-                        "eval_sha": ids_sha(data.windows), "peer": {"recipe": scheme, "smoothing_strength": smooth}},
+           "settings": {"n": n, "seqlen": CALIB["seqlen"], "seed": CALIB["seed"], "calib_digest": ids_digest(data.calib),
+                        "eval_digest": ids_digest(data.windows), "peer": {"recipe": scheme, "smoothing_strength": smooth}},
            "model": model, "versions": result["versions"],
            "command": "python -m flows.bench_peer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -9,9 +9,11 @@ recipe (see docs/protocol.md) is what makes perplexities comparable across runs:
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-__all__ = ["split_halves", "calibration_starts", "sample_calibration", "eval_windows"]
+__all__ = ["split_halves", "calibration_starts", "sample_calibration", "eval_windows", "ids_digest"]
 
 
 def _check_ids(ids: torch.Tensor, what: str) -> None:
@@ -84,3 +86,9 @@ def eval_windows(
         )
     # unfold: (available, window) view with row i = ids[i*stride : i*stride + window]
     return ids.unfold(0, window, stride)[:n_windows].clone().long()
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """First 16 hex digits of the sha256 of token ids (as int64, row-major): names a calibration or
+    evaluation draw, so two tools can show they saw the same tokens."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]

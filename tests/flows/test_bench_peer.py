@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quantlib"))
 from tiny import tiny_ids, tiny_model  # noqa: E402
 
 from flows.bench_peer import TOOL, run_peer  # noqa: E402
+from quantlib.data import ids_digest  # noqa: E402
 from quantlib.perplexity import perplexity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,3 +57,4 @@ def test_tool_quantizes_and_scores_a_tiny_model(tmp_path):
     fp = perplexity(model.eval(), windows)
     assert math.isfinite(out["ppl"]) and out["ppl"] != fp and "ppl_pydocs" not in out
     assert out["versions"]["llmcompressor"] == "0.14.0.1" and out["quant_seconds"] > 0
+    assert out["calib_seen"] == ids_digest(calib)  # llm-compressor calibrated on exactly these ids, in order
