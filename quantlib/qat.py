@@ -26,6 +26,7 @@ from .adapters import ModelAdapter, get_adapter
 from .capture import swap_module
 from .engine import peak_memory_mb
 from .logits import LOGIT_BUDGET, chunked_sum, final_hidden, head_logits, position_chunks
+from .optim import SCHEDULES, adamw_with_schedule
 from .primitives import expand, round_ste
 from .qweight import QuantizedWeight
 
@@ -44,7 +45,6 @@ __all__ = [
 
 TRAINABLES = ("scales", "scales+zeros", "weights")
 LOSSES = ("ce", "kl", "ce+kl")
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -464,16 +464,8 @@ def _norm_params(adapter: ModelAdapter) -> dict[str, nn.Parameter]:
 
 def _optimizer(groups: dict[str, dict[str, nn.Parameter]], cfg: QATConfig):
     lrs = {"scales": cfg.lr, "zeros": cfg.zero_lr, "weights": cfg.weight_lr, "norms": cfg.lr}
-    opt = torch.optim.AdamW([{"params": list(ps.values()), "lr": lrs[g]} for g, ps in groups.items()], weight_decay=0.0)
-    shape = {"cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)), "linear": lambda t: 1 - t,
-             "constant": lambda t: 1.0}[cfg.schedule]
-
-    def factor(it: int) -> float:  # linear warm-up, then the schedule over the remaining steps
-        if it < cfg.warmup_steps:
-            return (it + 1) / (cfg.warmup_steps + 1)
-        return shape(min((it - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return adamw_with_schedule([(list(ps.values()), lrs[g]) for g, ps in groups.items()], cfg.steps, cfg.schedule,
+                               cfg.warmup_steps)
 
 
 def _snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import SCHEDULES
 from .primitives import expand, round_ste
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
@@ -39,7 +40,6 @@ __all__ = ["ReconConfig", "LearnableLinear", "latent_near_codes", "window_starts
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 ROUNDINGS = ("nearest", "adaround", "lora")
 LOSSES = ("mse", "kl", "mse+kl")
-SCHEDULES = ("cosine", "linear", "constant")
 INITS = ("rtn", "gptq", "boa")
 GRIDS = ("auto", "init", "learned")
 TARGETS = ("fp", "qin")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +21,7 @@ from .capture import BlockCall, capture_block_inputs, run_block, swap_module
 from .cfp import CFPConfig, apply_cfp
 from .engine import EngineConfig, peak_memory_mb, quantize_block
 from .gptq import GPTQConfig
+from .optim import adamw_with_schedule
 from .qweight import QuantizedWeight
 from .recon import LearnableLinear, ReconConfig, latent_near_codes, recon_loss
 from .rtn import RTNConfig
@@ -149,11 +149,7 @@ def _optimizer(modules: list[LearnableLinear], cfg: ReconConfig, steps: int):
     # frozen grid it is the range parameter itself
     scale_lr = cfg.clip_lr if cfg.frozen_grid else cfg.clip_lr / 10
     lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "scale": scale_lr, "weights": cfg.weight_lr}
-    opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps], weight_decay=0.0)
-    shape = {"cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)), "linear": lambda t: 1 - t,
-             "constant": lambda t: 1.0}[cfg.schedule]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: shape(min(it / max(steps, 1), 1.0)))
-    return opt, sched
+    return adamw_with_schedule([(ps, lrs[k]) for k, ps in groups.items()], steps, cfg.schedule)
 
 
 def _beta(cfg: ReconConfig, it: int) -> float | None:
