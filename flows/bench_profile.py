@@ -121,6 +121,7 @@ def profile_recon(model_dir: Path, n: int, seqlen: int, iters: int) -> dict:
 
 def profile_qat(model_dir: Path, n: int, seqlen: int, steps: int) -> dict:
     """`steps` QAT steps on the whole model (RTN W3 g64 codes), teacher included."""
+    import quantlib.distill as D
     import quantlib.qat as Q
     from quantlib.engine import EngineConfig
     from quantlib.qat import QATConfig, QATLinear
@@ -132,7 +133,7 @@ def profile_qat(model_dir: Path, n: int, seqlen: int, steps: int) -> dict:
     cfg = QATConfig(steps=steps, eval_every=steps)
     teacher = C.qat_teacher(model, data.calib, cfg)
     results, _, _ = C.quantize_loaded(model, data.calib, parse_scheme("w3g64"), RTNConfig(), EngineConfig())
-    labels = [(Q, "chunked_qat_loss", "forward + loss"), (Q, "_kl_sum", "KL over top-k"),
+    labels = [(Q, "chunked_qat_loss", "forward + loss"), (D, "_kl_sum", "KL over top-k"),
               (QATLinear, "fake_quant", "fake-quant"), (Q._Run, "evaluate", "held-out evaluation")]
     with _labelled(labels), profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()

@@ -6,8 +6,9 @@ cross-entropy and/or KL to the FP model's cached logits) on the calibration sequ
 "Understanding the difficulty of low-precision PTQ of LLMs"; EfficientQAT's E2E-QP trains only the
 quantization parameters). Everything else (embeddings, norms unless asked, LM head) is frozen.
 
-Two phases, as elsewhere in quantlib: `attach_qat` / `detach_qat` do the model surgery, `train_qat`
-drives the training between them and always leaves a plain HF model holding the hardened weights.
+Two phases, as elsewhere in quantlib: `attach_qat` / `detach_qat` (quantlib.qat_modules) do the model
+surgery, `train_qat` (here) drives the training between them and always leaves a plain HF model
+holding the hardened weights; quantlib.distill holds the teacher's targets and the loss.
 """
 from __future__ import annotations
 
@@ -18,16 +19,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .adapters import ModelAdapter, get_adapter
-from .capture import swap_module
+from .distill import chunked_qat_loss, qat_loss, teacher_targets
 from .engine import peak_memory_mb
-from .logits import LOGIT_BUDGET, chunked_sum, final_hidden, head_logits, position_chunks
 from .optim import SCHEDULES, adamw_with_schedule
-from .primitives import expand, round_ste
+from .qat_modules import TRAINABLES, QATLinear, QATModules, _Checkpointed, _set_checkpointing, attach_qat, detach_qat
 from .qweight import QuantizedWeight
 
 __all__ = [
@@ -43,7 +41,6 @@ __all__ = [
     "train_qat",
 ]
 
-TRAINABLES = ("scales", "scales+zeros", "weights")
 LOSSES = ("ce", "kl", "ce+kl")
 
 
@@ -139,266 +136,6 @@ def _int(x: Any) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
-
-
-# --------------------------------------------------------------------------- the fake-quant module
-
-
-class QATLinear(nn.Module):
-    """Fake-quantized stand-in for one quantized Linear (or GPT-2 Conv1D), in (out, in) orientation.
-
-    Buffers: codes (out, in) uint8, scale0 / zero0 (out, G) fp32, g_idx (in,), bias (out,) or None.
-    Parameters by mode: log_scale (out, G) always; zero (out, G) for "scales+zeros"; latent (out, in)
-    for "weights" (in units of the initial step: the latent fp weight is s0 * latent). With nothing
-    trained, forward equals the dequantized Linear bit for bit and
-    `harden()` returns the input codes, scales and zeros unchanged.
-    """
-
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, trainable: str) -> None:
-        super().__init__()
-        _one_of("trainable", trainable, TRAINABLES)
-        self.spec, self.trainable = qw.spec, trainable
-        # detached copies: results made with autograd on (e.g. RTN on a model whose weights require
-        # grad) carry a graph back to the original weights
-        self.register_buffer("codes", qw.qweight.detach().clone())
-        self.register_buffer("scale0", qw.scale.detach().float().clone())
-        self.register_buffer("zero0", qw.zero.detach().float().clone())
-        self.register_buffer("g_idx", qw.g_idx.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))  # exp(0) == 1 exactly: s == s0 at init
-        self.zero = nn.Parameter(self.zero0.clone()) if trainable == "scales+zeros" else None
-        # "weights": the latent fp weight is s0 * latent, i.e. the parameter is kept in units of the
-        # group's initial step so that one weight_lr fits every layer; init q0 - z0 (exact integers),
-        # so s0 * latent is the dequantized weight bit for bit
-        n = self.codes.shape[1]
-        self.latent = None
-        if trainable == "weights":
-            self.latent = nn.Parameter(self.codes.float() - expand(self.zero0, n, self.g_idx))
-
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero), each (out, G); zero is integral (STE through the rounding)."""
-        scale = self.scale0 * torch.exp(self.log_scale)
-        if self.zero is None:
-            return scale, self.zero0
-        return scale, torch.clamp(round_ste(self.zero), 0, self.spec.maxq)
-
-    def fake_quant(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w_hat (out, in), codes (out, in) float, scale, zero): w_hat = s (q - z), computed exactly as
-        QuantizedWeight.dequantize does so the hardened result reproduces it."""
-        scale, zero = self.qparams()
-        n = self.codes.shape[1]
-        s, z = expand(scale, n, self.g_idx), expand(zero, n, self.g_idx)
-        if self.latent is None:
-            q = self.codes.to(s.dtype)
-        else:
-            q = torch.clamp(round_ste(self.latent_weight() / s + z), 0, self.spec.maxq)
-        return s * (q - z), q, scale, zero
-
-    def latent_weight(self) -> torch.Tensor:
-        """(out, in) latent fp weight of the "weights" mode: s0 * latent."""
-        return expand(self.scale0, self.codes.shape[1], self.g_idx) * self.latent
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fake_quant()[0]
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    @torch.no_grad()
-    def harden(self) -> QuantizedWeight:
-        _, q, scale, zero = self.fake_quant()
-        latent = None if self.latent is None else self.latent_weight().float().cpu().clone()
-        return QuantizedWeight(q.to(torch.uint8).cpu(), scale.detach().float().cpu().clone(),
-                               zero.detach().float().cpu().clone(), self.g_idx.cpu().clone(), self.spec, latent=latent)
-
-    def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        """{optimizer group: {parameter name: parameter}}."""
-        groups = {"scales": {"log_scale": self.log_scale}, "zeros": {}, "weights": {}}
-        if self.zero is not None:
-            groups["zeros"]["zero"] = self.zero
-        if self.latent is not None:
-            groups["weights"]["latent"] = self.latent
-        return groups
-
-
-# --------------------------------------------------------------------------- model surgery
-
-
-@dataclass
-class QATModules:
-    """The QATLinears now in the model and the modules they replaced, both by full module path."""
-
-    qat: dict[str, QATLinear]
-    original: dict[str, nn.Module]
-
-
-def attach_qat(adapter: ModelAdapter, results: dict[str, QuantizedWeight], trainable: str) -> QATModules:
-    """Replace every Linear named in `results` by a QATLinear on the same device (sorted by name, so
-    parameter order, and hence optimizer state, is the same for the same inputs)."""
-    model = adapter.model
-    mods = QATModules({}, {})
-    for name in sorted(results):
-        original = model.get_submodule(name)
-        device = adapter.get_weight(original).device
-        qat = QATLinear(results[name], getattr(original, "bias", None), trainable).to(device)
-        swap_module(model, name, qat)
-        mods.qat[name], mods.original[name] = qat, original
-    return mods
-
-
-def detach_qat(adapter: ModelAdapter, mods: QATModules) -> dict[str, QuantizedWeight]:
-    """Harden every QATLinear and put its original module back holding the dequantized result."""
-    results = {}
-    for name, qat in mods.qat.items():
-        qw = qat.harden()
-        original = mods.original[name]
-        adapter.set_weight(original, qw.dequantize())
-        adapter.model.set_submodule(name, original)
-        results[name] = qw
-    return results
-
-
-class _Checkpointed(nn.Module):
-    """One decoder block run under activation checkpointing (its activations are recomputed in the
-    backward pass); attribute reads fall through so the model still sees e.g. `attention_type`."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
-
-    def forward(self, *args, **kwargs):
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
-def _set_checkpointing(adapter: ModelAdapter, on: bool) -> None:
-    blocks = adapter.blocks
-    for i, b in enumerate(blocks):
-        if on and not isinstance(b, _Checkpointed):
-            blocks[i] = _Checkpointed(b)
-        elif not on and isinstance(b, _Checkpointed):
-            blocks[i] = b.block
-
-
-# --------------------------------------------------------------------------- teacher and loss
-
-
-@torch.no_grad()
-def teacher_targets(model: nn.Module, calib: torch.Tensor, topk: int = 64,
-                    batch_size: int = 4, budget: int = LOGIT_BUDGET) -> dict[str, torch.Tensor]:
-    """The FP model's next-token distributions on calib (N, T), computed once: call it on the FP
-    model, before quantizing. Returns plain CPU tensors (safetensors-ready):
-
-      topk > 0:  "topk_logprobs" (N, T, k) fp32  log p of the teacher's k most likely tokens,
-                 "topk_indices"  (N, T, k) int32 their token ids,
-                 "tail_logprob"  (N, T)    fp32  log of the remaining mass 1 - sum(top-k p).
-      topk == 0 (or topk >= vocab): "logprobs" (N, T, V) fp32, the full log-softmax.
-
-    Memory: full logits for 128 x 512 tokens at vocab 49152 are 12.9 GB in fp32; top-64 values and
-    int32 indices are 2 x 16.8 MB (+ 0.26 MB of tail), so top-k is the default and full is for small
-    vocabularies only. The logits themselves exist `budget` elements at a time (quantlib.logits). The values are unnormalized log-probs of the full softmax, so the loss can use
-    the exact tail mass (see `qat_loss`).
-    """
-    _check(calib.dim() == 2, f"calib must be (N, T) token ids, got shape {tuple(calib.shape)}")
-    _check(_int(topk) and topk >= 0 and batch_size >= 1, "topk must be >= 0 and batch_size >= 1")
-    device = next(model.parameters()).device
-    chunks: dict[str, list[torch.Tensor]] = {}
-    for rows in torch.arange(calib.shape[0]).split(batch_size):
-        hidden = final_hidden(model, calib[rows].to(device))  # (B, T, d)
-        vocab = model.config.vocab_size
-        for sl in position_chunks(hidden.shape[0], hidden.shape[1], vocab, budget):  # (B, c, V) at a time
-            logp = F.log_softmax(head_logits(model, hidden[:, sl]), -1)
-            for key, value in _compress(logp, topk).items():
-                chunks.setdefault(key, []).append(value.cpu())
-    # chunks come batch by batch, position chunks in order: cat positions within a batch, then batches
-    return {key: _cat_batches(values, calib.shape[1]) for key, values in chunks.items()}
-
-
-def _cat_batches(parts: list[torch.Tensor], seq: int) -> torch.Tensor:
-    """Position chunks (B, c, ...) of consecutive batches -> (N, T, ...)."""
-    rows, acc, done = [], [], 0
-    for p in parts:
-        acc.append(p)
-        done += p.shape[1]
-        if done == seq:
-            rows.append(torch.cat(acc, 1))
-            acc, done = [], 0
-    return torch.cat(rows)
-
-
-def _compress(logp: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
-    if topk == 0 or topk >= logp.shape[-1]:
-        return {"logprobs": logp}
-    values, indices = logp.topk(topk, dim=-1)  # (B, T, k)
-    tail = logp.scatter(-1, indices, float("-inf")).logsumexp(-1)  # (B, T), exact, no 1 - sum cancellation
-    return {"topk_logprobs": values, "topk_indices": indices.to(torch.int32), "tail_logprob": tail}
-
-
-def _kl(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over tokens of KL(p_teacher || q_student).
-
-    Top-k form: both distributions are coarsened to k + 1 outcomes, the teacher's top-k tokens and one
-    "everything else" bucket, and the KL of those is taken exactly:
-        sum_{i in top-k} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail),
-    with q_tail the student's mass outside the teacher's top-k. It is a lower bound of the full KL
-    (data processing), equals it when the tail is empty, and unlike renormalizing onto the top-k it
-    still penalizes a student that moves mass into the tail.
-    """
-    return _kl_sum(logits, teacher) / logits.shape[:2].numel()
-
-
-def _kl_sum(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over the (B, c) positions of `_kl`'s per-token KL; teacher holds the same positions."""
-    logq = F.log_softmax(logits.float(), -1)  # (B, c, V)
-    if "logprobs" in teacher:
-        logp = teacher["logprobs"]
-        return (logp.exp() * (logp - logq)).sum()
-    logp, idx, tail = teacher["topk_logprobs"], teacher["topk_indices"].long(), teacher["tail_logprob"]
-    q_top = logq.gather(-1, idx)  # (B, c, k)
-    q_tail = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)  # (B, c)
-    top = (logp.exp() * (logp - q_top)).sum(-1)
-    return (top + tail.exp() * (tail - q_tail)).sum()
-
-
-def qat_loss(logits: torch.Tensor, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None,
-             cfg: QATConfig) -> torch.Tensor:
-    """logits (B, T, V), ids (B, T), teacher: the matching rows of `teacher_targets` (or None for "ce").
-    ce: mean next-token NLL over the B (T - 1) predicted positions; kl: mean over all B T positions."""
-    ce = kl = None
-    if "ce" in cfg.loss:
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    if cfg.needs_teacher:
-        kl = _kl(logits, teacher)
-    if ce is None:
-        return kl
-    return ce if kl is None else ce + cfg.kl_weight * kl
-
-
-def chunked_qat_loss(model: nn.Module, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None,
-                     cfg: QATConfig, budget: int = LOGIT_BUDGET) -> torch.Tensor:
-    """`qat_loss(model(ids).logits, ids, teacher, cfg)` with the LM head run on chunks of positions
-    (quantlib.logits): equal value and gradients, at most `budget` logits alive at once."""
-    n, t = ids.shape
-    hidden = final_hidden(model, ids)  # (B, T, d)
-
-    def score(logits: torch.Tensor, sl: slice) -> torch.Tensor:  # logits (B, c, V) for positions sl
-        total = logits.new_zeros(())
-        if "ce" in cfg.loss:
-            last = min(sl.stop, t - 1) - sl.start  # positions t <= T - 2 have a next token
-            if last > 0:
-                target = ids[:, sl.start + 1 : sl.start + 1 + last]
-                ce = F.cross_entropy(logits[:, :last].flatten(0, 1), target.flatten(), reduction="sum")
-                total = total + ce / (n * (t - 1))
-        if cfg.needs_teacher:
-            part = {k: v[:, sl] for k, v in teacher.items()}
-            weight = cfg.kl_weight if "ce" in cfg.loss else 1.0
-            total = total + weight * _kl_sum(logits, part) / (n * t)
-        return total
-
-    return chunked_sum(model, hidden, score, budget)
 
 
 # --------------------------------------------------------------------------- training state
