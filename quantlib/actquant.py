@@ -115,11 +115,19 @@ def calibrate_static(model: nn.Module, names, batches, spec: ActSpec) -> dict[st
             amax[name] = a if name not in amax else torch.maximum(amax[name], a)
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names]
+    from .logits import final_hidden
+
+    # the backbone only (the full logits, B x T x vocab, are never needed); a quantized LM head's
+    # input is the final hidden state, recorded here directly
+    head = model.get_output_embeddings()
+    head_names = [n for n in names if model.get_submodule(n) is head]
+    handles = [model.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names if n not in head_names]
     device = next(model.parameters()).device
     try:
         for ids in batches:
-            model(ids.to(device))
+            hidden = final_hidden(model, ids.to(device))
+            for n in head_names:
+                recorder(n)(head, (hidden,))
     finally:
         for h in handles:
             h.remove()

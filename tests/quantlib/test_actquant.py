@@ -219,3 +219,16 @@ def test_static_scales_are_the_calibration_range_and_clip_beyond_it():
     assert input_scales(model) == {} and attached(model) == {}
     with pytest.raises(ValueError, match="dynamic scheme"):
         EngineConfig(act_inputs="a8s")
+
+
+def test_static_calibration_of_a_quantized_head_reads_the_final_hidden_state():
+    """The LM head's scale comes from its input (the final hidden state), without the full logits."""
+    model = tiny_model("llama")
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    ids = tiny_ids(4, 16)
+    with torch.no_grad():
+        model(ids)
+    scales = calibrate_static(model, ["lm_head", "model.layers.0.mlp.down_proj"], [ids], ActSpec(8, static=True))
+    assert torch.equal(scales["lm_head"], (seen[0].abs().amax() / 127).reshape(1))
+    assert scales["model.layers.0.mlp.down_proj"] > 0
