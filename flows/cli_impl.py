@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from quantlib.actquant import input_scales
+from quantlib.actquant import input_scales, scales_to_json
 from quantlib.adapters import check_spec_fits, get_adapter
 from quantlib.data import eval_windows
 from quantlib.engine import EngineConfig
@@ -85,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
     seconds = time.perf_counter() - t0 + rotate_seconds
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
-            "activations": args.activations, "input_scales": {n: float(v) for n, v in input_scales(model).items()},
+            "activations": args.activations, "input_scales": scales_to_json(input_scales(model)),
             "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,
             "rotation": rotation, "modules": sorted(results),
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,

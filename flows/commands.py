@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quantlib.actquant import attach, calibrate_static, parse_activations
+from quantlib.actquant import attach, calibrate_static, parse_activations, scales_from_json
 from quantlib.adapters import get_adapter
 from quantlib.data import eval_windows
 from quantlib.engine import BlockStats, EngineConfig, quantize_model
@@ -161,7 +161,7 @@ def quantize_activations(model, results: dict[str, QuantizedWeight], activations
         return
     names = sorted(results)
     if spec.static and scales is not None:
-        scales = {n: torch.tensor([float(scales[n])]) for n in names if n in scales}
+        scales = scales_from_json(scales)
     elif spec.static:
         if calib is None:
             raise ValueError(f"static activations ({spec.name}) are calibrated on the calibration ids; none given")

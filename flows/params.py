@@ -332,7 +332,9 @@ class QuantizeParams(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.quantized_inputs and self.activations is not None and self.activations.endswith("s"):
+        from quantlib.actquant import parse_activations
+
+        if self.quantized_inputs and self.activations is not None and parse_activations(self.activations).static:
             raise ParamsError(f"quantize.quantized_inputs: takes dynamic activations (a8, a4), not "
                               f"{self.activations}: static scales are calibrated once the weights are solved")
         if self.quantized_inputs and self.activations is None:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 __all__ = ["ActSpec", "parse_activations", "quantize_tokens", "fake_quant_tokens", "quantize_static",
-           "fake_quant_static", "calibrate_static", "attach", "attached", "input_scales", "smooth_scales",
+           "fake_quant_static", "calibrate_static", "attach", "attached", "input_scales", "scales_to_json",
+           "scales_from_json", "smooth_scales",
            "smooth_block"]
 
 
@@ -169,6 +170,16 @@ class _Handle:
 def input_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """{module path: its static input scale} of every module with static activations attached."""
     return {n: m.input_scale for n, m in model.named_modules() if getattr(m, "input_scale", None) is not None}
+
+
+def scales_to_json(scales: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Static scales as quantization.json records them (a float32 value is exact as a JSON float)."""
+    return {n: float(v) for n, v in sorted(scales.items())}
+
+
+def scales_from_json(record: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The inverse of scales_to_json: {name: fp32 tensor of shape (1,)}."""
+    return {n: torch.tensor([float(v)]) for n, v in record.items()}
 
 
 def attached(model: nn.Module) -> dict[str, str]:

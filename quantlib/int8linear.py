@@ -11,9 +11,8 @@ Backends:
 - "triton": quantlib.kernels' int8 kernel, int32 accumulation (CUDA, or CPU under TRITON_INTERPRET=1);
 - "reference": the kernel's oracle, exact integer products summed in float64;
 - "dense": q_x s_x through F.linear against the weight dequantized once and kept, in the input's
-  dtype: the same arithmetic as a QuantLinear with an a8 hook, and the fast CPU path (torch's CPU int8
-  matmul, `torch._int_mm`, ran 10x slower than an fp32 matmul on this project's 2-core reference
-  machine), at dense memory;
+  dtype: the same arithmetic as a QuantLinear with an a8 hook, and the CPU path (torch 2.13's CPU int8
+  matmul, `torch._int_mm`, has no fast kernel: it was slower than an fp32 matmul here), at dense memory;
 - "auto": triton for CUDA inputs when Triton is installed, else the dense arithmetic with the weight
   dequantized on every call (int8 memory).
 """
@@ -29,15 +28,15 @@ from .kernels.reference import int8_scaled_mm_reference
 from .packing import unpack_codes
 from .qweight import QuantizedWeight
 
-__all__ = ["Int8Linear", "INT8_BACKENDS", "int8_eligible"]
+__all__ = ["Int8Linear", "INT8_BACKENDS", "symmetric_zeros"]
 
 INT8_BACKENDS = ("auto", "triton", "reference", "dense")
 A8, A8S = ActSpec(8), ActSpec(8, static=True)
 
 
-def int8_eligible(bits: int, groups: int, zeros: torch.Tensor) -> bool:
-    """8-bit codes, one scale per output channel, every zero point 128 (symmetric): int8 codes q - 128."""
-    return bits == 8 and groups == 1 and bool((zeros == 128).all())
+def symmetric_zeros(zeros: torch.Tensor) -> bool:
+    """Every 8-bit zero point 128 (symmetric codes): the int8 codes are q - 128."""
+    return bool((zeros == 128).all())
 
 
 class Int8Linear(nn.Module):
@@ -64,7 +63,7 @@ class Int8Linear(nn.Module):
         """codes (out, in) in [0, 255], zeros (out,) all 128, scale (out,): w = scale (codes - 128);
         input_scale: the static activation scale, None for per-token ones."""
         out, n = codes.shape
-        if not int8_eligible(8, 1, zeros):
+        if not symmetric_zeros(zeros):
             raise ValueError("Int8Linear takes symmetric codes (every zero point 128); asymmetric 8-bit weights "
                              "need the zero-point correction of QuantLinear")
         m = cls(n, out, bias is not None, backend, input_scale)
@@ -99,11 +98,13 @@ class Int8Linear(nn.Module):
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor:
         """W in x's dtype: dequantized on every call, or once and kept (backend "dense")."""
-        if self.backend != "dense":
-            return (self.weight.float() * self.weight_scale.float()[:, None]).to(x.dtype)
-        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
-            self._dense = (self.weight.float() * self.weight_scale.float()[:, None]).to(x.dtype)
-        return self._dense
+        if self.backend == "dense" and self._dense is not None and (self._dense.dtype, self._dense.device) == (
+                x.dtype, x.device):
+            return self._dense
+        w = (self.weight.float() * self.weight_scale.float()[:, None]).to(x.dtype)
+        if self.backend == "dense":
+            self._dense = w
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (B*T, in)

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from quantlib.actquant import parse_activations
+
 __all__ = ["render_card", "card_with_metrics"]
 
 
@@ -81,7 +83,7 @@ def _scheme(params: Mapping[str, Mapping[str, Any]], info: Mapping[str, Any], fm
             ("symmetric", q.get("sym")), ("targets", ", ".join(q.get("targets", ["blocks"]))),
             ("format", f"`{fmt}`"), ("compute dtype", params.get("fetch_model", {}).get("dtype"))]
     if q.get("activations"):
-        static = q["activations"].endswith("s")
+        static = parse_activations(q["activations"]).static
         rows.insert(4, ("activations", f"`{q['activations']}`: symmetric int, " +
                         ("one static scale per Linear, calibrated" if static else "one dynamic scale per token")))
     if fmt == "gguf":

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantlib.actquant import attach, parse_activations
+from quantlib.actquant import attach, parse_activations, scales_from_json, scales_to_json
 from quantlib.adapters import get_adapter
 from quantlib.qweight import QuantizedWeight
 
@@ -108,7 +108,7 @@ def write_release_files(out_dir: Path, model_dir: Path, qweights: dict[str, Quan
     `input_scales`, static_input_scales) are keyed by module names; quantization.json records the
     scales too ({name: float}, what a RELEASE_FORMAT loader reads)."""
     if input_scales:
-        info = info | {"input_scales": {n: float(v) for n, v in sorted(input_scales.items())}}
+        info = info | {"input_scales": scales_to_json(input_scales)}
         input_scales = checkpoint_keyed(input_scales, model_dir, trust_remote_code)
     qweights = checkpoint_keyed(qweights, model_dir, trust_remote_code)
     if info.get("activations") and fmt not in (RELEASE_FORMAT, "compressed-tensors"):
@@ -194,8 +194,7 @@ def load_release(release_dir: str | Path, verify: bool = True, dtype: torch.dtyp
                          f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     if info.get("activations"):  # the inputs of the quantized modules too (quantlib.actquant)
-        scales = {n: torch.tensor([v]) for n, v in info.get("input_scales", {}).items()}
-        attach(model, modules, parse_activations(info["activations"]), scales)
+        attach(model, modules, parse_activations(info["activations"]), scales_from_json(info.get("input_scales", {})))
     return model
 
 

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from quantlib.packing import (PackFormat, pack_gptq, pack_weight, to_gptq_v1, trivial_g_idx, unpack_codes,
                               unpack_compressed_tensors, unpack_gptq)
 from quantlib.actquant import ActSpec, attach, parse_activations
-from quantlib.int8linear import INT8_BACKENDS, Int8Linear, int8_eligible
+from quantlib.int8linear import INT8_BACKENDS, Int8Linear, symmetric_zeros
 from quantlib.moe import is_router_tensor
 from quantlib.qlinear import QuantLinear, replace_modules
 from quantlib.qweight import QuantizedWeight
@@ -214,7 +214,7 @@ def _served(module: QuantLinear, act: ActSpec | None, backend: str,
     or a QuantLinear-only backend (int4, int8: torch's weight-only CPU kernels), as it is."""
     if act is None or act.bits != 8 or backend not in INT8_BACKENDS or module.bits != 8 or module.scales.shape[0] != 1:
         return module
-    if not int8_eligible(8, 1, unpack_codes(module.qzeros, 8, module.out_features)):
+    if not symmetric_zeros(unpack_codes(module.qzeros, 8, module.out_features)):
         return module
     return Int8Linear.from_packed(module.state_dict(), module.bias, backend, input_scale)
 
