@@ -116,10 +116,11 @@ ROTATION_SUFFIX = {"full": "+rot", "residual": "+rotres"}
 
 
 def check_quantized_inputs(method: MethodChoice) -> None:
-    """Quantized inputs change what GPTQ and BoA solve on; RTN reads no inputs, and reconstruction
-    windows do not train with quantized inputs yet: refuse rather than label a row +qin for nothing."""
-    if not isinstance(method.base, (GPTQConfig, BoAConfig)):
-        raise ValueError(f"--quantized-inputs applies to gptq and boa (they solve on inputs), not {method.label}")
+    """Quantized inputs change what GPTQ and BoA solve on and what reconstruction windows train on;
+    RTN reads no inputs: refuse rather than label a row +qin for nothing."""
+    if not isinstance(method.base, (GPTQConfig, BoAConfig, ReconConfig)):
+        raise ValueError(f"--quantized-inputs applies to gptq, boa and recon (they solve or train on inputs), "
+                         f"not {method.label}")
 
 
 def _versions() -> dict:

@@ -305,7 +305,8 @@ class QuantizeParams(_Section):
     evaluation scores the release with it, and it needs a compressed-tensors (or ptq) release.
     quantized_inputs: with activations, solve every block with its Linears' inputs quantized as the
     release quantizes them (Hessians from quantized inputs; later blocks calibrated on the quantized
-    model's activations; quantlib EngineConfig.act_inputs); gptq and boa."""
+    model's activations; quantlib EngineConfig.act_inputs); gptq, boa, and recon (whose windows
+    also train with their Linears' inputs fake-quantized)."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -340,12 +341,10 @@ class QuantizeParams(_Section):
         if self.quantized_inputs and self.activations is None:
             raise ParamsError("quantize.quantized_inputs: true solves on the inputs quantize.activations quantizes; "
                               "set quantize.activations: a8 or a4, or quantized_inputs: false")
-        if self.quantized_inputs and self.resolved_method not in ("gptq", "boa"):
-            raise ParamsError(f"quantize.quantized_inputs: applies to gptq and boa (they solve on inputs; "
-                              f"{self.resolved_method} does not"
-                              + (", reconstruction windows do not train with quantized inputs yet"
-                                 if self.resolved_method == "recon" else "")
-                              + "); choose one of them, or quantized_inputs: false")
+        if self.quantized_inputs and self.resolved_method not in ("gptq", "boa", "recon"):
+            raise ParamsError(f"quantize.quantized_inputs: applies to gptq, boa and recon (they solve or train on "
+                              f"inputs; {self.resolved_method} reads none); choose one of them, or "
+                              "quantized_inputs: false")
         if self.inputs == "fp" and self.resolved_method == "recon":
             raise ParamsError("quantize.inputs: fp applies to rtn, gptq and boa; recon windows are trained on the "
                               "quantized prefix's outputs (set quantize.inputs: quantized, or another method)")

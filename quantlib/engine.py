@@ -51,7 +51,8 @@ class EngineConfig:
     outputs propagated, its Linears' inputs are quantized as the release will quantize them, so the
     Hessians are built from quantized inputs (X_q X_q^T) and every later block is calibrated on what
     the quantized model really feeds it (the block error's F(X) then has quantized inputs too); the
-    hooks are removed afterwards. None: float inputs."""
+    hooks are removed afterwards; reconstruction windows also train on them (quantlib.windows).
+    None: float inputs."""
 
     batch_size: int = 8
     true_sequential: bool = True

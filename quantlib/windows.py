@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationStore
+from .actquant import attach, parse_activations
 from .adapters import ModelAdapter
 from .capture import BlockCall, capture_block_inputs, run_block, swap_module
 from .cfp import CFPConfig, apply_cfp
@@ -366,6 +368,20 @@ def block_errors(adapter: ModelAdapter, indices: list[int], x_in: ActivationStor
     return errs
 
 
+@contextmanager
+def quantized_inputs(adapter: ModelAdapter, indices, act_inputs: str | None):
+    """Within the block: the inputs of every quantized Linear of blocks `indices` are fake-quantized
+    (quantlib.actquant, straight-through) as `act_inputs` (a8, a4; None: nothing changes)."""
+    spec = parse_activations(act_inputs)
+    blocks = [adapter.blocks[i] for i in indices]
+    handles = [] if spec is None else [h for b in blocks for h in attach(b, adapter.linear_names(b), spec)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class WindowResult:
     """What one window leaves behind: the codes of the blocks it finished ([start, next_start)), the
@@ -384,7 +400,9 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
     """Reconstruct window [start, end): x_in enters block start (from the finished quantized prefix),
     targets are the FP activations after block min(end + L, n) - 1 (None for target 'qin'); blocks
     in `carry` resume from the previous window's state, the others are initialized. The model's
-    blocks from next_start on are left in FP state."""
+    blocks from next_start on are left in FP state. With `engine.act_inputs` the window's Linears
+    see quantized inputs in its initialization, its training and the outputs it passes on; the
+    look-ahead blocks and the targets stay FP."""
     start, end = window
     n = len(adapter.blocks)
     stop = min(end + cfg.lookahead, n)
@@ -394,7 +412,8 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
     for i in range(start, end):
         if i in carry:
             install_block(adapter, i, carry[i], spec, cfg, state)
-            x = forward_blocks([adapter.blocks[i].to(device)], [calls[i].to(device)], x, device)
+            with quantized_inputs(adapter, [i], engine.act_inputs):
+                x = forward_blocks([adapter.blocks[i].to(device)], [calls[i].to(device)], x, device)
             adapter.blocks[i].to("cpu")
         else:
             x = init_block(adapter, i, x, calls[i], spec, cfg, engine, state)
@@ -404,16 +423,18 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
     # per-block errors cost 4 block passes over the calibration set: only when the engine asks for them
     errors = (lambda: block_errors(adapter, done, x_in, calls, state, device, engine.block_error_batches)
               ) if engine.measure_block_error else list
-    before = errors()
-    st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
-    after = errors()
+    with quantized_inputs(adapter, range(start, end), engine.act_inputs):  # the window trains as it will run
+        before = errors()
+        st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
+        after = errors()
     st.block_errors = [{"block": i, "before": b, "after": a} for i, b, a in zip(done, before, after)]
     results = {}
     for i in done:
         results.update(finalize_block(adapter, i, state))
     saved = {i: carry_block(adapter, i, state) for i in range(next_start, end)}
-    outputs = forward_blocks([adapter.blocks[i].to(device) for i in done], [calls[i].to(device) for i in done],
-                             x_in, device, spill_dir)
+    with quantized_inputs(adapter, done, engine.act_inputs):
+        outputs = forward_blocks([adapter.blocks[i].to(device) for i in done], [calls[i].to(device) for i in done],
+                                 x_in, device, spill_dir)
     for i in done:
         adapter.blocks[i].to("cpu")
     return WindowResult(results, outputs, saved, st)

@@ -42,7 +42,7 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
 
 @pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),
                                                ("rtn+qat", "heldout"), ("gptq", "give --activations"),
-                                               ("rtn", "applies to gptq and boa")])
+                                               ("rtn", "applies to gptq, boa and recon")])
 def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods, message):
     args = ["bench", "quality", "--model", str(tiny_source), "--methods", methods, "--schemes", "w3g32",
             "--out", str(tmp_path / "q.json")]

@@ -151,10 +151,8 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.quantized_inputs=true",), "quantize.quantized_inputs: true solves on the inputs"),
         ("", ("quantize.quantized_inputs=true", "quantize.activations=a8s"),
          "quantize.quantized_inputs: takes dynamic activations"),
-        ("", ("quantize.quantized_inputs=true", "quantize.activations=a4", "quantize.method=recon"),
-         "quantize.quantized_inputs: applies to gptq and boa"),
         ("", ("quantize.quantized_inputs=true", "quantize.activations=a4", "quantize.method=rtn"),
-         "quantize.quantized_inputs: applies to gptq and boa"),
+         "quantize.quantized_inputs: applies to gptq, boa and recon"),
         ("", ("quantize.activations=a8", "pack.format=gptq"), "quantize.activations: a8 needs a release format that "
                                                                "records activation quantization; pack.format gptq cannot"),
         ("", ("quantize.moe_min_tokens=0",), "quantize.moe_min_tokens: must be a positive integer"),
@@ -286,6 +284,10 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
                           "qat": {"enabled": True, "steps": 5, "trainable": "scales+zeros"}})
     cfg = quantize_job(p.quantize, p.recon).method
     assert (cfg.window, cfg.overlap, cfg.lookahead, cfg.iters) == (3, 1, 2, 7)
+    assert quantize_job(p.quantize, p.recon).engine.act_inputs is None
+    q_in = params_from_dict({"quantize": {"method": "recon", "device": "cpu", "activations": "a4",
+                                          "quantized_inputs": True}})
+    assert quantize_job(q_in.quantize, q_in.recon).engine.act_inputs == "a4"  # the windows train on a4 inputs
     q = qat_config(p.qat)
     assert (q.steps, q.trainable) == (5, "scales+zeros")
 

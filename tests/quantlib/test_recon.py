@@ -506,3 +506,33 @@ def test_split_batches_holds_out_the_last_ones_and_refuses_too_few():
     assert split_batches(2, 0.9) == ([0], [1])  # at least one batch trains
     with pytest.raises(ValueError, match="at least 2 calibration batches"):
         split_batches(1, 0.5)
+
+
+def test_window_trains_judges_and_propagates_with_quantized_inputs():
+    """engine.act_inputs a4: the window's loss is that of its blocks with a4 inputs (iters=0: the
+    kept init judged through a4 hooks on the finished block), the activations it passes on are the
+    finished block's with a4 inputs, the training forward itself sees them (from one RTN init, the
+    first step's loss differs from float inputs'), and no hook stays behind."""
+    from quantlib.actquant import ActSpec, attach, attached
+    from quantlib.windows import run_window
+
+    def window(act, iters):
+        model = tiny_model()
+        a = get_adapter(model)
+        batches, calls = capture_block_inputs(a, tiny_ids(8, 32), 4)
+        x = ActivationStore.from_batches(batches)
+        bounds = fp_boundaries(a, x, calls, torch.device("cpu"))
+        cfg = ReconConfig(window=1, overlap=0, rounding="nearest", init="rtn", loss="mse", iters=iters)
+        r = run_window(a, calls, x, bounds[1], (0, 1), 1, SPEC, cfg, EngineConfig(batch_size=4, act_inputs=act))
+        assert attached(model) == {}
+        return a, x, calls, bounds, cfg, r
+
+    a, x, calls, bounds, cfg, r = window("a4", 0)
+    attach(a.blocks[0], a.linear_names(a.blocks[0]), ActSpec(4))
+    expect = _eval_loss([a.blocks[0]], [calls[0]], x, bounds[1], cfg, torch.device("cpu"),
+                        split_batches(len(x), cfg.heldout)[1])
+    assert r.stats.loss_init == pytest.approx(expect, rel=1e-6)
+    with torch.no_grad():
+        assert all(torch.equal(got, run_block(a.blocks[0], xb, calls[0])) for got, xb in zip(r.outputs, x))
+    first = {act: window(act, 2)[-1].stats.curve[0] for act in ("a4", None)}
+    assert first["a4"] != pytest.approx(first[None], rel=1e-4)
