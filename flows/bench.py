@@ -127,6 +127,9 @@ def _versions() -> dict:
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    commit += "-dirty" if commit and dirty else ""  # uncommitted changes to tracked files ran too
     return {"quantlib": quantlib.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "git": commit or None, "threads": torch.get_num_threads()}
 
@@ -220,9 +223,9 @@ def run_quality(bench: QualityBench) -> int:
     jobs = _jobs(bench, model_dir)
     out = bench.out
     command = "ptq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    rows = []
+    rows, versions = [], _versions()  # the code the workers run: read once, before the first row
     for job in jobs:
-        new = [r | {"model": bench.model, "versions": _versions(), "command": command,
+        new = [r | {"model": bench.model, "versions": versions, "command": command,
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")} for r in _run_job(job)]
         rows += new
         # re-read before appending: another bench may have added rows meanwhile

@@ -17,6 +17,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quant",
+    "ste_codes",
     "round_ste",
 ]
 
@@ -106,8 +107,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def ste_codes(w_over_s: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Float codes clamp(round(w / s) + z, 0, maxq), rounded exactly as `quantize` rounds (half to
+    even before the zero is added, so ties land where RTN and GPTQ put them); the round is
+    straight-through, the clamp and the zero carry true gradients."""
+    return torch.clamp(round_ste(w_over_s) + zero, 0, maxq)
+
+
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Differentiable quantize-dequantize: STE through round, true gradient through clamp,
-    scale and zero (as in LSQ/OmniQuant)."""
-    q = torch.clamp(round_ste(w / scale) + zero, 0, maxq)
-    return scale * (q - zero)
+    """Differentiable quantize-dequantize (the one weight fake-quant: reconstruction's and QAT's
+    modules use ste_codes and dequantize as this does): STE through round, true gradient through
+    clamp, scale and zero (as in LSQ/OmniQuant). Forward equals dequantize(quantize(w))."""
+    return dequantize(ste_codes(w / scale, zero, maxq), scale, zero)

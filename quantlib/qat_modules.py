@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import ModelAdapter
 from .capture import swap_module
-from .primitives import expand, round_ste
+from .primitives import dequantize, expand, round_ste, ste_codes
 from .qweight import QuantizedWeight
 
 __all__ = ["TRAINABLES", "QATLinear", "QATModules", "attach_qat", "detach_qat"]
@@ -67,11 +67,8 @@ class QATLinear(nn.Module):
         scale, zero = self.qparams()
         n = self.codes.shape[1]
         s, z = expand(scale, n, self.g_idx), expand(zero, n, self.g_idx)
-        if self.latent is None:
-            q = self.codes.to(s.dtype)
-        else:
-            q = torch.clamp(round_ste(self.latent_weight() / s + z), 0, self.spec.maxq)
-        return s * (q - z), q, scale, zero
+        q = self.codes.to(s.dtype) if self.latent is None else ste_codes(self.latent_weight() / s, z, self.spec.maxq)
+        return dequantize(q, s, z), q, scale, zero
 
     def latent_weight(self) -> torch.Tensor:
         """(out, in) latent fp weight of the "weights" mode: s0 * latent."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .optim import SCHEDULES
-from .primitives import expand, round_ste
+from .primitives import dequantize, expand, round_ste, ste_codes
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
@@ -200,9 +200,10 @@ class LearnableLinear(nn.Module):
 
     def _codes(self, scale: torch.Tensor, zero: torch.Tensor, hard: bool) -> torch.Tensor:
         """(out, in) codes (float, differentiable through the STE) for the learned (scale, zero)."""
+        if self.cfg.rounding == "nearest":  # on the init's grid when it is frozen
+            s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
+            return ste_codes(self.latent / self._expand(s), self._expand(z), self.spec.maxq)
         v = self._v(scale, zero)
-        if self.cfg.rounding == "nearest":
-            return torch.clamp(round_ste(v), 0, self.spec.maxq)
         h = self.soft_offsets()
         if hard:
             h = (h >= 0.5).float()
@@ -236,7 +237,7 @@ class LearnableLinear(nn.Module):
     def weight_hat(self, hard: bool = False) -> torch.Tensor:
         """Fake-quantized (out, in) weight; `hard` uses offsets rounded to {0, 1}."""
         scale, zero = self.qparams()
-        return self._expand(scale) * (self._codes(scale, zero, hard) - self._expand(zero))
+        return dequantize(self._codes(scale, zero, hard), self._expand(scale), self._expand(zero))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_hat(hard=not self.training).to(x.dtype),

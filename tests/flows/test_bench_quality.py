@@ -91,3 +91,27 @@ def test_rows_at_several_seeds_are_kept_apart_and_averaged():
     seeds = md.split("## Over calibration seeds")[1]
     assert "| smollm2-135m | gptq | w3g64 | 128x512 | 0,1,2 | 31.00 ± 1.00 | 22.00 ± 2.00 |" in seeds
     assert "| rtn |" not in seeds.split("##")[0]
+
+
+def test_rows_name_the_commit_and_say_when_tracked_files_differ_from_it(tmp_path, monkeypatch):
+    """A row made from uncommitted changes must not claim a commit's code: its git field gets -dirty
+    (an untracked file, e.g. a results copy, does not count)."""
+    import shutil
+    import subprocess
+
+    from flows.bench import _versions
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "a.py"], ["commit", "-qm", "a"]):
+        subprocess.run(["git", *cmd], check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "rows.json").write_text("[]")
+    assert _versions()["git"] == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _versions()["git"] == head + "-dirty"

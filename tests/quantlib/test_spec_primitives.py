@@ -82,3 +82,29 @@ def test_fake_quant_clips_to_both_ends_of_a_grid_narrower_than_the_weights():
     w = torch.tensor([[-3.0, -0.5, 0.0, 0.5, 3.0]])
     scale, zero = torch.tensor([[0.25]]), torch.tensor([[4.0]])  # 3 bits: codes 0..7 cover [-1.0, 0.75]
     assert torch.equal(fake_quant(w, scale, zero, 7), torch.tensor([[-1.0, -0.5, 0.0, 0.5, 0.75]]))
+
+
+def test_one_weight_fake_quant_rounds_ties_as_quantize_does():
+    """primitives.fake_quant, reconstruction's LearnableLinear (nearest rounding) and QAT's QATLinear
+    (trainable weights) give dequantize(quantize(w)) to the bit, ties included: with w / s = k + 0.5
+    and an odd zero, rounding w / s + z instead of w / s would move every tie by one code."""
+    from quantlib.qat_modules import QATLinear
+    from quantlib.qweight import QuantizedWeight
+    from quantlib.recon import LearnableLinear, ReconConfig
+
+    spec = QuantSpec(4, 8)
+    s, z = torch.full((2, 2), 0.25), torch.full((2, 2), 3.0)  # exact in binary; an odd zero
+    w = 0.25 * (torch.arange(-3, 13, dtype=torch.float32).repeat(2, 1) - 3 + 0.5)  # every w / s a tie
+    se, ze = expand(s, 16), expand(z, 16)
+    q = quantize(w, se, ze, spec.maxq)
+    expect = dequantize(q, se, ze)
+    assert not torch.equal(expect, dequantize(torch.clamp(torch.round(w / se + ze), 0, 15), se, ze))  # ties matter
+    assert torch.equal(fake_quant(w, se, ze, spec.maxq), expect)
+    qw = QuantizedWeight(q, s, z, torch.arange(16, dtype=torch.int32) // 8, spec)
+    for grid in ("init", "learned"):
+        cfg = ReconConfig(rounding="nearest", init="rtn", grid=grid, learn_clip=False)
+        assert torch.equal(LearnableLinear(qw, w, None, cfg).weight_hat(), expect), grid
+    qat = QATLinear(qw, None, "weights")
+    with torch.no_grad():
+        qat.latent.copy_(w / 0.25)  # latent weight s0 * latent == w
+    assert torch.equal(qat.fake_quant()[0], expect)
