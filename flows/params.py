@@ -252,12 +252,27 @@ class FetchModelParams(_Section):
     dtype: what every stage loads and runs the model in: capture, blocks, QAT (its trainable scales
     and optimizer state stay float32) and evaluation (bfloat16 / float16 halve host memory and the
     activation shards; Hessians and the GPTQ/BoA solves stay float32; recon windows need float32).
+    rotate: residual applies QuaRot's residual-stream and per-head rotations (quantlib.rotation) to
+    the fetched model, FP-exact, before anything reads it: data/model holds the rotated float32
+    checkpoint (norms folded to 1, LM head untied), so activation outliers spread across channels
+    and every later stage, and the release, use it; rotate_seed draws the rotation. null: as fetched.
     """
 
     SECTION: ClassVar[str] = "fetch_model"
     source: str = _key("smollm2-135m", _text())
     trust_remote_code: bool = _key(False, _boolean())
     dtype: str = _key("float32", _choice(DTYPES))
+    rotate: str | None = _key(None, _text(nullable=True, pattern=r"residual|full",
+                                          rule="must be residual (QuaRot's offline rotation) or null"))
+    rotate_seed: int = _key(0, _integer())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rotate == "full":
+            raise ParamsError("fetch_model.rotate: full also rotates down_proj's inputs online (a Hadamard at run "
+                              "time), which no release format here carries to other runtimes yet; use residual "
+                              "(offline only: a plain checkpoint every runtime serves), or measure full with "
+                              "`ptq bench quality --rotate full`")
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,12 @@ def _method(info: Mapping[str, Any]) -> str:
 
 
 def _summary(source: Mapping[str, Any], info: Mapping[str, Any], fmt: str) -> str:
+    rot = source.get("rotation")
+    kept = ("kept from the source after an FP-exact `" + rot["mode"] + "` rotation (norm scales folded into the "
+            "Linears, LM head untied from the embeddings)") if rot else "kept from the source"
     return (f"`{source.get('source')}` quantized to `{info['scheme']}` with `{_method(info)}` by ptq-pipeline, "
             f"packed as `{fmt}`; {len(info['modules'])} Linear modules are quantized, every other tensor is "
-            "kept from the source.\n")
+            f"{kept}.\n")
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -72,6 +75,9 @@ def _source(source: Mapping[str, Any], chain: Mapping[str, Any]) -> str:
     rows = [("source", f"`{source.get('source')}`"), ("architecture", source.get("architecture")),
             ("kind", source.get("kind"))]
     rows += [(k, f"`{source[k]}`") for k in ("revision", "package", "fingerprint") if source.get(k)]
+    if rot := source.get("rotation"):
+        rows += [("rotation", f"`{rot['mode']}`, seed {rot['seed']} (quantlib.rotation; FP-exact, before quantization)"),
+                 ("fetched model folder MANIFEST sha256", f"`{rot['base_model']}`")]
     rows += [("model folder MANIFEST sha256", f"`{chain['model']}`")]
     return "## Base model\n\n" + _table(rows)
 

@@ -15,13 +15,13 @@ if TYPE_CHECKING:
 
 from .cache import key_fn, stable_hash
 from .io import atomic_write_json, read_manifest, sha256_bytes, sha256_file
-from .sources import load_tokenizer, materialize_model
+from .sources import load_tokenizer, materialize_model, rotate_folder
 from .fingerprints import source_fingerprint, text_fingerprint
 from .specs import parse_model_source
 from .textdata import (calibration_parts, calibration_text, evaluation_text, halved_for_evaluation, load_text,
                        parse_text_source, resolve_mirror, tokenize_text, write_token_ids)
 
-__all__ = ["source_fingerprint", "text_fingerprint", "fetch_model_task", "prepare_data_task", "manifest_sha", "source_name",
+__all__ = ["source_fingerprint", "text_fingerprint", "fetch_model_task", "rotate_model_task", "prepare_data_task", "manifest_sha", "source_name",
            "calibration_ids", "evaluation_ids"]
 
 
@@ -38,6 +38,16 @@ def fetch_model_task(spec: str, trust_remote_code: bool, fingerprint: str, cache
     out = Path(cache_dir) / "models" / stable_hash([trust_remote_code, fingerprint])
     record = materialize_model(parse_model_source(spec), out, trust_remote_code=trust_remote_code)
     return record | {"path": str(out), "manifest_sha": manifest_sha(out), "fingerprint": fingerprint}
+
+
+@task(name="rotate_model", cache_key_fn=key_fn("model_sha", "mode", "seed", "trust_remote_code"), persist_result=True)
+def rotate_model_task(model_dir: str, model_sha: str, mode: str, seed: int, cache_dir: str,
+                      trust_remote_code: bool = False) -> dict:
+    """The fetched model (identified by `model_sha`) rotated (tasks.sources.rotate_folder) into the
+    cache; keyed by the model's content and the rotation."""
+    out = Path(cache_dir) / "models" / stable_hash(["rotated", model_sha, mode, seed, trust_remote_code])
+    record = rotate_folder(model_dir, out, mode, seed, trust_remote_code=trust_remote_code)
+    return {"path": str(out), "manifest_sha": manifest_sha(out), "rotation": record | {"base_model": model_sha}}
 
 
 def source_name(spec: str) -> str:

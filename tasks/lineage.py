@@ -405,7 +405,7 @@ def _format_chain(result: AuditResult) -> list[str]:
     evals = ", ".join(f"eval {n} sha256 {_short(d)}" for n, d in sorted(chain["eval"].items()))
     lines = [
         f"source     {spec} ({source.get('kind', '?')})",
-        f"model      {MODEL_DIR} MANIFEST sha256 {_short(chain['model'])}",
+        f"model      {MODEL_DIR} MANIFEST sha256 {_short(chain['model'])}" + _rotated(source),
         f"tokens     calib sha256 {_short(chain['calib'])}" + (f", {evals}" if evals else ""),
         f"quantized  sha256 {_short(chain['quantized'])}",
         f"qat        sha256 {_short(chain['qat'])}",
@@ -455,3 +455,11 @@ def format_audit(result: AuditResult) -> str:
         lines.append(f"MISMATCH   {m.path}: expected {m.expected or '(not recorded)'}, actual {m.actual or '(missing)'}")
     lines.append("lineage OK" if result.ok else f"lineage FAILED: {len(result.mismatches)} mismatches")
     return "\n".join(lines)
+
+
+def _rotated(source: dict) -> str:
+    """', rotated (mode, seed) from model <sha>' when fetch_model.rotate made the model folder."""
+    rot = source.get("rotation")
+    if not rot:
+        return ""
+    return f", rotated ({rot['mode']}, seed {rot['seed']}) from model MANIFEST sha256 {_short(rot['base_model'])}"

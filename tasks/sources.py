@@ -28,6 +28,7 @@ __all__ = [
     "ModelSource",
     "parse_model_source",
     "materialize_model",
+    "rotate_folder",
     "load_model",
     "load_tokenizer",
 ]
@@ -221,6 +222,27 @@ def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_rem
         "out_dir": str(out_dir),
         "manifest": manifest,
     }
+
+
+def rotate_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, mode: str, seed: int,
+                  trust_remote_code: bool = False) -> dict:
+    """The model folder rotated (quantlib.rotation, `residual` only: nothing online), written as a
+    float32 HF folder with MANIFEST.json at out_dir (built aside, swapped in when complete). float32:
+    rotated weights lie on no coarser grid, and the transform is meant to change no output. Returns
+    the rotation record."""
+    from quantlib.adapters import get_adapter
+    from quantlib.rotation import rotate_model
+
+    if mode != "residual":
+        raise ValueError(f"rotate_folder writes offline rotations only (residual), not {mode!r}: a full rotation "
+                         "needs an online Hadamard that a plain checkpoint cannot hold")
+    model = load_model(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    record = rotate_model(get_adapter(model), mode, seed)  # refuses unsupported families before any change
+    with building_dir(Path(out_dir)) as tmp:
+        _save_folder(model, tokenizer, tmp)
+        swap_dir(tmp, Path(out_dir))
+    return record
 
 
 # -------------------------------------------------------------------------------------- load

@@ -149,6 +149,8 @@ def test_float_key_accepts_int() -> None:
         ("", ("pack.format=gguf", "pack.gguf_type=Q4_K_M"), "pack.gguf_type: must be one of 'exact', 'Q2_K'"),
         ("", ("quantize.activations=a16",), "quantize.activations: must be a8, a4 (dynamic), a8s, a4s (static) or null"),
         ("", ("quantize.quantized_inputs=true",), "quantize.quantized_inputs: true solves on the inputs"),
+        ("", ("fetch_model.rotate=full",), "fetch_model.rotate: full also rotates down_proj's inputs online"),
+        ("", ("fetch_model.rotate=spin",), "fetch_model.rotate: must be residual"),
         ("", ("quantize.quantized_inputs=true", "quantize.activations=a8s"),
          "quantize.quantized_inputs: takes dynamic activations"),
         ("", ("quantize.quantized_inputs=true", "quantize.activations=a4", "quantize.method=rtn"),

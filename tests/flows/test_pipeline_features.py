@@ -158,3 +158,45 @@ def test_static_activations_are_calibrated_by_the_pack_stage(activations):
     for name in info["modules"]:
         assert info["input_scales"][name] > 0
         assert float(tensors[f"{name}.input_scale"]) == pytest.approx(info["input_scales"][name], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def rotated(features, tmp_path_factory):
+    """The features project, copied, then `ptq run -S fetch_model.rotate=residual -S
+    quantize.activations=a4`: every stage reruns on the rotated model, and the release quantizes its
+    Linears' inputs per token (the use rotation exists for)."""
+    import shutil
+
+    from pipeline_projects import Project
+
+    root = tmp_path_factory.mktemp("rot") / "project"
+    shutil.copytree(features.root, root, symlinks=True)
+    project = Project(root, features.env)
+    project.run_ok("run", "-S", "fetch_model.rotate=residual", "-S", "quantize.activations=a4")
+    return project
+
+
+def test_rotated_model_is_what_every_stage_quantizes_and_the_release_holds(rotated, features):
+    """data/model is the rotated model, recorded against the fetched one; it scores what the fetched
+    model scores (FP-exact) while its codes differ; the release holds its other tensors (norms folded
+    to 1, the head untied), says so in its card, and its lineage verifies."""
+    from safetensors.torch import load_file
+
+    from tasks.inputs import manifest_sha
+
+    rotation = _json(rotated, "data/model/source.json")["rotation"]
+    assert (rotation["mode"], rotation["seed"]) == ("residual", 0)
+    assert rotation["base_model"] == manifest_sha(features.root / "data" / "model")
+    ours, ref = (_json(p, "metrics/metrics.json") for p in (rotated, features))
+    for name, ppl in ref["fp32_ppl"].items():
+        assert ours["fp32_ppl"][name] == pytest.approx(ppl, rel=1e-4)
+    codes = (_json(p, "data/quantized/quantize.json")["quantized_sha256"] for p in (rotated, features))
+    assert len(set(codes)) == 2
+    release = rotated.root / "data" / "release"
+    assert json.loads((release / "config.json").read_text())["tie_word_embeddings"] is False
+    norms = {k: v for k, v in load_file(str(release / "model.safetensors")).items() if "norm" in k}
+    assert norms and all(bool((v == 1).all()) for v in norms.values())
+    assert "`residual` rotation" in (release / "README.md").read_text()
+    done = rotated.ptq("lineage", "data/release")
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
+    assert "rotated (residual, seed 0)" in done.stdout

@@ -297,3 +297,52 @@ def _refused(src: Path, tmp_path: Path, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         materialize_model(parse_model_source(str(src)), tmp_path / "out")
     assert list(tmp_path.iterdir()) == [src]
+
+
+# ----------------------------------------------------------------------------------- rotation
+
+
+def test_rotated_folder_computes_what_the_source_does_from_other_weights(tmp_path):
+    """fetch_model.rotate residual: the written folder (float32, MANIFEST verified on load) gives the
+    source's logits from rotated weights: norm scales folded away (all 1), a head untied from the
+    embeddings, and every Linear changed; a second folder from the same seed is byte-identical."""
+    from quantlib.adapters import get_adapter
+    from tasks.sources import rotate_folder
+
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(WORDS), tie_word_embeddings=True)
+    src = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms that are not 1, so folding them is seen
+        for n, p in src.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 2.0)
+    src.save_pretrained(tmp_path / "src")
+    _tiny_tokenizer().save_pretrained(tmp_path / "src")
+    record = rotate_folder(tmp_path / "src", tmp_path / "rot", "residual", seed=3)
+    assert record["mode"] == "residual" and record["online"] == {}
+    assert not verify_manifest(tmp_path / "rot")
+    rot = load_model(tmp_path / "rot")
+    assert rot.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(rot(IDS).logits, src(IDS).logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in rot.named_parameters() if "norm" in n)
+    a, b = get_adapter(src), get_adapter(rot)
+    assert not torch.allclose(a.blocks[0].self_attn.q_proj.weight, b.blocks[0].self_attn.q_proj.weight)
+    rotate_folder(tmp_path / "src", tmp_path / "again", "residual", seed=3)
+    assert sha256_file(tmp_path / "again" / "model.safetensors") == sha256_file(tmp_path / "rot" / "model.safetensors")
+
+
+def test_rotation_refuses_what_a_checkpoint_cannot_hold_and_families_it_cannot_rotate(tiny_folder, tmp_path):
+    from quantlib.adapters import UnsupportedModelError
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tasks.sources import rotate_folder
+
+    with pytest.raises(ValueError, match="online Hadamard"):
+        rotate_folder(tiny_folder, tmp_path / "full", "full", seed=0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(WORDS))).save_pretrained(tmp_path / "g")
+    _tiny_tokenizer().save_pretrained(tmp_path / "g")
+    with pytest.raises(UnsupportedModelError, match="rotation supports"):
+        rotate_folder(tmp_path / "g", tmp_path / "g-rot", "residual", seed=0)
+    assert not (tmp_path / "full").exists() and not (tmp_path / "g-rot").exists()
