@@ -6,7 +6,8 @@ both release the same bytes as an uninterrupted run; the quantize stage
 records per-window loss curves and per-block errors before/after; the qat stage trains, records
 its curves and is labelled `+qat`; training improves at least one window over its init; QAT trains and
 the release carries its result exactly when it beat the block-wise state on held-out data; MLflow
-holds the loss curves.
+holds the loss curves. The run quantizes its Linears' inputs to int8 per token, so all of this
+holds with the windows and QAT training through the activation quantizers.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from pipeline_projects import N_BLOCKS, RUN_TIMEOUT_S, release_files, run_and_ki
 
 from tasks.faults import ENV
 
-EXTRA = {
-    "quantize": {"method": "recon", "bits": 3},
+EXTRA = {  # with a8 inputs, which the windows and QAT train through (quantized_inputs) and the release declares
+    "quantize": {"method": "recon", "bits": 3, "activations": "a8", "quantized_inputs": True},
     "recon": {"window": 2, "overlap": 1, "iters": 8, "batch_size": 4},
     "qat": {"enabled": True, "steps": 6, "eval_every": 2, "checkpoint_every": 2, "batch_size": 4},
 }
@@ -95,6 +96,7 @@ def test_qat_stage_trains_and_labels_the_release(runs):
     assert qat["kept_init"] or qat["best_heldout"] < qat["init_heldout"]
     metrics = json.loads((root / "metrics" / "metrics.json").read_text())
     assert (metrics["method"], metrics["scheme"]) == ("recon+qat", "w3g32")
+    assert info["job"]["engine"]["act_inputs"] == "a8"  # the windows were solved and trained on a8 inputs
 
 
 def test_mlflow_holds_window_and_qat_loss_curves(runs):
