@@ -253,8 +253,9 @@ class FetchModelParams(_Section):
     and optimizer state stay float32) and evaluation (bfloat16 / float16 halve host memory and the
     activation shards; Hessians and the GPTQ/BoA solves stay float32; recon windows need float32).
     rotate: residual applies QuaRot's residual-stream and per-head rotations (quantlib.rotation) to
-    the fetched model, FP-exact, before anything reads it: data/model holds the rotated float32
-    checkpoint (norms folded to 1, LM head untied), so activation outliers spread across channels
+    the fetched model, FP-exact, before anything reads it: data/model holds the rotated checkpoint
+    (float32 tensors, its config keeping the fetched dtype that releases are packed in; norms folded
+    to 1, LM head untied), so activation outliers spread across channels
     and every later stage, and the release, use it; rotate_seed draws the rotation. null: as fetched.
     """
 

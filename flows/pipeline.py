@@ -150,40 +150,48 @@ def inputs_stage(ctx: StageContext) -> dict:
 @_prefect_flow("fetch_model")
 def fetch_model_stage(ctx: StageContext) -> dict:
     from tasks.inputs import fetch_model_task, rotate_model_task
-    from tasks.io import atomic_write_json, publish_dir, verify_manifest
+    from tasks.io import atomic_write_json, publish_dir
 
     p = ctx.params.fetch_model
     fingerprint = _read_json(ctx.path(S.INPUTS))["model"]["fingerprint"]
-    folder_ok = lambda r: Path(r["path"]).is_dir() and not verify_manifest(r["path"])  # noqa: E731
     record, cached = run_cached(
-        ctx, fetch_model_task, folder_ok, "fetch_model",
+        ctx, fetch_model_task, _folder_ok, "fetch_model",
         spec=p.source, trust_remote_code=p.trust_remote_code, fingerprint=fingerprint, cache_dir=str(ctx.cache))
     source = {k: v for k, v in record.items() if k not in ("path", "out_dir", "manifest", "manifest_sha")}
     folder, computed = record["path"], int(not cached)
     if p.rotate is not None:  # what every later stage reads is the rotated model
         _check_rotatable(folder, p)
-        rotated, rot_cached = run_cached(ctx, rotate_model_task, folder_ok, "rotate_model", model_dir=folder,
+        rotated, rot_cached = run_cached(ctx, rotate_model_task, _folder_ok, "rotate_model", model_dir=folder,
                                          model_sha=record["manifest_sha"], mode=p.rotate, seed=p.rotate_seed,
                                          cache_dir=str(ctx.cache), trust_remote_code=p.trust_remote_code)
         folder, computed = rotated["path"], computed + int(not rot_cached)
-        source |= {"rotation": rotated["rotation"], "dtype": "float32"}
+        source |= {"rotation": rotated["rotation"]}
     out = ctx.path(S.MODEL)
     publish_dir(folder, out)
     atomic_write_json(out / "source.json", source | {"source": p.source})
     return {"computed": computed}
 
 
+def _folder_ok(r: dict) -> bool:
+    """A cached model folder is whole and still the one its record names."""
+    from tasks.inputs import manifest_sha
+    from tasks.io import verify_manifest
+
+    return Path(r["path"]).is_dir() and not verify_manifest(r["path"]) and manifest_sha(r["path"]) == r["manifest_sha"]
+
+
 def _check_rotatable(folder: str, p: Any) -> None:
     """Refuse, before rotating, a family whose norms do not commute with a rotation (shapes only)."""
     from quantlib.adapters import UnsupportedModelError, get_adapter
-    from quantlib.rotation import check_rotatable
+    from quantlib.rotation import ROTATABLE, check_rotatable
     from tasks.partial import meta_model
 
     try:
         check_rotatable(get_adapter(meta_model(Path(folder), p.trust_remote_code)))
-    except UnsupportedModelError as e:
-        raise ValueError(f"fetch_model.rotate: {p.rotate} cannot rotate {p.source}: {e}; set fetch_model.rotate: "
-                         "null") from None
+    except UnsupportedModelError:
+        raise ValueError(f"fetch_model.rotate: {p.source} cannot be rotated: rotation supports the "
+                         f"{', '.join(ROTATABLE)} families (RMSNorm decoders whose norms feed only Linears); set "
+                         "fetch_model.rotate: null") from None
 
 
 def _tokens_ok(r: dict) -> bool:

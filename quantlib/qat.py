@@ -54,7 +54,7 @@ class QATConfig:
       "scales+zeros"  also the zero point, kept as a continuous value in code units and used as
                       clamp(round_ste(z), 0, maxq); it moves the grid only once it crosses a half-integer.
       "weights"       a latent fp weight (init: the dequantized weight) plus the scales; codes are
-                      clamp(round_ste(latent / s + z0), 0, maxq) (straight-through), zeros fixed. The
+                      clamp(round_ste(latent / s) + z0, 0, maxq) (straight-through; primitives.ste_codes), zeros fixed. The
                       scales then get the LSQ gradient (driven by the rounding residual), not the
                       output-scaling one of "scales": use a smaller lr (~1e-3) with it. Every latent
                       starts at the centre of its rounding interval and Adam moves all those with a

@@ -157,7 +157,7 @@ class LearnableLinear(nn.Module):
         self.clip_lo = nn.Parameter(torch.full(g, 4.0), requires_grad=cfg.learn_clip)
         self.log_scale = nn.Parameter(torch.zeros(g), requires_grad=cfg.learn_scale)
         scale, zero = self.qparams()
-        self._init_rounding(self.latent.detach() / self._expand(scale) + self._expand(zero), generator)
+        self._init_rounding(self.latent.detach() / self._expand(scale), self._expand(zero), generator)
 
     @classmethod
     def empty(cls, spec: QuantSpec, cfg: ReconConfig, out_features: int, in_features: int, groups: int,
@@ -211,12 +211,14 @@ class LearnableLinear(nn.Module):
             h = h + ((h >= 0.5).float() - h).detach()
         return torch.clamp(torch.floor(v).detach() + h, 0, self.spec.maxq)
 
-    def _init_rounding(self, v: torch.Tensor, generator) -> None:
+    def _init_rounding(self, w_over_s: torch.Tensor, zero: torch.Tensor, generator) -> None:
         # AdaRound init: the soft offset equals the fractional part of v = W/s + z, so the soft weight
         # is the latent weight itself and hardening (h >= 0.5) gives back the initializer's codes, ties
         # included (a symmetric grid puts each group's most negative weight at v = 0.5): offsets stay
-        # 1e-4 off 0.5 on the side torch.round takes (half to even, as RTN and GPTQ round)
-        rest, up = v - torch.floor(v), torch.round(v) > torch.floor(v)
+        # 1e-4 off 0.5 on the side quantize / ste_codes take (round(W/s) + z: half to even before
+        # the zero is added, as RTN and GPTQ round)
+        v = w_over_s + zero
+        rest, up = v - torch.floor(v), torch.round(w_over_s) + zero > torch.floor(v)
         rest = torch.where(up, rest.clamp(0.5 + 1e-4, 1 - 1e-4), rest.clamp(1e-4, 0.5 - 1e-4))
         v0 = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
         rounding = self.cfg.rounding

@@ -345,22 +345,24 @@ def _targets(adapter, state: ReconState, cfg: ReconConfig, x_in: ActivationStore
 
 @torch.no_grad()
 def block_errors(adapter: ModelAdapter, indices: list[int], x_in: ActivationStore, calls: list[BlockCall],
-                 state: ReconState, device, batches: int | None = None) -> list[float]:
+                 state: ReconState, device, batches: int | None = None, act_inputs: str | None = None) -> list[float]:
     """Per-block ||F_q(X_i) - F(X_i)||^2 / ||F(X_i)||^2, X_i the quantized window's input to block i
     (the engine's block_error), for blocks whose FP copy is in `state` and that are in eval mode;
-    measured on the first `batches` input batches (None: all)."""
+    measured on the first `batches` input batches (None: all). With `act_inputs` the FP copy's
+    Linears get quantized inputs too, as the engine's F(X) does."""
     errs, x = [], (x_in if batches is None else list(itertools.islice(x_in, batches)))
     for i in indices:
         _set_mode(list(state.learnables.get(i, {}).values()), False)
         q, fp, call = adapter.blocks[i].to(device), state.fp_blocks[i].to(device), calls[i].to(device)
         num = den = 0.0
         out = ActivationStore()
-        for xb in x:
-            xb = xb.to(device)
-            yq, yf = run_block(q, xb, call).float(), run_block(fp, xb, call).float()
-            num += float((yq - yf).pow(2).sum())
-            den += float(yf.pow(2).sum())
-            out.append(yq)
+        with _hooked([fp], adapter, act_inputs):
+            for xb in x:
+                xb = xb.to(device)
+                yq, yf = run_block(q, xb, call).float(), run_block(fp, xb, call).float()
+                num += float((yq - yf).pow(2).sum())
+                den += float(yf.pow(2).sum())
+                out.append(yq)
         fp.to("cpu")
         q.to("cpu")
         errs.append(num / max(den, 1e-30))
@@ -372,10 +374,19 @@ def block_errors(adapter: ModelAdapter, indices: list[int], x_in: ActivationStor
 def quantized_inputs(adapter: ModelAdapter, indices, act_inputs: str | None):
     """Within the block: the inputs of every quantized Linear of blocks `indices` are fake-quantized
     (quantlib.actquant, straight-through) as `act_inputs` (a8, a4; None: nothing changes)."""
+    with _hooked([adapter.blocks[i] for i in indices], adapter, act_inputs):
+        yield
+
+
+@contextmanager
+def _hooked(blocks: list[nn.Module], adapter: ModelAdapter, act_inputs: str | None):
+    """Quantized inputs on every Linear of `blocks` within the block; every hook that went on comes
+    off, also when attaching a later block fails."""
     spec = parse_activations(act_inputs)
-    blocks = [adapter.blocks[i] for i in indices]
-    handles = [] if spec is None else [h for b in blocks for h in attach(b, adapter.linear_names(b), spec)]
+    handles = []
     try:
+        for b in [] if spec is None else blocks:
+            handles += attach(b, adapter.linear_names(b), spec)
         yield
     finally:
         for h in handles:
@@ -421,8 +432,8 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
         targets = _targets(adapter, state, cfg, x_in, start, stop, calls, device)
     done = list(range(start, next_start))
     # per-block errors cost 4 block passes over the calibration set: only when the engine asks for them
-    errors = (lambda: block_errors(adapter, done, x_in, calls, state, device, engine.block_error_batches)
-              ) if engine.measure_block_error else list
+    errors = (lambda: block_errors(adapter, done, x_in, calls, state, device, engine.block_error_batches,
+                                   engine.act_inputs)) if engine.measure_block_error else list
     with quantized_inputs(adapter, range(start, end), engine.act_inputs):  # the window trains as it will run
         before = errors()
         st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)

@@ -10,6 +10,7 @@ tokenizer and a MANIFEST.json of sha256 hashes, so later stages never depend on 
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -226,23 +227,36 @@ def materialize_model(source: ModelSource, out_dir: str | os.PathLike, trust_rem
 
 def rotate_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, mode: str, seed: int,
                   trust_remote_code: bool = False) -> dict:
-    """The model folder rotated (quantlib.rotation, `residual` only: nothing online), written as a
-    float32 HF folder with MANIFEST.json at out_dir (built aside, swapped in when complete). float32:
-    rotated weights lie on no coarser grid, and the transform is meant to change no output. Returns
-    the rotation record."""
+    """The model folder rotated (quantlib.rotation, `residual` only: nothing online), written as an
+    HF folder with MANIFEST.json at out_dir (built aside, swapped in when complete). Its tensors are
+    float32 (rotated weights lie on no coarser grid, and the transform is meant to change no
+    output); its config keeps the fetched model's dtype, the one releases are packed in. Returns the
+    rotation record."""
     from quantlib.adapters import get_adapter
     from quantlib.rotation import rotate_model
 
     if mode != "residual":
         raise ValueError(f"rotate_folder writes offline rotations only (residual), not {mode!r}: a full rotation "
                          "needs an online Hadamard that a plain checkpoint cannot hold")
+    fetched = _config_dtype(Path(folder))
     model = load_model(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     record = rotate_model(get_adapter(model), mode, seed)  # refuses unsupported families before any change
     with building_dir(Path(out_dir)) as tmp:
-        _save_folder(model, tokenizer, tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if fetched is not None:  # the releases are packed in the fetched model's dtype (source_dtype)
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = fetched
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp)
         swap_dir(tmp, Path(out_dir))
     return record
+
+
+def _config_dtype(folder: Path) -> str | None:
+    raw = json.loads((folder / "config.json").read_text())
+    return raw.get("dtype") or raw.get("torch_dtype")
 
 
 # -------------------------------------------------------------------------------------- load

@@ -323,3 +323,14 @@ def test_quantized_inputs_reach_every_block_job(tmp_path) -> None:
     off = load_params(tmp_path / "params.yaml", ["quantize.activations=a4"])
     assert quantize_job(off.quantize, off.recon).engine.act_inputs is None
     assert quantize_job(PipelineParams().quantize, PipelineParams().recon).engine.act_inputs is None
+
+
+def test_rotation_of_a_family_that_cannot_rotate_is_refused_with_the_fix(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from flows.params import FetchModelParams
+    from flows.pipeline import _check_rotatable
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot be rotated: rotation supports .*set fetch_model.rotate: null"):
+        _check_rotatable(str(tmp_path), FetchModelParams(source=str(tmp_path), rotate="residual"))

@@ -536,3 +536,38 @@ def test_window_trains_judges_and_propagates_with_quantized_inputs():
         assert all(torch.equal(got, run_block(a.blocks[0], xb, calls[0])) for got, xb in zip(r.outputs, x))
     first = {act: window(act, 2)[-1].stats.curve[0] for act in ("a4", None)}
     assert first["a4"] != pytest.approx(first[None], rel=1e-4)
+
+
+def test_overlapping_windows_on_quantized_inputs_leave_no_activation_hook_behind():
+    """k2o1 (every block after the first is carried into the next window) with a4 inputs and block
+    errors measured: every block's error is reported and the hooks come off every module."""
+    from quantlib.actquant import _Hook
+
+    model = tiny_model()
+    a = get_adapter(model)
+    cfg = ReconConfig(window=2, overlap=1, rounding="lora", loss="mse", iters=2)
+    _, stats = reconstruct_model(a, tiny_ids(8, 32), SPEC, cfg,
+                                 EngineConfig(batch_size=4, act_inputs="a4", measure_block_error=True))
+    assert [e["block"] for s in stats for e in s.block_errors] == list(range(len(a.blocks)))
+    left = [n for n, m in model.named_modules() for h in m._forward_pre_hooks.values() if isinstance(h, _Hook)]
+    assert left == [] and all(getattr(m, "act_spec", None) is None for m in model.modules())
+
+
+def test_block_errors_on_quantized_inputs_compare_with_an_fp_block_on_quantized_inputs():
+    """The engine's convention: with a4 inputs, F(X) is the FP block with a4 inputs of its own."""
+    import copy
+
+    from quantlib.actquant import ActSpec, attach
+    from quantlib.windows import block_errors, quantized_inputs
+
+    a, x, calls, _ = _captured()
+    state = ReconState()
+    init_block(a, 0, x, calls[0], SPEC, ReconConfig(window=1, overlap=0, init="rtn"), ENGINE, state)
+    fp = copy.deepcopy(state.fp_blocks[0])
+    attach(fp, a.linear_names(fp), ActSpec(4))
+    with quantized_inputs(a, [0], "a4"), torch.no_grad():
+        got = {act: block_errors(a, [0], x, calls, state, torch.device("cpu"), act_inputs=act)[0] for act in ("a4", None)}
+        yq = [run_block(a.blocks[0], xb, calls[0]) for xb in x]
+        yf = [run_block(fp, xb, calls[0]) for xb in x]
+    expect = sum(float((q - f).pow(2).sum()) for q, f in zip(yq, yf)) / sum(float(f.pow(2).sum()) for f in yf)
+    assert got["a4"] == pytest.approx(expect, rel=1e-5) and got[None] != pytest.approx(expect, rel=1e-3)

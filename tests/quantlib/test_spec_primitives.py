@@ -104,6 +104,9 @@ def test_one_weight_fake_quant_rounds_ties_as_quantize_does():
     for grid in ("init", "learned"):
         cfg = ReconConfig(rounding="nearest", init="rtn", grid=grid, learn_clip=False)
         assert torch.equal(LearnableLinear(qw, w, None, cfg).weight_hat(), expect), grid
+    for rounding in ("adaround", "lora"):  # their initial offsets harden to the same codes
+        m = LearnableLinear(qw, w, None, ReconConfig(rounding=rounding, init="rtn", learn_clip=False))
+        assert torch.equal(m.harden().qweight, q) and torch.equal(m.weight_hat(hard=True), expect), rounding
     qat = QATLinear(qw, None, "weights")
     with torch.no_grad():
         qat.latent.copy_(w / 0.25)  # latent weight s0 * latent == w

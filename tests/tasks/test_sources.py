@@ -346,3 +346,20 @@ def test_rotation_refuses_what_a_checkpoint_cannot_hold_and_families_it_cannot_r
     with pytest.raises(UnsupportedModelError, match="rotation supports"):
         rotate_folder(tmp_path / "g", tmp_path / "g-rot", "residual", seed=0)
     assert not (tmp_path / "full").exists() and not (tmp_path / "g-rot").exists()
+
+
+def test_rotated_folder_keeps_the_fetched_dtype_for_releases_and_float32_tensors(tmp_path):
+    """A bfloat16 source rotates into float32 tensors (no rounding of the rotated weights) while its
+    config keeps bfloat16, so its releases are packed in bfloat16 as the fetched model's would be."""
+    from safetensors import safe_open
+
+    from tasks.release_formats import source_dtype
+    from tasks.sources import rotate_folder
+
+    _tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    _tiny_tokenizer().save_pretrained(tmp_path / "src")
+    assert source_dtype(tmp_path / "src") == torch.bfloat16
+    rotate_folder(tmp_path / "src", tmp_path / "rot", "residual", seed=0)
+    assert not verify_manifest(tmp_path / "rot") and source_dtype(tmp_path / "rot") == torch.bfloat16
+    with safe_open(str(tmp_path / "rot" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
