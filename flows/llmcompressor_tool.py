@@ -3,11 +3,12 @@
 
     PYTHONPATH=REPO PYTHON flows/llmcompressor_tool.py JOB.json OUT.json
 
-JOB.json = {"model_dir": str, "data": DATA.pt, "scheme": "W8A8", "smooth": 0.8 or null, "threads": T}.
+JOB.json = {"model_dir": str, "data": DATA.pt, "quantization": {"scheme": "W8A8"} or {"config_groups": {...}},
+"smooth": 0.8 or null, "threads": T} (flows/bench_peer.peer_quantization makes "quantization").
 DATA.pt (written by flows/bench_peer.py) holds the protocol's calibration ids (n, seqlen), the wiki
 windows and the off-domain windows, the same tensors our rows use. The recipe is llm-compressor's
 W8A8 example: SmoothQuantModifier(smoothing_strength) then GPTQModifier(targets Linear, the preset
-scheme, lm_head ignored). The model is scored in memory right after `oneshot`: compressed-tensors has
+scheme or the config groups, lm_head ignored). The model is scored in memory right after `oneshot`: compressed-tensors has
 replaced every quantized Linear's forward by its own quantize-dequantize of the inputs and weights,
 i.e. llm-compressor's own W8A8 arithmetic, through quantlib.perplexity (torch only), as our rows are.
 OUT.json: {"ppl", "ppl_pydocs", "calib_seen", "quant_seconds", "peak_rss_mb", "versions"}; calib_seen
@@ -42,7 +43,7 @@ def main(job_path: str, out_path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     recipe = ([] if job["smooth"] is None else [SmoothQuantModifier(smoothing_strength=job["smooth"])]) + \
-        [GPTQModifier(targets="Linear", scheme=job["scheme"], ignore=["lm_head"])]
+        [GPTQModifier(ignore=["lm_head"], **_quantization(job["quantization"]))]
     seen = []  # every batch of ids the calibration embeds (each modifier's pass runs the embedding)
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().cpu()))
     t0 = time.perf_counter()
@@ -60,6 +61,11 @@ def main(job_path: str, out_path: str) -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "versions": {k: version(k) for k in ("llmcompressor", "compressed-tensors", "torch", "transformers")}
         | {"threads": torch.get_num_threads()}}))
+
+
+def _quantization(q: dict) -> dict:
+    """GPTQModifier's scheme arguments: a preset applies to `targets`; config groups name their own."""
+    return {"targets": "Linear", "scheme": q["scheme"]} if "scheme" in q else {"config_groups": q["config_groups"]}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .release import (_model_tensors, _tied, copy_model_files, drop_quantized, m
                       untied_config)
 
 __all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release", "release_format",
-           "load_packed_release"]
+           "load_packed_release", "ct_weights", "ct_inputs"]
 
 PACKED_FORMATS = tuple(f.value for f in PackFormat)
 _GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
@@ -75,7 +75,7 @@ def _gptq_config(spec: QuantSpec, desc_act: bool, fmt: PackFormat, lm_head: bool
     }
 
 
-def _ct_inputs(activations: str | None) -> dict | None:
+def ct_inputs(activations: str | None) -> dict | None:
     """compressed-tensors' input_activations for quantlib.actquant's scheme: symmetric int, dynamic
     per token, or static per tensor with an `input_scale` per module (vLLM's int8 W8A8 paths read
     exactly these), or None for weight-only."""
@@ -86,13 +86,16 @@ def _ct_inputs(activations: str | None) -> dict | None:
             "strategy": "tensor" if act.static else "token", "group_size": None}
 
 
+def ct_weights(spec: QuantSpec) -> dict:
+    """compressed-tensors' weights entry (QuantizationArgs) for `spec`: int, static, per output
+    channel or in groups along the input; what a release declares and what a peer is asked to make."""
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
+            "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size}
+
+
 def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dtype: torch.dtype,
                activations: str | None = None) -> dict:
-    weights = {
-        "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
-        "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size,
-        "scale_dtype": str(scale_dtype),
-    }
+    weights = ct_weights(spec) | {"scale_dtype": str(scale_dtype)}
     if not spec.sym:
         weights["zp_dtype"] = "torch.int8"  # signed view z - 2^(b-1) before packing
     # Asymmetric: compressed-tensors 0.20 writes weight_zero_point packed (ceil(out*b/32), G), as we do,
@@ -106,7 +109,7 @@ def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dty
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": _ct_inputs(activations),
+        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": ct_inputs(activations),
                                       "output_activations": None, "format": "pack-quantized"}},
         "ignore": ignore,
         "kv_cache_scheme": None,

@@ -27,15 +27,37 @@ def test_missing_interpreter_and_unknown_scheme_are_refused_before_any_work(tmp_
     out = tmp_path / "rows.json"
     with pytest.raises(FileNotFoundError, match="make llmcompressor-env"):
         run_peer(str(tmp_path / "nope" / "python"), "smollm2-135m", "W8A8", 0.8, 4, 1, out)
-    with pytest.raises(ValueError, match="W8A8"):
-        run_peer(sys.executable, "smollm2-135m", "W2A2", 0.8, 4, 1, out)
+    for bad, why in (("W2A2", "unknown scheme"), ("w4g64", "dynamic inputs"), ("w4g64-a8s", "dynamic inputs")):
+        with pytest.raises(ValueError, match=f"W8A8 .*{why}"):
+            run_peer(sys.executable, "smollm2-135m", bad, 0.8, 4, 1, out)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("scheme, spec, act", [("w4g64-a8", (4, 64, False), "a8"), ("w8pcs-a4", (8, None, True), "a4")])
+def test_peer_is_asked_for_exactly_the_scheme_our_releases_declare(scheme, spec, act):
+    """The peer's config group is the one our compressed-tensors release of that scheme carries
+    (weights and input_activations; the storage dtypes are the release's own business)."""
+    from flows.bench_peer import peer_quantization
+    from quantlib.spec import QuantSpec
+    from tasks.release_formats import _ct_config  # what a compressed-tensors release's config.json holds
+
+    name, q = peer_quantization(scheme)
+    ours = _ct_config(QuantSpec(*spec), ["Linear"], ["lm_head"], torch.float16, act)["config_groups"]["group_0"]
+    group = q["config_groups"]["group_0"]
+    assert name == scheme and group["targets"] == ["Linear"]
+    assert group["input_activations"] == ours["input_activations"]
+    assert group["weights"] == {k: v for k, v in ours["weights"].items() if k not in ("scale_dtype", "zp_dtype")}
+    assert peer_quantization("W8A8") == ("w8pcs-a8", {"scheme": "W8A8"})
+
+
 @pytest.mark.skipif(not PEER.exists(), reason="llm-compressor's environment is absent (make llmcompressor-env)")
-def test_tool_quantizes_and_scores_a_tiny_model(tmp_path):
-    """SmoothQuant + GPTQ W8A8 by llm-compressor on a tiny llama, scored in memory: a finite perplexity
-    that differs from the FP model's (its quantize-dequantize forward is live)."""
+@pytest.mark.parametrize("scheme", ["W8A8", "w4g32-a8"])
+def test_tool_quantizes_and_scores_a_tiny_model(tmp_path, scheme):
+    """SmoothQuant + GPTQ by llm-compressor on a tiny llama, with its W8A8 preset and with our config
+    group for W4 g32 + a8, scored in memory: a finite perplexity that differs from the FP model's
+    (its quantize-dequantize forward is live)."""
+    from flows.bench_peer import peer_quantization
+
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -47,8 +69,8 @@ def test_tool_quantizes_and_scores_a_tiny_model(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(tmp_path / "model")
     calib, windows = tiny_ids(8, 32), tiny_ids(2, 32, seed=1)
     torch.save({"calib": calib, "windows": windows, "offdomain": None}, tmp_path / "data.pt")
-    job = {"model_dir": str(tmp_path / "model"), "data": str(tmp_path / "data.pt"), "scheme": "W8A8", "smooth": 0.8,
-           "threads": 1}
+    job = {"model_dir": str(tmp_path / "model"), "data": str(tmp_path / "data.pt"),
+           "quantization": peer_quantization(scheme)[1], "smooth": 0.8, "threads": 1}
     (tmp_path / "job.json").write_text(json.dumps(job))
     r = subprocess.run([str(PEER), str(TOOL), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
