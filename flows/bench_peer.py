@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quantlib.data import ids_digest
+from quantlib.data import ids_digest, ids_set_digest
 from tasks.io import atomic_write_bytes, atomic_write_json
 from tasks.sources import load_tokenizer
 
@@ -83,9 +83,9 @@ def run_peer(python: str, model: str, scheme: str, smooth: float | None, n: int,
         if done.returncode != 0:
             raise RuntimeError(f"llm-compressor run failed (exit {done.returncode}); its output is above")
         result = json.loads(Path(tmp, "out.json").read_text())
-    if result["calib_seen"] != ids_digest(data.calib):
+    if result["calib_seen"] != ids_set_digest(data.calib):
         raise RuntimeError(f"llm-compressor calibrated on other tokens than the protocol's (digest {result['calib_seen']} "
-                           f"against {ids_digest(data.calib)}): its row would not be comparable; nothing was written")
+                           f"against {ids_set_digest(data.calib)}): its row would not be comparable; nothing was written")
     label = "llm-compressor " + ("" if smooth is None else f"sq{smooth:g}+") + "gptq"
     row = {"method": label, "scheme": name, "ppl": result["ppl"], "ppl_pydocs": result.get("ppl_pydocs"),
            "quant_seconds": result["quant_seconds"], "peak_rss_mb": result["peak_rss_mb"],

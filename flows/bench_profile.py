@@ -80,7 +80,8 @@ def summarize(prof, wall: float, labels: list[str], steps: int) -> dict:
     ops = sum(cats.values())
     top = sorted(avg, key=lambda e: -e.self_cpu_time_total)[:12]
     return {"wall_s": round(wall, 2), "steps": steps, "regions_s": regions, "backward_s": round(backward, 2),
-            "categories_s": {k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            # 4 digits: a tiny model's whole matmul time can be under 5 ms, which 2 digits would call 0
+            "categories_s": {k: round(v, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "overhead_s": round(max(wall - ops, 0.0), 2),
             "top_ops": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count} for e in top]}
 

@@ -12,8 +12,9 @@ scheme or the config groups, lm_head ignored). The model is scored in memory rig
 replaced every quantized Linear's forward by its own quantize-dequantize of the inputs and weights,
 i.e. llm-compressor's own W8A8 arithmetic, through quantlib.perplexity (torch only), as our rows are.
 OUT.json: {"ppl", "ppl_pydocs", "calib_seen", "quant_seconds", "peak_rss_mb", "versions"}; calib_seen
-is the digest (quantlib.data.ids_digest) of the first n sequences llm-compressor's calibration passed
-through the embedding, so the driver can check they are the protocol's.
+is the digest (quantlib.data.ids_set_digest) of the first n sequences llm-compressor's calibration
+passed through the embedding, taken as a set: it feeds the same sequences in another order (its
+Hessians and smoothing maxima do not depend on it), so the driver can check they are the protocol's.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from llmcompressor.modifiers.quantization import GPTQModifier
 from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 from transformers import AutoModelForCausalLM
 
-from quantlib.data import ids_digest
+from quantlib.data import ids_set_digest
 from quantlib.perplexity import perplexity
 
 
@@ -56,7 +57,7 @@ def main(job_path: str, out_path: str) -> None:
     if data.get("offdomain") is not None:
         scores["ppl_pydocs"] = perplexity(model, data["offdomain"], batch_size=4)
     Path(out_path).write_text(json.dumps(scores | {
-        "calib_seen": ids_digest(first),
+        "calib_seen": ids_set_digest(first),
         "quant_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "versions": {k: version(k) for k in ("llmcompressor", "compressed-tensors", "torch", "transformers")}

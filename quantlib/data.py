@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-__all__ = ["split_halves", "calibration_starts", "sample_calibration", "eval_windows", "ids_digest"]
+__all__ = ["split_halves", "calibration_starts", "sample_calibration", "eval_windows", "ids_digest", "ids_set_digest"]
 
 
 def _check_ids(ids: torch.Tensor, what: str) -> None:
@@ -92,3 +92,9 @@ def ids_digest(ids: torch.Tensor) -> str:
     """First 16 hex digits of the sha256 of token ids (as int64, row-major): names a calibration or
     evaluation draw, so two tools can show they saw the same tokens."""
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def ids_set_digest(ids: torch.Tensor) -> str:
+    """ids_digest of the (n, T) rows in lexicographic order: names which sequences a calibration
+    used, whatever order a tool fed them in (Hessians and range statistics do not depend on it)."""
+    return ids_digest(torch.tensor(sorted(ids.to(torch.int64).tolist()), dtype=torch.int64).reshape(ids.shape))

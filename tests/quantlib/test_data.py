@@ -122,3 +122,16 @@ def test_calibration_from_a_too_short_pool_names_the_fix():
     with pytest.raises(ValueError, match="at least seqlen=512 tokens, but it has 300; use a longer text or a shorter"):
         sample_calibration(torch.arange(300), n=4, seqlen=512, seed=0)
     assert sample_calibration(torch.arange(512), n=4, seqlen=512, seed=0).shape == (4, 512)  # exactly enough
+
+
+def test_set_digest_names_the_sequences_whatever_their_order():
+    """A peer that feeds the same calibration sequences in another order shows the same set digest;
+    one different token in one sequence, or a sequence fewer, changes it."""
+    from quantlib.data import ids_digest, ids_set_digest
+
+    ids = torch.randint(0, 1000, (16, 8), generator=torch.Generator().manual_seed(0))
+    shuffled = ids[torch.randperm(16, generator=torch.Generator().manual_seed(1))]
+    assert ids_digest(shuffled) != ids_digest(ids) and ids_set_digest(shuffled) == ids_set_digest(ids)
+    changed = ids.clone()
+    changed[3, 5] += 1
+    assert ids_set_digest(changed) != ids_set_digest(ids) and ids_set_digest(ids[:15]) != ids_set_digest(ids)
