@@ -52,7 +52,11 @@ def _reference_gptq(w, h, spec, lam=0.01, act_order=True):
 
 def _assert_matches(qw, ref):
     codes, scale, zero = ref
-    assert torch.equal(qw.qweight.long(), codes.long())
+    # float32 against the float64 oracle: a weight within float32 rounding of a rounding boundary can
+    # land on the neighbouring code, and which ones do depends on the CPU's BLAS kernels (one code in
+    # 6144 on some CPUs); a wrong update would move many codes, and by more than one
+    diff = (qw.qweight.long() - codes.long()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, diff.numel() // 2000), int((diff > 0).sum())
     # lazy group scales are min-max of columns after ~100 fp32 updates (the reference: fp64)
     torch.testing.assert_close(qw.scale.double(), scale, rtol=5e-5, atol=0)
     assert torch.equal(qw.zero.double(), zero)
