@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import shlex
@@ -131,7 +132,9 @@ def _versions() -> dict:
                            text=True).stdout.strip()
     commit += "-dirty" if commit and dirty else ""  # uncommitted changes to tracked files ran too
     return {"quantlib": quantlib.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git": commit or None, "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "git": commit or None, "threads": torch.get_num_threads(),
+            # torch's count misses what OpenMP / MKL were told, which also reorders float sums
+            **{k.lower(): os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
 
 
 def _rss_mb() -> float:

@@ -115,3 +115,5 @@ def test_rows_name_the_commit_and_say_when_tracked_files_differ_from_it(tmp_path
     assert _versions()["git"] == head
     (tmp_path / "a.py").write_text("x = 2\n")
     assert _versions()["git"] == head + "-dirty"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the thread settings that reorder float sums are kept
+    assert _versions()["omp_num_threads"] == "1"
