@@ -83,9 +83,9 @@ def run_peer(python: str, model: str, scheme: str, smooth: float | None, n: int,
         if done.returncode != 0:
             raise RuntimeError(f"llm-compressor run failed (exit {done.returncode}); its output is above")
         result = json.loads(Path(tmp, "out.json").read_text())
-    if result["calib_seen"] != ids_set_digest(data.calib):
+    if result["calib_seen"] != (expected := ids_set_digest(data.calib)):
         raise RuntimeError(f"llm-compressor calibrated on other tokens than the protocol's (digest {result['calib_seen']} "
-                           f"against {ids_set_digest(data.calib)}): its row would not be comparable; nothing was written")
+                           f"against {expected}): its row would not be comparable; nothing was written")
     label = "llm-compressor " + ("" if smooth is None else f"sq{smooth:g}+") + "gptq"
     row = {"method": label, "scheme": name, "ppl": result["ppl"], "ppl_pydocs": result.get("ppl_pydocs"),
            "quant_seconds": result["quant_seconds"], "peak_rss_mb": result["peak_rss_mb"],

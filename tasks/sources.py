@@ -192,12 +192,19 @@ _LOADERS: dict[str, Callable[[ModelSource, bool], Loaded]] = {
 # ------------------------------------------------------------------------------- materialize
 
 
-def _save_folder(model: PreTrainedModel, tokenizer: Any, folder: Path) -> dict[str, dict[str, str]]:
+def _save_folder(model: PreTrainedModel, tokenizer: Any, folder: Path,
+                 config_dtype: str | None = None) -> dict[str, dict[str, str]]:
+    """Model, tokenizer and MANIFEST.json into folder; `config_dtype` overrides the dtype its
+    config.json declares (the tensors keep theirs)."""
     # transformers 5 always writes safetensors (its safe_serialization flag is gone).
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if not any(folder.glob("*.safetensors")):
         raise RuntimeError(f"save_pretrained wrote no .safetensors file into {folder}")
+    if config_dtype is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config["dtype"] = config_dtype
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return write_manifest(folder)
 
 
@@ -243,13 +250,7 @@ def rotate_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, mode: s
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     record = rotate_model(get_adapter(model), mode, seed)  # refuses unsupported families before any change
     with building_dir(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if fetched is not None:  # the releases are packed in the fetched model's dtype (source_dtype)
-            config = json.loads((tmp / "config.json").read_text())
-            config["dtype"] = fetched
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_manifest(tmp)
+        _save_folder(model, tokenizer, tmp, config_dtype=fetched)  # releases are packed in the fetched dtype
         swap_dir(tmp, Path(out_dir))
     return record
 
