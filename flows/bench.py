@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from quantlib.adapters import get_adapter
 from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig
 from quantlib.gptq import GPTQConfig
+from quantlib.mixed import MixedConfig, plan_mixed
 from quantlib.qat import QATConfig
 from quantlib.qweight import bits_per_weight
 from quantlib.recon import ReconConfig
@@ -71,6 +73,7 @@ class QualityBench:
     smooth: float | None = None  # SmoothQuant alpha before each block (rows' method gets +sq<alpha>)
     rotate: str | None = None  # quantlib.rotation mode before quantizing (rows' method gets +rot / +rotres)
     quantized_inputs: bool = False  # solve on the activations' quantized inputs (EngineConfig.act_inputs; +qin)
+    mixed: MixedConfig | None = None  # a scheme per Linear (quantlib.mixed); rows' scheme is mix(...)@size
 
     def __post_init__(self) -> None:
         parse_activations(self.activations)
@@ -111,6 +114,24 @@ def _choice_to_json(m: MethodChoice) -> dict:
 def _choice_from_json(d: dict) -> MethodChoice:
     return MethodChoice(_config_from_json(d["base"]), None if d["qat"] is None else _config_from_json(d["qat"]),
                         label=d["label"], base_label=d["base_label"])
+
+
+def _mixed_to_json(m: MixedConfig) -> dict:
+    return {"candidates": [c.name for c in m.candidates], "bits": m.bits, "samples": m.samples}
+
+
+def _mixed_from_json(d: dict) -> MixedConfig:
+    return MixedConfig(tuple(parse_scheme(c) for c in d["candidates"]), d["bits"], d["samples"])
+
+
+def _plan(model, calib: torch.Tensor, default, mixed: dict) -> tuple[object, dict]:
+    """quantlib.mixed's plan for the loaded model and what a row records of it: the target, the
+    Fisher sequences, how many Linears took each scheme and the scheme of each unit in model order."""
+    cfg = _mixed_from_json(mixed)
+    plan, units, target = plan_mixed(get_adapter(model), calib, cfg, default)
+    counts = Counter(s.name for _, s in plan.layers)
+    return plan, {**mixed, "target_bpw": round(target, 4), "linears": dict(sorted(counts.items())),
+                  "units": [plan[u.paths[0]].name for u in units]}
 
 
 ROTATION_SUFFIX = {"full": "+rot", "residual": "+rotres"}
@@ -171,6 +192,9 @@ def _worker(job: dict) -> list[dict]:
             settings["rotation_seed"] = rotate_model(get_adapter(model), job["rotate"])["seed"]
         teacher = C.qat_teacher(model, data.calib, qat)  # FP logits, before quantizing
         t_quant = time.perf_counter()
+        if job.get("mixed"):  # timed as part of the method
+            spec, settings["mixed"] = _plan(model, data.calib, spec, job["mixed"])
+            shown = shown.replace(job["scheme"], _mixed_from_json(job["mixed"]).label(spec.default), 1)
         results, _, _ = C.quantize_loaded(model, data.calib, spec, cfg, engine)
         # QAT replaces, then restores, these modules; static scales are calibrated on the calibration ids
         C.quantize_activations(model, results, job.get("activations"), data.calib)
@@ -208,7 +232,8 @@ def _jobs(bench: QualityBench, model_dir: Path) -> list[dict]:
     suffix = ("" if bench.rotate is None else ROTATION_SUFFIX[bench.rotate]) + \
         ("" if bench.smooth is None else f"+sq{bench.smooth:g}") + ("+qin" if bench.quantized_inputs else "")
     act = {"activations": bench.activations, "smooth": bench.smooth, "rotate": bench.rotate,
-           "quantized_inputs": bench.quantized_inputs, "method_suffix": suffix}
+           "quantized_inputs": bench.quantized_inputs, "method_suffix": suffix,
+           "mixed": None if bench.mixed is None else _mixed_to_json(bench.mixed)}
     return jobs + [dict(base, **act, method=_choice_to_json(m), label=m.label + act["method_suffix"],
                         scheme=s)
                    for s in bench.schemes for m in bench.methods]

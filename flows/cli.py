@@ -62,6 +62,13 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
                    help="QuaRot rotation of the FP model before quantizing (FP outputs unchanged): residual = "
                         "folded into the weights only (any release format); full = also an online Hadamard on "
                         "down_proj's input (ptq's own loaders)")
+    m = p.add_argument_group("mixed precision (quantlib.mixed): a scheme per Linear from measured sensitivity")
+    m.add_argument("--mixed-from", default=None, metavar="SCHEMES",
+                   help="comma-separated schemes a Linear may take, e.g. w2g128,w2g64,w3g64; the scheme given "
+                        "for the run is then the size target and the LM head's scheme")
+    m.add_argument("--mixed-bits", type=float, default=None,
+                   help="average bits per weight, scales and zeros counted (default: the run's uniform scheme's)")
+    m.add_argument("--mixed-samples", type=int, default=32, help="calibration sequences for the Fisher pass")
     r = p.add_argument_group("reconstruction (--method recon or recon-k2o1L0-lora-i100)")
     r.add_argument("--window", type=int, help="blocks per window k")
     r.add_argument("--overlap", type=int, help="blocks shared by consecutive windows o < k")

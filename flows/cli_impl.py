@@ -14,7 +14,9 @@ from quantlib.adapters import check_spec_fits, get_adapter
 from quantlib.data import eval_windows
 from quantlib.engine import EngineConfig
 from quantlib.rotation import attach_online, check_rotatable, rotate_model
-from quantlib.spec import QuantSpec
+from quantlib.mixed import MixedConfig, plan_mixed
+from quantlib.qweight import bits_per_weight
+from quantlib.spec import QuantSpec, parse_scheme
 from tasks.sources import load_model, load_tokenizer
 from tasks.inputs import evaluation_ids
 from tasks.textdata import calibration_parts, parse_calibration_source, parse_text_source
@@ -58,6 +60,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = QuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym)
     method = method_choice(args, args.method)
     engine = engine_config(args)
+    mixed = mixed_config(args)
     if engine.act_inputs is not None:
         check_quantized_inputs(method)
     out = Path(args.out)
@@ -78,13 +81,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fp_ppl = C.eval_ppl(model, data.windows, desc="fp32 perplexity") if args.eval else None
     t0 = time.perf_counter()
     teacher = C.qat_teacher(model, data.calib, method.qat)  # FP logits, before quantizing
-    results, stats, _ = C.quantize_loaded(model, data.calib, spec, method.base, engine)
+    plan = spec if mixed is None else plan_mixed(adapter, data.calib, mixed, spec)[0]
+    results, stats, _ = C.quantize_loaded(model, data.calib, plan, method.base, engine)
     # QAT trains with them (it swaps, then restores, the modules); static scales calibrated on the calibration ids
     C.quantize_activations(model, results, args.activations, data.calib)
     if method.qat is not None:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
     seconds = time.perf_counter() - t0 + rotate_seconds
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
+            "mixed": None if mixed is None else {p: s.name for p, s in plan.layers},
             "activations": args.activations, "input_scales": scales_to_json(input_scales(model)),
             "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,
             "rotation": rotation, "modules": sorted(results),
@@ -97,11 +102,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     tmp.rename(out)
     rows = [{"model": "quantized", "method": method.label, "seconds": seconds,
-             "scheme": spec.name + (f"-{args.activations}" if args.activations else "")}]
+             "scheme": (spec.name if mixed is None else mixed.label(spec)) + (f"-{args.activations}" if args.activations else ""),
+             "bits/w": round(bits_per_weight(results), 3)}]
     if args.eval:
         rows[0]["ppl"] = C.eval_ppl(model, data.windows, desc="quantized perplexity")
         rows.insert(0, {"model": "fp32", "method": "-", "scheme": "-", "ppl": fp_ppl})
-    print_table(rows, ["model", "method", "scheme", "seconds", "ppl"])
+    print_table(rows, ["model", "method", "scheme", "bits/w", "seconds", "ppl"])
     print(f"wrote {out}")
     return 0
 
@@ -152,7 +158,16 @@ def quality_bench(args: argparse.Namespace) -> QualityBench:
                         device=resolve_device(args.device),
                         batch_size=args.batch_size, true_sequential=args.true_sequential, mirror=args.mirror,
                         activations=args.activations, smooth=args.smooth, rotate=args.rotate,
-                        quantized_inputs=_act_inputs(args) is not None)
+                        quantized_inputs=_act_inputs(args) is not None, mixed=mixed_config(args))
+
+
+def mixed_config(args: argparse.Namespace) -> MixedConfig | None:
+    """--mixed-from / --mixed-bits / --mixed-samples as a MixedConfig (None without --mixed-from)."""
+    if args.mixed_from is None:
+        if args.mixed_bits is not None:
+            raise ValueError("--mixed-bits sizes a mixed-precision plan: give the schemes too, e.g. --mixed-from w2g128,w3g64")
+        return None
+    return MixedConfig(tuple(parse_scheme(s) for s in _csv(args.mixed_from)), args.mixed_bits, args.mixed_samples)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -176,7 +176,11 @@ class ModelAdapter:
 
     def get_weight(self, module: nn.Module) -> torch.Tensor:
         """(out, in) view of a Linear's weight."""
-        return module.weight.t() if self._transposed(module) else module.weight
+        return self.out_in(module, module.weight)
+
+    def out_in(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """(out, in) view of a tensor laid out like the module's weight (its gradient, say)."""
+        return t.t() if self._transposed(module) else t
 
     def set_weight(self, module: nn.Module, w: torch.Tensor) -> None:
         """Write an (out, in) weight back in the module's own layout and dtype."""

@@ -25,7 +25,7 @@ from .head import head_method, head_name, solve_head, untie_head
 from .methods import hessian_error, method_for, quantize_weight
 from .moe import is_expert_linear, routed_hessians
 from .qweight import QuantizedWeight
-from .spec import QuantSpec
+from .spec import QuantSpec, Spec, spec_for
 
 __all__ = ["EngineConfig", "BlockStats", "quantize_block", "quantize_model", "peak_memory_mb"]
 
@@ -226,7 +226,7 @@ def quantize_block(
     index: int,
     inputs: ActivationStore,
     call: BlockCall,
-    spec: QuantSpec,
+    spec: Spec,
     method_cfg: object,
     cfg: EngineConfig,
     out_spill_dir: str | None = None,
@@ -283,7 +283,7 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
     for group, later in plan:
         # a method may solve some Linears of the group jointly (BoA: q/k/v); the rest as usual
         joint = {} if method.solve_group is None else method.solve_group(
-            adapter, block, group, inputs, call, spec, method_cfg, device)
+            adapter, block, group, inputs, call, _group_spec(spec, prefix, group), method_cfg, device)
         rest = [n for n in group if n not in joint]
         # a pending reference over all batches: the first group's pass runs the whole block to feed it
         full = ref is not None and ref.pending and ref.batches == len(inputs)
@@ -298,13 +298,23 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
                 qw, errors[name] = joint[name]
                 w_hat = qw.dequantize().to(device)
             else:
-                qw = quantize_weight(w, h, spec, method_cfg)
+                qw = quantize_weight(w, h, spec_for(spec, f"{prefix}.{name}"), method_cfg)
                 w_hat = qw.dequantize().to(device)
                 if h is not None:
                     errors[name] = hessian_error(w, w_hat, h)
             adapter.set_weight(linears[name], w_hat)
             results[f"{prefix}.{name}"] = qw
     return results, errors, routing
+
+
+def _group_spec(spec: Spec, prefix: str, group) -> QuantSpec:
+    """The one scheme of a group a method solves jointly (BoA's q/k/v); quantlib.mixed plans give
+    Linears that share an input one scheme, as fused runtimes (vLLM's qkv_proj) require."""
+    specs = {spec_for(spec, f"{prefix}.{n}") for n in group}
+    if len(specs) != 1:
+        raise ValueError(f"{prefix}: {', '.join(group)} are solved jointly but have different schemes "
+                         f"({', '.join(sorted(s.name for s in specs))}); give Linears that share an input one scheme")
+    return specs.pop()
 
 
 @dataclass
@@ -351,7 +361,7 @@ def _group_hessians(
 def quantize_model(
     adapter: ModelAdapter,
     calib_ids: torch.Tensor | None,
-    spec: QuantSpec,
+    spec: Spec,
     method_cfg: object,
     cfg: EngineConfig = EngineConfig(),
     on_block: Callable[[BlockStats], None] | None = None,
@@ -377,7 +387,8 @@ def quantize_model(
         if on_block is not None:
             on_block(st)
     if head:
-        qw, _ = solve_head(adapter, acts if needs_data else [], spec, method_cfg, cfg.device)
+        qw, _ = solve_head(adapter, acts if needs_data else [], spec_for(spec, head_name(adapter)), method_cfg,
+                           cfg.device)
         untie_head(adapter.model, qw.dequantize())
         results[head_name(adapter)] = qw
     return results, stats
@@ -393,7 +404,8 @@ def _quantize_block_weights(adapter, index, spec, method_cfg):
     t0 = time.perf_counter()
     results = {}
     for name, m in adapter.linears(adapter.blocks[index]).items():
-        qw = quantize_weight(adapter.get_weight(m).float(), None, spec, method_cfg)
+        path = f"{adapter.family.layers}.{index}.{name}"
+        qw = quantize_weight(adapter.get_weight(m).float(), None, spec_for(spec, path), method_cfg)
         adapter.set_weight(m, qw.dequantize())
-        results[f"{adapter.family.layers}.{index}.{name}"] = qw
+        results[path] = qw
     return results, BlockStats(index, time.perf_counter() - t0, peak_memory_mb(torch.device("cpu")))

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Union
 
-__all__ = ["QuantSpec", "parse_scheme"]
+__all__ = ["QuantSpec", "SpecMap", "parse_scheme", "spec_for"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,40 @@ def parse_scheme(name: str) -> QuantSpec:
         raise ValueError(f"unknown scheme {name!r}; expected names like w4pc, w3g64, w2g64 or w4g128s")
     group = None if m.group(2) == "pc" else int(m.group(3))
     return QuantSpec(bits=int(m.group(1)), group_size=group, sym=bool(m.group(4)))
+
+
+@dataclass(frozen=True)
+class SpecMap:
+    """Mixed precision: one QuantSpec per Linear. `layers` holds (full module path, spec) pairs sorted
+    by path (model.layers.3.mlp.down_proj); a Linear not listed gets `default`. Frozen and ordered,
+    so it hashes and keys a cache like a QuantSpec does."""
+
+    default: QuantSpec
+    layers: tuple[tuple[str, QuantSpec], ...] = ()
+
+    def __post_init__(self) -> None:
+        paths = [p for p, _ in self.layers]
+        if paths != sorted(set(paths)):
+            raise ValueError("SpecMap.layers must be sorted by path with each path once")
+        if not all(isinstance(s, QuantSpec) for _, s in self.layers) or not isinstance(self.default, QuantSpec):
+            raise ValueError("SpecMap holds QuantSpecs only")
+
+    def __getitem__(self, path: str) -> QuantSpec:
+        return dict(self.layers).get(path, self.default)
+
+    @property
+    def specs(self) -> set[QuantSpec]:
+        return {s for _, s in self.layers} | {self.default}
+
+    @property
+    def name(self) -> str:
+        """mix-w2g64+w3g64: the schemes it mixes, by name."""
+        return "mix-" + "+".join(sorted(s.name for s in self.specs))
+
+
+Spec = Union[QuantSpec, SpecMap]
+
+
+def spec_for(spec: Spec, path: str) -> QuantSpec:
+    """The scheme of the Linear at `path` (a QuantSpec applies to every Linear)."""
+    return spec[path] if isinstance(spec, SpecMap) else spec

@@ -27,7 +27,7 @@ from .optim import adamw_with_schedule
 from .qweight import QuantizedWeight
 from .recon import LearnableLinear, ReconConfig, latent_near_codes, recon_loss
 from .rtn import RTNConfig
-from .spec import QuantSpec
+from .spec import Spec, spec_for
 
 __all__ = ["WindowStats", "WindowResult", "ReconState", "init_block", "install_block", "carry_block", "train_window",
            "finalize_block", "run_window", "reconstruct_model", "forward_blocks", "fp_boundaries", "block_errors"]
@@ -84,7 +84,7 @@ def fp_boundaries(adapter: ModelAdapter, inputs: ActivationStore, calls: list[Bl
     return bounds
 
 
-def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call: BlockCall, spec: QuantSpec,
+def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call: BlockCall, spec: Spec,
                cfg: ReconConfig, engine: EngineConfig, state: ReconState) -> ActivationStore:
     """GPTQ/RTN-initialize block `index` on the quantized prefix's inputs, swap its Linears for
     LearnableLinears; returns the block's (init-quantized) outputs."""
@@ -115,7 +115,7 @@ def _init_method(cfg: ReconConfig):
     return GPTQConfig() if cfg.init == "gptq" else RTNConfig()
 
 
-def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tensor], spec: QuantSpec,
+def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tensor], spec: Spec,
                   cfg: ReconConfig, state: ReconState) -> None:
     """Put a block back in the state a previous window left it (`carry_block`'s output): its
     LearnableLinears and any other parameter the window changed (e.g. CFP-scaled norms)."""
@@ -125,7 +125,8 @@ def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tens
     for name, module in adapter.linears(block).items():
         out, n = saved[f"{name}.latent"].shape
         groups = saved[f"{name}.s0"].shape[1]
-        modules[name] = LearnableLinear.empty(spec, cfg, out, n, groups, f"{name}.bias" in saved)
+        path = f"{adapter.family.layers}.{index}.{name}"
+        modules[name] = LearnableLinear.empty(spec_for(spec, path), cfg, out, n, groups, f"{name}.bias" in saved)
         swap_module(block, name, modules[name])
     block.load_state_dict(saved, strict=True)
     for m in modules.values():
@@ -405,7 +406,7 @@ class WindowResult:
 
 
 def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationStore, targets: ActivationStore | None,
-               window: tuple[int, int], next_start: int, spec: QuantSpec, cfg: ReconConfig,
+               window: tuple[int, int], next_start: int, spec: Spec, cfg: ReconConfig,
                engine: EngineConfig = EngineConfig(), carry: dict[int, dict[str, torch.Tensor]] | None = None,
                spill_dir: str | None = None) -> WindowResult:
     """Reconstruct window [start, end): x_in enters block start (from the finished quantized prefix),
@@ -452,7 +453,7 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
 
 
 def reconstruct_model(
-    adapter: ModelAdapter, calib_ids: torch.Tensor, spec: QuantSpec, cfg: ReconConfig,
+    adapter: ModelAdapter, calib_ids: torch.Tensor, spec: Spec, cfg: ReconConfig,
     engine: EngineConfig = EngineConfig(), on_window: Callable[[WindowStats], None] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[WindowStats]]:
     """Quantize every decoder-block Linear by windowed reconstruction; the model ends up holding

@@ -40,6 +40,26 @@ def test_bench_appends_recon_and_qat_rows(tiny_source, tmp_path, capsys):
     assert f"| {rows[2]['ppl']:.2f} | {rows[2]['ppl_pydocs']:.2f} |" in md
 
 
+def test_bench_mixed_rows_record_their_plan_and_fit_the_uniform_size(tiny_source, tmp_path, capfd):
+    """--mixed-from at the size of uniform w2g32: both rows (before and after QAT, which must keep each
+    Linear's own grid) are named by the plan, sized within w2g32's bits per weight, and record which
+    scheme each unit took; a plan that cannot fit fails before any row."""
+    out = tmp_path / "quality.json"
+    common = ["bench", "quality", "--model", str(tiny_source), "--methods", "gptq+qat", "--schemes", "w2g32",
+              "--no-fp32", "--out", str(out), "--qat-steps", "2", "--qat-loss", "ce", "--device", "cpu",
+              "--mirror", str(MIRROR), "--n-samples", "16", "--seqlen", "64", "--mixed-samples", "4"]
+    assert main([*common, "--mixed-from", "w2g64,w4g32"]) == 0, capfd.readouterr().err
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["scheme"]) for r in rows] == [("gptq", "mix(w2g64+w4g32)@w2g32"),
+                                                          ("gptq+qat", "mix(w2g64+w4g32)@w2g32")]
+    plan = rows[0]["settings"]["mixed"]
+    assert plan["target_bpw"] == pytest.approx(2 + 18 / 32) and set(plan["linears"]) == {"w2g64", "w4g32"}
+    assert len(plan["units"]) == 4 * 4 and plan["samples"] == 4  # tiny source: 4 blocks x (qkv, o, gate/up, down)
+    assert all(r["bpw"] <= 2 + 18 / 32 for r in rows) and rows[0]["bpw"] == rows[1]["bpw"]
+    assert main([*common, "--mixed-from", "w4g32", "--out", str(tmp_path / "no.json")]) != 0
+    assert "below the smallest plan" in capfd.readouterr().err and not (tmp_path / "no.json").exists()
+
+
 @pytest.mark.parametrize("methods, message", [("gptq+foo", "unknown method"), ("recon-k2o3", "overlap must satisfy"),
                                                ("rtn+qat", "heldout"), ("gptq", "give --activations"),
                                                ("rtn", "applies to gptq, boa and recon")])

@@ -193,3 +193,32 @@ def test_ptq_quantize_with_rotation_writes_what_ptq_eval_loads_back(tmp_path):
     a8s, _ = _eval_model(str(tmp_path / "w8a8s"), torch.float32)
     assert set(attached(a8s).values()) == {"a8s"} and len(recorded) == 7 * len(downs)
     assert {n: float(v) for n, v in input_scales(a8s).items()} == recorded and min(recorded.values()) > 0
+
+
+def test_ptq_quantize_mixed_writes_each_linear_on_its_planned_grid(tmp_path):
+    """`ptq quantize --mixed-from`: quantization.json records the plan, and every Linear's stored codes
+    (quantized.safetensors, self-describing) carry the scheme the plan gave it, within the size."""
+    from safetensors.torch import load_file
+
+    from flows.cli import main
+    from quantlib.qweight import QuantizedWeight, bits_per_weight
+    from tasks.io import write_manifest
+
+    from tests.quantlib.tiny import tiny_model
+    from tests.tasks.test_gguf_release import _char_tokenizer
+
+    model, tok = tiny_model("llama"), _char_tokenizer(128)
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    write_manifest(tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 1000)
+    assert main(["quantize", "--model", str(tmp_path / "src"), "--calib", str(text), "--n-samples", "4", "--seqlen", "32",
+                 "--method", "gptq", "--bits", "3", "--group-size", "32", "--mixed-from", "w2g32,w4g32",
+                 "--mixed-samples", "2", "--out", str(tmp_path / "mix")]) == 0
+    plan = json.loads((tmp_path / "mix" / "quantization.json").read_text())["mixed"]
+    assert len(plan) == 3 * 7 and set(plan.values()) == {"w2g32", "w4g32"}
+    tensors = load_file(tmp_path / "mix" / "quantized.safetensors")
+    stored = {p: QuantizedWeight.from_state_dict(tensors, p) for p in plan}
+    assert {p: qw.spec.name for p, qw in stored.items()} == plan
+    assert bits_per_weight(stored) <= 3 + 19 / 32
