@@ -81,8 +81,14 @@ def preflight(params) -> None:
     q = params.quantize
     method_config(q.resolved_method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
                   clip_search=q.clip_search, recon=params.recon.__dict__ if q.resolved_method == "recon" else None)
-    if source.kind == "local" and q.group_size is not None:
-        _check_group_size(source.path / "config.json", q.group_size)
+    from quantlib.spec import parse_scheme
+
+    if source.kind == "local":
+        if q.group_size is not None:
+            _check_group_size(source.path / "config.json", q.group_size)
+        for scheme in q.mixed_from:
+            if (group_size := parse_scheme(scheme).group_size) is not None:
+                _check_group_size(source.path / "config.json", group_size, f"quantize.mixed_from: {scheme}: group size")
     if source.kind == "local" and params.pack.format == "gguf":  # other sources: the pack stage refuses
         _check_gguf(source.path / "config.json")
 
@@ -96,7 +102,7 @@ def _check_gguf(config_path: Path) -> None:
         raise ValueError(why)
 
 
-def _check_group_size(config_path: Path, group_size: int) -> None:
+def _check_group_size(config_path: Path, group_size: int, key: str = "quantize.group_size:") -> None:
     """A group size that does not divide a Linear's input size, refused from config.json alone (no
     torch import: this runs before every `ptq run`); sources without a local config are checked at
     the start of the quantize stage, on the model's shapes, before any block is quantized."""
@@ -112,7 +118,7 @@ def _check_group_size(config_path: Path, group_size: int) -> None:
         sizes["num_attention_heads * head_dim (o_proj input)"] = heads * c["head_dim"]
     for what, n in sizes.items():
         if isinstance(n, int) and n % group_size:
-            raise ValueError(f"quantize.group_size: {group_size} does not divide the model's {what} {n}; choose a "
+            raise ValueError(f"{key} {group_size} does not divide the model's {what} {n}; choose a "
                              f"divisor of every Linear's input size (e.g. 32 or 64) or null (per output channel)")
 
 

@@ -209,6 +209,24 @@ def _text_list() -> Check:
     return check
 
 
+def _schemes() -> Check:
+    """A list of distinct scheme names (quantlib.spec.parse_scheme: w2g64, w4pc, w8pcs), maybe empty."""
+    items = _text_list()
+
+    def check(path: str, value: Any) -> tuple[str, ...]:
+        from quantlib.spec import parse_scheme
+
+        value = items(path, value)
+        for item in value:
+            try:
+                parse_scheme(item)
+            except ValueError as e:
+                raise ParamsError(f"{path}: {e}") from None
+        return value
+
+    return check
+
+
 def _subset(options: tuple[str, ...], required: str) -> Check:
     """A list of distinct items of `options` that includes `required`."""
     items = _text_list()
@@ -322,7 +340,12 @@ class QuantizeParams(_Section):
     quantized_inputs: with activations, solve every block with its Linears' inputs quantized as the
     release quantizes them (Hessians from quantized inputs; later blocks calibrated on the quantized
     model's activations; quantlib EngineConfig.act_inputs); gptq, boa, and recon (whose windows
-    also train with their Linears' inputs fake-quantized)."""
+    also train with their Linears' inputs fake-quantized).
+    mixed_from: mixed precision (quantlib.mixed): the schemes a Linear may take, e.g. [w2g192, w3g64];
+    each group of Linears that share an input gets the one that minimizes the Fisher-estimated loss
+    within mixed_bits bits per weight (scales and zeros counted; null: the size of the uniform
+    bits/group_size/sym scheme, which also stays the LM head's), measured on the first mixed_samples
+    calibration sequences. Empty: every Linear on bits/group_size/sym."""
 
     SECTION: ClassVar[str] = "quantize"
     method: str = _key("auto", _choice(METHODS))
@@ -346,10 +369,24 @@ class QuantizeParams(_Section):
     activations: str | None = _key(None, _text(nullable=True, pattern=r"a8s?|a4s?",
                                                 rule="must be a8, a4 (dynamic), a8s, a4s (static) or null"))
     quantized_inputs: bool = _key(False, _boolean())
+    mixed_from: tuple[str, ...] = _key((), _schemes())
+    mixed_bits: float | None = _key(None, _positive_or_null())
+    mixed_samples: int = _key(32, _integer(1))
+
+    @property
+    def all_sym(self) -> bool:
+        """Every scheme a Linear may get is symmetric (what pack.format auto decides on)."""
+        from quantlib.spec import parse_scheme
+
+        return self.sym and all(parse_scheme(s).sym for s in self.mixed_from)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from quantlib.actquant import parse_activations
+
+        if self.mixed_bits is not None and not self.mixed_from:
+            raise ParamsError(f"quantize.mixed_bits: {self.mixed_bits} sizes a mixed-precision plan; list its schemes "
+                              "in quantize.mixed_from (e.g. [w2g192, w3g64]) or set mixed_bits: null")
 
         if self.quantized_inputs and self.activations is not None and parse_activations(self.activations).static:
             raise ParamsError(f"quantize.quantized_inputs: takes dynamic activations (a8, a4), not "
@@ -594,9 +631,12 @@ class PipelineParams:
             from quantlib.gguf import gguf_type
             from quantlib.spec import QuantSpec
 
+            from quantlib.spec import parse_scheme
+
             q = self.quantize
             try:
-                gguf_type(QuantSpec(q.bits, q.group_size, q.sym))
+                for spec in [QuantSpec(q.bits, q.group_size, q.sym), *map(parse_scheme, q.mixed_from)]:
+                    gguf_type(spec)
             except ValueError as e:
                 raise ParamsError(f"pack.format: {e}") from None
 

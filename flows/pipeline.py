@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -273,7 +274,8 @@ def _block_ok(r: dict) -> bool:
 def quantize_stage(ctx: StageContext) -> dict:
     from quantlib.adapters import check_spec_fits, get_adapter
     from tasks.inputs import manifest_sha
-    from tasks.quantize import capture_activations
+    from tasks.io import file_ok
+    from tasks.quantize import capture_activations, mixed_plan_task, read_plan
     from tasks.partial import meta_model
     from tasks.shards import shard_ok
 
@@ -282,10 +284,17 @@ def quantize_stage(ctx: StageContext) -> dict:
     tokens_dir, tokens = _tokens(ctx)
     trust = ctx.params.fetch_model.trust_remote_code
     adapter = get_adapter(meta_model(model_dir, trust))  # shapes only: the tasks load what they need
-    check_spec_fits(adapter, job.spec.group_size)
+    mixed = mixed_config(ctx.params.quantize)
+    for spec in [job.spec, *(mixed.candidates if mixed else ())]:
+        check_spec_fits(adapter, spec.group_size)
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), trust_remote_code=trust,
                   calib_path=str(tokens_dir / "calib.safetensors"), calib_sha=tokens["calib"]["sha256"],
                   cache_dir=str(ctx.cache))
+    plan = None
+    if mixed is not None:  # every block task then gets each Linear's scheme from the plan
+        plan, plan_cached = run_cached(ctx, mixed_plan_task, lambda r: file_ok(r["path"], r["sha"]), "mixed_plan",
+                                       on=job.engine.device, cfg=mixed, default=job.spec, dtype=job.dtype, **common)
+        job = replace(job, spec=read_plan(plan))
     cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", on=job.engine.device, batch_size=job.engine.batch_size,
                                  dtype=job.dtype, **common)
@@ -300,8 +309,9 @@ def quantize_stage(ctx: StageContext) -> dict:
     if "lm_head" in ctx.params.quantize.targets:
         head, head_cached = _quantize_head(ctx, job, last, common)
         computed += not head_cached
-    _write_quantized(ctx, job, blocks, windows, common, head)
+    _write_quantized(ctx, job, blocks, windows, common, head, plan)
     threads = sorted({b["threads"] for b in blocks if b.get("threads")})
+    computed += 0 if plan is None else int(not plan_cached)
     return {"blocks": n, "computed": computed + int(not cap_cached), "task_processes_elsewhere": _elsewhere(blocks),
             "task_threads_min": threads[0] if threads else 0, "task_threads_max": threads[-1] if threads else 0}
 
@@ -426,9 +436,11 @@ def _quantize_head(ctx: StageContext, job, last: dict, common: dict) -> tuple[di
 
 
 def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[dict], common: dict,
-                     head: dict | None = None) -> None:
+                     head: dict | None = None, plan: dict | None = None) -> None:
+    """data/quantized: every Linear's codes, quantize.json (job, scheme, per-block records) and, for a
+    mixed-precision job, mixed_plan.json (each Linear's scheme and the costs it was chosen from)."""
     from tasks.cache import plain
-    from tasks.io import atomic_save_safetensors, atomic_write_json
+    from tasks.io import atomic_save_safetensors, atomic_write_json, read_json_verified
     from tasks.quantize import load_block_weights
 
     out = ctx.path(S.QUANTIZED)
@@ -440,9 +452,18 @@ def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[d
                 tensors.update(qw.state_dict(name))
             modules += b["names"]
     sha = atomic_save_safetensors(tmp / "quantized.safetensors", tensors)
+    mixed = {}
+    if plan is not None:
+        data = read_json_verified(plan["path"], plan["sha"])
+        atomic_write_json(tmp / "mixed_plan.json", data)
+        counts: dict[str, int] = {}
+        for scheme in data["layers"].values():
+            counts[scheme] = counts.get(scheme, 0) + 1
+        mixed = {"mixed": {"plan_sha256": plan["sha"], "target_bpw": data["target_bpw"], "linears": counts}}
     keep = ("block", "layer_errors", "before", "block_error")
     atomic_write_json(tmp / "quantize.json", {
-        "job": plain(job), "scheme": job.spec.name, "method": type(job.method).__name__, "modules": modules,
+        "job": plain(job), "scheme": scheme_label(ctx.params.quantize), "method": type(job.method).__name__,
+        "modules": modules, **mixed,
         "model_sha": common["model_sha"], "calib_sha": common["calib_sha"], "quantized_sha256": sha,
         "blocks": [{k: b[k] for k in keep} | _routing(b) for b in blocks], "windows": windows,
         **({"head": {"module": head["names"][0], "error": head["error"]}} if head else {})})
@@ -552,7 +573,7 @@ def pack_stage(ctx: StageContext) -> dict:
     out = ctx.path(S.RELEASE)
     tmp = _fresh_tmp(out)
     act = ctx.params.quantize.activations
-    fmt = ctx.params.pack.resolved(ctx.params.quantize.sym, act)
+    fmt = ctx.params.pack.resolved(ctx.params.quantize.all_sym, act)
     write_release_files(tmp, model_dir, qweights, {"scheme": info["scheme"], "method": info["method"], "job": info["job"],
                                                    **({"activations": act} if act else {})},
                         fmt=fmt, trust_remote_code=ctx.params.fetch_model.trust_remote_code,
@@ -600,14 +621,31 @@ def _chain(ctx: StageContext, info: dict) -> dict:
 def release_label(manifest: dict) -> tuple[str, str]:
     """(method label, scheme name) of a release from the params its MANIFEST records, e.g.
     ("boa+qat", "w3g64")."""
-    from quantlib.spec import QuantSpec
-
     from .params import params_from_dict
 
     params = params_from_dict(manifest["params"])
     q = params.quantize
     qat = "+qat" if params.qat.active(q.bits) else ""
-    return f"{q.resolved_method}{qat}", QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym).name
+    return f"{q.resolved_method}{qat}", scheme_label(q)
+
+
+def mixed_config(quantize: Any):
+    """quantize.mixed_* as a quantlib MixedConfig (None when mixed_from is empty)."""
+    from quantlib.mixed import MixedConfig
+    from quantlib.spec import parse_scheme
+
+    if not quantize.mixed_from:
+        return None
+    return MixedConfig(tuple(map(parse_scheme, quantize.mixed_from)), quantize.mixed_bits, quantize.mixed_samples)
+
+
+def scheme_label(quantize: Any) -> str:
+    """w3g64, or for mixed precision mix(w2g192+w3g64)@w2g64 (quantlib.mixed.MixedConfig.label)."""
+    from quantlib.spec import QuantSpec
+
+    base = QuantSpec(bits=quantize.bits, group_size=quantize.group_size, sym=quantize.sym)
+    mixed = mixed_config(quantize)
+    return base.name if mixed is None else mixed.label(base)
 
 
 # ----------------------------------------------------------------------------------- evaluate

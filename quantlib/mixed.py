@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from .adapters import ModelAdapter, check_spec_fits
 from .rtn import RTNConfig, rtn_quantize
-from .spec import QuantSpec, SpecMap
+from .spec import QuantSpec, SpecMap, parse_scheme
 
-__all__ = ["MixedConfig", "Unit", "scheme_bits", "fisher_diagonal", "sensitivity_units", "allocate", "plan_mixed", "uniform_bits"]
+__all__ = ["MixedConfig", "Unit", "scheme_bits", "fisher_diagonal", "sensitivity_units", "allocate", "plan_mixed",
+           "uniform_bits", "plan_to_json", "plan_from_json"]
 
 
 def scheme_bits(spec: QuantSpec, in_features: int, scale_bits: int = 16) -> float:
@@ -183,3 +184,16 @@ def plan_mixed(adapter: ModelAdapter, calib_ids: torch.Tensor, cfg: MixedConfig,
 def uniform_bits(units: list[Unit], spec: QuantSpec) -> float:
     """Bits per weight of every unit on `spec`."""
     return sum(scheme_bits(spec, u.in_features) * u.weights for u in units) / sum(u.weights for u in units)
+
+
+def plan_to_json(plan: SpecMap, units: list[Unit], target: float, cfg: MixedConfig) -> dict:
+    """What a plan is and why: the target, the candidates, each Linear's scheme, and every unit's
+    size and measured cost per candidate (an auditor can re-run `allocate` on it)."""
+    return {"target_bpw": target, "candidates": [c.name for c in cfg.candidates], "samples": cfg.samples,
+            "default": plan.default.name, "layers": {p: s.name for p, s in plan.layers},
+            "units": [{"paths": list(u.paths), "weights": u.weights, "in_features": u.in_features,
+                       "costs": list(u.costs)} for u in units]}
+
+
+def plan_from_json(d: dict) -> SpecMap:
+    return SpecMap(parse_scheme(d["default"]), tuple(sorted((p, parse_scheme(s)) for p, s in d["layers"].items())))

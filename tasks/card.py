@@ -92,6 +92,10 @@ def _scheme(params: Mapping[str, Mapping[str, Any]], info: Mapping[str, Any], fm
         static = parse_activations(q["activations"]).static
         rows.insert(4, ("activations", f"`{q['activations']}`: symmetric int, " +
                         ("one static scale per Linear, calibrated" if static else "one dynamic scale per token")))
+    if mixed := info.get("mixed"):
+        split = ", ".join(f"{n} `{s}`" for s, n in sorted(mixed["linears"].items()))
+        rows.insert(2, ("mixed precision", f"{split} Linears at {mixed['target_bpw']:.3f} bits per weight, chosen "
+                                           f"by Fisher-estimated loss (quantlib.mixed; plan sha256 `{mixed['plan_sha256']}`)"))
     if fmt == "gguf":
         rows.insert(-1, ("GGUF type", f"`{params.get('pack', {}).get('gguf_type', 'exact')}`"))
     qat = info.get("qat")

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_save_safetensors",
     "storage_error",
     "load_safetensors_verified",
+    "read_json_verified",
     "write_manifest",
     "read_manifest",
     "escaping_paths_problem",
@@ -205,6 +206,15 @@ def load_safetensors_verified(
     if actual != expected:
         raise IntegrityError(f"{path}: sha256 mismatch, expected {expected}, actual {actual}")
     return load_file(str(path), device="cpu")
+
+
+def read_json_verified(path: str | os.PathLike, expected_sha256: str) -> Any:
+    """A JSON file's content after checking its bytes' sha256 (one read: what is checked is parsed)."""
+    data = Path(path).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise IntegrityError(f"{path}: sha256 mismatch, expected {expected_sha256}, actual {actual}")
+    return json.loads(data)
 
 
 def _files_under(folder: Path) -> list[str]:

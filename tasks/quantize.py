@@ -26,15 +26,18 @@ from quantlib.engine import BlockStats, EngineConfig, quantize_block
 from quantlib.head import head_name, solve_head
 from quantlib.qweight import QuantizedWeight
 from quantlib.windows import WindowStats, forward_blocks, run_window
-from quantlib.spec import QuantSpec
+from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed, plan_to_json
+from quantlib.spec import QuantSpec, SpecMap
 
 from .cache import key_fn, stable_hash
-from .io import atomic_save_safetensors, building_dir, file_ok, load_safetensors_verified
+from .io import (atomic_save_safetensors, atomic_write_json, building_dir, file_ok, load_safetensors_verified,
+                 read_json_verified, sha256_file)
+from .sources import load_model
 from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
-__all__ = ["QuantizeJob", "ran_on", "capture_activations", "quantize_block_task", "quantize_head_task",
+__all__ = ["QuantizeJob", "ran_on", "capture_activations", "mixed_plan_task", "read_plan", "quantize_block_task", "quantize_head_task",
            "fp_targets_task", "recon_window_task", "load_block_weights", "window_ok"]
 
 
@@ -111,6 +114,23 @@ def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_s
                                                    ([] if dtype == "float32" else [dtype]))
     with building_dir(final) as tmp:
         return {"path": str(final), "sha": seal_shard(tmp, final, ActivationStore.from_batches(batches, tmp))}
+
+
+@task(name="mixed_plan", cache_key_fn=key_fn("model_sha", "calib_sha", "cfg", "default", "dtype"), persist_result=True)
+def mixed_plan_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, cfg: MixedConfig,
+                    default: QuantSpec, cache_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+    """quantlib.mixed's plan for the FP model on the calibration ids, as a JSON file (the plan and the
+    measured costs it was chosen from); {path, sha}."""
+    model = load_model(model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    plan, units, target = plan_mixed(get_adapter(model), _calib(calib_path, calib_sha), cfg, default)
+    final = Path(cache_dir) / "mixed" / f"{stable_hash(['mixed', model_sha, calib_sha, cfg, default, dtype])}.json"
+    atomic_write_json(final, plan_to_json(plan, units, target, cfg))
+    return {"path": str(final), "sha": sha256_file(final)}
+
+
+def read_plan(record: dict) -> SpecMap:
+    """The SpecMap of a mixed_plan_task record, its file checked against its sha256 first."""
+    return plan_from_json(read_json_verified(record["path"], record["sha"]))
 
 
 def ran_on() -> str:

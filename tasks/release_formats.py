@@ -16,6 +16,7 @@ fp16 rounding of each scale (and of the unquantized tensors).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from .release import (_model_tensors, _tied, copy_model_files, drop_quantized, m
                       untied_config)
 
 __all__ = ["PACKED_FORMATS", "quantization_config", "packed_release_tensors", "write_packed_release", "release_format",
-           "load_packed_release", "ct_weights", "ct_inputs"]
+           "load_packed_release", "ct_weights", "ct_inputs", "module_spec"]
 
 PACKED_FORMATS = tuple(f.value for f in PackFormat)
 _GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
@@ -46,11 +47,50 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 _GPTQ_FORMATS = (PackFormat.GPTQ, PackFormat.GPTQ_V2)
 
 
-def _common_spec(qweights: dict[str, QuantizedWeight]) -> QuantSpec:
-    specs = {qw.spec for qw in qweights.values()}
-    if len(specs) != 1:
-        raise ValueError(f"a packed release needs one scheme for all modules, got {sorted(s.name for s in specs)}")
-    return specs.pop()
+def _spec_groups(qweights: dict[str, QuantizedWeight]) -> list[tuple[QuantSpec, list[str]]]:
+    """(scheme, its module names) with the most modules first (ties by name): the first is the
+    release's base scheme; a mixed-precision release (quantlib.mixed) has more."""
+    groups: dict[QuantSpec, list[str]] = {}
+    for name in sorted(qweights):
+        groups.setdefault(qweights[name].spec, []).append(name)
+    return sorted(groups.items(), key=lambda g: (-len(g[1]), g[0].name))
+
+
+# runtimes that fuse Linears sharing an input look their scheme up under the fused name (vLLM)
+_FUSED = {frozenset({"q_proj", "k_proj", "v_proj"}): "qkv_proj", frozenset({"gate_proj", "up_proj"}): "gate_up_proj"}
+
+
+def _gptq_dynamic(groups: list[tuple[QuantSpec, list[str]]]) -> dict:
+    """GPTQModel's per-module overrides of the base scheme: {"+:regex": {"bits", "group_size", "sym"}},
+    the first regex that re.match-es a module name applies. One pattern per parent module and scheme,
+    also matching the fused name (qkv_proj) when it covers all of the fused Linears."""
+    dynamic = {}
+    for spec, names in groups[1:]:
+        by_parent: dict[str, list[str]] = {}
+        for n in names:
+            parent, _, leaf = n.rpartition(".")
+            by_parent.setdefault(parent, []).append(leaf)
+        for parent, leaves in by_parent.items():
+            fused = [f for members, f in _FUSED.items() if members <= set(leaves)]
+            alt = "|".join(re.escape(x) for x in leaves + fused)
+            dynamic[f"+:^{re.escape(parent)}\\.(?:{alt})$"] = {"bits": spec.bits, "group_size": spec.group_size or -1,
+                                                                 "sym": spec.sym}
+    return dynamic
+
+
+def module_spec(qconfig: dict, fmt: PackFormat, name: str) -> tuple[int, int | None]:
+    """(bits, group size) a release's config gives module `name`, as a GPTQ or compressed-tensors
+    reader resolves it: GPTQ's first matching `dynamic` pattern, else its base; compressed-tensors'
+    config group that names the module, else the one targeting every Linear."""
+    if fmt in _GPTQ_FORMATS:
+        for pattern, over in (qconfig.get("dynamic") or {}).items():
+            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), name):
+                g = over.get("group_size", qconfig["group_size"])
+                return over.get("bits", qconfig["bits"]), None if g == -1 else g
+        return qconfig["bits"], None if qconfig["group_size"] == -1 else qconfig["group_size"]
+    groups = qconfig["config_groups"].values()
+    group = next((g for g in groups if name in g["targets"]), None) or next(g for g in groups if "Linear" in g["targets"])
+    return group["weights"]["num_bits"], group["weights"]["group_size"]
 
 
 def _scale_dtype(fmt: PackFormat, dtype: torch.dtype) -> torch.dtype:
@@ -93,24 +133,34 @@ def ct_weights(spec: QuantSpec) -> dict:
             "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size}
 
 
-def _ct_config(spec: QuantSpec, targets: list[str], ignore: list[str], scale_dtype: torch.dtype,
-               activations: str | None = None) -> dict:
+def _ct_group(spec: QuantSpec, targets: list[str], scale_dtype: torch.dtype, activations: str | None) -> dict:
     weights = ct_weights(spec) | {"scale_dtype": str(scale_dtype)}
     if not spec.sym:
         weights["zp_dtype"] = "torch.int8"  # signed view z - 2^(b-1) before packing
+    return {"targets": targets, "weights": weights, "input_activations": ct_inputs(activations),
+            "output_activations": None, "format": "pack-quantized"}
+
+
+def _ct_config(groups: list[tuple[QuantSpec, list[str]]], ignore: list[str], scale_dtype: torch.dtype,
+               activations: str | None = None) -> dict:
+    """groups: (scheme, targets) per config group: ["Linear"] or module names."""
     # Asymmetric: compressed-tensors 0.20 writes weight_zero_point packed (ceil(out*b/32), G), as we do,
     # but its load path (compress() on the meta model transformers builds) leaves the parameter at
     # (out, G), so a plain from_pretrained fails on its own releases too. `dequantize` (read by
     # transformers' CompressedTensorsConfig, ignored by compressed-tensors and vLLM) makes the plain call
     # dequantize at load instead, exactly; the compressed mode decompresses at the first forward anyway.
-    load = {} if spec.sym else {"dequantize": True}
+    # Only for one group: transformers 5.23's dequantize path decodes every dense Linear with the first
+    # group's scheme, so on a mixed release it would decode wrong weights. A mixed release loads in the
+    # plain call when all its groups are symmetric (the compressed mode), and otherwise in vLLM,
+    # compressed-tensors' decompressor or our loader.
+    load = {"dequantize": True} if len(groups) == 1 and not groups[0][0].sym else {}
     return {
         **load,
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": ct_inputs(activations),
-                                      "output_activations": None, "format": "pack-quantized"}},
+        "config_groups": {f"group_{i}": _ct_group(spec, targets, scale_dtype, activations)
+                          for i, (spec, targets) in enumerate(groups)},
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -124,18 +174,21 @@ def quantization_config(fmt: PackFormat | str, model: torch.nn.Module, qweights:
     """config.json `quantization_config` of a packed release of `model` (a meta-device skeleton is
     enough: compressed-tensors names the Linears it does not quantize) with these weights, and with
     `activations` (quantlib.actquant's a8/a4) the inputs' quantization (compressed-tensors only)."""
-    fmt, spec = PackFormat(fmt), _common_spec(qweights)
+    fmt, groups = PackFormat(fmt), _spec_groups(qweights)
     if activations is not None and fmt is not PackFormat.COMPRESSED_TENSORS:
         raise ValueError(f"activation quantization ({activations}) is recorded by compressed-tensors releases only, "
                          f"not {fmt.value}")
     if fmt in _GPTQ_FORMATS:
         head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
-        return _gptq_config(spec, not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1]) for qw in qweights.values()),
-                            fmt, head in qweights)
+        config = _gptq_config(groups[0][0], not all(trivial_g_idx(qw.g_idx, qw.scale.shape[1])
+                                                    for qw in qweights.values()), fmt, head in qweights)
+        return config | ({"dynamic": _gptq_dynamic(groups)} if len(groups) > 1 else {})
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if set(qweights) <= linears:  # the usual llm-compressor shape: all Linears but the ignored
-        return _ct_config(spec, ["Linear"], sorted(linears - set(qweights)), scale_dtype, activations)
-    return _ct_config(spec, sorted(qweights), [], scale_dtype, activations)  # e.g. GPT-2 Conv1D, experts: by name
+    if len(groups) == 1 and set(qweights) <= linears:  # the usual llm-compressor shape: all Linears but the ignored
+        return _ct_config([(groups[0][0], ["Linear"])], sorted(linears - set(qweights)), scale_dtype, activations)
+    # by name: mixed precision, or modules that are not nn.Linear (GPT-2 Conv1D, experts)
+    return _ct_config(groups, sorted((linears - set(qweights)) if set(qweights) <= linears else []), scale_dtype,
+                      activations)
 
 
 def packed_release_tensors(model_dir: Path, qweights: dict[str, QuantizedWeight], fmt: PackFormat | str,
@@ -253,7 +306,6 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     qconfig = config.quantization_config
     fmt = release_format(info, qconfig)
     gptq = fmt in _GPTQ_FORMATS
-    bits = qconfig["bits"] if gptq else qconfig["config_groups"]["group_0"]["weights"]["num_bits"]
     del config.quantization_config  # from_config must build a plain model; we do the surgery
     with MODEL_CONSTRUCTION:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
@@ -273,6 +325,7 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     modules = {}
     for name in names:
         bias = tensors.pop(f"{name}.bias", None)
+        bits = module_spec(qconfig, fmt, name)[0]
         modules[name] = _served(_quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
                                              None if bias is None else bias.to(dtype), backend), act, backend,
                                 scales.get(name))

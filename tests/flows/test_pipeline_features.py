@@ -200,3 +200,45 @@ def test_rotated_model_is_what_every_stage_quantizes_and_the_release_holds(rotat
     done = rotated.ptq("lineage", "data/release")
     assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]
     assert "rotated (residual, seed 0)" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def mixed(features, tmp_path_factory):
+    """The features project, copied, then `ptq run -S quantize.mixed_from=[w3g32,w8g32]`: a plan at
+    the size of the uniform w4g32 the project otherwise makes, in its compressed-tensors release."""
+    import shutil
+
+    from pipeline_projects import Project
+
+    root = tmp_path_factory.mktemp("mixed") / "project"
+    shutil.copytree(features.root, root, symlinks=True)
+    project = Project(root, features.env)
+    project.run_ok("run", "-S", "quantize.mixed_from=[w3g32,w8g32]")
+    return project
+
+
+def test_mixed_precision_plan_is_an_artifact_the_codes_and_release_follow(mixed, features):
+    """data/quantized/mixed_plan.json holds each Linear's scheme and the costs it was chosen from;
+    the stored codes follow it, within the uniform scheme's size; the release declares a config group
+    per scheme and scores close to the uniform one; its card names the plan and lineage verifies."""
+    from safetensors.torch import load_file
+
+    from quantlib.qweight import QuantizedWeight, bits_per_weight
+
+    plan = _json(mixed, "data/quantized/mixed_plan.json")
+    info = _json(mixed, "data/quantized/quantize.json")
+    assert set(plan["layers"].values()) == {"w3g32", "w8g32"} and plan["candidates"] == ["w3g32", "w8g32"]
+    assert info["scheme"] == "mix(w3g32+w8g32)@w4g32" and info["mixed"]["target_bpw"] == plan["target_bpw"]
+    assert all(len(u["costs"]) == 2 and u["costs"][0] > u["costs"][1] > 0 for u in plan["units"])
+    tensors = load_file(str(mixed.root / "data" / "quantized" / "quantized.safetensors"))
+    stored = {n: QuantizedWeight.from_state_dict(tensors, n) for n in info["modules"]}
+    assert {n: qw.spec.name for n, qw in stored.items()} == plan["layers"]
+    assert bits_per_weight(stored) <= 4 + 20 / 32
+    qconfig = _json(mixed, "data/release/config.json")["quantization_config"]
+    assert len(qconfig["config_groups"]) == 2
+    ours, ref = (_json(p, "metrics/metrics.json") for p in (mixed, features))
+    assert ours["ppl"]["wikitext2"] == pytest.approx(ref["ppl"]["wikitext2"], rel=0.05)
+    assert ours["ppl"]["wikitext2"] != ref["ppl"]["wikitext2"]
+    assert "mixed precision" in (mixed.root / "data" / "release" / "README.md").read_text()
+    done = mixed.ptq("lineage", "data/release")
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("lineage OK"), done.stdout + done.stderr[-3000:]

@@ -225,6 +225,10 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_in_preflight(tmp_p
     for ok in (32, 64, None):  # divisors (and per-channel) pass
         preflight(load_params(tmp_path / "params.yaml", [f"fetch_model.source={model}",
                                                          f"quantize.group_size={'null' if ok is None else ok}"]))
+    # a mixed-precision candidate's group size is checked the same way, named as the candidate
+    with pytest.raises(ValueError, match=r"quantize.mixed_from: w3g48: group size 48 does not divide the model's hidden"):
+        preflight(load_params(tmp_path / "params.yaml", [f"fetch_model.source={model}",
+                                                         "quantize.mixed_from=[w2g32,w3g48]"]))
 
 
 @pytest.mark.reliability(

@@ -17,7 +17,7 @@ from tiny import tiny_config, tiny_ids, tiny_model  # noqa: E402
 from quantlib.adapters import get_adapter  # noqa: E402
 from quantlib.gguf import gguf_weight  # noqa: E402
 from quantlib.rtn import rtn_quantize  # noqa: E402
-from quantlib.spec import QuantSpec  # noqa: E402
+from quantlib.spec import QuantSpec, SpecMap, spec_for  # noqa: E402
 from tasks.gguf_release import GGUF_FILE, load_gguf_release, write_gguf_release  # noqa: E402
 from tasks.release import load_release, write_release_files  # noqa: E402
 from tasks.sources import load_tokenizer  # noqa: E402
@@ -40,7 +40,8 @@ def _codes(model, spec: QuantSpec, head: bool = False) -> dict:
     adapter, qweights = get_adapter(model), {}
     for i, block in enumerate(adapter.blocks):
         for name, module in adapter.linears(block).items():
-            qweights[f"{adapter.family.layers}.{i}.{name}"] = rtn_quantize(adapter.get_weight(module).detach(), spec)
+            path = f"{adapter.family.layers}.{i}.{name}"
+            qweights[path] = rtn_quantize(adapter.get_weight(module).detach(), spec_for(spec, path))
     if head:
         qweights["lm_head"] = rtn_quantize(model.lm_head.weight.detach(), spec)
     return qweights
@@ -68,8 +69,14 @@ def _release(tmp_path, family, spec, head=False):
     return tmp_path / "rel", src, model, qweights
 
 
+# mixed precision (quantlib.mixed): GGUF types are per tensor, Q4_1 / Q8_0 / Q4_0 side by side
+MIXED = SpecMap(QuantSpec(4, 32), tuple(sorted(
+    [(f"model.layers.0.self_attn.{n}_proj", QuantSpec(8, None, sym=True)) for n in "qkv"] +
+    [("model.layers.1.mlp.down_proj", QuantSpec(4, 64, sym=True))])))
+
+
 @pytest.mark.parametrize("family,spec", [("llama", QuantSpec(4, 32)), ("qwen3", QuantSpec(4, 64, sym=True)),
-                                         ("qwen2", QuantSpec(8, None, sym=True))])
+                                         ("qwen2", QuantSpec(8, None, sym=True)), ("llama", MIXED)])
 def test_transformers_reads_back_exactly_our_weights(tmp_path, family, spec):
     rel, _, model, qweights = _release(tmp_path, family, spec)
     back = load_release(rel, verify=False)  # the evaluate stage's path: transformers' GGUF loader
@@ -82,6 +89,9 @@ def test_transformers_reads_back_exactly_our_weights(tmp_path, family, spec):
     assert (a - b).abs().max() <= 2e-3 * a.abs().max()  # F16 embeddings and norms in F32: one fp16 rounding
     info = json.loads((rel / "quantization.json").read_text())
     assert info["format"] == "gguf" and set(info["gguf_types"]) == set(qweights)
+    if spec is MIXED:
+        assert {info["gguf_types"][p] for p in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                                                "model.layers.1.mlp.up_proj")} == {"Q8_0", "Q4_0", "Q4_1"}
 
 
 def test_the_gguf_metadata_alone_rebuilds_the_architecture(tmp_path):

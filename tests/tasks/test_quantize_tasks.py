@@ -18,7 +18,8 @@ from quantlib.boa import BoAConfig
 from quantlib.capture import capture_block_calls, run_block
 from quantlib.engine import EngineConfig, quantize_model
 from quantlib.gptq import GPTQConfig
-from quantlib.spec import QuantSpec
+from quantlib.mixed import MixedConfig
+from quantlib.spec import QuantSpec, SpecMap
 from tasks.io import sha256_file, write_manifest
 from tasks.shards import open_shard, seal_shard, shard_ok
 from tasks.textdata import write_token_ids
@@ -94,7 +95,21 @@ def _parameters(root: str, shas: dict[str, str] | None = None) -> dict:
             "in_path": f"{root}/.cache/ptq/acts/x", "in_sha": sha["in"], "window": (2, 4), "next_start": 3,
             "target": {"path": f"{root}/.cache/ptq/acts/t", "sha": sha["target"]},
             "carry": {"path": f"{root}/.cache/ptq/carry/c.safetensors", "sha": sha["carry"]},
-            "job": TQ.QuantizeJob(_JOB.spec, _JOB.method, EngineConfig(batch_size=4, spill_dir=f"{root}/spill"))}
+            "job": TQ.QuantizeJob(_JOB.spec, _JOB.method, EngineConfig(batch_size=4, spill_dir=f"{root}/spill")),
+            "cfg": MixedConfig((QuantSpec(2, 64), QuantSpec(3, 64))), "default": QuantSpec(2, 64)}
+
+
+def test_a_mixed_plan_keys_its_candidates_size_and_samples_and_the_block_tasks_key_the_plan():
+    """A plan changes with what it was asked (candidates, size, Fisher sequences, the uniform scheme it
+    is sized on); a block task with a plan differs from one without and from one with another plan."""
+    p, task = _parameters("/a"), TQ.mixed_plan_task
+    cfgs = [p["cfg"], MixedConfig((QuantSpec(2, 64), QuantSpec(4, 64))), MixedConfig(p["cfg"].candidates, 2.4),
+            MixedConfig(p["cfg"].candidates, samples=8)]
+    keys = {_key(task, p | {"cfg": c}) for c in cfgs} | {_key(task, p | {"default": QuantSpec(3, 64)})}
+    assert len(keys) == 5
+    plans = [SpecMap(SPEC, (("model.layers.0.mlp.down_proj", QuantSpec(w, 64)),)) for w in (2, 4)]
+    jobs = [p["job"]] + [TQ.QuantizeJob(plan, _JOB.method, p["job"].engine) for plan in plans]
+    assert len({_key(TQ.quantize_block_task, p | {"job": j}) for j in jobs}) == 3
 
 
 def _tasks() -> list[Task]:
@@ -109,7 +124,7 @@ def _key(task: Task, params: dict) -> str:
 def test_every_quantize_task_keys_on_content_hashes_not_paths():
     tasks = _tasks()
     assert {t.name for t in tasks} == {"capture_activations", "quantize_block", "quantize_head", "fp_targets",
-                                       "recon_window"}
+                                       "recon_window", "mixed_plan"}
     for task in tasks:
         assert set(inspect.signature(task.fn).parameters) <= set(_parameters("/a"))  # every parameter covered
         here = _key(task, _parameters("/home/one/project"))  # key_fn refuses any path it is given

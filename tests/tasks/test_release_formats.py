@@ -28,14 +28,21 @@ from quantlib.int8linear import Int8Linear  # noqa: E402
 from quantlib.qlinear import QuantLinear  # noqa: E402
 from quantlib.qweight import QuantizedWeight  # noqa: E402
 from quantlib.rtn import rtn_quantize  # noqa: E402
-from quantlib.spec import QuantSpec  # noqa: E402
+from quantlib.spec import QuantSpec, SpecMap, spec_for  # noqa: E402
 from tasks.release import load_release, write_release_files  # noqa: E402
 from tasks.release_formats import load_packed_release, write_packed_release  # noqa: E402
 
 FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 
 
-def _setup(tmp_path: Path, family: str, spec: QuantSpec):
+# a mixed-precision plan as quantlib.mixed makes them: Linears sharing an input share a scheme
+MIXED = SpecMap(QuantSpec(4, 32), tuple(sorted(
+    [(f"model.layers.0.self_attn.{n}_proj", QuantSpec(2, 32)) for n in "qkv"] +
+    [(f"model.layers.1.mlp.{n}_proj", QuantSpec(3, 64)) for n in ("gate", "up")] +
+    [("model.layers.2.mlp.down_proj", QuantSpec(8, None, sym=True))])))
+
+
+def _setup(tmp_path: Path, family: str, spec: QuantSpec | SpecMap):
     """(source dir, fp32 fake-quant model, qweights) for a tiny model saved to tmp_path/src."""
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "src")
@@ -43,7 +50,8 @@ def _setup(tmp_path: Path, family: str, spec: QuantSpec):
     qweights = {}
     for i, block in enumerate(adapter.blocks):
         for name, module in adapter.linears(block).items():
-            qweights[f"{adapter.family.layers}.{i}.{name}"] = rtn_quantize(adapter.get_weight(module).detach(), spec)
+            path = f"{adapter.family.layers}.{i}.{name}"
+            qweights[path] = rtn_quantize(adapter.get_weight(module).detach(), spec_for(spec, path))
     for name, qw in qweights.items():  # the fake-quant model the evaluate stage scored before packing
         adapter.set_weight(model.get_submodule(name), qw.dequantize())
     return tmp_path / "src", model, qweights
@@ -81,6 +89,32 @@ def test_packed_release_reproduces_fake_quant_logits(tmp_path, fmt, family, spec
             w = qw.scale.half().float()[:, qw.g_idx.long()] * (qw.qweight.float() - qw.zero[:, qw.g_idx.long()])
             adapter.set_weight(exact.get_submodule(name), w)
     torch.testing.assert_close(b, _logits(exact, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mixed_precision_release_declares_each_scheme_and_reproduces_the_model(tmp_path, fmt):
+    """A release of a mixed plan: the config gives every module its own scheme (GPTQ `dynamic`
+    patterns, which also match the fused qkv_proj / gate_up_proj names vLLM looks up; one
+    compressed-tensors config group per scheme), and our loader, reading only the config, rebuilds
+    exactly the fake-quant model."""
+    from tasks.release_formats import module_spec, release_format
+
+    rel, fake, qweights = _write(tmp_path, "llama", MIXED, fmt)
+    qconfig = json.loads((rel / "config.json").read_text())["quantization_config"]
+    fmt_ = release_format({"format": fmt}, qconfig)
+    for name, qw in qweights.items():
+        assert module_spec(qconfig, fmt_, name) == (qw.spec.bits, qw.spec.group_size), name
+    if fmt != "compressed-tensors":
+        assert (qconfig["bits"], qconfig["group_size"]) == (4, 32)  # the base: most modules
+        assert module_spec(qconfig, fmt_, "model.layers.0.self_attn.qkv_proj") == (2, 32)
+        assert module_spec(qconfig, fmt_, "model.layers.1.mlp.gate_up_proj") == (3, 64)
+        assert module_spec(qconfig, fmt_, "model.layers.1.self_attn.qkv_proj") == (4, 32)
+    else:
+        assert len(qconfig["config_groups"]) == 4
+    model = load_packed_release(rel, verify=False)
+    ids = tiny_ids(2, 24)
+    a, b = _logits(fake, ids), _logits(model, ids)
+    assert (a - b).abs().max() <= 2e-3 * a.abs().max(), (a - b).abs().max()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -222,6 +256,7 @@ def test_gptq_releases_loaded_by_gptqmodel_itself(tmp_path):
         [(spec, "gptq") for spec in SPECS_FOR_GPTQMODEL if spec.sym]
     releases = [(spec, *_write(tmp_path / f"s{i}", "llama", spec, fmt)) for i, (spec, fmt) in enumerate(cases)]
     releases.append((QuantSpec(4, 32), *_tied_head_release(tmp_path / "head", QuantSpec(4, 32), "gptq_v2")))
+    releases.append((MIXED, *_write(tmp_path / "mixed", "llama", MIXED, "gptq_v2")))  # per-module `dynamic`
     for i, (spec, rel, fake, qweights) in enumerate(releases):  # one reader process for all: start-up ~10 s
         _tokenizer(fake.config.vocab_size).save_pretrained(rel)
         runs.append((spec, fake, qweights, tmp_path / f"read{i}.safetensors"))
@@ -260,6 +295,41 @@ def test_compressed_tensors_release_read_by_compressed_tensors(tmp_path, spec):
                                                      "weight_shape") if f"{name}.{k}" in tensors}
         w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
         assert w.dtype == torch.float16 and torch.equal(w, _fp16_dense(qw)), name
+
+
+def test_mixed_compressed_tensors_release_read_by_compressed_tensors(tmp_path):
+    """compressed-tensors' own config parser and decompressor, group by group, and (all groups
+    symmetric) the plain transformers call: every weight of a mixed release is ours, bit for bit."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    rel, fake, qweights = _write(tmp_path, "llama", MIXED, "compressed-tensors")
+    raw = json.loads((rel / "config.json").read_text())["quantization_config"]
+    groups = QuantizationConfig.model_validate(raw).config_groups
+    tensors = load_file(str(rel / "model.safetensors"))
+    seen = set()
+    for scheme in groups.values():
+        for name in scheme.targets:
+            local = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                         "weight_shape") if f"{name}.{k}" in tensors}
+            w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            assert torch.equal(w, _fp16_dense(qweights[name])), name
+            seen.add(name)
+    assert seen == set(qweights)
+    # transformers' dequantize mode would decode every Linear with one group's scheme: never declared here
+    assert "dequantize" not in raw
+    # an all-symmetric mixed release loads with the plain call (compressed mode), every weight ours
+    sym = SpecMap(QuantSpec(4, 32, sym=True), tuple(sorted(
+        (f"model.layers.0.self_attn.{n}_proj", QuantSpec(8, None, sym=True)) for n in "qkv")))
+    rel, fake, qweights = _write(tmp_path / "sym", "llama", sym, "compressed-tensors")
+    model = AutoModelForCausalLM.from_pretrained(rel)
+    ids = tiny_ids(2, 16)
+    a, b = _logits(fake, ids), _logits(model, ids).float()
+    for name, qw in qweights.items():
+        assert torch.equal(model.get_submodule(name).weight.detach().half(), _fp16_dense(qw)), name
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
