@@ -20,6 +20,19 @@ EXTRA = {
 }
 
 
+def _rerun(features, tmp_path_factory, name: str, *overrides: str):
+    """The features project copied to a fresh folder, then `ptq run -S OVERRIDE ...` in it."""
+    import shutil
+
+    from pipeline_projects import Project
+
+    root = tmp_path_factory.mktemp(name) / "project"
+    shutil.copytree(features.root, root, symlinks=True)
+    project = Project(root, features.env)
+    project.run_ok("run", *[a for o in overrides for a in ("-S", o)])
+    return project
+
+
 @pytest.fixture(scope="module")
 def features(make_project):
     project = make_project("features", EXTRA, server=False)  # the default: a temporary Prefect server
@@ -120,15 +133,7 @@ def activations(features, tmp_path_factory):
     """The features project, copied, then `ptq run -S quantize.activations=a4s`: static inputs, the
     path with the most stages involved (the pack stage calibrates the scales); the dynamic scheme's
     release config and loading are tested in tests/tasks/test_release_formats.py."""
-    import shutil
-
-    from pipeline_projects import Project
-
-    root = tmp_path_factory.mktemp("act") / "project"
-    shutil.copytree(features.root, root, symlinks=True)
-    project = Project(root, features.env)
-    project.run_ok("run", "-S", "quantize.activations=a4s")
-    return project
+    return _rerun(features, tmp_path_factory, "act", "quantize.activations=a4s")
 
 
 def test_activation_quantization_keeps_the_codes_and_scores_the_release_with_it(activations, features):
@@ -165,15 +170,7 @@ def rotated(features, tmp_path_factory):
     """The features project, copied, then `ptq run -S fetch_model.rotate=residual -S
     quantize.activations=a4`: every stage reruns on the rotated model, and the release quantizes its
     Linears' inputs per token (the use rotation exists for)."""
-    import shutil
-
-    from pipeline_projects import Project
-
-    root = tmp_path_factory.mktemp("rot") / "project"
-    shutil.copytree(features.root, root, symlinks=True)
-    project = Project(root, features.env)
-    project.run_ok("run", "-S", "fetch_model.rotate=residual", "-S", "quantize.activations=a4")
-    return project
+    return _rerun(features, tmp_path_factory, "rot", "fetch_model.rotate=residual", "quantize.activations=a4")
 
 
 def test_rotated_model_is_what_every_stage_quantizes_and_the_release_holds(rotated, features):
@@ -206,15 +203,7 @@ def test_rotated_model_is_what_every_stage_quantizes_and_the_release_holds(rotat
 def mixed(features, tmp_path_factory):
     """The features project, copied, then `ptq run -S quantize.mixed_from=[w3g32,w8g32]`: a plan at
     the size of the uniform w4g32 the project otherwise makes, in its compressed-tensors release."""
-    import shutil
-
-    from pipeline_projects import Project
-
-    root = tmp_path_factory.mktemp("mixed") / "project"
-    shutil.copytree(features.root, root, symlinks=True)
-    project = Project(root, features.env)
-    project.run_ok("run", "-S", "quantize.mixed_from=[w3g32,w8g32]")
-    return project
+    return _rerun(features, tmp_path_factory, "mixed", "quantize.mixed_from=[w3g32,w8g32]")
 
 
 def test_mixed_precision_plan_is_an_artifact_the_codes_and_release_follow(mixed, features):
