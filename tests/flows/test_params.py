@@ -259,6 +259,16 @@ def test_section_keys() -> None:
         section_keys("nope")
 
 
+def test_auto_release_format_follows_every_scheme_of_a_mixed_plan() -> None:
+    """GPTQ v1 cannot hold asymmetric zeros of 0, so auto writes it only when every scheme a Linear
+    may get is symmetric: one asymmetric candidate makes it gptq_v2."""
+    from flows.params import PackParams, QuantizeParams
+
+    assert QuantizeParams(sym=True).all_sym and QuantizeParams(sym=True, mixed_from=("w2g64s", "w4pcs")).all_sym
+    mixed = QuantizeParams(sym=True, mixed_from=("w2g64s", "w4g64"))
+    assert not mixed.all_sym and PackParams().resolved(mixed.all_sym) == "gptq_v2"
+
+
 def test_null_resolution() -> None:
     assert PrepareDataParams().resolved_mirror({}) is None
     assert PrepareDataParams().resolved_mirror({"PTQ_DATA_MIRROR": "/m"}) == "/m"
