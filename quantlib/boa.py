@@ -292,7 +292,7 @@ def _kron_sweep(w, u_row, u_col, scale, zero, groups, h_col, spec, cfg, static):
                 qc = torch.clamp(torch.round(col / s) + z, 0, spec.maxq)
                 f = (col - s * (qc - z)) / u_diag[:, j, None]
             else:
-                qc, d = _row_sweep(w1[..., i].clone(), s, z, u_row, u_rows, spec.maxq)
+                qc, d = _sweep_rows(w1[..., i].contiguous(), s, z, u_row, u_rows, spec.maxq)
                 f = (u_row * d[..., None]).sum(1) / u_diag[:, j, None]  # U_row^T d
             q[..., j] = qc
             w1[..., i + 1 :] -= f[..., None] * u_col[:, None, j, j + 1 : i2]
@@ -300,6 +300,20 @@ def _kron_sweep(w, u_row, u_col, scale, zero, groups, h_col, spec, cfg, static):
         w[..., i2:] -= f1 @ u_col[:, i1:i2, i2:]
         i1 = i2
     return q
+
+
+def _row_kernel(col: torch.Tensor) -> bool:
+    """The Triton row sweep (quantlib.kernels.boa_triton: one launch per column instead of ~5 per row)
+    on CUDA float32; the torch loop elsewhere."""
+    return col.is_cuda and col.dtype == torch.float32
+
+
+def _sweep_rows(col, s, z, u_row, u_rows, maxq):
+    if _row_kernel(col):
+        from .kernels.boa_triton import row_sweep
+
+        return row_sweep(col, s.float(), z.float(), u_row, maxq)
+    return _row_sweep(col, s, z, u_row, u_rows, maxq)
 
 
 def _row_sweep(col, s, z, u_row, u_rows, maxq):
