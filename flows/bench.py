@@ -280,19 +280,41 @@ def render_quality_md(records: list[dict]) -> str:
              "docs, 16 x 1024 windows; fp32 11.60), for rows made since it was added. ",
              "Generated from quality.json by `ptq bench quality` (latest row per method, scheme and calibration).", "",
              "bits/w: effective bits per quantized weight (codes, an fp16 scale per group, a zero point per group ",
-             "when asymmetric; quantlib.qweight.bits_per_weight), for rows made since it was added.", "",
+             "when asymmetric; quantlib.qweight.bits_per_weight), for rows made since it was added. ",
+             "mix(A+B)@S: mixed precision (quantlib.mixed), each Linear on A or B, sized as uniform S (or at S bits ",
+             "per weight); listed beside S's rows, with the split in the table after the main one.", "",
              "| model | method | scheme | bits/w | ppl | python-docs | quant s | threads | peak RSS MB | calib | date |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+    for (model, method, scheme, calib), r in sorted(latest.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][2]),
+                                                                                      kv[0][2], kv[0][1])):
         off = "" if r.get("ppl_pydocs") is None else f"{r['ppl_pydocs']:.2f}"
         bpw = "" if r.get("bpw") is None else f"{r['bpw']:.2f}"
         lines.append(f"| {model} | {method} | {scheme} | {bpw} | {r['ppl']:.2f} | {off} | {r['quant_seconds']:.0f} | "
                      f"{r.get('versions', {}).get('threads', '')} | "
                      f"{r['peak_rss_mb']:.0f} | {calib} | {r['date'][:10]} |")
+    lines += _mixed_table(list(latest.values()))
     lines += _seeds_table(list(latest.values()))
     lines += _settings_table([r for r in latest.values() if _is_recon(r) or "qat" in r["settings"]])
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in latest.values())]
     return "\n".join(lines) + "\n"
+
+
+def _size_key(scheme: str) -> str:
+    """A mixed row sorts with the uniform scheme it is sized as (mix(...)@w2g64 beside w2g64)."""
+    return scheme.rsplit("@", 1)[-1] if scheme.startswith("mix(") else scheme
+
+
+def _mixed_table(rows: list[dict]) -> list[str]:
+    mixed = [r for r in rows if r["settings"].get("mixed")]
+    if not mixed:
+        return []
+    lines = ["", "Mixed-precision plans (Linears per scheme; target bits per weight; Fisher sequences):", "",
+             "| method | scheme | Linears per scheme | target bits/w | Fisher sequences |", "|---|---|---|---:|---:|"]
+    for r in sorted(mixed, key=lambda r: (r["scheme"], r["method"])):
+        m = r["settings"]["mixed"]
+        split = ", ".join(f"{n} {s}" for s, n in m["linears"].items())
+        lines.append(f"| {r['method']} | {r['scheme']} | {split} | {m['target_bpw']:.3f} | {m['samples']} |")
+    return lines
 
 
 RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "grid", "iters", "batch_size", "lr",

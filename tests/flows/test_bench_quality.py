@@ -56,6 +56,9 @@ def test_bench_mixed_rows_record_their_plan_and_fit_the_uniform_size(tiny_source
     assert plan["target_bpw"] == pytest.approx(2 + 18 / 32) and set(plan["linears"]) == {"w2g64", "w4g32"}
     assert len(plan["units"]) == 4 * 4 and plan["samples"] == 4  # tiny source: 4 blocks x (qkv, o, gate/up, down)
     assert all(r["bpw"] <= 2 + 18 / 32 for r in rows) and rows[0]["bpw"] == rows[1]["bpw"]
+    md = out.with_suffix(".md").read_text()
+    split = ", ".join(f"{n} {s}" for s, n in plan["linears"].items())
+    assert f"| gptq+qat | mix(w2g64+w4g32)@w2g32 | {split} | {2 + 18 / 32:.3f} | 4 |" in md
     assert main([*common, "--mixed-from", "w4g32", "--out", str(tmp_path / "no.json")]) != 0
     assert "below the smallest plan" in capfd.readouterr().err and not (tmp_path / "no.json").exists()
 
