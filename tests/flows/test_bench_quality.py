@@ -80,6 +80,17 @@ def test_bad_methods_fail_before_any_work(tiny_source, tmp_path, capsys, methods
     assert not (tmp_path / "q.json").exists()
 
 
+@pytest.mark.parametrize("extra, message", [(["--mixed-bits", "2.5"], "--mixed-bits sizes a mixed-precision plan"),
+                                            (["--mixed-from", "w2g64,w2g64"], "distinct candidate schemes"),
+                                            (["--mixed-from", "w2g64,w9x"], "unknown scheme 'w9x'")])
+def test_bad_mixed_precision_options_fail_before_any_work(tiny_source, tmp_path, capsys, extra, message):
+    args = ["bench", "quality", "--model", str(tiny_source), "--methods", "gptq", "--schemes", "w3g32",
+            "--out", str(tmp_path / "q.json"), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_a_worker_receives_the_parsed_method():
     method = parse_method("recon-k2o1-gptq-i40+qat128", recon={"rank": 2}, qat={"lr": 1e-3})
     bench = QualityBench(model="m", methods=(method,), schemes=("w3g64",), out=Path("q.json"))
