@@ -293,7 +293,8 @@ def quantize_stage(ctx: StageContext) -> dict:
     plan = None
     if mixed is not None:  # every block task then gets each Linear's scheme from the plan
         plan, plan_cached = run_cached(ctx, mixed_plan_task, lambda r: file_ok(r["path"], r["sha"]), "mixed_plan",
-                                       on=job.engine.device, cfg=mixed, default=job.spec, dtype=job.dtype, **common)
+                                       on=job.engine.device, cfg=mixed, default=job.spec, dtype=job.dtype,
+                                       device=job.engine.device, **common)
         job = replace(job, spec=read_plan(plan))
     cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", on=job.engine.device, batch_size=job.engine.batch_size,

@@ -65,16 +65,20 @@ def _skeleton(model_dir: str, model_sha: str, dtype: str, trust_remote_code: boo
     return held[1]
 
 
-def _here(job: QuantizeJob) -> QuantizeJob:
-    """The job with its device resolved where the task runs (a worker's GPU, not the driver's): auto
-    is cuda when this process sees one, else cpu; cuda without CUDA here is an error."""
-    device = job.engine.device
+def _device(device: str) -> str:
+    """quantize.device where the task runs (a worker's GPU, not the driver's): auto is cuda when this
+    process sees one, else cpu; cuda without CUDA here is an error."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"quantize.device {device!r}, but this worker ({ran_on()}) sees no CUDA device; "
                            "run it on a GPU worker or set quantize.device: auto or cpu")
-    return replace(job, engine=replace(job.engine, device=device))
+    return device
+
+
+def _here(job: QuantizeJob) -> QuantizeJob:
+    """The job with its device resolved where the task runs (_device)."""
+    return replace(job, engine=replace(job.engine, device=_device(job.engine.device)))
 
 
 def _calib(calib_path: str, calib_sha: str):
@@ -118,10 +122,13 @@ def capture_activations(model_dir: str, model_sha: str, calib_path: str, calib_s
 
 @task(name="mixed_plan", cache_key_fn=key_fn("model_sha", "calib_sha", "cfg", "default", "dtype"), persist_result=True)
 def mixed_plan_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: str, cfg: MixedConfig,
-                    default: QuantSpec, cache_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+                    default: QuantSpec, cache_dir: str, dtype: str = "float32", trust_remote_code: bool = False,
+                    device: str = "cpu") -> dict:
     """quantlib.mixed's plan for the FP model on the calibration ids, as a JSON file (the plan and the
-    measured costs it was chosen from); {path, sha}."""
+    measured costs it was chosen from); {path, sha}. `device` as quantize.device (auto: this worker's
+    GPU if it has one); not in the key: where the Fisher pass ran is not what the plan is."""
     model = load_model(model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model.to(_device(device))
     plan, units, target = plan_mixed(get_adapter(model), _calib(calib_path, calib_sha), cfg, default)
     final = Path(cache_dir) / "mixed" / f"{stable_hash(['mixed', model_sha, calib_sha, cfg, default, dtype])}.json"
     atomic_write_json(final, plan_to_json(plan, units, target, cfg))

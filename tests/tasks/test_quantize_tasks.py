@@ -96,7 +96,7 @@ def _parameters(root: str, shas: dict[str, str] | None = None) -> dict:
             "target": {"path": f"{root}/.cache/ptq/acts/t", "sha": sha["target"]},
             "carry": {"path": f"{root}/.cache/ptq/carry/c.safetensors", "sha": sha["carry"]},
             "job": TQ.QuantizeJob(_JOB.spec, _JOB.method, EngineConfig(batch_size=4, spill_dir=f"{root}/spill")),
-            "cfg": MixedConfig((QuantSpec(2, 64), QuantSpec(3, 64))), "default": QuantSpec(2, 64)}
+            "cfg": MixedConfig((QuantSpec(2, 64), QuantSpec(3, 64))), "default": QuantSpec(2, 64), "device": "cpu"}
 
 
 def test_a_mixed_plan_keys_its_candidates_size_and_samples_and_the_block_tasks_key_the_plan():
@@ -107,6 +107,7 @@ def test_a_mixed_plan_keys_its_candidates_size_and_samples_and_the_block_tasks_k
             MixedConfig(p["cfg"].candidates, samples=8)]
     keys = {_key(task, p | {"cfg": c}) for c in cfgs} | {_key(task, p | {"default": QuantSpec(3, 64)})}
     assert len(keys) == 5
+    assert _key(task, p | {"device": "cuda"}) == _key(task, p)  # where the Fisher pass ran is not what the plan is
     plans = [SpecMap(SPEC, (("model.layers.0.mlp.down_proj", QuantSpec(w, 64)),)) for w in (2, 4)]
     jobs = [p["job"]] + [TQ.QuantizeJob(plan, _JOB.method, p["job"].engine) for plan in plans]
     assert len({_key(TQ.quantize_block_task, p | {"job": j}) for j in jobs}) == 3
