@@ -28,7 +28,7 @@ from quantlib.adapters import get_adapter
 from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig
 from quantlib.gptq import GPTQConfig
-from quantlib.mixed import MixedConfig, plan_mixed
+from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed
 from quantlib.qat import QATConfig
 from quantlib.qweight import bits_per_weight
 from quantlib.recon import ReconConfig
@@ -388,12 +388,13 @@ def run_demo() -> int:
     windows = read_token_ids(Path(S.TOKENS) / first["file"], first["sha256"])["windows"]
     metrics = json.loads(Path(S.METRICS).read_text())
     model = load_model(S.MODEL)
-    scheme = parse_scheme(metrics["scheme"])
+    plan = Path(S.QUANTIZED) / "mixed_plan.json"  # mixed precision: RTN on the same per-Linear schemes
+    scheme = plan_from_json(json.loads(plan.read_text())) if plan.is_file() else parse_scheme(metrics["scheme"])
     _, _, seconds = C.quantize_loaded(model, None, scheme, RTNConfig(), EngineConfig())
     rows = [{"method": "fp32", "scheme": "-", "ppl": next(iter(metrics["fp32_ppl"].values()))},
-            {"method": "rtn", "scheme": scheme.name, "ppl": C.eval_ppl(model, windows, desc="rtn perplexity"),
+            {"method": "rtn", "scheme": metrics["scheme"], "ppl": C.eval_ppl(model, windows, desc="rtn perplexity"),
              "quant_seconds": seconds},
-            {"method": metrics["method"], "scheme": scheme.name, "ppl": next(iter(metrics["ppl"].values())),
+            {"method": metrics["method"], "scheme": metrics["scheme"], "ppl": next(iter(metrics["ppl"].values())),
              "quant_seconds": _stage_seconds("quantize", "qat")}]
     print()
     print_table(rows, ["method", "scheme", "quant_seconds", "ppl"])

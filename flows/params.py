@@ -168,6 +168,19 @@ def _positive_or_null() -> Check:
     return check
 
 
+def _range_or_null(lo: float, hi: float) -> Check:
+    def check(path: str, value: Any) -> float | None:
+        if value is None:
+            return None
+        if not (_is_int(value) or isinstance(value, float)):
+            raise _expected(path, "float or null", value)
+        if not lo <= value <= hi:  # also rejects nan
+            raise ParamsError(f"{path}: must be in [{lo}, {hi}] or null, got {value}")
+        return float(value)
+
+    return check
+
+
 def _choice(options: tuple[str, ...]) -> Check:
     def check(path: str, value: Any) -> str:
         if not isinstance(value, str) or value not in options:
@@ -370,8 +383,15 @@ class QuantizeParams(_Section):
                                                 rule="must be a8, a4 (dynamic), a8s, a4s (static) or null"))
     quantized_inputs: bool = _key(False, _boolean())
     mixed_from: tuple[str, ...] = _key((), _schemes())
-    mixed_bits: float | None = _key(None, _positive_or_null())
+    mixed_bits: float | None = _key(None, _range_or_null(1, 16))
     mixed_samples: int = _key(32, _integer(1))
+
+    @property
+    def min_bits(self) -> int:
+        """The fewest bits a Linear may get (qat.enabled auto decides on it)."""
+        from quantlib.spec import parse_scheme
+
+        return min([self.bits, *(parse_scheme(s).bits for s in self.mixed_from)])
 
     @property
     def all_sym(self) -> bool:

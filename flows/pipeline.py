@@ -273,6 +273,7 @@ def _block_ok(r: dict) -> bool:
 @_prefect_flow("quantize")
 def quantize_stage(ctx: StageContext) -> dict:
     from quantlib.adapters import check_spec_fits, get_adapter
+    from quantlib.mixed import check_target
     from tasks.inputs import manifest_sha
     from tasks.io import file_ok
     from tasks.quantize import capture_activations, mixed_plan_task, read_plan
@@ -285,8 +286,9 @@ def quantize_stage(ctx: StageContext) -> dict:
     trust = ctx.params.fetch_model.trust_remote_code
     adapter = get_adapter(meta_model(model_dir, trust))  # shapes only: the tasks load what they need
     mixed = mixed_config(ctx.params.quantize)
-    for spec in [job.spec, *(mixed.candidates if mixed else ())]:
-        check_spec_fits(adapter, spec.group_size)
+    check_spec_fits(adapter, job.spec.group_size)
+    if mixed is not None:  # group sizes and a plan that fits, from shapes, before any task
+        check_target(adapter, mixed, job.spec)
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), trust_remote_code=trust,
                   calib_path=str(tokens_dir / "calib.safetensors"), calib_sha=tokens["calib"]["sha256"],
                   cache_dir=str(ctx.cache))
@@ -499,7 +501,7 @@ def qat_stage(ctx: StageContext) -> dict:
     link from quantized codes to QAT codes)."""
     from tasks.io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified
 
-    active = ctx.params.qat.active(ctx.params.quantize.bits)
+    active = ctx.params.qat.active(ctx.params.quantize.min_bits)
     qdir, out = ctx.path(S.QUANTIZED), ctx.path(S.QAT)
     info = _read_json(qdir / "quantize.json")
     tmp = _fresh_tmp(out)
@@ -626,7 +628,7 @@ def release_label(manifest: dict) -> tuple[str, str]:
 
     params = params_from_dict(manifest["params"])
     q = params.quantize
-    qat = "+qat" if params.qat.active(q.bits) else ""
+    qat = "+qat" if params.qat.active(q.min_bits) else ""
     return f"{q.resolved_method}{qat}", scheme_label(q)
 
 

@@ -66,7 +66,9 @@ def open_tracking(root: Path, params: PipelineParams) -> Tracking:
     tags = {"ptq.code_fingerprint": code["fingerprint"], "ptq.git_commit": code["git_commit"],
             "ptq.git_dirty": code["git_dirty"], "mlflow.source.git.commit": code["git_commit"]}
     q = params.quantize
-    name = f"ptq {q.resolved_method} w{q.bits}{'g' + str(q.group_size) if q.group_size else 'pc'}"
+    from .pipeline import scheme_label
+
+    name = f"ptq {q.resolved_method} {scheme_label(q)}"
     parent = open_pipeline_run(tracker, pipeline_key(root, params), name, tags)
     tracker.log_params(parent, flatten(params_to_dict(params)))
     return Tracking(tracker, parent)

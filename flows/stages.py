@@ -148,9 +148,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", deps=(MODEL, TOKENS), params=("quantize", "recon", "fetch_model.dtype",
                                                     "fetch_model.trust_remote_code"), outs=(QUANTIZED,),
           plots=(Plot(BLOCK_ERRORS, x="block"),)),
-    # qat.enabled: auto decides by the number of bits
+    # qat.enabled: auto decides by the number of bits (the fewest a mixed-precision plan may give)
     # quantize.activations: QAT trains with the release's activation quantizers in its forward
-    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits", "quantize.activations",
+    Stage("qat", deps=(MODEL, TOKENS, QUANTIZED), params=("qat", "quantize.bits", "quantize.mixed_from",
+                                                          "quantize.activations",
                                                           "fetch_model.dtype", "fetch_model.trust_remote_code"),
           outs=(QAT,)),
     Stage("pack", deps=(MODEL, TOKENS, QAT), params=RELEASE_PARAMS, outs=(RELEASE,)),

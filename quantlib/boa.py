@@ -62,6 +62,7 @@ f = U_row^T d / U_col[j,j] moves every later column l by f U_col[j,l], exactly G
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -695,15 +696,22 @@ def _head_weights(adapter: ModelAdapter, block: nn.Module, layout: AttentionLayo
 @torch.no_grad()
 def solve_attention(
     adapter: ModelAdapter, block: nn.Module, group: list[str], inputs, call: BlockCall,
-    spec: QuantSpec, cfg: BoAConfig, device,
+    spec_of: Callable[[str], QuantSpec], cfg: BoAConfig, device,
 ) -> dict[str, tuple[QuantizedWeight, float]]:
     """The engine's group hook: {name: (QuantizedWeight, relative Kronecker-weighted error)} for
     the attention's q/k/v when `group` contains them, else {} (a fused projection: one entry, the
     mean of its three errors). One forward pass collects every Hessian; W_Q and W_K heads are swept
-    as one batch (sharing H_col unless q/k norms give each head its own)."""
+    as one batch (sharing H_col unless q/k norms give each head its own), so they need one scheme
+    (spec_of: a Linear's scheme); W_V takes its own."""
     layout = attention_layout(adapter)
     if not set(layout.names) <= set(group):
         return {}
+    spec, spec_v = spec_of(layout.q), spec_of(layout.v)
+    if spec_of(layout.k) != spec:
+        raise ValueError(f"BoA sweeps {layout.q} and {layout.k} jointly; give them one scheme, got "
+                         f"{spec.name} and {spec_of(layout.k).name}")
+    if layout.fused and spec_v != spec:
+        raise ValueError(f"{layout.q} is one fused q/k/v projection: one scheme, got {spec.name} and {spec_v.name}")
     geo = adapter.geometry
     hs = collect_attention_stats(block, layout, geo, inputs, call, device).hessians()
     heads, kv = geo.num_heads, geo.num_kv_heads
@@ -717,8 +725,8 @@ def solve_attention(
     err_k = kron_error(wk, w_hat[heads:], hs.row_k, hs.col_k)
     q_w = _quantized(codes[:heads], scale[:heads], zero[:heads], spec)
     k_w = _quantized(codes[heads:], scale[heads:], zero[heads:], spec)
-    codes, scale, zero = kron_gptq(wv, None, hs.col_v, spec, cfg)
-    v_w = _quantized(codes, scale, zero, spec)
+    codes, scale, zero = kron_gptq(wv, None, hs.col_v, spec_v, cfg)
+    v_w = _quantized(codes, scale, zero, spec_v)
     err_v = kron_error(wv, v_w.dequantize().to(hs.col.device).view(wv.shape), None, hs.col_v)
     if layout.fused:
         return {layout.q: (_stacked([q_w, k_w, v_w]), (err_q + err_k + err_v) / 3)}

@@ -283,7 +283,7 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
     for group, later in plan:
         # a method may solve some Linears of the group jointly (BoA: q/k/v); the rest as usual
         joint = {} if method.solve_group is None else method.solve_group(
-            adapter, block, group, inputs, call, _group_spec(spec, prefix, group), method_cfg, device)
+            adapter, block, group, inputs, call, lambda n: spec_for(spec, f"{prefix}.{n}"), method_cfg, device)
         rest = [n for n in group if n not in joint]
         # a pending reference over all batches: the first group's pass runs the whole block to feed it
         full = ref is not None and ref.pending and ref.batches == len(inputs)
@@ -305,16 +305,6 @@ def _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref
             adapter.set_weight(linears[name], w_hat)
             results[f"{prefix}.{name}"] = qw
     return results, errors, routing
-
-
-def _group_spec(spec: Spec, prefix: str, group) -> QuantSpec:
-    """The one scheme of a group a method solves jointly (BoA's q/k/v); quantlib.mixed plans give
-    Linears that share an input one scheme, as fused runtimes (vLLM's qkv_proj) require."""
-    specs = {spec_for(spec, f"{prefix}.{n}") for n in group}
-    if len(specs) != 1:
-        raise ValueError(f"{prefix}: {', '.join(group)} are solved jointly but have different schemes "
-                         f"({', '.join(sorted(s.name for s in specs))}); give Linears that share an input one scheme")
-    return specs.pop()
 
 
 @dataclass

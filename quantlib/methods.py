@@ -20,8 +20,9 @@ class Method:
     """solve(w (out, in), h (in, in) or None, spec, cfg) -> QuantizedWeight.
 
     solve_group (optional): for Linears that need more than their own input Hessian (BoA's q/k/v),
-    solve_group(adapter, block, group, inputs, call, spec, cfg, device) -> {name: (QuantizedWeight,
-    error)} for the names of `group` it solves jointly ({} when none); the engine solves the rest."""
+    solve_group(adapter, block, group, inputs, call, spec_of, cfg, device) -> {name: (QuantizedWeight,
+    error)} for the names of `group` it solves jointly ({} when none); the engine solves the rest.
+    spec_of(name) is the scheme of the block's Linear `name` (one per Linear under mixed precision)."""
 
     name: str
     solve: Callable[[torch.Tensor, torch.Tensor | None, QuantSpec, object], QuantizedWeight]

@@ -28,7 +28,8 @@ from .adapters import ModelAdapter, check_spec_fits
 from .rtn import RTNConfig, rtn_quantize
 from .spec import QuantSpec, SpecMap, parse_scheme
 
-__all__ = ["MixedConfig", "Unit", "scheme_bits", "fisher_diagonal", "sensitivity_units", "allocate", "plan_mixed",
+__all__ = ["MixedConfig", "Unit", "scheme_bits", "fisher_diagonal", "model_units", "check_target", "sensitivity_units",
+           "allocate", "plan_mixed",
            "uniform_bits", "plan_to_json", "plan_from_json"]
 
 
@@ -102,19 +103,48 @@ def fisher_diagonal(adapter: ModelAdapter, calib_ids: torch.Tensor) -> dict[str,
     return {path: adapter.out_in(linears[path], f / n).cpu() for path, f in fisher.items()}
 
 
-def sensitivity_units(adapter: ModelAdapter, fisher: dict[str, torch.Tensor],
-                      candidates: tuple[QuantSpec, ...]) -> list[Unit]:
-    """The model's units (Linears sharing an input, block by block) with each candidate's cost
-    1/2 sum(F * (W - RTN(W))^2), summed over the unit's Linears."""
-    units = []
+def _unit_names(adapter: ModelAdapter):
+    """(block index, Linear names) of every unit: Linears sharing an input, block by block."""
     for i, block in enumerate(adapter.blocks):
-        linears = adapter.linears(block)
         for group in adapter.groups(block):
             for names in adapter.input_sets(list(group)):
-                paths = tuple(f"{adapter.family.layers}.{i}.{n}" for n in names)
-                ws = [adapter.get_weight(linears[n]).detach().float().cpu() for n in names]
-                costs = tuple(sum(_cost(w, fisher[p], c) for w, p in zip(ws, paths)) for c in candidates)
-                units.append(Unit(paths, sum(w.numel() for w in ws), ws[0].shape[1], costs))
+                yield i, names
+
+
+def model_units(adapter: ModelAdapter) -> list[Unit]:
+    """The units with their sizes and no costs: shapes only (a meta-device model will do)."""
+    units = []
+    for i, names in _unit_names(adapter):
+        ws = [adapter.get_weight(adapter.blocks[i].get_submodule(n)) for n in names]
+        units.append(Unit(tuple(f"{adapter.family.layers}.{i}.{n}" for n in names), sum(w.numel() for w in ws),
+                          ws[0].shape[1], ()))
+    return units
+
+
+def check_target(adapter: ModelAdapter, cfg: MixedConfig, default: QuantSpec) -> float:
+    """The plan's target bits per weight, after checking from shapes alone that every candidate's
+    groups fit and that some plan fits the target; ValueError naming the fix otherwise."""
+    for c in cfg.candidates + (default,):
+        check_spec_fits(adapter, c.group_size)
+    units = model_units(adapter)
+    target = cfg.bits if cfg.bits is not None else uniform_bits(units, default)
+    lo = sum(min(scheme_bits(c, u.in_features) for c in cfg.candidates) * u.weights for u in units)
+    lo /= sum(u.weights for u in units)
+    if target < lo:
+        raise ValueError(f"mixed precision: {target:.4f} bits per weight is below the smallest plan "
+                         f"({lo:.4f}: every Linear on its smallest candidate); raise the target or add smaller schemes")
+    return target
+
+
+def sensitivity_units(adapter: ModelAdapter, fisher: dict[str, torch.Tensor],
+                      candidates: tuple[QuantSpec, ...]) -> list[Unit]:
+    """The model's units (model_units) with each candidate's cost 1/2 sum(F * (W - RTN(W))^2),
+    summed over the unit's Linears."""
+    units = []
+    for u in model_units(adapter):
+        ws = [adapter.get_weight(adapter.model.get_submodule(p)).detach().float().cpu() for p in u.paths]
+        costs = tuple(sum(_cost(w, fisher[p], c) for w, p in zip(ws, u.paths)) for c in candidates)
+        units.append(Unit(u.paths, u.weights, u.in_features, costs))
     return units
 
 
@@ -172,10 +202,8 @@ def plan_mixed(adapter: ModelAdapter, calib_ids: torch.Tensor, cfg: MixedConfig,
                default: QuantSpec) -> tuple[SpecMap, list[Unit], float]:
     """Measure, allocate; returns the plan (every block Linear listed; `default` for any other
     quantized Linear, e.g. the LM head), the measured units and the target bits per weight."""
-    for c in cfg.candidates + (default,):  # before the Fisher pass: a group size that does not fit fails now
-        check_spec_fits(adapter, c.group_size)
+    target = check_target(adapter, cfg, default)  # before the Fisher pass
     units = sensitivity_units(adapter, fisher_diagonal(adapter, calib_ids[: cfg.samples]), cfg.candidates)
-    target = cfg.bits if cfg.bits is not None else uniform_bits(units, default)
     picks = allocate(units, cfg.candidates, target)
     layers = sorted((p, cfg.candidates[c]) for u, c in zip(units, picks) for p in u.paths)
     return SpecMap(default, tuple(layers)), units, target

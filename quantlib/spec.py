@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Union
 
 __all__ = ["QuantSpec", "SpecMap", "parse_scheme", "spec_for"]
@@ -83,7 +84,11 @@ class SpecMap:
             raise ValueError("SpecMap holds QuantSpecs only")
 
     def __getitem__(self, path: str) -> QuantSpec:
-        return dict(self.layers).get(path, self.default)
+        return self._index.get(path, self.default)
+
+    @cached_property
+    def _index(self) -> dict[str, QuantSpec]:  # built once: lookups stay O(1) on models of thousands of Linears
+        return dict(self.layers)
 
     @property
     def specs(self) -> set[QuantSpec]:

@@ -27,7 +27,7 @@ from quantlib.head import head_name, solve_head
 from quantlib.qweight import QuantizedWeight
 from quantlib.windows import WindowStats, forward_blocks, run_window
 from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed, plan_to_json
-from quantlib.spec import QuantSpec, SpecMap
+from quantlib.spec import QuantSpec, SpecMap, spec_for
 
 from .cache import key_fn, stable_hash
 from .io import (atomic_save_safetensors, atomic_write_json, building_dir, file_ok, load_safetensors_verified,
@@ -184,8 +184,8 @@ def quantize_head_task(model_dir: str, model_sha: str, in_path: str, in_sha: str
     """Quantize the LM head from the last block's output shard (quantlib.head); writes its codes."""
     adapter = get_adapter(_skeleton(model_dir, model_sha, job.dtype, trust_remote_code).model)
     inputs = open_shard(Path(in_path), in_sha, in_memory=False)  # one batch at a time
-    qw, error = solve_head(adapter, inputs, job.spec, job.method, _here(job).engine.device)
     name = head_name(adapter)
+    qw, error = solve_head(adapter, inputs, spec_for(job.spec, name), job.method, _here(job).engine.device)
     qpath = Path(cache_dir) / "blocks" / f"{stable_hash(['head', model_sha, in_sha, _job_key(job)])}.safetensors"
     return {"names": [name], "qweights": str(qpath), "qweights_sha": atomic_save_safetensors(qpath, qw.state_dict(name)),
             "error": error, "ran_on": ran_on()}

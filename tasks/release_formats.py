@@ -73,8 +73,8 @@ def _gptq_dynamic(groups: list[tuple[QuantSpec, list[str]]]) -> dict:
         for parent, leaves in by_parent.items():
             fused = [f for members, f in _FUSED.items() if members <= set(leaves)]
             alt = "|".join(re.escape(x) for x in leaves + fused)
-            dynamic[f"+:^{re.escape(parent)}\\.(?:{alt})$"] = {"bits": spec.bits, "group_size": spec.group_size or -1,
-                                                                 "sym": spec.sym}
+            prefix = f"{re.escape(parent)}\\." if parent else ""  # lm_head has no parent
+            dynamic[f"+:^{prefix}(?:{alt})$"] = {"bits": spec.bits, "group_size": spec.group_size or -1, "sym": spec.sym}
     return dynamic
 
 

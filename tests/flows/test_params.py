@@ -161,7 +161,7 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.mixed_from=[w2g64,w3x]",), "quantize.mixed_from: unknown scheme 'w3x'"),
         ("", ("quantize.mixed_from=[w2g64,w2g64]",), "quantize.mixed_from: items must be unique"),
         ("", ("quantize.mixed_bits=2.5",), "quantize.mixed_bits: 2.5 sizes a mixed-precision plan; list its schemes"),
-        ("", ("quantize.mixed_from=[w2g64]", "quantize.mixed_bits=0"), "quantize.mixed_bits: must be in the open"),
+        ("", ("quantize.mixed_from=[w2g64]", "quantize.mixed_bits=0.5"), "quantize.mixed_bits: must be in [1, 16] or null"),
         ("", ("pack.format=gguf", "quantize.sym=true", "quantize.mixed_from=[w2g64s,w8g48s]"),
          "pack.format: w8g48s: GGUF blocks are 32 weights"),
         ("", ("quantize.targets=[blocks,embed]",), "quantize.targets: 'embed' is not a target; allowed: 'blocks', 'lm_head'"),

@@ -360,7 +360,7 @@ def test_boa_beats_gptq_on_attention_output_error(family, seed, clip_search):
     for bits in (2, 3):
         spec = QuantSpec(bits, 32)
         cfg = BoAConfig(clip_search=clip_search)
-        boa = solve_attention(adapter, block, list(layout.names), batches, calls[0], spec, cfg, "cpu")
+        boa = solve_attention(adapter, block, list(layout.names), batches, calls[0], lambda n: spec, cfg, "cpu")
         assert set(boa) == set(layout.names)
         e_boa = error_with({n: boa[n][0].dequantize() for n in layout.names})
         gptq = GPTQConfig(clip_search=clip_search)

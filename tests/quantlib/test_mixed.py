@@ -106,6 +106,16 @@ def test_plan_through_the_engine_keeps_shared_inputs_together_and_fits():
         assert bits_per_weight(res) <= 3.0
 
 
+def test_boa_takes_a_plan_whatever_its_hessian_groups():
+    """Without true-sequential the engine hands BoA a block's seven Linears as one group: a plan that
+    differs inside the block must still go through (only q and k share a sweep), v on its own grid."""
+    ids = tiny_ids(8, 32)
+    plan = SpecMap(W3, (("model.layers.0.mlp.down_proj", W2), ("model.layers.0.self_attn.v_proj", W4)))
+    res, _ = quantize_model(get_adapter(tiny_model()), ids, plan, BoAConfig(),
+                            EngineConfig(batch_size=4, true_sequential=False))
+    assert {k: qw.spec for k, qw in res.items()} == {k: plan[k] for k in res}
+
+
 def test_equal_size_default_and_label():
     """bits=None sizes the plan as the uniform default scheme."""
     model, ids = tiny_model(), tiny_ids(4, 16)

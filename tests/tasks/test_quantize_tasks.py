@@ -18,7 +18,7 @@ from quantlib.boa import BoAConfig
 from quantlib.capture import capture_block_calls, run_block
 from quantlib.engine import EngineConfig, quantize_model
 from quantlib.gptq import GPTQConfig
-from quantlib.mixed import MixedConfig
+from quantlib.mixed import MixedConfig, plan_mixed
 from quantlib.spec import QuantSpec, SpecMap
 from tasks.io import sha256_file, write_manifest
 from tasks.shards import open_shard, seal_shard, shard_ok
@@ -49,6 +49,37 @@ def _task_path(tmp_path: Path, method, stream: bool, dtype: str = "float32") -> 
         records.append(rec | {"in": prev})
         prev = (rec["out"], rec["out_sha"])
     return codes, records
+
+
+def test_a_mixed_plan_through_the_tasks_is_the_bare_engines(tmp_path):
+    """mixed_plan_task's file read back (sha-checked) is the plan quantlib makes; the block tasks and the
+    head task on it give the bare engine's codes for the same plan, the head on the plan's default."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    write_manifest(tmp_path / "model")
+    ids = tiny_ids(8, 32)
+    calib = tmp_path / "calib.safetensors"
+    common = dict(model_dir=str(tmp_path / "model"), model_sha=sha256_file(tmp_path / "model" / "MANIFEST.json"),
+                  calib_path=str(calib), calib_sha=write_token_ids(calib, {"calib": ids}), cache_dir=str(tmp_path / "c"))
+    cfg, default = MixedConfig((QuantSpec(2, 32), QuantSpec(4, 32)), bits=3.2, samples=4), QuantSpec(3, 32)
+    rec = TQ.mixed_plan_task.fn(cfg=cfg, default=default, **common)
+    plan = TQ.read_plan(rec)
+    want, _, _ = plan_mixed(get_adapter(tiny_model("llama")), ids, cfg, default)
+    assert plan == want and {s for _, s in plan.layers} == set(cfg.candidates)
+    job = TQ.QuantizeJob(plan, GPTQConfig(), EngineConfig(batch_size=4))
+    cap = TQ.capture_activations.fn(batch_size=4, **common)
+    prev, codes = (cap["path"], cap["sha"]), {}
+    for i in range(3):
+        r = TQ.quantize_block_task.fn(index=i, in_path=prev[0], in_sha=prev[1], job=job, **common)
+        codes |= TQ.load_block_weights(r)
+        prev = (r["out"], r["out_sha"])
+    head = {k: common[k] for k in ("model_dir", "model_sha", "cache_dir")}
+    codes |= TQ.load_block_weights(TQ.quantize_head_task.fn(in_path=prev[0], in_sha=prev[1], job=job, **head))
+    bare, _ = quantize_model(get_adapter(tiny_model("llama")), ids, plan, GPTQConfig(), EngineConfig(batch_size=4),
+                             head=True)
+    assert codes.keys() == bare.keys() and codes["lm_head"].spec == default
+    for k, qw in bare.items():
+        assert qw.spec == codes[k].spec and torch.equal(qw.qweight, codes[k].qweight), k
 
 
 @pytest.mark.parametrize("method", [GPTQConfig(), BoAConfig()], ids=["gptq", "boa"])

@@ -117,6 +117,22 @@ def test_mixed_precision_release_declares_each_scheme_and_reproduces_the_model(t
     assert (a - b).abs().max() <= 2e-3 * a.abs().max(), (a - b).abs().max()
 
 
+def test_gptq_dynamic_patterns_reach_a_top_level_head_and_nothing_else():
+    """A module without a parent (lm_head) gets a pattern that matches it, not `^\\.lm_head$`; a
+    block's pattern does not leak to another block's or another module's names."""
+    from quantlib.packing import PackFormat
+    from tasks.release_formats import _gptq_dynamic, module_spec
+
+    base, head, mlp = QuantSpec(4, 32), QuantSpec(8, None, sym=True), QuantSpec(2, 32)
+    groups = [(base, ["model.layers.0.self_attn.q_proj"]), (head, ["lm_head"]),
+              (mlp, ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"])]
+    config = {"bits": 4, "group_size": 32, "dynamic": _gptq_dynamic(groups)}
+    spec = lambda name: module_spec(config, PackFormat.GPTQ_V2, name)  # noqa: E731
+    assert spec("lm_head") == (8, None) and spec("model.lm_head") == (4, 32)
+    assert spec("model.layers.1.mlp.gate_up_proj") == (2, 32) == spec("model.layers.1.mlp.up_proj")
+    assert spec("model.layers.11.mlp.up_proj") == (4, 32) == spec("model.layers.1.mlp.down_proj")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_release_files_and_dtypes(tmp_path, fmt):
     rel, _, qweights = _write(tmp_path, "qwen2", QuantSpec(4, 32), fmt)
