@@ -116,6 +116,19 @@ def test_boa_takes_a_plan_whatever_its_hessian_groups():
     assert {k: qw.spec for k, qw in res.items()} == {k: plan[k] for k in res}
 
 
+def test_reconstruction_windows_train_each_linear_on_its_planned_grid():
+    """Overlapping windows (a block re-installed from the previous window's saved state) keep each
+    Linear's scheme: a window that rebuilt its LearnableLinears on one scheme would break this."""
+    from quantlib.recon import ReconConfig
+    from quantlib.windows import reconstruct_model
+
+    ids = tiny_ids(8, 32)
+    plan = SpecMap(W3, (("model.layers.1.mlp.down_proj", W2), ("model.layers.1.self_attn.o_proj", W4)))
+    cfg = ReconConfig(window=2, overlap=1, iters=2, batch_size=4)
+    res, _ = reconstruct_model(get_adapter(tiny_model()), ids, plan, cfg, EngineConfig(batch_size=4))
+    assert {k: qw.spec for k, qw in res.items()} == {k: plan[k] for k in res} and len(res) == 3 * 7
+
+
 def test_equal_size_default_and_label():
     """bits=None sizes the plan as the uniform default scheme."""
     model, ids = tiny_model(), tiny_ids(4, 16)
