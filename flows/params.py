@@ -334,6 +334,13 @@ class PrepareDataParams(_Section):
         return self.mirror if self.mirror is not None else (environ.get("PTQ_DATA_MIRROR") or None)
 
 
+def fewest_bits(bits: int, mixed_from: tuple[str, ...]) -> int:
+    """The fewest bits a Linear may get: the scheme's, or a mixed-precision candidate's."""
+    from quantlib.spec import parse_scheme
+
+    return min([bits, *(parse_scheme(s).bits for s in mixed_from)])
+
+
 @dataclass(frozen=True)
 class QuantizeParams(_Section):
     """Method (auto = recon at 2 bits, boa at 3, gptq above), scheme (bits, group_size: null = per output channel, sym)
@@ -389,9 +396,7 @@ class QuantizeParams(_Section):
     @property
     def min_bits(self) -> int:
         """The fewest bits a Linear may get (qat.enabled auto decides on it)."""
-        from quantlib.spec import parse_scheme
-
-        return min([self.bits, *(parse_scheme(s).bits for s in self.mixed_from)])
+        return fewest_bits(self.bits, self.mixed_from)
 
     @property
     def all_sym(self) -> bool:

@@ -501,7 +501,10 @@ def qat_stage(ctx: StageContext) -> dict:
     link from quantized codes to QAT codes)."""
     from tasks.io import atomic_save_safetensors, atomic_write_json, load_safetensors_verified
 
-    active = ctx.params.qat.active(ctx.params.quantize.min_bits)
+    from .params import fewest_bits
+
+    q = ctx.params.quantize
+    active = ctx.params.qat.active(fewest_bits(q.bits, q.mixed_from))  # the keys the stage declares
     qdir, out = ctx.path(S.QUANTIZED), ctx.path(S.QAT)
     info = _read_json(qdir / "quantize.json")
     tmp = _fresh_tmp(out)

@@ -42,7 +42,7 @@ def test_peer_is_asked_for_exactly_the_scheme_our_releases_declare(scheme, spec,
     from tasks.release_formats import _ct_config  # what a compressed-tensors release's config.json holds
 
     name, q = peer_quantization(scheme)
-    ours = _ct_config(QuantSpec(*spec), ["Linear"], ["lm_head"], torch.float16, act)["config_groups"]["group_0"]
+    ours = _ct_config([(QuantSpec(*spec), ["Linear"])], ["lm_head"], torch.float16, act)["config_groups"]["group_0"]
     group = q["config_groups"]["group_0"]
     assert name == scheme and group["targets"] == ["Linear"]
     assert group["input_activations"] == ours["input_activations"]
