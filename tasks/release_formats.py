@@ -78,18 +78,24 @@ def _gptq_dynamic(groups: list[tuple[QuantSpec, list[str]]]) -> dict:
     return dynamic
 
 
-def module_spec(qconfig: dict, fmt: PackFormat, name: str) -> tuple[int, int | None]:
-    """(bits, group size) a release's config gives module `name`, as a GPTQ or compressed-tensors
-    reader resolves it: GPTQ's first matching `dynamic` pattern, else its base; compressed-tensors'
-    config group that names the module, else the one targeting every Linear."""
+def module_spec(qconfig: dict, fmt: PackFormat, name: str, *aliases: str) -> tuple[int, int | None]:
+    """(bits, group size) a release's config gives module `name` (or its checkpoint spelling in
+    `aliases`: a Mixtral expert's w1), as a GPTQ or compressed-tensors reader resolves it: GPTQ's
+    first matching `dynamic` pattern, else its base; compressed-tensors' only config group, else the
+    group that names the module, else the one targeting every Linear."""
+    names = (name, *aliases)
     if fmt in _GPTQ_FORMATS:
         for pattern, over in (qconfig.get("dynamic") or {}).items():
-            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), name):
+            if not pattern.startswith("-:") and any(re.match(pattern.removeprefix("+:"), n) for n in names):
                 g = over.get("group_size", qconfig["group_size"])
                 return over.get("bits", qconfig["bits"]), None if g == -1 else g
         return qconfig["bits"], None if qconfig["group_size"] == -1 else qconfig["group_size"]
-    groups = qconfig["config_groups"].values()
-    group = next((g for g in groups if name in g["targets"]), None) or next(g for g in groups if "Linear" in g["targets"])
+    groups = list(qconfig["config_groups"].values())
+    group = groups[0] if len(groups) == 1 else next((g for g in groups if set(names) & set(g["targets"])), None) or \
+        next((g for g in groups if "Linear" in g["targets"]), None)
+    if group is None:
+        raise ValueError(f"no config group of the release names {name} or targets every Linear: the release is "
+                         "incomplete or not from this loader's formats")
     return group["weights"]["num_bits"], group["weights"]["group_size"]
 
 
@@ -311,8 +317,8 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     from quantlib.adapters import get_adapter
 
-    tensors, names = module_keyed(get_adapter(model), load_file(str(release_dir / "model.safetensors")),
-                                  info["modules"])
+    adapter = get_adapter(model)
+    tensors, names = module_keyed(adapter, load_file(str(release_dir / "model.safetensors")), info["modules"])
     keys = _GPTQ_KEYS if gptq else _CT_KEYS
     inputs = None if gptq else qconfig["config_groups"]["group_0"].get("input_activations")
     act = None if inputs is None else _act_spec(inputs, release_dir)
@@ -325,7 +331,7 @@ def load_packed_release(release_dir: str | Path, verify: bool = True, dtype: tor
     modules = {}
     for name in names:
         bias = tensors.pop(f"{name}.bias", None)
-        bits = module_spec(qconfig, fmt, name)[0]
+        bits = module_spec(qconfig, fmt, name, adapter.checkpoint_name(name))[0]
         modules[name] = _served(_quantlinear(fmt, _module_tensors(tensors, name, keys), bits,
                                              None if bias is None else bias.to(dtype), backend), act, backend,
                                 scales.get(name))
