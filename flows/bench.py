@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from quantlib.adapters import get_adapter
 from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig
 from quantlib.gptq import GPTQConfig
-from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed
+from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed, plan_split
 from quantlib.qat import QATConfig
 from quantlib.qweight import bits_per_weight
 from quantlib.recon import ReconConfig
@@ -129,8 +128,7 @@ def _plan(model, calib: torch.Tensor, default, mixed: dict) -> tuple[object, dic
     Fisher sequences, how many Linears took each scheme and the scheme of each unit in model order."""
     cfg = _mixed_from_json(mixed)
     plan, units, target = plan_mixed(get_adapter(model), calib, cfg, default)
-    counts = Counter(s.name for _, s in plan.layers)
-    return plan, {**mixed, "target_bpw": round(target, 4), "linears": dict(sorted(counts.items())),
+    return plan, {**mixed, "target_bpw": round(target, 4), "linears": plan_split(plan),
                   "units": [plan[u.paths[0]].name for u in units]}
 
 

@@ -159,21 +159,21 @@ def _positive() -> Check:
     return _open_interval(0, float("inf"))
 
 
-def _positive_or_null() -> Check:
-    inner = _positive()
-
-    def check(path: str, value: Any) -> float | None:
+def _or_null(inner: Check) -> Check:
+    def check(path: str, value: Any) -> Any:
         return None if value is None else inner(path, value)
 
     return check
 
 
-def _range_or_null(lo: float, hi: float) -> Check:
-    def check(path: str, value: Any) -> float | None:
-        if value is None:
-            return None
+def _positive_or_null() -> Check:
+    return _or_null(_positive())
+
+
+def _closed_interval(lo: float, hi: float) -> Check:
+    def check(path: str, value: Any) -> float:
         if not (_is_int(value) or isinstance(value, float)):
-            raise _expected(path, "float or null", value)
+            raise _expected(path, "float", value)
         if not lo <= value <= hi:  # also rejects nan
             raise ParamsError(f"{path}: must be in [{lo}, {hi}] or null, got {value}")
         return float(value)
@@ -390,7 +390,7 @@ class QuantizeParams(_Section):
                                                 rule="must be a8, a4 (dynamic), a8s, a4s (static) or null"))
     quantized_inputs: bool = _key(False, _boolean())
     mixed_from: tuple[str, ...] = _key((), _schemes())
-    mixed_bits: float | None = _key(None, _range_or_null(1, 16))
+    mixed_bits: float | None = _key(None, _or_null(_closed_interval(1, 16)))
     mixed_samples: int = _key(32, _integer(1))
 
     @property

@@ -276,7 +276,9 @@ def quantize_stage(ctx: StageContext) -> dict:
     from quantlib.mixed import check_target
     from tasks.inputs import manifest_sha
     from tasks.io import file_ok
-    from tasks.quantize import capture_activations, mixed_plan_task, read_plan
+    from quantlib.mixed import plan_from_json
+    from tasks.io import read_json_verified
+    from tasks.quantize import capture_activations, mixed_plan_task
     from tasks.partial import meta_model
     from tasks.shards import shard_ok
 
@@ -297,7 +299,8 @@ def quantize_stage(ctx: StageContext) -> dict:
         plan, plan_cached = run_cached(ctx, mixed_plan_task, lambda r: file_ok(r["path"], r["sha"]), "mixed_plan",
                                        on=job.engine.device, cfg=mixed, default=job.spec, dtype=job.dtype,
                                        device=job.engine.device, **common)
-        job = replace(job, spec=read_plan(plan))
+        plan = {"sha": plan["sha"], "data": read_json_verified(plan["path"], plan["sha"])}
+        job = replace(job, spec=plan_from_json(plan["data"]))
     cap, cap_cached = run_cached(ctx, capture_activations, lambda r: shard_ok(Path(r["path"]), r["sha"]),
                                  "capture_activations", on=job.engine.device, batch_size=job.engine.batch_size,
                                  dtype=job.dtype, **common)
@@ -442,8 +445,9 @@ def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[d
                      head: dict | None = None, plan: dict | None = None) -> None:
     """data/quantized: every Linear's codes, quantize.json (job, scheme, per-block records) and, for a
     mixed-precision job, mixed_plan.json (each Linear's scheme and the costs it was chosen from)."""
+    from quantlib.mixed import plan_split
     from tasks.cache import plain
-    from tasks.io import atomic_save_safetensors, atomic_write_json, read_json_verified
+    from tasks.io import atomic_save_safetensors, atomic_write_json
     from tasks.quantize import load_block_weights
 
     out = ctx.path(S.QUANTIZED)
@@ -456,13 +460,10 @@ def _write_quantized(ctx: StageContext, job, blocks: list[dict], windows: list[d
             modules += b["names"]
     sha = atomic_save_safetensors(tmp / "quantized.safetensors", tensors)
     mixed = {}
-    if plan is not None:
-        data = read_json_verified(plan["path"], plan["sha"])
-        atomic_write_json(tmp / "mixed_plan.json", data)
-        counts: dict[str, int] = {}
-        for scheme in data["layers"].values():
-            counts[scheme] = counts.get(scheme, 0) + 1
-        mixed = {"mixed": {"plan_sha256": plan["sha"], "target_bpw": data["target_bpw"], "linears": counts}}
+    if plan is not None:  # {"sha", "data"}: the plan file's hash and content, as the stage read it
+        atomic_write_json(tmp / "mixed_plan.json", plan["data"])
+        mixed = {"mixed": {"plan_sha256": plan["sha"], "target_bpw": plan["data"]["target_bpw"],
+                           "linears": plan_split(job.spec)}}
     keep = ("block", "layer_errors", "before", "block_error")
     atomic_write_json(tmp / "quantize.json", {
         "job": plain(job), "scheme": scheme_label(ctx.params.quantize), "method": type(job.method).__name__,

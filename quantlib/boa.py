@@ -313,7 +313,7 @@ def _sweep_rows(col, s, z, u_row, u_rows, maxq):
     if _row_kernel(col):
         from .kernels.boa_triton import row_sweep
 
-        return row_sweep(col, s.float(), z.float(), u_row, maxq)
+        return row_sweep(col, s, z, u_row, maxq)
     return _row_sweep(col, s, z, u_row, u_rows, maxq)
 
 

@@ -25,7 +25,7 @@ from .head import head_method, head_name, solve_head, untie_head
 from .methods import hessian_error, method_for, quantize_weight
 from .moe import is_expert_linear, routed_hessians
 from .qweight import QuantizedWeight
-from .spec import QuantSpec, Spec, spec_for
+from .spec import Spec, spec_for
 
 __all__ = ["EngineConfig", "BlockStats", "quantize_block", "quantize_model", "peak_memory_mb"]
 

@@ -12,13 +12,14 @@ different Linears add (the diagonal approximation), so a plan is a sum.
 Allocation. Linears that see one input (q/k/v, gate/up) form a unit and get one scheme: runtimes
 fuse them (vLLM's qkv_proj, gate_up_proj) and BoA solves q/k jointly. Each unit takes one candidate
 scheme; the plan minimizes the summed cost subject to an average size in bits per weight that counts
-codes, scales and zeros exactly as quantlib.qweight.bits_per_weight does. That is a multiple-choice
+codes, scales and zeros (QuantSpec.stored_bits, what quantlib.qweight.bits_per_weight reports). That is a multiple-choice
 knapsack, solved by dynamic programming over the budget cut into `resolution` steps; the plan's exact
 size never exceeds the budget.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -28,15 +29,9 @@ from .adapters import ModelAdapter, check_spec_fits
 from .rtn import RTNConfig, rtn_quantize
 from .spec import QuantSpec, SpecMap, parse_scheme
 
-__all__ = ["MixedConfig", "Unit", "scheme_bits", "fisher_diagonal", "model_units", "check_target", "sensitivity_units",
+__all__ = ["MixedConfig", "Unit", "fisher_diagonal", "model_units", "check_target", "sensitivity_units",
            "allocate", "plan_mixed",
-           "uniform_bits", "plan_to_json", "plan_from_json"]
-
-
-def scheme_bits(spec: QuantSpec, in_features: int, scale_bits: int = 16) -> float:
-    """Stored bits per weight of an (out, in_features) Linear on `spec`: its code, plus one scale (and
-    one `bits`-bit zero when asymmetric) per group; matches quantlib.qweight.bits_per_weight."""
-    return spec.bits + (scale_bits + (0 if spec.sym else spec.bits)) / spec.group_width(in_features)
+           "uniform_bits", "plan_to_json", "plan_from_json", "plan_split"]
 
 
 @dataclass(frozen=True)
@@ -88,9 +83,10 @@ def fisher_diagonal(adapter: ModelAdapter, calib_ids: torch.Tensor) -> dict[str,
     for m in linears.values():
         m.weight.requires_grad_(True)
     fisher = {path: torch.zeros_like(m.weight, dtype=torch.float32) for path, m in linears.items()}
+    device = next(model.parameters()).device
     try:
         for ids in calib_ids:
-            ids = ids[None].to(next(model.parameters()).device)
+            ids = ids[None].to(device)
             logits = model(ids).logits[0, :-1].float()  # (T-1, V)
             F.cross_entropy(logits, ids[0, 1:]).backward()
             for path, m in linears.items():
@@ -103,22 +99,26 @@ def fisher_diagonal(adapter: ModelAdapter, calib_ids: torch.Tensor) -> dict[str,
     return {path: adapter.out_in(linears[path], f / n).cpu() for path, f in fisher.items()}
 
 
-def _unit_names(adapter: ModelAdapter):
-    """(block index, Linear names) of every unit: Linears sharing an input, block by block."""
+def model_units(adapter: ModelAdapter) -> list[Unit]:
+    """The units with their sizes and no costs (Linears sharing an input, block by block): shapes
+    only, so a meta-device model will do."""
+    units = []
     for i, block in enumerate(adapter.blocks):
         for group in adapter.groups(block):
             for names in adapter.input_sets(list(group)):
-                yield i, names
-
-
-def model_units(adapter: ModelAdapter) -> list[Unit]:
-    """The units with their sizes and no costs: shapes only (a meta-device model will do)."""
-    units = []
-    for i, names in _unit_names(adapter):
-        ws = [adapter.get_weight(adapter.blocks[i].get_submodule(n)) for n in names]
-        units.append(Unit(tuple(f"{adapter.family.layers}.{i}.{n}" for n in names), sum(w.numel() for w in ws),
-                          ws[0].shape[1], ()))
+                ws = [adapter.get_weight(block.get_submodule(n)) for n in names]
+                units.append(Unit(tuple(f"{adapter.family.layers}.{i}.{n}" for n in names),
+                                  sum(w.numel() for w in ws), ws[0].shape[1], ()))
     return units
+
+
+def _check_fits(units: list[Unit], candidates: tuple[QuantSpec, ...], target: float) -> None:
+    """ValueError naming the fix when even every unit on its smallest candidate exceeds `target`."""
+    lo = sum(min(c.stored_bits(u.in_features) for c in candidates) * u.weights for u in units)
+    lo /= sum(u.weights for u in units)
+    if target < lo:
+        raise ValueError(f"mixed precision: {target:.4f} bits per weight is below the smallest plan "
+                         f"({lo:.4f}: every Linear on its smallest candidate); raise the target or add smaller schemes")
 
 
 def check_target(adapter: ModelAdapter, cfg: MixedConfig, default: QuantSpec) -> float:
@@ -128,11 +128,7 @@ def check_target(adapter: ModelAdapter, cfg: MixedConfig, default: QuantSpec) ->
         check_spec_fits(adapter, c.group_size)
     units = model_units(adapter)
     target = cfg.bits if cfg.bits is not None else uniform_bits(units, default)
-    lo = sum(min(scheme_bits(c, u.in_features) for c in cfg.candidates) * u.weights for u in units)
-    lo /= sum(u.weights for u in units)
-    if target < lo:
-        raise ValueError(f"mixed precision: {target:.4f} bits per weight is below the smallest plan "
-                         f"({lo:.4f}: every Linear on its smallest candidate); raise the target or add smaller schemes")
+    _check_fits(units, cfg.candidates, target)
     return target
 
 
@@ -159,12 +155,9 @@ def allocate(units: list[Unit], candidates: tuple[QuantSpec, ...], target_bpw: f
     <= target_bpw. Sizes are counted in steps of budget / resolution, rounded up, and the table runs
     one step per unit past the budget so plans the rounding pushed over are still seen; the cheapest
     plan whose exact size fits wins. Raises ValueError naming the feasible range when none fits."""
+    _check_fits(units, candidates, target_bpw)
     total = sum(u.weights for u in units)
-    sizes = [[scheme_bits(c, u.in_features) * u.weights for c in candidates] for u in units]
-    lo = sum(min(s) for s in sizes) / total
-    if target_bpw < lo:
-        raise ValueError(f"mixed precision: {target_bpw} bits per weight is below the smallest plan "
-                         f"({lo:.4f}: every Linear on its smallest candidate); raise the target or add smaller schemes")
+    sizes = [[c.stored_bits(u.in_features) * u.weights for c in candidates] for u in units]
     step, top = target_bpw * total / resolution, resolution + len(units)
     steps = [[math.ceil(b / step - 1e-9) for b in s] for s in sizes]
     dp = torch.full((top + 1,), math.inf, dtype=torch.float64)  # dp[b]: least cost using b steps
@@ -186,7 +179,7 @@ def allocate(units: list[Unit], candidates: tuple[QuantSpec, ...], target_bpw: f
         picks = _backtrack(choice, steps, b)
         if sum(s[c] for s, c in zip(sizes, picks)) <= target_bpw * total:
             return picks
-    raise ValueError(f"mixed precision: no plan fits {target_bpw} bits per weight; raise it above {lo:.4f}")
+    raise ValueError(f"mixed precision: no plan fits {target_bpw} bits per weight; raise it slightly")
 
 
 def _backtrack(choice: torch.Tensor, steps: list[list[int]], b: int) -> list[int]:
@@ -211,7 +204,7 @@ def plan_mixed(adapter: ModelAdapter, calib_ids: torch.Tensor, cfg: MixedConfig,
 
 def uniform_bits(units: list[Unit], spec: QuantSpec) -> float:
     """Bits per weight of every unit on `spec`."""
-    return sum(scheme_bits(spec, u.in_features) * u.weights for u in units) / sum(u.weights for u in units)
+    return sum(spec.stored_bits(u.in_features) * u.weights for u in units) / sum(u.weights for u in units)
 
 
 def plan_to_json(plan: SpecMap, units: list[Unit], target: float, cfg: MixedConfig) -> dict:
@@ -221,6 +214,11 @@ def plan_to_json(plan: SpecMap, units: list[Unit], target: float, cfg: MixedConf
             "default": plan.default.name, "layers": {p: s.name for p, s in plan.layers},
             "units": [{"paths": list(u.paths), "weights": u.weights, "in_features": u.in_features,
                        "costs": list(u.costs)} for u in units]}
+
+
+def plan_split(plan: SpecMap) -> dict[str, int]:
+    """{scheme name: how many Linears the plan puts on it}, by name."""
+    return dict(sorted(Counter(s.name for _, s in plan.layers).items()))
 
 
 def plan_from_json(d: dict) -> SpecMap:

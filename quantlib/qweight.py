@@ -78,16 +78,9 @@ class QuantizedWeight:
 
 
 def bits_per_weight(results: dict[str, QuantizedWeight], scale_bits: int = 16) -> float:
-    """Effective storage bits per quantized weight over all of `results`: the codes, one scale of
-    `scale_bits` per group and, for an asymmetric grid, one zero point of `bits` bits per group (as the
-    GPTQ and compressed-tensors formats store them). Unquantized tensors and g_idx are not counted.
-    W3 g64 asymmetric: 3 + (16 + 3) / 64 = 3.30."""
-    weights = bits = 0
-    for qw in results.values():
-        out, n = qw.qweight.shape
-        per_group = scale_bits + (0 if qw.spec.sym else qw.spec.bits)
-        weights += out * n
-        bits += out * n * qw.spec.bits + qw.scale.numel() * per_group
-    if not weights:
+    """Effective storage bits per quantized weight over all of `results` (QuantSpec.stored_bits of
+    each, weighted by its size). Unquantized tensors and g_idx are not counted."""
+    if not results:
         raise ValueError("bits_per_weight needs at least one quantized weight")
-    return bits / weights
+    weights = sum(qw.qweight.numel() for qw in results.values())
+    return sum(qw.spec.stored_bits(qw.shape[1], scale_bits) * qw.qweight.numel() for qw in results.values()) / weights

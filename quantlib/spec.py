@@ -48,6 +48,12 @@ class QuantSpec:
     def group_width(self, in_features: int) -> int:
         return in_features if self.group_size is None else self.group_size
 
+    def stored_bits(self, in_features: int, scale_bits: int = 16) -> float:
+        """Stored bits per weight of an (out, in_features) Linear on this scheme: its code, plus one
+        scale of `scale_bits` (and, asymmetric, one `bits`-bit zero) per group, as the GPTQ and
+        compressed-tensors formats store them. W3 g64 asymmetric: 3 + (16 + 3) / 64 = 3.30."""
+        return self.bits + (scale_bits + (0 if self.sym else self.bits)) / self.group_width(in_features)
+
     @property
     def name(self) -> str:
         """Short scheme name: w4pc, w3g64, w4g128s (s = symmetric)."""
@@ -89,15 +95,6 @@ class SpecMap:
     @cached_property
     def _index(self) -> dict[str, QuantSpec]:  # built once: lookups stay O(1) on models of thousands of Linears
         return dict(self.layers)
-
-    @property
-    def specs(self) -> set[QuantSpec]:
-        return {s for _, s in self.layers} | {self.default}
-
-    @property
-    def name(self) -> str:
-        """mix-w2g64+w3g64: the schemes it mixes, by name."""
-        return "mix-" + "+".join(sorted(s.name for s in self.specs))
 
 
 Spec = Union[QuantSpec, SpecMap]

@@ -26,26 +26,26 @@ from quantlib.engine import BlockStats, EngineConfig, quantize_block
 from quantlib.head import head_name, solve_head
 from quantlib.qweight import QuantizedWeight
 from quantlib.windows import WindowStats, forward_blocks, run_window
-from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed, plan_to_json
-from quantlib.spec import QuantSpec, SpecMap, spec_for
+from quantlib.mixed import MixedConfig, plan_mixed, plan_to_json
+from quantlib.spec import QuantSpec, Spec, spec_for
 
 from .cache import key_fn, stable_hash
 from .io import (atomic_save_safetensors, atomic_write_json, building_dir, file_ok, load_safetensors_verified,
-                 read_json_verified, sha256_file)
+                 sha256_file)
 from .sources import load_model
 from .partial import Skeleton, blocks_loaded, open_skeleton
 from .shards import open_shard, seal_shard, shard_ok
 from .textdata import read_token_ids
 
-__all__ = ["QuantizeJob", "ran_on", "capture_activations", "mixed_plan_task", "read_plan", "quantize_block_task", "quantize_head_task",
-           "fp_targets_task", "recon_window_task", "load_block_weights", "window_ok"]
+__all__ = ["QuantizeJob", "ran_on", "capture_activations", "mixed_plan_task", "quantize_block_task",
+           "quantize_head_task", "fp_targets_task", "recon_window_task", "load_block_weights", "window_ok"]
 
 
 @dataclass(frozen=True)
 class QuantizeJob:
     """Everything that determines one block's result besides its inputs and FP weights."""
 
-    spec: QuantSpec
+    spec: Spec  # a QuantSpec, or a quantlib.mixed plan (SpecMap): one scheme per Linear
     method: object  # a frozen quantlib method config (RTNConfig, GPTQConfig, ...)
     engine: EngineConfig
     stream_from_disk: bool = False
@@ -133,11 +133,6 @@ def mixed_plan_task(model_dir: str, model_sha: str, calib_path: str, calib_sha: 
     final = Path(cache_dir) / "mixed" / f"{stable_hash(['mixed', model_sha, calib_sha, cfg, default, dtype])}.json"
     atomic_write_json(final, plan_to_json(plan, units, target, cfg))
     return {"path": str(final), "sha": sha256_file(final)}
-
-
-def read_plan(record: dict) -> SpecMap:
-    """The SpecMap of a mixed_plan_task record, its file checked against its sha256 first."""
-    return plan_from_json(read_json_verified(record["path"], record["sha"]))
 
 
 def ran_on() -> str:

@@ -11,7 +11,7 @@ from quantlib.adapters import get_adapter
 from quantlib.boa import BoAConfig
 from quantlib.engine import EngineConfig, quantize_model
 from quantlib.gptq import GPTQConfig
-from quantlib.mixed import MixedConfig, Unit, allocate, fisher_diagonal, plan_mixed, scheme_bits, uniform_bits
+from quantlib.mixed import MixedConfig, Unit, allocate, fisher_diagonal, plan_mixed, uniform_bits
 from quantlib.qweight import bits_per_weight
 from quantlib.rtn import RTNConfig
 from quantlib.spec import QuantSpec, SpecMap, parse_scheme, spec_for
@@ -22,12 +22,17 @@ W2, W3, W4 = QuantSpec(2, 32), QuantSpec(3, 32), QuantSpec(4, 32)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(3, 32), QuantSpec(4, None), QuantSpec(2, 16, sym=True)])
-def test_scheme_bits_is_what_bits_per_weight_counts(spec):
-    """The allocator's sizes must be the sizes rows report; a different overhead formula breaks it."""
+def test_stored_bits_is_what_the_codes_scales_and_zeros_take(spec):
+    """The allocator's sizes (QuantSpec.stored_bits) and what rows report (bits_per_weight) against a
+    count of the stored tensors themselves: codes of `bits` bits, an fp16 scale per group and, when
+    asymmetric, a `bits`-bit zero per group."""
     model = tiny_model()
     res, _ = quantize_model(get_adapter(model), None, spec, RTNConfig())
+    per_group = 16 + (0 if spec.sym else spec.bits)
+    counted = sum(qw.qweight.numel() * spec.bits + qw.scale.numel() * per_group for qw in res.values())
+    counted /= sum(qw.qweight.numel() for qw in res.values())
     units = [Unit((k,), qw.qweight.numel(), qw.shape[1], ()) for k, qw in res.items()]
-    assert uniform_bits(units, spec) == pytest.approx(bits_per_weight(res), rel=1e-12)
+    assert uniform_bits(units, spec) == pytest.approx(counted, rel=1e-12) == bits_per_weight(res)
 
 
 def test_fisher_is_the_mean_squared_per_sequence_gradient():
@@ -54,7 +59,7 @@ def test_fisher_is_the_mean_squared_per_sequence_gradient():
 def _brute(units, candidates, budget_bits):
     best = None
     for picks in itertools.product(range(len(candidates)), repeat=len(units)):
-        size = sum(scheme_bits(candidates[c], u.in_features) * u.weights for u, c in zip(units, picks))
+        size = sum(candidates[c].stored_bits(u.in_features) * u.weights for u, c in zip(units, picks))
         if size <= budget_bits:
             cost = sum(u.costs[c] for u, c in zip(units, picks))
             best = cost if best is None else min(best, cost)
@@ -73,7 +78,7 @@ def test_allocation_is_the_knapsack_optimum(seed):
     total = sum(u.weights for u in units)
     target = rnd.uniform(2.8, 4.2)
     picks = allocate(units, (W2, W3, W4), target, resolution=20000)
-    size = sum(scheme_bits((W2, W3, W4)[c], u.in_features) * u.weights for u, c in zip(units, picks))
+    size = sum((W2, W3, W4)[c].stored_bits(u.in_features) * u.weights for u, c in zip(units, picks))
     assert size <= target * total
     cost = sum(u.costs[c] for u, c in zip(units, picks))
     assert cost <= _brute(units, (W2, W3, W4), target * total * (1 - len(units) / 20000)) + 1e-12
@@ -82,7 +87,7 @@ def test_allocation_is_the_knapsack_optimum(seed):
 def test_allocation_spends_bits_where_they_buy_most():
     """Two equal units, one 100x more sensitive, budget for one upgrade: it goes to the sensitive one."""
     units = [Unit(("a",), 4096, 64, (1.0, 0.5)), Unit(("b",), 4096, 64, (100.0, 50.0))]
-    target = (scheme_bits(W2, 64) + scheme_bits(W4, 64)) / 2
+    target = (W2.stored_bits(64) + W4.stored_bits(64)) / 2
     assert allocate(units, (W2, W4), target) == [0, 1]  # exactly at the budget: rounding must not lose it
     with pytest.raises(ValueError, match="below the smallest plan"):
         allocate(units, (W3, W4), 2.5)
@@ -134,7 +139,7 @@ def test_equal_size_default_and_label():
     model, ids = tiny_model(), tiny_ids(4, 16)
     cfg = MixedConfig((QuantSpec(2, 64), W3), samples=2)
     plan, units, target = plan_mixed(get_adapter(model), ids, cfg, default=QuantSpec(2, 32))
-    assert target == pytest.approx(scheme_bits(QuantSpec(2, 32), 64))
+    assert target == pytest.approx(QuantSpec(2, 32).stored_bits(64))
     res, _ = quantize_model(get_adapter(tiny_model()), None, plan, RTNConfig())
     assert bits_per_weight(res) <= target
     assert cfg.label(QuantSpec(2, 32)) == "mix(w2g64+w3g32)@w2g32"

@@ -63,7 +63,8 @@ def _source(tmp_path: Path, family: str, tied: bool = False) -> tuple[Path, torc
 def _release(tmp_path, family, spec, head=False):
     src, model = _source(tmp_path, family, tied=head)
     qweights = _codes(model, spec, head)
-    write_release_files(tmp_path / "rel", src, qweights, {"scheme": spec.name, "method": "rtn"}, fmt="gguf")
+    scheme = spec.name if isinstance(spec, QuantSpec) else "mixed"
+    write_release_files(tmp_path / "rel", src, qweights, {"scheme": scheme, "method": "rtn"}, fmt="gguf")
     for name, qw in qweights.items():  # the model the GGUF file must compute
         get_adapter(model).set_weight(model.get_submodule(name), gguf_weight(qw))
     return tmp_path / "rel", src, model, qweights

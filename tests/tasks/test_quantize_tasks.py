@@ -18,9 +18,9 @@ from quantlib.boa import BoAConfig
 from quantlib.capture import capture_block_calls, run_block
 from quantlib.engine import EngineConfig, quantize_model
 from quantlib.gptq import GPTQConfig
-from quantlib.mixed import MixedConfig, plan_mixed
+from quantlib.mixed import MixedConfig, plan_from_json, plan_mixed
 from quantlib.spec import QuantSpec, SpecMap
-from tasks.io import sha256_file, write_manifest
+from tasks.io import read_json_verified, sha256_file, write_manifest
 from tasks.shards import open_shard, seal_shard, shard_ok
 from tasks.textdata import write_token_ids
 
@@ -63,7 +63,7 @@ def test_a_mixed_plan_through_the_tasks_is_the_bare_engines(tmp_path):
                   calib_path=str(calib), calib_sha=write_token_ids(calib, {"calib": ids}), cache_dir=str(tmp_path / "c"))
     cfg, default = MixedConfig((QuantSpec(2, 32), QuantSpec(4, 32)), bits=3.2, samples=4), QuantSpec(3, 32)
     rec = TQ.mixed_plan_task.fn(cfg=cfg, default=default, **common)
-    plan = TQ.read_plan(rec)
+    plan = plan_from_json(read_json_verified(rec["path"], rec["sha"]))
     want, _, _ = plan_mixed(get_adapter(tiny_model("llama")), ids, cfg, default)
     assert plan == want and {s for _, s in plan.layers} == set(cfg.candidates)
     job = TQ.QuantizeJob(plan, GPTQConfig(), EngineConfig(batch_size=4))

@@ -59,7 +59,8 @@ def _setup(tmp_path: Path, family: str, spec: QuantSpec | SpecMap):
 
 def _write(tmp_path, family, spec, fmt):
     src, fake, qweights = _setup(tmp_path, family, spec)
-    write_packed_release(tmp_path / "rel", src, qweights, {"scheme": spec.name}, fmt)
+    scheme = spec.name if isinstance(spec, QuantSpec) else "mixed"
+    write_packed_release(tmp_path / "rel", src, qweights, {"scheme": scheme}, fmt)
     return tmp_path / "rel", fake, qweights
 
 
