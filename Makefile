@@ -10,7 +10,7 @@ ifneq ($(MIRROR),)
 export PTQ_DATA_MIRROR ?= $(MIRROR)
 endif
 
-.PHONY: setup demo test test-env test-all gptqmodel-env llama-cpp-env llmcompressor-env bench clean
+.PHONY: setup demo test test-env test-all gptqmodel-env llama-cpp-env llmcompressor-env autoround-env bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -73,6 +73,15 @@ llmcompressor-env:
 	$(LLMC_VENV)/bin/pip install -q -U pip
 	$(LLMC_VENV)/bin/python -c "import torch" 2>/dev/null || $(LLMC_VENV)/bin/pip install -q $(TORCH)
 	$(LLMC_VENV)/bin/pip install -q llmcompressor==0.14.0.1
+
+# AutoRound, the measured peer of the weight-only 2- and 3-bit rows (flows/bench_peer.py --peer autoround),
+# in its own environment; ~3 min here
+AR_VENV := .venv-autoround
+autoround-env:
+	python3 -m venv $(AR_VENV)
+	$(AR_VENV)/bin/pip install -q -U pip
+	$(AR_VENV)/bin/python -c "import torch" 2>/dev/null || $(AR_VENV)/bin/pip install -q $(TORCH)
+	$(AR_VENV)/bin/pip install -q auto-round==0.16.1 transformers==5.23.0 gguf
 
 clean:
 	rm -rf .cache .prefect out

@@ -11,18 +11,14 @@ W8A8 example: SmoothQuantModifier(smoothing_strength) then GPTQModifier(targets 
 scheme or the config groups, lm_head ignored). The model is scored in memory right after `oneshot`: compressed-tensors has
 replaced every quantized Linear's forward by its own quantize-dequantize of the inputs and weights,
 i.e. llm-compressor's own W8A8 arithmetic, through quantlib.perplexity (torch only), as our rows are.
-OUT.json: {"ppl", "ppl_pydocs", "calib_seen", "quant_seconds", "peak_rss_mb", "versions"}; calib_seen
-is the digest (quantlib.data.ids_set_digest) of the first n sequences llm-compressor's calibration
-passed through the embedding, taken as a set: it feeds the same sequences in another order (its
-Hessians and smoothing maxima do not depend on it), so the driver can check they are the protocol's.
+OUT.json: flows/peer_report.py's report; llm-compressor feeds the protocol's sequences in another
+order (its Hessians and smoothing maxima do not depend on it), hence calib_seen is taken as a set.
 """
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -32,8 +28,7 @@ from llmcompressor.modifiers.quantization import GPTQModifier
 from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 from transformers import AutoModelForCausalLM
 
-from quantlib.data import ids_set_digest
-from quantlib.perplexity import perplexity
+from flows.peer_report import watch_calibration, write_report
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -45,23 +40,12 @@ def main(job_path: str, out_path: str) -> None:
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     recipe = ([] if job["smooth"] is None else [SmoothQuantModifier(smoothing_strength=job["smooth"])]) + \
         [GPTQModifier(ignore=["lm_head"], **_quantization(job["quantization"]))]
-    seen = []  # every batch of ids the calibration embeds (each modifier's pass runs the embedding)
-    hook = model.get_input_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().cpu()))
+    seen = watch_calibration(model)  # every batch of ids the calibration embeds (each modifier's pass runs it)
     t0 = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calib.shape[1],
             num_calibration_samples=calib.shape[0], shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - t0
-    hook.remove()
-    first = torch.cat([ids.reshape(-1, ids.shape[-1]) for ids in seen])[: calib.shape[0]]
-    scores = {"ppl": perplexity(model, data["windows"], batch_size=4)}
-    if data.get("offdomain") is not None:
-        scores["ppl_pydocs"] = perplexity(model, data["offdomain"], batch_size=4)
-    Path(out_path).write_text(json.dumps(scores | {
-        "calib_seen": ids_set_digest(first),
-        "quant_seconds": round(seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "versions": {k: version(k) for k in ("llmcompressor", "compressed-tensors", "torch", "transformers")}
-        | {"threads": torch.get_num_threads()}}))
+    write_report(out_path, model, data, seen, calib.shape[0], time.perf_counter() - t0,
+                 ("llmcompressor", "compressed-tensors", "torch", "transformers"))
 
 
 def _quantization(q: dict) -> dict:
