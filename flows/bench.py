@@ -206,7 +206,7 @@ def _worker(job: dict) -> list[dict]:
             t0 += time.perf_counter() - t_eval  # the evaluation is not quantization time
             results, qst = C.refine_qat(model, data.calib, results, qat, teacher)
             settings["qat"] = qat.__dict__ | {k: getattr(qst, k) for k in (
-                "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds")}
+                "steps", "init_heldout", "best_heldout", "best_step", "kept_init", "stopped_early", "seconds", "bf16")}
         seconds = time.perf_counter() - t0
     return rows + [{"method": job["label"], "scheme": shown, **size, **scores(), "quant_seconds": round(seconds, 1),
                     "peak_rss_mb": _rss_mb(), "settings": settings}]
@@ -317,7 +317,7 @@ def _mixed_table(rows: list[dict]) -> list[str]:
 
 RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "grid", "iters", "batch_size", "lr",
               "clip_lr", "heldout", "eval_every")
-QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init")
+QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init", "bf16")
 
 
 def _calib(r: dict, seed: bool = True) -> str:

@@ -87,6 +87,8 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
                    "judges on them (default 0: on the training batches)")
     r.add_argument("--eval-every", type=int, help="early stopping: held-out loss every N iterations, best state kept")
     r.add_argument("--patience", type=int, help="stop a window after this many evaluations without improvement")
+    r.add_argument("--amp", choices=("auto", "bf16", "fp32"), help="the windows' training arithmetic: auto "
+                   "(bf16 autocast on CUDA and on a CPU with AMX or AVX512-BF16), bf16 or fp32")
     t = p.add_argument_group("global QAT refinement (method names ending in +qat, e.g. gptq+qat)")
     t.add_argument("--qat-trainable", choices=("scales", "scales+zeros", "weights"))
     t.add_argument("--qat-loss", choices=("ce", "kl", "ce+kl"))
@@ -95,6 +97,7 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     t.add_argument("--qat-batch-size", type=int)
     t.add_argument("--qat-heldout", type=float, help="fraction of calibration sequences held out for early stopping")
     t.add_argument("--qat-topk", type=int, help="teacher logits cached as top-k (0 = full)")
+    t.add_argument("--qat-amp", choices=("auto", "bf16", "fp32"), help="QAT's training arithmetic, as --amp")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -43,9 +43,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp",
-               "heldout", "eval_every", "patience")
+               "heldout", "eval_every", "patience", "amp")
 QAT_FLAGS = {"qat_trainable": "trainable", "qat_loss": "loss", "qat_steps": "steps", "qat_lr": "lr",
-             "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk"}
+             "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk", "qat_amp": "amp"}
 
 
 def method_choice(args: argparse.Namespace, name: str) -> MethodChoice:

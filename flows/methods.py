@@ -5,7 +5,7 @@ parsed here, once, into a `MethodChoice` (a frozen quantlib config for the block
 optional `QATConfig`); everything downstream receives that object, never the name.
 
 Grammar (see METHOD_FORMS):
-  NAME   := BASE [ "+qat" [STEPS] ]          e.g. gptq, boa+qat, boa+qat128
+  NAME   := BASE [ "+qat" [STEPS] ["-bf16"] ]   e.g. gptq, boa+qat, boa+qat128, boa+qat-bf16
   BASE   := rtn | (gptq | boa) [ "-d" DAMP ] | recon [ "-" PART ]...   (gptq-d0.1: damping 0.1)
   PART   := k<window>[o<overlap>][L<lookahead>]   (k2o1, k3, k3o1L1; no o = no overlap)
           | L<n> | la<n>                          look-ahead blocks
@@ -14,6 +14,8 @@ Grammar (see METHOD_FORMS):
           | rtn | gptq | boa                      initializer
           | i<n>                                  iterations
           | cfp                                   CBQ outlier pre-processing of each block
+          | bf16                                  train the windows under bf16 autocast (amp)
+-bf16 after +qat trains QAT under bf16 autocast (QATConfig.amp; quantlib.optim.training_autocast).
 Parts set ReconConfig fields; explicit overrides (the CLI's flags, params.yaml) are applied on top.
 """
 from __future__ import annotations
@@ -38,13 +40,14 @@ BlockConfig = Union[RTNConfig, GPTQConfig, BoAConfig, ReconConfig]
 METHOD_NAMES = ("rtn", "gptq", "boa", "recon")
 _LABELS = {RTNConfig: "rtn", GPTQConfig: "gptq", BoAConfig: "boa", ReconConfig: "recon"}
 METHOD_FORMS = (
-    "rtn, gptq[-d<damp>], boa[-d<damp>] or recon[-PART...], optionally followed by +qat or +qat<steps> "
-    "(e.g. boa+qat128, gptq-d0.1); "
+    "rtn, gptq[-d<damp>], boa[-d<damp>] or recon[-PART...], optionally followed by +qat or +qat<steps>, "
+    "then -bf16 to train QAT under bf16 autocast (e.g. boa+qat128, boa+qat-bf16, gptq-d0.1); "
     "recon parts: k<window>[o<overlap>][L<lookahead>], L<n> or la<n> (look-ahead), "
     f"a rounding ({', '.join(ROUNDINGS)}), a loss ({', '.join(LOSSES)}), an init ({', '.join(INITS)}), "
-    "i<iterations>, cfp (CBQ outlier pre-processing); e.g. recon-k2o1-gptq-i40+qat128"
+    "i<iterations>, cfp (CBQ outlier pre-processing), bf16 (windows under bf16 autocast); "
+    "e.g. recon-k2o1-gptq-i40+qat128"
 )
-_QAT_SUFFIX = re.compile(r"(.+)\+qat(\d+)?")
+_QAT_SUFFIX = re.compile(r"(.+)\+qat(\d+)?(-bf16)?")
 _WINDOW = re.compile(r"k(\d+)(?:o(\d+))?(?:L(\d+))?")
 _LOOKAHEAD = re.compile(r"(?:L|la)(\d+)")
 _ITERS = re.compile(r"i(\d+)")
@@ -135,17 +138,20 @@ def resolve_device(device: str) -> str:
 
 
 def _split_qat(name: str) -> tuple[str, dict | None]:
-    """`boa+qat128` -> ("boa", {"steps": 128}); `gptq+qat` -> ("gptq", {}); `gptq` -> ("gptq", None)."""
+    """`boa+qat128` -> ("boa", {"steps": 128}); `gptq+qat` -> ("gptq", {}); `gptq+qat-bf16` ->
+    ("gptq", {"amp": "bf16"}); `gptq` -> ("gptq", None)."""
     m = _QAT_SUFFIX.fullmatch(name)
     if m is None:
         return name, None
-    return m[1], ({"steps": int(m[2])} if m[2] else {})
+    return m[1], ({"steps": int(m[2])} if m[2] else {}) | ({"amp": "bf16"} if m[3] else {})
 
 
 def _unknown(head: str, name: str) -> str:
-    known, plus, rest = head.partition("+")
-    if plus and known in METHOD_NAMES:  # e.g. gptq+foo: the suffix is the bad part
-        return f"unknown method {name!r}: cannot parse '+{rest}'; only +qat or +qat<steps> may follow; accepted: {METHOD_FORMS}"
+    known, plus, _ = head.partition("+")
+    if plus and known in METHOD_NAMES:  # e.g. gptq+foo, gptq+qat-fp16: the suffix is the bad part
+        rest = name.partition("+")[2]
+        return (f"unknown method {name!r}: cannot parse '+{rest}'; only +qat, +qat<steps> or +qat[<steps>]-bf16 may "
+                f"follow; accepted: {METHOD_FORMS}")
     return f"unknown method {head!r} in {name!r}; accepted: {METHOD_FORMS}"
 
 
@@ -178,6 +184,8 @@ def _recon_parts(parts: list[str], name: str) -> dict[str, Any]:
             kw["iters"] = int(m[1])
         elif part == "cfp":
             kw["cfp"] = True
+        elif part == "bf16":
+            kw["amp"] = "bf16"
         else:
             raise ValueError(f"cannot parse {part!r} in method {name!r}; accepted: {METHOD_FORMS}")
     return kw

@@ -58,6 +58,7 @@ RECON_LOSSES = ("mse", "kl", "mse+kl")
 RECON_INITS = ("rtn", "gptq", "boa")
 RECON_GRIDS = ("auto", "init", "learned")
 SCHEDULES = ("cosine", "linear", "constant")
+AMP_MODES = ("auto", "bf16", "fp32")  # quantlib.optim.AMP_MODES (a test keeps them equal)
 QAT_TRAINABLES = ("scales", "scales+zeros", "weights")
 QAT_LOSSES = ("ce", "kl", "ce+kl")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -447,7 +448,8 @@ class ReconParams(_Section):
     for rtn); lr is the rounding rate, clip_lr the clipping/scale rate. heldout: share of the calibration
     batches a window never trains on, whose loss the keep-or-revert guard judges (0: the training
     batches); eval_every > 0 evaluates it during training, keeps the best state and stops after
-    `patience` evaluations without improvement (0: never early).
+    `patience` evaluations without improvement (0: never early). amp: the training forward's arithmetic
+    (auto: bf16 autocast on CUDA and on a CPU with AMX or AVX512-BF16, else fp32; bf16; fp32).
     """
 
     SECTION: ClassVar[str] = "recon"
@@ -472,6 +474,7 @@ class ReconParams(_Section):
     heldout: float = _key(0.0, _fraction())
     eval_every: int = _key(0, _integer(0))
     patience: int = _key(0, _integer(0))
+    amp: str = _key("auto", _choice(AMP_MODES))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -492,7 +495,8 @@ class QatParams(_Section):
     best (docs/benchmarks/quality.md: GPTQ W3 g64 47.73 -> 32.16 with QAT), off at 4 bits and above.
     trainable: scales | scales+zeros | weights; loss: kl (to the FP model's top-k logits) | ce | ce+kl;
     heldout: fraction of calibration sequences kept for early stopping (same data budget);
-    checkpoint_every: steps between resumable checkpoints (0 = none).
+    checkpoint_every: steps between resumable checkpoints (0 = none); amp: the training forward's
+    arithmetic, as recon.amp.
     """
 
     SECTION: ClassVar[str] = "qat"
@@ -512,6 +516,7 @@ class QatParams(_Section):
     grad_checkpoint: bool = _key(False, _boolean())
     checkpoint_every: int = _key(8, _integer(0))
     seed: int = _key(0, _integer(0))
+    amp: str = _key("auto", _choice(AMP_MODES))
 
     def active(self, bits: int) -> bool:
         """Whether the qat stage trains for a scheme of `bits` bits."""

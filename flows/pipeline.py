@@ -493,7 +493,7 @@ def qat_config(qat: Any):
     return QATConfig(trainable=qat.trainable, loss=qat.loss, kl_weight=qat.kl_weight, topk=qat.topk, steps=qat.steps,
                      lr=qat.lr, batch_size=qat.batch_size, grad_accum=qat.grad_accum, schedule=qat.schedule,
                      heldout=qat.heldout, eval_every=qat.eval_every, patience=qat.patience,
-                     grad_checkpoint=qat.grad_checkpoint, seed=qat.seed)
+                     grad_checkpoint=qat.grad_checkpoint, seed=qat.seed, amp=qat.amp)
 
 
 def qat_stage(ctx: StageContext) -> dict:

@@ -24,7 +24,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .distill import chunked_qat_loss, qat_loss, teacher_targets
 from .engine import peak_memory_mb
-from .optim import SCHEDULES, adamw_with_schedule
+from .optim import AMP_MODES, SCHEDULES, adamw_with_schedule, training_autocast, uses_bf16
 from .qat_modules import TRAINABLES, QATLinear, QATModules, _Checkpointed, _set_checkpointing, attach_qat, detach_qat
 from .qweight import QuantizedWeight
 
@@ -77,6 +77,8 @@ class QATConfig:
     heldout: fraction of calibration sequences held out (seeded permutation) to evaluate the same loss
       every eval_every steps; the best state is kept, patience evals without improvement stop early
       (0 = never), and if nothing beats the initial held-out loss the initial state is kept.
+    amp: the training forward's arithmetic (quantlib.optim.training_autocast): "auto" (bf16 autocast on
+      CUDA and on a CPU with AMX or AVX512-BF16, fp32 elsewhere), "bf16" or "fp32".
     Defaults target a 135M model on CPU: 64 steps of 4 sequences (~2 epochs of 112 training sequences).
     """
 
@@ -99,9 +101,11 @@ class QATConfig:
     grad_checkpoint: bool = False
     train_norms: bool = False
     seed: int = 0
+    amp: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("trainable", self.trainable, TRAINABLES)
+        _one_of("amp", self.amp, AMP_MODES)
         _one_of("loss", self.loss, LOSSES)
         _one_of("schedule", self.schedule, SCHEDULES)
         for name in ("lr", "zero_lr", "weight_lr", "grad_clip"):
@@ -156,6 +160,7 @@ class QATStats:
     peak_mb: float
     trained_norms: list[str] = field(default_factory=list)  # model parameters changed besides `results`
     skipped_steps: list[int] = field(default_factory=list)  # steps not applied: loss or gradient not finite
+    bf16: bool = False  # the training forward ran under bf16 autocast (cfg.amp resolved on this device)
 
 
 @dataclass
@@ -194,7 +199,7 @@ def _norm_params(adapter: ModelAdapter) -> dict[str, nn.Parameter]:
             if "norm" in type(m).__name__.lower():
                 for pname, p in m.named_parameters(recurse=False):
                     _check(p.dtype == torch.float32, f"train_norms needs float32 norm weights, {prefix}.{mname} is "
-                           f"{p.dtype}: load the model in float32 (bf16 autocast is applied on CUDA)")
+                           f"{p.dtype}: load the model in float32 (a bf16 autocast, qat amp, keeps trainable parameters fp32)")
                     out[".".join(x for x in (prefix, mname, pname) if x)] = p
     return out
 
@@ -258,7 +263,7 @@ class _Run:
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
         ids = self.calib[rows].to(self.device)
         teacher = None if self.teacher is None else {k: v[rows].to(self.device) for k, v in self.teacher.items()}
-        with _autocast(self.device):
+        with training_autocast(self.device, self.cfg.amp):
             return chunked_qat_loss(self.model, ids, teacher, self.cfg)
 
     @torch.no_grad()
@@ -267,11 +272,6 @@ class _Run:
         for rows in self.heldout.split(self.cfg.batch_size):
             total += float(self.loss(rows)) * rows.numel()
         return total / self.heldout.numel()
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (trainable parameters stay fp32); exact fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _check_inputs(results: dict, calib: torch.Tensor, cfg: QATConfig, teacher) -> None:
@@ -341,6 +341,7 @@ def train_qat(
         best_heldout=state.best_heldout, best_step=state.best_step, final_heldout=final, kept_init=kept_init,
         stopped_early=stopped, seconds=state.seconds + time.perf_counter() - t0, peak_mb=peak_memory_mb(device),
         trained_norms=sorted(groups.get("norms", {})), skipped_steps=state.skipped_steps,
+        bf16=uses_bf16(device, cfg.amp),
     )
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import SCHEDULES
+from .optim import AMP_MODES, SCHEDULES
 from .primitives import dequantize, expand, round_ste, ste_codes
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
@@ -84,6 +84,7 @@ class ReconConfig:
     heldout: float = 0.0
     eval_every: int = 0
     patience: int = 0
+    amp: str = "auto"  # the training forward's arithmetic: quantlib.optim.training_autocast
 
     def __post_init__(self) -> None:
         _check(self.window >= 1, f"window must be >= 1, got {self.window}")
@@ -93,6 +94,7 @@ class ReconConfig:
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         _check(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")

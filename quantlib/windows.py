@@ -23,7 +23,7 @@ from .capture import BlockCall, capture_block_inputs, run_block, swap_module
 from .cfp import CFPConfig, apply_cfp
 from .engine import EngineConfig, peak_memory_mb, quantize_block
 from .gptq import GPTQConfig
-from .optim import adamw_with_schedule
+from .optim import adamw_with_schedule, training_autocast, uses_bf16
 from .qweight import QuantizedWeight
 from .recon import LearnableLinear, ReconConfig, latent_near_codes, recon_loss
 from .rtn import RTNConfig
@@ -50,6 +50,7 @@ class WindowStats:
     heldout_curve: list[tuple[int, float]] = field(default_factory=list)  # (iterations done, held-out loss)
     best_iter: int | None = None  # iterations done at the state kept (None: the end, without evaluations)
     stopped_early: bool = False
+    bf16: bool = False  # the training forward ran under bf16 autocast (cfg.amp resolved on this device)
 
 
 @dataclass
@@ -242,7 +243,8 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
         adapter.blocks[i].to("cpu")
     return WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device), curve,
                        skipped_steps=skipped, heldout_batches=len(judged) if cfg.heldout else 0,
-                       heldout_curve=judge.curve, best_iter=judge.best_iter, stopped_early=judge.stopped)
+                       heldout_curve=judge.curve, best_iter=judge.best_iter, stopped_early=judge.stopped,
+                       bf16=uses_bf16(device, cfg.amp))
 
 
 class _Judge:
@@ -281,7 +283,7 @@ def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, lo
     opt, sched = _optimizer(modules, cfg, cfg.iters)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
     params = [p for g in opt.param_groups for p in g["params"]]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = training_autocast(device, cfg.amp)
     _set_mode(modules, True)
     curve, skipped = [], []
     for it in range(cfg.iters):
@@ -310,14 +312,6 @@ def _train(blocks, calls, modules, inputs, targets, cfg: ReconConfig, device, lo
         if judge.after(it + 1):
             break
     return curve, skipped
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def finalize_block(adapter: ModelAdapter, index: int, state: ReconState) -> dict[str, QuantizedWeight]:

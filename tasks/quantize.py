@@ -239,6 +239,7 @@ def _window_stats(st: WindowStats) -> dict:
             "kept_init": st.kept_init, "seconds": st.seconds, "peak_mb": st.peak_mb, "curve": st.curve,
             "skipped_steps": st.skipped_steps, "block_errors": st.block_errors, "heldout_batches": st.heldout_batches,
             "heldout_curve": st.heldout_curve, "best_iter": st.best_iter, "stopped_early": st.stopped_early,
+            "bf16": st.bf16,
             "ran_on": ran_on(),
             "threads": torch.get_num_threads()}
 

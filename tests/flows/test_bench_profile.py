@@ -10,8 +10,9 @@ from flows.bench_profile import main
 def test_profile_records_every_region_of_a_window_and_of_qat(tiny_source, tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert main(["--model", str(tiny_source), "--n-samples", "8", "--seqlen", "32", "--iters", "3",
-                 "--qat-steps", "2", "--out", str(out)]) == 0
+                 "--qat-steps", "2", "--amp", "bf16", "--out", str(out)]) == 0
     recon, qat = json.loads(out.read_text())
+    assert recon["bf16"] and qat["bf16"] and recon["what"].endswith("bf16 autocast")
     assert recon["steps"] == 3 and qat["steps"] == 2 and recon["n"] == 8 and recon["seqlen"] == 32
     for r in (recon, qat):
         assert all(v > 0 for v in r["regions_s"].values()), r["regions_s"]

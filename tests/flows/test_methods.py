@@ -23,6 +23,8 @@ from quantlib.rtn import RTNConfig
     ("recon-k2o1-boa-nearest", dict(window=2, overlap=1, init="boa", rounding="nearest", frozen_grid=True)),
     ("recon-k1-rtn", dict(window=1, init="rtn", frozen_grid=False)),
     ("recon-k2o1-gptq-i40-cfp", dict(window=2, overlap=1, init="gptq", iters=40, cfp=True)),
+    ("recon-k2o1-i40-bf16", dict(window=2, iters=40, amp="bf16")),
+    ("recon-k2o1", dict(amp="auto")),
 ])
 def test_recon_names_spell_the_configuration(name, expect):
     cfg = parse_method(name).base
@@ -59,6 +61,7 @@ def test_gptq_and_boa_take_a_damping_part():
     ("recon-fast", "cannot parse 'fast'"),
     ("awq", "unknown method 'awq'"),
     ("gptq+foo", "cannot parse '+foo'"),
+    ("gptq+qat-fp16", "cannot parse '+qat-fp16'"),
     ("gptq-i40", "cannot parse 'i40'"),
 ])
 def test_bad_names_fail_clearly(name, message):
@@ -78,6 +81,9 @@ def test_qat_suffix():
     m = parse_method("gptq")
     assert isinstance(m.base, GPTQConfig) and m.qat is None and m.label == m.base_label == "gptq"
     assert parse_method("recon-mse+kl+qat").base.loss == "mse+kl"  # `+` inside a loss name is not the suffix
+    m = parse_method("boa+qat96-bf16", qat={"lr": 1e-3})
+    assert (m.qat.steps, m.qat.amp, m.qat.lr, m.label) == (96, "bf16", 1e-3, "boa+qat96-bf16")
+    assert parse_method("gptq+qat-bf16").qat.amp == "bf16" and parse_method("gptq+qat").qat.amp == "auto"
 
 
 def test_qat_takes_steps_from_the_name():

@@ -288,6 +288,8 @@ def test_null_resolution() -> None:
     ({"qat": {"enabled": "yes"}}, "qat.enabled: expected true, false or 'auto'"),
     ({"qat": {"trainable": "everything"}}, "qat.trainable"),
     ({"qat": {"steps": -1}}, "qat.steps"),
+    ({"qat": {"amp": "fp16"}}, "qat.amp"),
+    ({"recon": {"amp": "half"}}, "recon.amp"),
 ])
 def test_bad_recon_and_qat_settings_name_the_key(body, message) -> None:
     with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
@@ -298,16 +300,24 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
     from flows.pipeline import qat_config, quantize_job
 
     p = params_from_dict({"quantize": {"method": "recon", "device": "cpu"}, "recon": {"window": 3, "overlap": 1,
-                                                                                      "lookahead": 2, "iters": 7},
-                          "qat": {"enabled": True, "steps": 5, "trainable": "scales+zeros"}})
+                                                                                      "lookahead": 2, "iters": 7,
+                                                                                      "amp": "bf16"},
+                          "qat": {"enabled": True, "steps": 5, "trainable": "scales+zeros", "amp": "fp32"}})
     cfg = quantize_job(p.quantize, p.recon).method
-    assert (cfg.window, cfg.overlap, cfg.lookahead, cfg.iters) == (3, 1, 2, 7)
+    assert (cfg.window, cfg.overlap, cfg.lookahead, cfg.iters, cfg.amp) == (3, 1, 2, 7, "bf16")
     assert quantize_job(p.quantize, p.recon).engine.act_inputs is None
     q_in = params_from_dict({"quantize": {"method": "recon", "device": "cpu", "activations": "a4",
                                           "quantized_inputs": True}})
     assert quantize_job(q_in.quantize, q_in.recon).engine.act_inputs == "a4"  # the windows train on a4 inputs
     q = qat_config(p.qat)
-    assert (q.steps, q.trainable) == (5, "scales+zeros")
+    assert (q.steps, q.trainable, q.amp) == (5, "scales+zeros", "fp32")
+
+
+def test_params_offer_exactly_the_amp_modes_quantlib_runs() -> None:
+    from flows.params import AMP_MODES
+    from quantlib.optim import AMP_MODES as RUN
+
+    assert AMP_MODES == RUN
 
 
 def test_params_offer_exactly_the_gguf_types_quantlib_writes() -> None:

@@ -36,3 +36,42 @@ def test_the_pipeline_params_offer_exactly_these_schedules():
     from flows.params import SCHEDULES as OFFERED
 
     assert OFFERED == SCHEDULES
+
+
+# --------------------------------------------------------------------------- training arithmetic
+
+
+def test_amp_modes_resolve_per_device(monkeypatch):
+    import quantlib.optim as O
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(O, "cpu_has_native_bf16", lambda native=native: native)
+        assert O.uses_bf16(cpu, "auto") is native and O.uses_bf16(cuda, "auto")
+        assert O.uses_bf16(cpu, "bf16") and not O.uses_bf16(cuda, "fp32") and not O.uses_bf16(cpu, "fp32")
+    with pytest.raises(ValueError, match="amp must be one of"):
+        O.uses_bf16(cpu, "fp16")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from quantlib.optim import cpu_has_native_bf16
+
+    read = cpu_has_native_bf16.__wrapped__  # uncached: each file once
+    for flags, native in (("fpu avx512f amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", True),
+                          ("fpu avx2 avx512f avx512bw", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert read(str(tmp_path / "cpuinfo")) is native
+    assert read(str(tmp_path / "absent")) is False  # no /proc: fp32, never an emulated bf16
+
+
+def test_training_autocast_runs_matmuls_in_bf16_only_when_asked():
+    from quantlib.optim import training_autocast
+
+    lin, x = torch.nn.Linear(8, 4), torch.randn(2, 8)
+    with training_autocast(torch.device("cpu"), "bf16"):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and lin.weight.dtype == torch.float32  # the parameter stays fp32
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32
+    with training_autocast(torch.device("cpu"), "fp32"):
+        assert lin(x).dtype == torch.float32

@@ -52,6 +52,7 @@ def _same_codes(a, b):
     (dict(loss="mse"), "loss"),
     (dict(trainable="codes"), "trainable"),
     (dict(schedule="step"), "schedule"),
+    (dict(amp="fp16"), "amp"),
     (dict(steps=-1), "steps"),
     (dict(steps=2.5), "steps"),
     (dict(batch_size=0), "batch_size"),
@@ -192,6 +193,21 @@ def test_training_lowers_the_loss_and_keeps_results_on_the_integer_grid(trainabl
             assert torch.equal(qw.zero, results[k].zero)
     assert not any(torch.equal(new[k].scale, results[k].scale) for k in new)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_bf16_training_is_applied_recorded_and_close_to_fp32():
+    """amp bf16 trains under bf16 autocast (the scales differ from the fp32 run's: a bug ignoring amp
+    would make them equal), is recorded in the stats, and lands near the fp32 run."""
+    runs = {}
+    for amp in ("fp32", "bf16"):
+        model, results = _quantized()
+        cfg = QATConfig(loss="kl", batch_size=12, lr=3e-2, amp=amp, **FAST)
+        runs[amp] = train_qat(model, results, IDS, cfg, _teacher())
+    (fp, sf), (bf, sb) = runs["fp32"], runs["bf16"]
+    assert not sf.bf16 and sb.bf16
+    assert not all(torch.equal(fp[k].scale, bf[k].scale) for k in fp)
+    assert all(torch.allclose(fp[k].scale, bf[k].scale, rtol=0.05) for k in fp)
+    assert sb.best_heldout == pytest.approx(sf.best_heldout, rel=0.05) and sb.best_heldout < sb.init_heldout
 
 
 def test_guard_keeps_the_initial_state_when_training_only_hurts():

@@ -327,6 +327,7 @@ def test_window_schedule():
     (dict(rounding="stochastic"), "rounding must be one of"),
     (dict(learn_weights=True, rounding="lora"), "learn_weights"),
     (dict(heldout=1.0), r"heldout must be in \[0, 1\)"),
+    (dict(amp="fp16"), "amp must be one of"),
     (dict(eval_every=4), "needs held-out batches"),
 ])
 def test_bad_configs_fail_clearly(kwargs, message):
@@ -338,6 +339,16 @@ def test_window_larger_than_model_fails_before_any_work():
     model = tiny_model()
     with pytest.raises(ValueError, match="window 5 is larger than the model's 3 blocks"):
         reconstruct_model(get_adapter(model), tiny_ids(4, 16), SPEC, ReconConfig(window=5, overlap=0), ENGINE)
+
+
+def test_bf16_windows_train_under_autocast_and_say_so():
+    """amp bf16 runs the window's training forward in bf16 (the learned scales differ from the fp32
+    run's: ignoring amp would make them equal) and still lowers the fp32-judged window loss."""
+    runs = {amp: _one_window(ReconConfig(window=1, overlap=0, rounding="nearest", init="gptq", loss="mse", iters=40,
+                                         amp=amp)) for amp in ("fp32", "bf16")}
+    (sf, mf, _), (sb, mb, _) = runs["fp32"], runs["bf16"]
+    assert not sf.bf16 and sb.bf16 and sb.loss_final < sb.loss_init
+    assert any(not torch.equal(mf[n].log_scale, mb[n].log_scale) for n in mf)
 
 
 def test_reconstruction_is_deterministic_on_cpu():
