@@ -10,10 +10,11 @@ windows and the off-domain windows, the same tensors our rows use. The calibrati
 to AutoRound as its dataloader, batch_size sequences per batch, in the protocol's order (no text
 and no re-tokenization on its side). AutoRound (sign-gradient rounding and clipping per block,
 `iters` steps, its own defaults otherwise) leaves every quantized Linear's weight quantize-
-dequantized in place; the model is scored in memory right after, through quantlib.perplexity (torch
-only), as our rows are. OUT.json: flows/peer_report.py's report, plus "levels": the most distinct
-values one weight group of layer 0's down_proj holds (at most 2^bits when the weights really are on
-a b-bit grid).
+dequantized in place, in bf16 on a CPU (it casts the model to its amp dtype); the model is cast back
+to fp32 and scored in memory right after, through quantlib.perplexity (torch only), as our rows are.
+OUT.json: flows/peer_report.py's report, plus "levels": the most distinct values one weight group of
+layer 0's down_proj holds (at most 2^bits when the weights really are on a b-bit grid), and
+"tuned_dtype": the dtype AutoRound left the model in.
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ def main(job_path: str, out_path: str) -> None:
                    nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=q["batch_size"], seed=q["seed"],
                    dataset=list(calib.split(q["batch_size"])), device_map="cpu")
     ar.quantize()
-    write_report(out_path, model, data, seen, calib.shape[0], time.perf_counter() - t0,
-                 ("auto-round", "torch", "transformers"), levels=_levels(probe.weight.detach(), q["group_size"]))
+    seconds, tuned = time.perf_counter() - t0, str(model.dtype)
+    model.float()  # AutoRound tunes (and leaves) a CPU model in bf16; our rows are scored in fp32
+    write_report(out_path, model, data, seen, calib.shape[0], seconds, ("auto-round", "torch", "transformers"),
+                 levels=_levels(probe.weight.detach(), q["group_size"]), tuned_dtype=tuned)
 
 
 def _levels(w: torch.Tensor, group_size: int) -> int:

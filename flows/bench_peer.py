@@ -135,7 +135,8 @@ def run_peer(python: str, model: str, scheme: str, smooth: float | None, n: int,
                            f"{quantization['bits']}-bit grid holds: the model it scored was not quantized; nothing was written")
     label = f"autoround-i{iters}" if peer == "autoround" else \
         "llm-compressor " + ("" if smooth is None else f"sq{smooth:g}+") + "gptq"
-    recipe = {"recipe": scheme, "quantization": quantization} | ({} if peer == "autoround" else {"smoothing_strength": smooth})
+    recipe = {"recipe": scheme, "quantization": quantization} | (
+        {"tuned_dtype": result.get("tuned_dtype")} if peer == "autoround" else {"smoothing_strength": smooth})
     row = {"method": label, "scheme": name, "ppl": result["ppl"], "ppl_pydocs": result.get("ppl_pydocs"),
            "quant_seconds": result["quant_seconds"], "peak_rss_mb": result["peak_rss_mb"],
            "settings": {"n": n, "seqlen": CALIB["seqlen"], "seed": CALIB["seed"], "calib_digest": ids_digest(data.calib),

@@ -135,4 +135,5 @@ def test_autoround_tool_quantizes_and_scores_a_tiny_model(tmp_path):
     fp = perplexity(model.eval(), windows)
     assert math.isfinite(out["ppl"]) and out["ppl"] != fp and "ppl_pydocs" not in out
     assert 2 < out["levels"] <= 8 and out["versions"]["auto-round"] == "0.16.1" and out["quant_seconds"] > 0
+    assert out["tuned_dtype"] in ("torch.bfloat16", "torch.float32")  # what AutoRound left; scored in fp32
     assert out["calib_seen"] == ids_set_digest(calib)  # AutoRound calibrated on exactly these sequences
