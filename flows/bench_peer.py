@@ -46,13 +46,15 @@ class Peer:
     env: str  # the variable that may name another interpreter
     make: str
     out: str  # where its rows go by default
+    scheme: str  # --scheme's default
+    smooth: float | None  # --smooth's default (SmoothQuant strength; None: the peer has none)
 
 
 PEERS = {
     "llm-compressor": Peer(REPO / "flows" / "llmcompressor_tool.py", ".venv-llmcompressor", "PTQ_LLMCOMPRESSOR_PYTHON",
-                           "llmcompressor-env", "docs/benchmarks/activations.json"),
+                           "llmcompressor-env", "docs/benchmarks/activations.json", "W8A8", 0.8),
     "autoround": Peer(REPO / "flows" / "autoround_tool.py", ".venv-autoround", "PTQ_AUTOROUND_PYTHON",
-                      "autoround-env", "docs/benchmarks/quality.json"),
+                      "autoround-env", "docs/benchmarks/quality.json", "w3g64", None),
 }
 AUTOROUND = dict(iters=200, batch_size=8, seed=42)  # AutoRound's own defaults
 # llm-compressor preset schemes -> our scheme names (weights, then inputs). Its W4A8 preset has
@@ -167,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                    "docs/benchmarks/quality.json (autoround)")
     a = p.parse_args(argv)
     peer = PEERS[a.peer]
-    smooth = (0.8 if a.peer == "llm-compressor" else None) if a.smooth is None else a.smooth
+    smooth = peer.smooth if a.smooth is None else a.smooth
     python = a.python or os.environ.get(peer.env, f"{peer.venv}/bin/python")
-    scheme = a.scheme or ("W8A8" if a.peer == "llm-compressor" else "w3g64")
-    row = run_peer(python, a.model, scheme, None if smooth is None or smooth < 0 else smooth, a.n_samples, a.threads,
-                   a.out or Path(peer.out), os.environ.get("PTQ_DATA_MIRROR"), a.peer, a.iters)
+    row = run_peer(python, a.model, a.scheme or peer.scheme, None if smooth is None or smooth < 0 else smooth,
+                   a.n_samples, a.threads, a.out or Path(peer.out), os.environ.get("PTQ_DATA_MIRROR"), a.peer, a.iters)
     print(f"{row['method']} {row['scheme']}: wiki {row['ppl']:.2f}, python-docs {row.get('ppl_pydocs')}, "
           f"{row['quant_seconds']:.0f} s")
     return 0

@@ -8,10 +8,9 @@ cosine 0.5 (1 + cos(pi t)), linear 1 - t, constant 1.
 The training forward's arithmetic (`training_autocast`) is shared too: `amp` "fp32" runs it exactly,
 "bf16" under bf16 autocast (matmuls and attention in bf16, reductions such as softmax and the losses
 in fp32; every trainable parameter and its optimizer state stays fp32), "auto" is bf16 on CUDA and on
-a CPU with native bf16 matmuls (AMX or AVX512-BF16), fp32 elsewhere. There oneDNN runs bf16 matmuls
-about 6x faster than fp32 (a 4096 x 576 x 1536 matmul, one thread of this project's CI machine: 9.6
-against 58.7 ms); a QAT step of SmolLM2-135M took 2.2x less time with the same losses
-(docs/benchmarks/profile.md).
+a CPU with native bf16 matmuls (AMX or AVX512-BF16), fp32 elsewhere. There oneDNN's bf16 matmuls
+cut 4 QAT steps of SmolLM2-135M from 191 s to 76 s, their matmul time from 106.7 s to 16.6 s
+(docs/benchmarks/profile.md, `python -m flows.bench_profile --only qat --amp fp32|bf16`).
 """
 from __future__ import annotations
 
