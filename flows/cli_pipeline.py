@@ -79,7 +79,7 @@ def preflight(params) -> None:
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{key}: {e}") from None
     q = params.quantize
-    method_config(q.resolved_method, act_order=q.act_order, damp=q.damp, block_size=q.block_size,
+    method_config(q.resolved_method, act_order=q.act_order, damp=q.resolved_damp, block_size=q.block_size,
                   clip_search=q.clip_search, recon=params.recon.__dict__ if q.resolved_method == "recon" else None)
     from quantlib.spec import parse_scheme
 

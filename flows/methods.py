@@ -158,7 +158,7 @@ def _unknown(head: str, name: str) -> str:
 def _base_config(head: str, recon_fields: dict[str, Any], *, act_order: bool, damp: float, block_size: int,
                  clip_search: bool) -> BlockConfig:
     if head == "recon":
-        return ReconConfig(**recon_fields)
+        return ReconConfig(**({"init_damp": damp} | recon_fields))
     if head == "rtn":
         return RTNConfig(clip_search=clip_search)
     if head == "gptq":

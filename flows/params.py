@@ -53,6 +53,10 @@ METHODS = ("auto", "rtn", "gptq", "boa", "recon")
 # quantize.method: auto, by bits: the best measured on the benchmark protocol (docs/protocol.md) with qat on
 # (docs/benchmarks/quality.md: W2 g64 recon+qat 64.81 < boa+qat 77.70; W3 g64 boa+qat 31.34 < recon+qat 31.49)
 AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
+# quantize.damp auto, by bits: at 2 and 3 bits damping 0.1 scores better on both texts (it fits the Hessians
+# less to the calibration text); at 4 bits per channel it trades wiki for python-docs, so 0.01 stays
+# (docs/benchmarks/transfer.md).
+AUTO_DAMP, HIGH_BIT_DAMP = {2: 0.1, 3: 0.1}, 0.01
 ROUNDINGS = ("nearest", "adaround", "lora")
 RECON_LOSSES = ("mse", "kl", "mse+kl")
 RECON_INITS = ("rtn", "gptq", "boa")
@@ -152,6 +156,18 @@ def _bool_or_auto() -> Check:
         if not (isinstance(value, bool) or value == "auto"):
             raise _expected(path, "true, false or 'auto'", value)
         return value
+
+    return check
+
+
+def _or_auto(inner: Check, rule: str) -> Check:
+    def check(path: str, value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            return inner(path, value)
+        except ParamsError:
+            raise ParamsError(f"{path}: must be 'auto' or {rule}, got {_describe(value)}") from None
 
     return check
 
@@ -345,7 +361,9 @@ def fewest_bits(bits: int, mixed_from: tuple[str, ...]) -> int:
 @dataclass(frozen=True)
 class QuantizeParams(_Section):
     """Method (auto = recon at 2 bits, boa at 3, gptq above), scheme (bits, group_size: null = per output channel, sym)
-    and solver options. error_sequences: the per-block error F_q vs F in metrics/block_errors.json is
+    and solver options. damp: the GPTQ/BoA Hessian damping (a fraction of mean(diag H)); auto = 0.1 at 2
+    and 3 bits, where it scores better on the calibration text and off it, 0.01 above (AUTO_DAMP).
+    error_sequences: the per-block error F_q vs F in metrics/block_errors.json is
     measured on the first that many calibration sequences (null: all; a full FP pass per block costs ~40%
     of a GPTQ block). inputs: what each block is calibrated on: the quantized prefix's outputs
     (quantized: sequential, as GPTQ) or the FP model's (fp: blocks are independent and run in
@@ -374,7 +392,7 @@ class QuantizeParams(_Section):
     group_size: int | None = _key(64, _integer(1, nullable=True))
     sym: bool = _key(False, _boolean())
     act_order: bool = _key(True, _boolean())
-    damp: float = _key(0.01, _open_interval(0, 1))
+    damp: float | str = _key("auto", _or_auto(_open_interval(0, 1), "a number in the open interval (0, 1)"))
     block_size: int = _key(128, _integer(1))
     true_sequential: bool = _key(True, _boolean())
     clip_search: bool = _key(False, _boolean())
@@ -434,6 +452,13 @@ class QuantizeParams(_Section):
         if self.method != "auto":
             return self.method
         return AUTO_METHODS.get(self.bits, HIGH_BIT_METHOD)
+
+    @property
+    def resolved_damp(self) -> float:
+        """The GPTQ/BoA Hessian damping: `damp`, with auto chosen by bits (AUTO_DAMP, else HIGH_BIT_DAMP)."""
+        if self.damp != "auto":
+            return self.damp
+        return AUTO_DAMP.get(self.bits, HIGH_BIT_DAMP)
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ def quantize_job(quantize: Any, recon: Any, dtype: str = "float32"):
     method = quantize.resolved_method
     return QuantizeJob(
         spec=QuantSpec(bits=quantize.bits, group_size=quantize.group_size, sym=quantize.sym),
-        method=method_config(method, act_order=quantize.act_order, damp=quantize.damp,
+        method=method_config(method, act_order=quantize.act_order, damp=quantize.resolved_damp,
                              block_size=quantize.block_size, clip_search=quantize.clip_search,
                              recon={f: getattr(recon, f) for f in _recon_keys()} if method == "recon" else None),
         engine=EngineConfig(batch_size=quantize.batch_size, true_sequential=quantize.true_sequential,

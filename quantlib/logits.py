@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -27,7 +28,24 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """(B, c, d) hidden states -> (B, c, V) fp32 logits, soft-capped as the model's own forward does."""
-    logits = model.get_output_embeddings()(hidden).float()
+    return _softcap(model, model.get_output_embeddings()(hidden).float())
+
+
+def _chunk_head(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """head_logits for many chunks of one pass. Under autocast a plain Linear head's weight is cast
+    once here: autocast re-casts a weight that needs no gradient on every call, and the head is the
+    model's largest matrix (49152 x 576 on SmolLM2), so a cast per chunk (and per recomputed chunk
+    in backward) was most of a bf16 QAT step's copies. The logits are the same bit for bit."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or not torch.is_autocast_enabled(device.type):
+        return lambda h: head_logits(model, h)
+    dtype = torch.get_autocast_dtype(device.type)
+    w = head.weight.to(dtype)
+    b = None if head.bias is None else head.bias.to(dtype)
+    return lambda h: _softcap(model, F.linear(h.to(dtype), w, b).float())
+
+
+def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -54,10 +72,11 @@ def chunked_sum(model: nn.Module, hidden: torch.Tensor,
     vocab = model.config.vocab_size
     slices = list(position_chunks(hidden.shape[0], hidden.shape[1], vocab, budget))
     total = hidden.new_zeros((), dtype=torch.float32)
+    head = _chunk_head(model, hidden.device)
     for sl in slices:
         part = hidden[:, sl]
         if torch.is_grad_enabled() and len(slices) > 1:
-            total = total + checkpoint(lambda h, sl=sl: score(head_logits(model, h), sl), part, use_reentrant=False)
+            total = total + checkpoint(lambda h, sl=sl: score(head(h), sl), part, use_reentrant=False)
         else:
-            total = total + score(head_logits(model, part), sl)
+            total = total + score(head(part), sl)
     return total

@@ -53,6 +53,14 @@ class QATLinear(nn.Module):
         self.latent = None
         if trainable == "weights":
             self.latent = nn.Parameter(self.codes.float() - expand(self.zero0, n, self.g_idx))
+        # "scales" over contiguous groups (column j in group j // gs, as every solver here writes them):
+        # w_hat = s (q - z) with q - z fixed, so forward and backward run on (out, G, gs) views of q - z
+        # kept in the matmul's dtype, without the gather/scatter of expand or the per-step casts
+        # (docs/benchmarks/profile.md: casts and elementwise ops were over half of a bf16 QAT step)
+        g = self.scale0.shape[1]
+        self.contiguous = trainable == "scales" and n % g == 0 and torch.equal(
+            self.g_idx.long(), torch.arange(n, device=self.g_idx.device) // (n // g))
+        self._qz: torch.Tensor | None = None  # q - z as (out, G, gs), built on first use in the forward's dtype
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero), each (out, G); zero is integral (STE through the rounding)."""
@@ -75,8 +83,20 @@ class QATLinear(nn.Module):
         return expand(self.scale0, self.codes.shape[1], self.g_idx) * self.latent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fake_quant()[0]
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = self._grouped_weight(x) if self.contiguous else self.fake_quant()[0].to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _grouped_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """(out, in) s (q - z) in the dtype the matmul runs in (autocast's, else x's). In fp32 it equals
+        fake_quant()'s w_hat bit for bit (q - z is exact; one rounding of the product either way); under
+        bf16 autocast it is bf16(s) (q - z) rounded once, and the scale's gradient comes back in bf16 precision."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self._qz is None or self._qz.dtype != dtype or self._qz.device != self.codes.device:
+            out, g = self.scale0.shape
+            qz = self.codes.float().view(out, g, -1) - self.zero0.unsqueeze(-1)  # exact small integers
+            self._qz = qz.to(dtype)
+        scale = self.scale0 * torch.exp(self.log_scale)
+        return (self._qz * scale.to(dtype).unsqueeze(-1)).flatten(1)
 
     @torch.no_grad()
     def harden(self) -> QuantizedWeight:

@@ -66,6 +66,7 @@ class ReconConfig:
     target: str = "fp"
     cfp: bool = False  # CBQ coarse-to-fine outlier pre-processing of each block before its init
     init: str = "gptq"
+    init_damp: float = 0.01  # the gptq/boa init's Hessian damping (GPTQConfig.damp)
     grid: str = "auto"
     iters: int = 100
     batch_size: int = 4
@@ -96,6 +97,7 @@ class ReconConfig:
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        _check(0 < self.init_damp < 1, f"init_damp must be in (0, 1), got {self.init_damp}")
         _check(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
         for name in ("lr", "clip_lr", "weight_lr", "kl_weight", "reg_weight", "grad_clip"):

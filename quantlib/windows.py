@@ -112,8 +112,8 @@ def _init_method(cfg: ReconConfig):
     if cfg.init == "boa":
         from .boa import BoAConfig
 
-        return BoAConfig()
-    return GPTQConfig() if cfg.init == "gptq" else RTNConfig()
+        return BoAConfig(damp=cfg.init_damp)
+    return GPTQConfig(damp=cfg.init_damp) if cfg.init == "gptq" else RTNConfig()
 
 
 def install_block(adapter: ModelAdapter, index: int, saved: dict[str, torch.Tensor], spec: Spec,

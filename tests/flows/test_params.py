@@ -24,6 +24,7 @@ from flows.params import (
     section_keys,
 )
 from flows.params import _open_interval
+from quantlib.windows import _init_method
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,12 +53,15 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
         None,
     )
     q = p.quantize
-    assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, 0.01, 128)
+    assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, "auto", 128)
     assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
     assert q.method == "auto" and q.resolved_method == "gptq"
     assert QuantizeParams(bits=3).resolved_method == "boa"
     assert QuantizeParams(bits=2).resolved_method == "recon"
     assert QuantizeParams(bits=3, method="recon").resolved_method == "recon"
+    # damping auto: 0.1 at 2 and 3 bits, 0.01 above; a number is taken as given at any bits
+    assert [QuantizeParams(bits=b).resolved_damp for b in (2, 3, 4, 8)] == [0.1, 0.1, 0.01, 0.01]
+    assert QuantizeParams(bits=3, damp=0.05).resolved_damp == QuantizeParams(bits=4, damp=0.05).resolved_damp == 0.05
     assert p.qat.enabled == "auto" and not p.qat.active(4) and p.qat.active(3) and p.qat.active(2)
     assert p.pack.format == "auto" and p.pack.resolved(sym=False) == "gptq_v2" and p.pack.resolved(sym=True) == "gptq"
     assert PackParams(format="gptq").resolved(sym=False) == "gptq"  # an explicit format is kept
@@ -126,11 +130,11 @@ def test_float_key_accepts_int() -> None:
         ("", ("quantize.bits=9",), "quantize.bits: must be an integer in 2..8, got 9"),
         ("", ("quantize.bits=1",), "quantize.bits: must be an integer in 2..8, got 1"),
         ("", ("quantize.group_size=0",), "quantize.group_size: must be a positive integer or null, got 0"),
-        ("", ("quantize.damp=-0.01",), "quantize.damp: must be in the open interval (0, 1), got -0.01"),
-        ("", ("quantize.damp=1",), "quantize.damp: must be in the open interval (0, 1), got 1"),
-        ("", ("quantize.damp=1.5",), "quantize.damp: must be in the open interval (0, 1)"),
-        ("", ("quantize.damp=.nan",), "quantize.damp: must be in the open interval (0, 1)"),
-        ("", ("quantize.damp=high",), "quantize.damp: expected float, got str 'high'"),
+        ("", ("quantize.damp=-0.01",), "quantize.damp: must be 'auto' or a number in the open interval (0, 1), got float -0.01"),
+        ("", ("quantize.damp=1",), "quantize.damp: must be 'auto' or a number in the open interval (0, 1), got int 1"),
+        ("", ("quantize.damp=1.5",), "quantize.damp: must be 'auto' or a number in the open interval (0, 1)"),
+        ("", ("quantize.damp=.nan",), "quantize.damp: must be 'auto' or a number in the open interval (0, 1)"),
+        ("", ("quantize.damp=high",), "quantize.damp: must be 'auto' or a number in the open interval (0, 1), got str 'high'"),
         ("", ("quantize.method=awq",), "quantize.method: must be one of 'auto', 'rtn', 'gptq', 'boa', 'recon', got str 'awq'"),
         ("", ("quantize.device=gpu",), "quantize.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
         ("", ("fetch_model.dtype=fp8",), "fetch_model.dtype: must be one of"),
@@ -311,6 +315,19 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
     assert quantize_job(q_in.quantize, q_in.recon).engine.act_inputs == "a4"  # the windows train on a4 inputs
     q = qat_config(p.qat)
     assert (q.steps, q.trainable, q.amp) == (5, "scales+zeros", "fp32")
+
+
+def test_damp_auto_reaches_every_hessian_solver_by_bits() -> None:
+    from flows.pipeline import quantize_job
+
+    for quantize, damp in [({"bits": 3}, 0.1), ({"bits": 4}, 0.01), ({"bits": 3, "method": "gptq"}, 0.1),
+                           ({"bits": 4, "method": "boa"}, 0.01), ({"bits": 3, "damp": 0.05}, 0.05)]:
+        p = params_from_dict({"quantize": quantize})
+        assert quantize_job(p.quantize, p.recon).method.damp == damp, quantize
+    for init in ("gptq", "boa"):  # recon (auto at 2 bits) passes it to the solver its windows start from
+        p = params_from_dict({"quantize": {"bits": 2}, "recon": {"init": init}})
+        cfg = quantize_job(p.quantize, p.recon).method
+        assert cfg.init_damp == 0.1 and _init_method(cfg).damp == 0.1
 
 
 def test_params_offer_exactly_the_amp_modes_quantlib_runs() -> None:

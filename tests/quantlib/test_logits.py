@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from quantlib.logits import final_hidden, head_logits, position_chunks
+from quantlib.logits import chunked_sum, final_hidden, head_logits, position_chunks
 from quantlib.perplexity import window_nll
 from quantlib.qat import QATConfig, chunked_qat_loss, qat_loss, teacher_targets
 
@@ -93,3 +94,37 @@ def test_chunked_qat_loss_equals_the_full_loss_in_value_and_gradient(loss, topk)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+class _Casts(TorchDispatchMode):
+    """Counts casts (aten._to_copy) of tensors of one shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.n = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_chunks_cast_the_head_once_and_score_as_before():
+    model, ids = tiny_model("llama"), tiny_ids(3, 16)
+    model.requires_grad_(False)
+    hidden = final_hidden(model, ids).detach().requires_grad_(True)
+    weight = model.get_output_embeddings().weight
+    budget = 3 * weight.shape[0] * 5  # 4 chunks of positions: 5, 5, 5, 1
+
+    def score(logits, sl):
+        return (logits.logsumexp(-1) * torch.arange(1.0, 4.0)[:, None]).sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = sum(score(head_logits(model, hidden[:, sl]), sl)  # the head called per chunk
+                   for sl in position_chunks(3, 16, weight.shape[0], budget))
+        (want_grad,) = torch.autograd.grad(want, hidden)
+        with _Casts(weight.shape) as casts:
+            got = chunked_sum(model, hidden, score, budget)
+            (got_grad,) = torch.autograd.grad(got, hidden)
+    assert casts.n == 1  # not once per chunk, nor again for each chunk recomputed in backward
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)

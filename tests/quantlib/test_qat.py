@@ -138,6 +138,59 @@ def test_harden_reproduces_the_forward_for_any_parameter_values(trainable):
         assert not torch.equal(qw.qweight, results[name].qweight)
 
 
+def _scales_linear(name="model.layers.1.mlp.down_proj", seed=0):
+    """A "scales" QATLinear moved off its init (random log-scales), with a random bias."""
+    _, results = _quantized(method=GPTQConfig(act_order=True))  # act order: groups stay contiguous (static)
+    g = torch.Generator().manual_seed(seed)
+    qw = results[name]
+    m = QATLinear(qw, torch.randn(qw.qweight.shape[0], generator=g), "scales")
+    with torch.no_grad():
+        m.log_scale.add_(0.2 * torch.randn(m.log_scale.shape, generator=g))
+    return m, torch.randn(6, qw.qweight.shape[1], generator=g)
+
+
+def _grads(m, x, fast):
+    m.log_scale.grad = None
+    y = m(x) if fast else torch.nn.functional.linear(x, m.fake_quant()[0], m.bias)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), m.log_scale.grad.clone()
+
+
+def test_grouped_scales_path_equals_the_general_fake_quant_in_fp32():
+    m, x = _scales_linear()
+    assert m.contiguous
+    y_fast, g_fast = _grads(m, x, fast=True)
+    y_ref, g_ref = _grads(m, x, fast=False)
+    assert torch.equal(y_fast, y_ref)  # the same weights bit for bit: q - z exact, one rounding of s (q - z)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-7)  # sums in another order
+
+
+def test_grouped_scales_path_under_bf16_autocast_stays_close_to_fp32():
+    m, x = _scales_linear()
+    y_ref, g_ref = _grads(m, x, fast=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, g = _grads(m, x, fast=True)
+    assert y.dtype == torch.bfloat16 and m._qz.dtype == torch.bfloat16 and g.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=3e-2 * float(y_ref.abs().mean()))
+    assert float((g - g_ref).norm() / g_ref.norm()) < 0.03
+    _, g32 = _grads(m, x, fast=True)  # back in fp32: the cache follows the dtype
+    assert m._qz.dtype == torch.float32 and torch.equal(g32, _grads(m, x, fast=True)[1])
+
+
+def test_only_scales_over_contiguous_groups_take_the_grouped_path():
+    _, results = _quantized()
+    qw = results["model.layers.1.mlp.down_proj"]
+    assert QATLinear(qw, None, "scales").contiguous
+    assert not QATLinear(qw, None, "scales+zeros").contiguous and not QATLinear(qw, None, "weights").contiguous
+    n = qw.qweight.shape[1]
+    shuffled = type(qw)(qw.qweight, qw.scale, qw.zero, qw.g_idx[torch.randperm(n, generator=torch.Generator().manual_seed(0))],
+                        qw.spec)
+    m = QATLinear(shuffled, None, "scales")
+    assert not m.contiguous
+    x = torch.randn(3, n)
+    assert torch.equal(m(x), x @ m.fake_quant()[0].t())
+
+
 # --------------------------------------------------------------------------- teacher and loss
 
 

@@ -328,6 +328,7 @@ def test_window_schedule():
     (dict(learn_weights=True, rounding="lora"), "learn_weights"),
     (dict(heldout=1.0), r"heldout must be in \[0, 1\)"),
     (dict(amp="fp16"), "amp must be one of"),
+    (dict(init_damp=0.0), r"init_damp must be in \(0, 1\)"),
     (dict(eval_every=4), "needs held-out batches"),
 ])
 def test_bad_configs_fail_clearly(kwargs, message):
