@@ -56,7 +56,8 @@ class QATLinear(nn.Module):
         # "scales" over contiguous groups (column j in group j // gs, as every solver here writes them):
         # w_hat = s (q - z) with q - z fixed, so forward and backward run on (out, G, gs) views of q - z
         # kept in the matmul's dtype, without the gather/scatter of expand or the per-step casts
-        # (docs/benchmarks/profile.md, bf16 QAT on 2 threads: ~12% of a step, 30.1 s -> 26.4 s per 4 steps)
+        # (docs/benchmarks/profile.md, bf16 QAT on 2 threads: with quantlib.logits' single head cast,
+        # 30.1 s -> 25.1 s per 4 steps)
         g = self.scale0.shape[1]
         self.contiguous = trainable == "scales" and n % g == 0 and torch.equal(
             self.g_idx.long(), torch.arange(n, device=self.g_idx.device) // (n // g))
@@ -95,7 +96,7 @@ class QATLinear(nn.Module):
             out, g = self.scale0.shape
             qz = self.codes.float().view(out, g, -1) - self.zero0.unsqueeze(-1)  # exact small integers
             self._qz = qz.to(dtype)
-        scale = self.scale0 * torch.exp(self.log_scale)
+        scale = self.qparams()[0]
         return (self._qz * scale.to(dtype).unsqueeze(-1)).flatten(1)
 
     @torch.no_grad()
