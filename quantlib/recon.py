@@ -162,6 +162,25 @@ class LearnableLinear(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(g), requires_grad=cfg.learn_scale)
         scale, zero = self.qparams()
         self._init_rounding(self.latent.detach() / self._expand(scale), self._expand(zero), generator)
+        # frozen grid, fixed latent, offset rounding, contiguous groups (column j in group j // gs, as
+        # every solver here writes them): floor(W / s0 + z0) never changes, so it is computed once and
+        # the codes are dequantized on (out, G, gs) views, without expand's gather and its scatter in
+        # backward (docs/benchmarks/profile.md: the recon window's fake-quant)
+        self._offsets_only = cfg.frozen_grid and cfg.rounding != "nearest" and not cfg.learn_weights
+        self._contiguous: tuple[tuple, bool] | None = None  # (g_idx's storage and version, contiguous groups?)
+        self._base: tuple[tuple, torch.Tensor] | None = None  # (inputs' storage and versions, floor(W / s0 + z0) (out, G, gs))
+
+    @property
+    def grouped(self) -> bool:
+        """Whether weight_hat runs on (out, G, gs) views (re-checked after a load_state_dict)."""
+        if not self._offsets_only:
+            return False
+        key = (self.g_idx.data_ptr(), self.g_idx._version)
+        if self._contiguous is None or self._contiguous[0] != key:
+            n, g = self.latent.shape[1], self.s0.shape[1]
+            ok = n % g == 0 and torch.equal(self.g_idx.long().cpu(), torch.arange(n) // (n // g))
+            self._contiguous = (key, ok)
+        return self._contiguous[1]
 
     @classmethod
     def empty(cls, spec: QuantSpec, cfg: ReconConfig, out_features: int, in_features: int, groups: int,
@@ -207,13 +226,16 @@ class LearnableLinear(nn.Module):
         if self.cfg.rounding == "nearest":  # on the init's grid when it is frozen
             s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
             return ste_codes(self.latent / self._expand(s), self._expand(z), self.spec.maxq)
-        v = self._v(scale, zero)
+        return torch.clamp(torch.floor(self._v(scale, zero)).detach() + self._offsets(hard), 0, self.spec.maxq)
+
+    def _offsets(self, hard: bool) -> torch.Tensor:
+        """(out, in) rounding offsets: hard in {0, 1}, or soft (hard forward, soft gradient with hard_forward)."""
         h = self.soft_offsets()
         if hard:
-            h = (h >= 0.5).float()
-        elif self.cfg.hard_forward:  # hard offsets forward, soft gradient (straight-through)
-            h = h + ((h >= 0.5).float() - h).detach()
-        return torch.clamp(torch.floor(v).detach() + h, 0, self.spec.maxq)
+            return (h >= 0.5).float()
+        if self.cfg.hard_forward:  # straight-through
+            return h + ((h >= 0.5).float() - h).detach()
+        return h
 
     def _init_rounding(self, w_over_s: torch.Tensor, zero: torch.Tensor, generator) -> None:
         # AdaRound init: the soft offset equals the fractional part of v = W/s + z, so the soft weight
@@ -243,7 +265,20 @@ class LearnableLinear(nn.Module):
     def weight_hat(self, hard: bool = False) -> torch.Tensor:
         """Fake-quantized (out, in) weight; `hard` uses offsets rounded to {0, 1}."""
         scale, zero = self.qparams()
+        if self.grouped:
+            return self._grouped_weight_hat(scale, hard)
         return dequantize(self._codes(scale, zero, hard), self._expand(scale), self._expand(zero))
+
+    def _grouped_weight_hat(self, scale: torch.Tensor, hard: bool) -> torch.Tensor:
+        """weight_hat on (out, G, gs) views: the same elementwise operations on the same values, so it
+        equals the general path bit for bit (the scale's gradient up to the order of its group sums)."""
+        out, g = self.s0.shape
+        version = tuple((t.data_ptr(), t._version) for t in (self.latent, self.s0, self.z0))  # in place or moved
+        if self._base is None or self._base[0] != version:
+            v = self.latent.detach().view(out, g, -1) / self.s0.unsqueeze(-1) + self.z0.unsqueeze(-1)
+            self._base = (version, torch.floor(v))
+        q = torch.clamp(self._base[1] + self._offsets(hard).view(out, g, -1), 0, self.spec.maxq)
+        return dequantize(q, scale.unsqueeze(-1), self.z0.unsqueeze(-1)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_hat(hard=not self.training).to(x.dtype),

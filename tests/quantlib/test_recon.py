@@ -6,7 +6,10 @@ from quantlib.capture import capture_block_inputs, run_block
 from quantlib.activations import ActivationStore
 from quantlib.cfp import CFPConfig, apply_cfp, truncate_weight_outliers
 from quantlib.engine import EngineConfig
+from quantlib.primitives import dequantize
+from quantlib.qweight import QuantizedWeight
 from quantlib.recon import LearnableLinear, ReconConfig, recon_loss, window_starts
+from quantlib.rtn import rtn_quantize
 from quantlib.spec import QuantSpec
 from quantlib.windows import (ReconState, _eval_loss, forward_blocks, fp_boundaries, init_block, reconstruct_model,
                               split_batches, train_window)
@@ -583,3 +586,69 @@ def test_block_errors_on_quantized_inputs_compare_with_an_fp_block_on_quantized_
         yf = [run_block(fp, xb, calls[0]) for xb in x]
     expect = sum(float((q - f).pow(2).sum()) for q, f in zip(yq, yf)) / sum(float(f.pow(2).sum()) for f in yf)
     assert got["a4"] == pytest.approx(expect, rel=1e-5) and got[None] != pytest.approx(expect, rel=1e-3)
+
+
+def _learnable(rounding: str, g_idx: torch.Tensor | None = None, seed: int = 0) -> LearnableLinear:
+    """A frozen-grid LearnableLinear on an RTN init of a random (24, 64) weight, groups of 32, its
+    rounding parameters moved off their init so the offsets are not all the initializer's."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 64, generator=gen)
+    qw = rtn_quantize(w, SPEC)
+    if g_idx is not None:  # the same codes and grid read with another column -> group map
+        qw = QuantizedWeight(qw.qweight, qw.scale, qw.zero, g_idx, SPEC)
+    cfg = ReconConfig(window=1, overlap=0, rounding=rounding, init="gptq")
+    m = LearnableLinear(qw, qw.dequantize() + 0.3 * qw.scale.repeat_interleave(32, 1) * torch.rand(24, 64, generator=gen),
+                        None, cfg, generator=gen)
+    for ps in m.param_groups().values():  # what train_window trains (the scale: learn_clip on a frozen grid)
+        for p in ps:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        m.alpha.add_(torch.randn(m.alpha.shape, generator=gen))
+        m.log_scale.add_(0.05 * torch.randn(m.log_scale.shape, generator=gen))
+        if rounding == "lora":
+            m.lora_b.add_(torch.randn(m.lora_b.shape, generator=gen))
+    return m
+
+
+def _general(m: LearnableLinear, hard: bool) -> torch.Tensor:
+    scale, zero = m.qparams()
+    return dequantize(m._codes(scale, zero, hard), m._expand(scale), m._expand(zero))
+
+
+@pytest.mark.parametrize("rounding", ["lora", "adaround"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_grouped_fake_quant_equals_the_general_path_bit_for_bit(rounding, hard):
+    """The (out, G, gs) view path of a frozen grid must give the general path's weight and rounding
+    gradients exactly (the scale's up to summation order): a wrong group layout, a stale floor or a
+    missing straight-through term would differ."""
+    m = _learnable(rounding)
+    assert m.grouped
+    x = torch.randn(5, 64)
+    grads = []
+    for fast in (True, False):
+        m.zero_grad()
+        w = m.weight_hat(hard) if fast else _general(m, hard)
+        (x @ w.T).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        if fast:
+            w_fast = w.detach()
+    assert torch.equal(w_fast, _general(m, hard).detach())
+    assert grads[0].keys() == grads[1].keys() and "log_scale" in grads[0]
+    for n in grads[0]:  # the scale's gradient sums each group in another order (a view, not a scatter)
+        if n == "log_scale":
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(grads[0][n], grads[1][n]), n
+    assert torch.equal(m.harden().dequantize(), _general(m, True).detach())
+
+
+def test_grouped_fake_quant_follows_a_loaded_state_and_refuses_shuffled_groups():
+    """A resumed module (load_state_dict of another latent) must not reuse the old floor(W / s0 + z0);
+    a permuted g_idx (act-order written out of order) must take the general path."""
+    m, other = _learnable("lora", seed=0), _learnable("lora", seed=1)
+    m.weight_hat()  # fill the cache
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(m.weight_hat(), other.weight_hat())
+    shuffled = _learnable("lora", g_idx=torch.randperm(64, generator=torch.Generator().manual_seed(3)).int() // 32)
+    assert not shuffled.grouped
+    assert torch.equal(shuffled.weight_hat(), _general(shuffled, False))
