@@ -154,7 +154,8 @@ def render_profile_md(records: list[dict]) -> str:
              "or bf16 autocast: quantlib.optim.training_autocast). Seconds of the profiled run (the profiler itself",
              "adds a little).", ""]
     for r in records:
-        lines += [f"## {r['what']} ({r['date'][:10]}, {r['versions']['threads']} threads, git {r['versions']['git']})", "",
+        lines += [f"## {r['what']} ({r['date'][:10]}, {r['versions']['threads']} threads, git {r['versions']['git']}, "
+                  f"{r['n']} x {r['seqlen']} calibration)", "",
                   f"Wall {r['wall_s']:.1f} s for {r['steps']} steps; backward {r['backward_s']:.1f} s; "
                   f"Python/framework overhead {r['overhead_s']:.1f} s.", "",
                   "| region (inclusive) | s | share of wall |", "|---|---:|---:|"]
