@@ -18,6 +18,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "ste_codes",
+    "floor_ste",
     "round_ste",
 ]
 
@@ -105,6 +106,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() forward, identity gradient (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """floor() forward, identity gradient (straight-through estimator)."""
+    return x + (torch.floor(x) - x).detach()
 
 
 def ste_codes(w_over_s: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .optim import AMP_MODES, SCHEDULES
-from .primitives import dequantize, expand, round_ste, ste_codes
+from .primitives import dequantize, expand, floor_ste, round_ste, ste_codes
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
@@ -226,7 +226,10 @@ class LearnableLinear(nn.Module):
         if self.cfg.rounding == "nearest":  # on the init's grid when it is frozen
             s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
             return ste_codes(self.latent / self._expand(s), self._expand(z), self.spec.maxq)
-        return torch.clamp(torch.floor(self._v(scale, zero)).detach() + self._offsets(hard), 0, self.spec.maxq)
+        # straight-through floor: on a learned grid the clipping also learns from the codes it moves
+        # (W / s changes with s), as "nearest" (ste_codes), OmniQuant's LWC and AutoRound do; on a
+        # frozen grid v is a constant and this is the plain floor
+        return torch.clamp(floor_ste(self._v(scale, zero)) + self._offsets(hard), 0, self.spec.maxq)
 
     def _offsets(self, hard: bool) -> torch.Tensor:
         """(out, in) rounding offsets: hard in {0, 1}, or soft (hard forward, soft gradient with hard_forward)."""

@@ -6,7 +6,7 @@ from quantlib.capture import capture_block_inputs, run_block
 from quantlib.activations import ActivationStore
 from quantlib.cfp import CFPConfig, apply_cfp, truncate_weight_outliers
 from quantlib.engine import EngineConfig
-from quantlib.primitives import dequantize
+from quantlib.primitives import dequantize, round_ste
 from quantlib.qweight import QuantizedWeight
 from quantlib.recon import LearnableLinear, ReconConfig, recon_loss, window_starts
 from quantlib.rtn import rtn_quantize
@@ -652,3 +652,38 @@ def test_grouped_fake_quant_follows_a_loaded_state_and_refuses_shuffled_groups()
     shuffled = _learnable("lora", g_idx=torch.randperm(64, generator=torch.Generator().manual_seed(3)).int() // 32)
     assert not shuffled.grouped
     assert torch.equal(shuffled.weight_hat(), _general(shuffled, False))
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "lora"])
+def test_learned_grid_clipping_learns_through_the_codes_it_moves(rounding):
+    """On a learned grid the codes are floor(W / s + z) + h: the clipping's gradient must include the
+    straight-through path through W / s (as nearest rounding's ste_codes, OmniQuant's LWC and AutoRound
+    have), not only the dequantization s (q - z); a detached floor loses it. Checked against autograd of
+    the formula with the floor's gradient taken as 1 and as 0."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=gen)
+    qw = rtn_quantize(w, SPEC)
+    m = LearnableLinear(qw, w, None, ReconConfig(window=1, overlap=0, rounding=rounding, init="rtn", grid="learned"), gen)
+    with torch.no_grad():
+        m.clip_hi.fill_(1.0)
+        m.clip_lo.fill_(2.0)
+    probe = torch.randn(8, 64, generator=gen)
+    (m.weight_hat() * probe).sum().backward()
+    got = m.clip_hi.grad.clone()
+
+    def formula(straight_through: bool) -> torch.Tensor:
+        hi = m.clip_hi.detach().clone().requires_grad_(True)
+        g_hi = torch.sigmoid(hi) / torch.sigmoid(torch.tensor(4.0))
+        g_lo = torch.sigmoid(m.clip_lo.detach()) / torch.sigmoid(torch.tensor(4.0))
+        top, bottom = g_hi * (SPEC.maxq - m.z0) * m.s0, -g_lo * m.z0 * m.s0
+        s = ((top - bottom) / SPEC.maxq).clamp_min(1e-10)
+        z = torch.clamp(round_ste(-bottom / s), 0, SPEC.maxq)
+        v = m.latent.detach() / s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+        fl = v + (torch.floor(v) - v).detach() if straight_through else torch.floor(v)
+        h = m._offsets(False).detach()
+        q = torch.clamp(fl + h, 0, SPEC.maxq)
+        (s.repeat_interleave(32, 1) * (q - z.repeat_interleave(32, 1)) * probe).sum().backward()
+        return hi.grad
+
+    torch.testing.assert_close(got, formula(True))
+    assert not torch.allclose(got, formula(False))
