@@ -14,6 +14,7 @@ __all__ = [
     "minmax_qparams",
     "search_qparams",
     "expand",
+    "contiguous_groups",
     "quantize",
     "dequantize",
     "fake_quant",
@@ -91,6 +92,13 @@ def expand(p: torch.Tensor, in_features: int, g_idx: torch.Tensor | None = None)
     if g_idx is None:
         return p.repeat_interleave(in_features // p.shape[1], dim=1)
     return p[:, g_idx.long()]
+
+
+def contiguous_groups(g_idx: torch.Tensor, groups: int) -> bool:
+    """Whether column j is in group j // (in / groups), the layout every solver here writes, so (out, in)
+    tensors can be handled as (out, groups, group size) views."""
+    n = g_idx.numel()
+    return n % groups == 0 and torch.equal(g_idx.long().cpu(), torch.arange(n) // (n // groups))
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import ModelAdapter
 from .capture import swap_module
-from .primitives import dequantize, expand, round_ste, ste_codes
+from .primitives import contiguous_groups, dequantize, expand, round_ste, ste_codes
 from .qweight import QuantizedWeight
 
 __all__ = ["TRAINABLES", "QATLinear", "QATModules", "attach_qat", "detach_qat"]
@@ -59,8 +59,7 @@ class QATLinear(nn.Module):
         # (docs/benchmarks/profile.md, bf16 QAT on 2 threads: with quantlib.logits' single head cast,
         # 30.1 s -> 25.1 s per 4 steps)
         g = self.scale0.shape[1]
-        self.contiguous = trainable == "scales" and n % g == 0 and torch.equal(
-            self.g_idx.long(), torch.arange(n, device=self.g_idx.device) // (n // g))
+        self.contiguous = trainable == "scales" and contiguous_groups(self.g_idx, g)
         self._qz: torch.Tensor | None = None  # q - z as (out, G, gs), built on first use in the forward's dtype
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

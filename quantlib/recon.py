@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .optim import AMP_MODES, SCHEDULES
-from .primitives import dequantize, expand, floor_ste, round_ste, ste_codes
+from .primitives import contiguous_groups, dequantize, expand, floor_ste, round_ste, ste_codes
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
@@ -177,9 +177,7 @@ class LearnableLinear(nn.Module):
             return False
         key = (self.g_idx.data_ptr(), self.g_idx._version)
         if self._contiguous is None or self._contiguous[0] != key:
-            n, g = self.latent.shape[1], self.s0.shape[1]
-            ok = n % g == 0 and torch.equal(self.g_idx.long().cpu(), torch.arange(n) // (n // g))
-            self._contiguous = (key, ok)
+            self._contiguous = (key, contiguous_groups(self.g_idx, self.s0.shape[1]))
         return self._contiguous[1]
 
     @classmethod
