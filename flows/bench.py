@@ -316,7 +316,7 @@ def _mixed_table(rows: list[dict]) -> list[str]:
 
 
 RECON_KEYS = ("window", "overlap", "lookahead", "rounding", "rank", "learn_clip", "loss", "init", "grid", "iters", "batch_size", "lr",
-              "clip_lr", "heldout", "eval_every")
+              "clip_lr", "optimizer", "heldout", "eval_every")
 QAT_KEYS = ("trainable", "loss", "steps", "lr", "batch_size", "heldout", "best_step", "kept_init", "bf16")
 
 

@@ -73,11 +73,14 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     r.add_argument("--window", type=int, help="blocks per window k")
     r.add_argument("--overlap", type=int, help="blocks shared by consecutive windows o < k")
     r.add_argument("--lookahead", type=int, help="frozen FP blocks after the window the loss is measured at")
-    r.add_argument("--rounding", choices=("nearest", "adaround", "lora"))
+    r.add_argument("--rounding", choices=("nearest", "adaround", "lora", "signed"), help="signed: SignRound's round(W / s + z + v), v in [-1/2, 1/2]")
     r.add_argument("--rank", type=int, help="LoRA-Rounding rank")
     r.add_argument("--iters", type=int)
     r.add_argument("--loss", choices=("mse", "kl", "mse+kl"))
     r.add_argument("--lr", type=float, help="rounding learning rate")
+    r.add_argument("--optimizer", choices=("adam", "sign"), help="adam, or sign (SignRound: p -= lr sign(grad); "
+                   "with --schedule linear and --lr about 1 / iters)")
+    r.add_argument("--schedule", choices=("cosine", "linear", "constant"), help="the windows' learning-rate shape (default cosine)")
     r.add_argument("--clip-lr", type=float, help="clipping (learned grid) or dequantization-scale (frozen grid) rate")
     r.add_argument("--recon-init", dest="init", choices=("rtn", "gptq", "boa"))
     r.add_argument("--grid", choices=("auto", "init", "learned"),

@@ -42,8 +42,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         act_inputs=_act_inputs(args))
 
 
-RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "init", "grid", "cfp",
-               "heldout", "eval_every", "patience", "amp")
+RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "optimizer",
+               "schedule", "init", "grid", "cfp", "heldout", "eval_every", "patience", "amp")
 QAT_FLAGS = {"qat_trainable": "trainable", "qat_loss": "loss", "qat_steps": "steps", "qat_lr": "lr",
              "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk", "qat_amp": "amp"}
 

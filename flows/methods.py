@@ -9,12 +9,13 @@ Grammar (see METHOD_FORMS):
   BASE   := rtn | (gptq | boa) [ "-d" DAMP ] | recon [ "-" PART ]...   (gptq-d0.1: damping 0.1)
   PART   := k<window>[o<overlap>][L<lookahead>]   (k2o1, k3, k3o1L1; no o = no overlap)
           | L<n> | la<n>                          look-ahead blocks
-          | nearest | adaround | lora             rounding
+          | nearest | adaround | lora | signed    rounding (signed: SignRound's round(W / s + z + v))
           | mse | kl | mse+kl                     loss
           | rtn | gptq | boa                      initializer
           | i<n>                                  iterations
           | cfp                                   CBQ outlier pre-processing of each block
           | bf16                                  train the windows under bf16 autocast (amp)
+          | sign                                  SignRound's optimizer (p -= lr sign(grad)), linear decay, lr 1/iters
 -bf16 after +qat trains QAT under bf16 autocast (QATConfig.amp; quantlib.optim.training_autocast).
 Parts set ReconConfig fields; explicit overrides (the CLI's flags, params.yaml) are applied on top.
 """
@@ -44,7 +45,8 @@ METHOD_FORMS = (
     "then -bf16 to train QAT under bf16 autocast (e.g. boa+qat128, boa+qat-bf16, gptq-d0.1); "
     "recon parts: k<window>[o<overlap>][L<lookahead>], L<n> or la<n> (look-ahead), "
     f"a rounding ({', '.join(ROUNDINGS)}), a loss ({', '.join(LOSSES)}), an init ({', '.join(INITS)}), "
-    "i<iterations>, cfp (CBQ outlier pre-processing), bf16 (windows under bf16 autocast); "
+    "i<iterations>, cfp (CBQ outlier pre-processing), bf16 (windows under bf16 autocast), sign (SignRound's "
+    "optimizer, linear decay); "
     "e.g. recon-k2o1-gptq-i40+qat128"
 )
 _QAT_SUFFIX = re.compile(r"(.+)\+qat(\d+)?(-bf16)?")
@@ -186,8 +188,12 @@ def _recon_parts(parts: list[str], name: str) -> dict[str, Any]:
             kw["cfp"] = True
         elif part == "bf16":
             kw["amp"] = "bf16"
+        elif part == "sign":
+            kw |= {"optimizer": "sign", "schedule": "linear"}
         else:
             raise ValueError(f"cannot parse {part!r} in method {name!r}; accepted: {METHOD_FORMS}")
+    if kw.get("optimizer") == "sign":  # a sign step moves lr per step: SignRound's 1 / iters
+        kw.setdefault("lr", 1 / kw.get("iters", ReconConfig.iters))
     return kw
 
 

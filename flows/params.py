@@ -57,7 +57,8 @@ AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
 # less to the calibration text); at 4 bits per channel it trades wiki for python-docs, so 0.01 stays
 # (docs/benchmarks/transfer.md).
 AUTO_DAMP, HIGH_BIT_DAMP = {2: 0.1, 3: 0.1}, 0.01
-ROUNDINGS = ("nearest", "adaround", "lora")
+ROUNDINGS = ("nearest", "adaround", "lora", "signed")  # quantlib.recon.ROUNDINGS (a test keeps them equal)
+RECON_OPTIMIZERS = ("adam", "sign")  # quantlib.optim.OPTIMIZERS (a test keeps them equal)
 RECON_LOSSES = ("mse", "kl", "mse+kl")
 RECON_INITS = ("rtn", "gptq", "boa")
 RECON_GRIDS = ("auto", "init", "learned")
@@ -467,10 +468,12 @@ class ReconParams(_Section):
 
     window k blocks per window, overlap o < k shared with the next window, lookahead L frozen FP
     blocks after the window the loss is measured at (k=1,o=0,L=0: single-block). learn_clip / learn_scale /
-    rounding (nearest | adaround | lora with rank) / learn_weights choose what is trained; init is the
+    rounding (nearest | adaround | lora with rank | signed: SignRound's round(W / s + z + v)) / learn_weights
+    choose what is trained; init is the
     method the codes start from; grid: init keeps the codes on the initializer's grid and learns the
     dequantization scale (auto: for gptq/boa inits), learned re-derives them on learned clipping (auto:
-    for rtn); lr is the rounding rate, clip_lr the clipping/scale rate. heldout: share of the calibration
+    for rtn); lr is the rounding rate, clip_lr the clipping/scale rate, optimizer adam or sign (SignRound's
+    p -= lr sign(grad), with schedule linear and lr about 1 / iters). heldout: share of the calibration
     batches a window never trains on, whose loss the keep-or-revert guard judges (0: the training
     batches); eval_every > 0 evaluates it during training, keeps the best state and stops after
     `patience` evaluations without improvement (0: never early). amp: the training forward's arithmetic
@@ -495,6 +498,7 @@ class ReconParams(_Section):
     lr: float = _key(1e-3, _positive())
     clip_lr: float = _key(1e-2, _positive())
     schedule: str = _key("cosine", _choice(SCHEDULES))
+    optimizer: str = _key("adam", _choice(RECON_OPTIMIZERS))
     seed: int = _key(0, _integer(0))
     heldout: float = _key(0.0, _fraction())
     eval_every: int = _key(0, _integer(0))

@@ -1,7 +1,7 @@
 """The optimizer and learning-rate schedule shared by reconstruction windows and global QAT.
 
-AdamW without weight decay over named parameter groups, each with its own base rate, scaled by one
-factor per step: a linear warm-up over the first `warmup` steps ((it + 1) / (warmup + 1)), then the
+AdamW without weight decay (or SignSGD, SignRound's p -= lr sign(grad)) over named parameter groups,
+each with its own base rate, scaled by one factor per step: a linear warm-up over the first `warmup` steps ((it + 1) / (warmup + 1)), then the
 schedule's shape over the remaining steps, t = (it - warmup) / (steps - warmup) clipped to [0, 1]:
 cosine 0.5 (1 + cos(pi t)), linear 1 - t, constant 1.
 
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "AMP_MODES", "schedule_factor", "adamw_with_schedule", "training_autocast", "uses_bf16",
-           "cpu_has_native_bf16"]
+__all__ = ["SignSGD", "OPTIMIZERS", "optimizer_with_schedule", "SCHEDULES", "AMP_MODES", "schedule_factor",
+           "adamw_with_schedule", "training_autocast", "uses_bf16", "cpu_has_native_bf16"]
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adam", "sign")
 AMP_MODES = ("auto", "bf16", "fp32")
 _SHAPES = {"cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)), "linear": lambda t: 1 - t,
            "constant": lambda t: 1.0}
@@ -35,6 +36,35 @@ def schedule_factor(it: int, steps: int, schedule: str, warmup: int = 0) -> floa
     if it < warmup:
         return (it + 1) / (warmup + 1)
     return _SHAPES[schedule](min((it - warmup) / max(steps - warmup, 1), 1.0))
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p -= lr sign(grad) (SignRound's optimizer): every parameter moves by exactly lr per step whatever
+    its gradient's scale, so lr is a distance (lr ~ 1 / steps with a linear decay bounds the total
+    move by about 1/2, a rounding offset's range)."""
+
+    def __init__(self, params, lr: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
+def optimizer_with_schedule(kind: str, groups: list[tuple[list[nn.Parameter], float]], steps: int, schedule: str,
+                            warmup: int = 0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """adamw_with_schedule, or the same schedule over SignSGD (kind "sign")."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    if kind == "adam":
+        return adamw_with_schedule(groups, steps, schedule, warmup)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    opt = SignSGD([{"params": ps, "lr": lr} for ps, lr in groups if ps])
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: schedule_factor(it, steps, schedule, warmup))
 
 
 def adamw_with_schedule(groups: list[tuple[list[nn.Parameter], float]], steps: int, schedule: str,

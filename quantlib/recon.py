@@ -5,11 +5,15 @@ trained so that its output (or, with look-ahead L, the output of the next L froz
 the FP target. What is learned, each switchable:
   clipping   per-group sigmoid-bounded shrink of the init range [-z0 s0, (maxq - z0) s0] (OmniQuant LWC)
   scale      per-group log-scale refinement on top of it
-  rounding   "nearest" (STE), "adaround" (a full rectified-sigmoid offset per weight) or "lora"
-             (CBQ LoRA-Rounding: the offset logits are V0 + A1 A2 with rank r, V0 frozen)
+  rounding   "nearest" (STE), "adaround" (a full rectified-sigmoid offset per weight), "lora"
+             (CBQ LoRA-Rounding: the offset logits are V0 + A1 A2 with rank r, V0 frozen) or "signed"
+             (SignRound: q = round(W / s + z + v), v in [-1/2, 1/2] per weight, 0 at init; on a learned
+             grid v keeps meaning "this far from nearest" while the grid moves, where a floor offset
+             fixed at the init grid's fractional part does not)
   weights    the latent weights themselves (straight-through estimator; needs rounding "nearest")
-Codes: q = clamp(floor(W / s + z) + h, 0, 2^b - 1) with h in [0, 1] (hardened to {0, 1} at the end),
-w_hat = s (q - z).
+Codes: q = clamp(floor(W / s + z) + h, 0, 2^b - 1) with h in [0, 1] (hardened to {0, 1} at the end;
+signed: q = clamp(round(W / s + v) + z, 0, 2^b - 1)), w_hat = s (q - z). The optimizer is Adam, or
+SignRound's sign step ("sign": every parameter moves by lr per step, so lr ~ 1 / iters is a distance).
 Grid: "learned" re-derives the codes on the learned (s, z) (OmniQuant LWC: right for an RTN init);
 "init" keeps the codes on the initializer's grid (s0, z0) and learns only the dequantization scale
 s = s0 exp(log_scale) and the rounding offsets: a GPTQ/BoA solution is error-compensated code by code,
@@ -30,15 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import AMP_MODES, SCHEDULES
+from .optim import AMP_MODES, OPTIMIZERS, SCHEDULES
 from .primitives import contiguous_groups, dequantize, expand, floor_ste, round_ste, ste_codes
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["ReconConfig", "LearnableLinear", "latent_near_codes", "window_starts", "recon_loss", "ZETA", "GAMMA"]
+__all__ = ["ReconConfig", "OPTIMIZERS", "LearnableLinear", "latent_near_codes", "window_starts", "recon_loss", "ZETA",
+           "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
-ROUNDINGS = ("nearest", "adaround", "lora")
+ROUNDINGS = ("nearest", "adaround", "lora", "signed")
 LOSSES = ("mse", "kl", "mse+kl")
 INITS = ("rtn", "gptq", "boa")
 GRIDS = ("auto", "init", "learned")
@@ -74,6 +79,7 @@ class ReconConfig:
     clip_lr: float = 1e-2  # clipping (learned grid) / dequantization scale (frozen grid)
     weight_lr: float = 1e-5
     schedule: str = "cosine"
+    optimizer: str = "adam"  # "sign": p -= lr sign(grad) (SignRound; pair with schedule linear, lr ~ 1 / iters)
     grad_clip: float = 1.0
     reg_weight: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)  # annealed regularizer exponent, start -> end
@@ -95,6 +101,7 @@ class ReconConfig:
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         _check(0 < self.init_damp < 1, f"init_damp must be in (0, 1), got {self.init_damp}")
@@ -166,14 +173,16 @@ class LearnableLinear(nn.Module):
         # every solver here writes them): floor(W / s0 + z0) never changes, so it is computed once and
         # the codes are dequantized on (out, G, gs) views, without expand's gather and its scatter in
         # backward (docs/benchmarks/profile.md: the recon window's fake-quant)
-        self._offsets_only = cfg.frozen_grid and cfg.rounding != "nearest" and not cfg.learn_weights
+        # signed rounding (on either grid) with a fixed latent runs on the same views: round(W / s + v)
+        self._offsets_only = cfg.frozen_grid and cfg.rounding in ("adaround", "lora") and not cfg.learn_weights
+        self._viewable = self._offsets_only or (cfg.rounding == "signed" and not cfg.learn_weights)
         self._contiguous: tuple[tuple, bool] | None = None  # (g_idx's storage and version, contiguous groups?)
         self._base: tuple[tuple, torch.Tensor] | None = None  # (inputs' storage and versions, floor(W / s0 + z0) (out, G, gs))
 
     @property
     def grouped(self) -> bool:
         """Whether weight_hat runs on (out, G, gs) views (re-checked after a load_state_dict)."""
-        if not self._offsets_only:
+        if not self._viewable:
             return False
         key = (self.g_idx.data_ptr(), self.g_idx._version)
         if self._contiguous is None or self._contiguous[0] != key:
@@ -224,6 +233,10 @@ class LearnableLinear(nn.Module):
         if self.cfg.rounding == "nearest":  # on the init's grid when it is frozen
             s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
             return ste_codes(self.latent / self._expand(s), self._expand(z), self.spec.maxq)
+        if self.cfg.rounding == "signed":  # v = 0 rounds exactly as ste_codes (ties included); v learns
+            s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)  # through the STE as a code shift
+            v = self.alpha.clamp(-0.5, 0.5)
+            return torch.clamp(round_ste(self.latent / self._expand(s) + v) + self._expand(z), 0, self.spec.maxq)
         # straight-through floor: on a learned grid the clipping also learns from the codes it moves
         # (W / s changes with s), as "nearest" (ste_codes), OmniQuant's LWC and AutoRound do; on a
         # frozen grid v is a constant and this is the plain floor
@@ -250,7 +263,9 @@ class LearnableLinear(nn.Module):
         v0 = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
         rounding = self.cfg.rounding
         self.register_buffer("h0", (rest >= 0.5).float())
-        self.alpha = nn.Parameter(v0, requires_grad=rounding == "adaround")
+        if rounding == "signed":  # v = 0: nearest rounding of the latent weight, the initializer's codes
+            v0 = torch.zeros_like(v0)
+        self.alpha = nn.Parameter(v0, requires_grad=rounding in ("adaround", "signed"))
         if rounding == "lora":
             out, n = rest.shape
             r = self.cfg.rank
@@ -267,6 +282,8 @@ class LearnableLinear(nn.Module):
         """Fake-quantized (out, in) weight; `hard` uses offsets rounded to {0, 1}."""
         scale, zero = self.qparams()
         if self.grouped:
+            if self.cfg.rounding == "signed":
+                return self._grouped_signed_weight_hat(scale, zero)
             return self._grouped_weight_hat(scale, hard)
         return dequantize(self._codes(scale, zero, hard), self._expand(scale), self._expand(zero))
 
@@ -281,13 +298,21 @@ class LearnableLinear(nn.Module):
         q = torch.clamp(self._base[1] + self._offsets(hard).view(out, g, -1), 0, self.spec.maxq)
         return dequantize(q, scale.unsqueeze(-1), self.z0.unsqueeze(-1)).flatten(1)
 
+    def _grouped_signed_weight_hat(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Signed rounding's weight_hat on (out, G, gs) views: _codes' operations in _codes' order."""
+        out, g = self.s0.shape
+        s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
+        v = self.alpha.view(out, g, -1).clamp(-0.5, 0.5)
+        q = torch.clamp(round_ste(self.latent.view(out, g, -1) / s.unsqueeze(-1) + v) + z.unsqueeze(-1), 0, self.spec.maxq)
+        return dequantize(q, scale.unsqueeze(-1), zero.unsqueeze(-1)).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_hat(hard=not self.training).to(x.dtype),
                         None if self.bias is None else self.bias.to(x.dtype))
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """sum(1 - |2h - 1|^beta): zero only when every offset is exactly 0 or 1."""
-        if self.cfg.rounding == "nearest":
+        if self.cfg.rounding in ("nearest", "signed"):  # signed: v is bounded, nothing to anneal
             return self.latent.new_zeros(())
         return (1 - (2 * self.soft_offsets() - 1).abs().pow(beta)).sum()
 
@@ -301,7 +326,7 @@ class LearnableLinear(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"rounding": [], "clip": [], "scale": [], "weights": []}
-        if self.cfg.rounding == "adaround":
+        if self.cfg.rounding in ("adaround", "signed"):
             groups["rounding"].append(self.alpha)
         if self.cfg.rounding == "lora":
             groups["rounding"] += [self.lora_a, self.lora_b]

@@ -23,7 +23,7 @@ from .capture import BlockCall, capture_block_inputs, run_block, swap_module
 from .cfp import CFPConfig, apply_cfp
 from .engine import EngineConfig, peak_memory_mb, quantize_block
 from .gptq import GPTQConfig
-from .optim import adamw_with_schedule, training_autocast, uses_bf16
+from .optim import optimizer_with_schedule, training_autocast, uses_bf16
 from .qweight import QuantizedWeight
 from .recon import LearnableLinear, ReconConfig, latent_near_codes, recon_loss
 from .rtn import RTNConfig
@@ -153,7 +153,7 @@ def _optimizer(modules: list[LearnableLinear], cfg: ReconConfig, steps: int):
     # frozen grid it is the range parameter itself
     scale_lr = cfg.clip_lr if cfg.frozen_grid else cfg.clip_lr / 10
     lrs = {"rounding": cfg.lr, "clip": cfg.clip_lr, "scale": scale_lr, "weights": cfg.weight_lr}
-    return adamw_with_schedule([(ps, lrs[k]) for k, ps in groups.items()], steps, cfg.schedule)
+    return optimizer_with_schedule(cfg.optimizer, [(ps, lrs[k]) for k, ps in groups.items()], steps, cfg.schedule)
 
 
 def _beta(cfg: ReconConfig, it: int) -> float | None:

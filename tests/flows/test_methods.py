@@ -25,6 +25,9 @@ from quantlib.rtn import RTNConfig
     ("recon-k2o1-gptq-i40-cfp", dict(window=2, overlap=1, init="gptq", iters=40, cfp=True)),
     ("recon-k2o1-i40-bf16", dict(window=2, iters=40, amp="bf16")),
     ("recon-k2o1", dict(amp="auto")),
+    ("recon-k1-rtn-signed-sign-i200", dict(rounding="signed", optimizer="sign", schedule="linear", lr=1 / 200)),
+    ("recon-sign", dict(optimizer="sign", lr=1 / 100)),  # ReconConfig's 100 iterations
+    ("recon-k1-signed", dict(rounding="signed", optimizer="adam", schedule="cosine", lr=1e-3)),
 ])
 def test_recon_names_spell_the_configuration(name, expect):
     cfg = parse_method(name).base
@@ -35,6 +38,11 @@ def test_recon_names_spell_the_configuration(name, expect):
 def test_overrides_apply_over_the_name():
     cfg = parse_method("recon-k2o1-i40", recon={"iters": 3, "rank": 2}).base
     assert (cfg.window, cfg.overlap, cfg.iters, cfg.rank) == (2, 1, 3, 2)
+
+
+def test_sign_optimizer_rate_from_the_name_yields_to_an_explicit_one():
+    cfg = parse_method("recon-sign-i50", recon={"lr": 0.02, "schedule": "cosine"}).base
+    assert (cfg.optimizer, cfg.lr, cfg.schedule) == ("sign", 0.02, "cosine")
 
 
 def test_solver_settings_reach_the_configs():

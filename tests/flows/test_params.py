@@ -337,6 +337,14 @@ def test_params_offer_exactly_the_amp_modes_quantlib_runs() -> None:
     assert AMP_MODES == RUN
 
 
+def test_params_offer_exactly_the_roundings_and_optimizers_windows_run() -> None:
+    from flows.params import RECON_OPTIMIZERS, ROUNDINGS
+    from quantlib.optim import OPTIMIZERS
+    from quantlib.recon import ROUNDINGS as RUN
+
+    assert ROUNDINGS == RUN and RECON_OPTIMIZERS == OPTIMIZERS
+
+
 def test_params_offer_exactly_the_gguf_types_quantlib_writes() -> None:
     from flows.params import GGUF_TYPES
     from quantlib.gguf_k import GGUF_TYPES as WRITTEN

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from quantlib.optim import SCHEDULES, adamw_with_schedule, schedule_factor
+from quantlib.optim import SCHEDULES, SignSGD, adamw_with_schedule, optimizer_with_schedule, schedule_factor
 
 
 def test_schedule_factors():
@@ -75,3 +75,22 @@ def test_training_autocast_runs_matmuls_in_bf16_only_when_asked():
     assert lin.weight.grad.dtype == torch.float32
     with training_autocast(torch.device("cpu"), "fp32"):
         assert lin(x).dtype == torch.float32
+
+
+def test_sign_sgd_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
+    """SignRound's step: the move is lr sign(grad) whatever the gradient's scale (a zero gradient
+    does not move); Adam's first step would move it by about lr too, but not its later ones."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    opt, sched = optimizer_with_schedule("sign", [([p], 0.1)], steps=2, schedule="linear")
+    assert isinstance(opt, SignSGD)
+    for step, grad in enumerate([torch.tensor([1e-6, -5.0, 0.0, 3e3]), torch.tensor([-1.0, -1.0, 1.0, 0.0])]):
+        before = p.detach().clone()
+        p.grad = grad
+        opt.step()
+        sched.step()
+        lr = 0.1 * (1 - step / 2)  # linear: 0.1 then 0.05
+        torch.testing.assert_close(p.detach(), before - lr * torch.sign(grad))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        optimizer_with_schedule("lion", [([p], 0.1)], 2, "linear")
+    adam, _ = optimizer_with_schedule("adam", [([p], 0.1)], 2, "linear")
+    assert isinstance(adam, torch.optim.AdamW)

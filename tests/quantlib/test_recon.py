@@ -50,6 +50,8 @@ def _one_window(cfg: ReconConfig, family="llama"):
     ("weights", ReconConfig(window=1, overlap=0, rounding="nearest", learn_clip=False, learn_weights=True,
                             weight_lr=1e-3, loss="mse", iters=40), "latent"),
     ("lora", ReconConfig(window=1, overlap=0, rounding="lora", learn_clip=False, init="rtn", loss="mse", iters=40), "lora_b"),
+    ("signed", ReconConfig(window=1, overlap=0, rounding="signed", optimizer="sign", schedule="linear", lr=0.025,
+                           init="rtn", loss="mse", iters=40), "alpha"),
 ])
 def test_each_learnable_moves_and_lowers_the_window_loss(what, cfg, moved):
     stats, mods, before = _one_window(cfg)
@@ -331,6 +333,7 @@ def test_window_schedule():
     (dict(learn_weights=True, rounding="lora"), "learn_weights"),
     (dict(heldout=1.0), r"heldout must be in \[0, 1\)"),
     (dict(amp="fp16"), "amp must be one of"),
+    (dict(optimizer="sgd"), "optimizer must be one of"),
     (dict(init_damp=0.0), r"init_damp must be in \(0, 1\)"),
     (dict(eval_every=4), "needs held-out batches"),
 ])
@@ -588,15 +591,16 @@ def test_block_errors_on_quantized_inputs_compare_with_an_fp_block_on_quantized_
     assert got["a4"] == pytest.approx(expect, rel=1e-5) and got[None] != pytest.approx(expect, rel=1e-3)
 
 
-def _learnable(rounding: str, g_idx: torch.Tensor | None = None, seed: int = 0) -> LearnableLinear:
-    """A frozen-grid LearnableLinear on an RTN init of a random (24, 64) weight, groups of 32, its
-    rounding parameters moved off their init so the offsets are not all the initializer's."""
+def _learnable(rounding: str, g_idx: torch.Tensor | None = None, seed: int = 0, grid: str = "init") -> LearnableLinear:
+    """A LearnableLinear (frozen grid unless grid "learned") on an RTN init of a random (24, 64) weight,
+    groups of 32, its rounding (and range) parameters moved off their init so the offsets are not all
+    the initializer's."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(24, 64, generator=gen)
     qw = rtn_quantize(w, SPEC)
     if g_idx is not None:  # the same codes and grid read with another column -> group map
         qw = QuantizedWeight(qw.qweight, qw.scale, qw.zero, g_idx, SPEC)
-    cfg = ReconConfig(window=1, overlap=0, rounding=rounding, init="gptq")
+    cfg = ReconConfig(window=1, overlap=0, rounding=rounding, init="gptq", grid=grid)
     m = LearnableLinear(qw, qw.dequantize() + 0.3 * qw.scale.repeat_interleave(32, 1) * torch.rand(24, 64, generator=gen),
                         None, cfg, generator=gen)
     for ps in m.param_groups().values():  # what train_window trains (the scale: learn_clip on a frozen grid)
@@ -605,6 +609,8 @@ def _learnable(rounding: str, g_idx: torch.Tensor | None = None, seed: int = 0) 
     with torch.no_grad():
         m.alpha.add_(torch.randn(m.alpha.shape, generator=gen))
         m.log_scale.add_(0.05 * torch.randn(m.log_scale.shape, generator=gen))
+        m.clip_hi.add_(-2 * torch.rand(m.clip_hi.shape, generator=gen))
+        m.clip_lo.add_(-2 * torch.rand(m.clip_lo.shape, generator=gen))
         if rounding == "lora":
             m.lora_b.add_(torch.randn(m.lora_b.shape, generator=gen))
     return m
@@ -615,13 +621,14 @@ def _general(m: LearnableLinear, hard: bool) -> torch.Tensor:
     return dequantize(m._codes(scale, zero, hard), m._expand(scale), m._expand(zero))
 
 
-@pytest.mark.parametrize("rounding", ["lora", "adaround"])
+@pytest.mark.parametrize("rounding, grid", [("lora", "init"), ("adaround", "init"), ("signed", "init"),
+                                           ("signed", "learned")])
 @pytest.mark.parametrize("hard", [False, True])
-def test_grouped_fake_quant_equals_the_general_path_bit_for_bit(rounding, hard):
-    """The (out, G, gs) view path of a frozen grid must give the general path's weight and rounding
-    gradients exactly (the scale's up to summation order): a wrong group layout, a stale floor or a
-    missing straight-through term would differ."""
-    m = _learnable(rounding)
+def test_grouped_fake_quant_equals_the_general_path_bit_for_bit(rounding, grid, hard):
+    """The (out, G, gs) view path (a frozen grid's offsets, signed rounding on either grid) must give
+    the general path's weight and rounding gradients exactly (the range's up to summation order): a
+    wrong group layout, a stale floor or a missing straight-through term would differ."""
+    m = _learnable(rounding, grid=grid)
     assert m.grouped
     x = torch.randn(5, 64)
     grads = []
@@ -633,9 +640,10 @@ def test_grouped_fake_quant_equals_the_general_path_bit_for_bit(rounding, hard):
         if fast:
             w_fast = w.detach()
     assert torch.equal(w_fast, _general(m, hard).detach())
-    assert grads[0].keys() == grads[1].keys() and "log_scale" in grads[0]
-    for n in grads[0]:  # the scale's gradient sums each group in another order (a view, not a scatter)
-        if n == "log_scale":
+    ranges = {"log_scale", "clip_hi", "clip_lo"}
+    assert grads[0].keys() == grads[1].keys() and ranges & grads[0].keys()
+    for n in grads[0]:  # the range's gradient sums each group in another order (a view, not a scatter)
+        if n in ranges:
             torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(grads[0][n], grads[1][n]), n
@@ -687,3 +695,32 @@ def test_learned_grid_clipping_learns_through_the_codes_it_moves(rounding):
 
     torch.testing.assert_close(got, formula(True))
     assert not torch.allclose(got, formula(False))
+
+
+@pytest.mark.parametrize("grid", ["learned", "init"])
+def test_signed_rounding_is_round_of_w_over_s_plus_v_with_a_straight_through_gradient(grid):
+    """SignRound's codes: q = clamp(round(W / s + v) + z) with v clamped to [-1/2, 1/2]; v = 0 gives the
+    initializer's codes (ties included), and dL/dv = dL/dq (the rounding straight-through, zero where v
+    is past its clamp); on a learned grid a moved grid re-rounds the same W / s + v."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=gen)
+    qw = rtn_quantize(w, SPEC)
+    cfg = ReconConfig(window=1, overlap=0, rounding="signed", init="rtn", grid=grid)
+    m = LearnableLinear(qw, w, None, cfg, gen)
+    assert torch.equal(m.harden().qweight, qw.qweight)
+    v = torch.empty(8, 64).uniform_(-0.8, 0.8, generator=gen)
+    with torch.no_grad():
+        m.alpha.copy_(v)
+        if grid == "learned":
+            m.clip_hi.fill_(1.0)
+    scale, zero = m.qparams()
+    s, z = (scale, zero) if grid == "learned" else (m.s0, m.z0)
+    s_, z_, scale_ = (t.repeat_interleave(32, 1).detach() for t in (s, z, scale))
+    q = torch.clamp(torch.round(w / s_ + v.clamp(-0.5, 0.5)) + z_, 0, SPEC.maxq)
+    assert torch.equal(m.harden().qweight.float(), q)
+    probe = torch.randn(8, 64, generator=gen)
+    (m.weight_hat() * probe).sum().backward()
+    inside = (v.abs() < 0.5) & (torch.round(w / s_ + v) + z_ >= 0) & (torch.round(w / s_ + v) + z_ <= SPEC.maxq)
+    torch.testing.assert_close(m.alpha.grad[inside], (probe * scale_)[inside])
+    assert torch.all(m.alpha.grad[v.abs() > 0.5] == 0)
+    assert m.regularizer(2.0) == 0
