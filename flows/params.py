@@ -57,6 +57,11 @@ AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
 # less to the calibration text); at 4 bits per channel it trades wiki for python-docs, so 0.01 stays
 # (docs/benchmarks/transfer.md).
 AUTO_DAMP, HIGH_BIT_DAMP = {2: 0.1, 3: 0.1}, 0.01
+# qat.steps / qat.lr auto, by the fewest bits: at 2 bits twice the steps at twice the rate (W2 g64 from
+# the windows: 47.40 in 1393 s, within AutoRound's time); at 3 bits lr 1e-2 and 128 steps were no better
+# than 5e-3 and 64 (README, quiet rows of 2026-12-05).
+AUTO_QAT_STEPS, DEFAULT_QAT_STEPS = {2: 128}, 64
+AUTO_QAT_LR, DEFAULT_QAT_LR = {2: 1e-2}, 5e-3
 ROUNDINGS = ("nearest", "adaround", "lora", "signed")  # quantlib.recon.ROUNDINGS (a test keeps them equal)
 RECON_OPTIMIZERS = ("adam", "sign")  # quantlib.optim.OPTIMIZERS (a test keeps them equal)
 RECON_LOSSES = ("mse", "kl", "mse+kl")
@@ -481,24 +486,24 @@ class ReconParams(_Section):
     """
 
     SECTION: ClassVar[str] = "recon"
-    window: int = _key(2, _integer(1))
-    overlap: int = _key(1, _integer(0))
+    window: int = _key(1, _integer(1))
+    overlap: int = _key(0, _integer(0))
     lookahead: int = _key(0, _integer(0))
-    rounding: str = _key("lora", _choice(ROUNDINGS))
+    rounding: str = _key("signed", _choice(ROUNDINGS))
     rank: int = _key(4, _integer(1))
     learn_clip: bool = _key(True, _boolean())
     learn_scale: bool = _key(False, _boolean())
     learn_weights: bool = _key(False, _boolean())
-    loss: str = _key("mse+kl", _choice(RECON_LOSSES))
+    loss: str = _key("mse", _choice(RECON_LOSSES))
     kl_weight: float = _key(1.0, _positive())
-    init: str = _key("gptq", _choice(RECON_INITS))
+    init: str = _key("rtn", _choice(RECON_INITS))
     grid: str = _key("auto", _choice(RECON_GRIDS))
-    iters: int = _key(40, _integer(0))
+    iters: int = _key(100, _integer(0))
     batch_size: int = _key(4, _integer(1))
-    lr: float = _key(1e-3, _positive())
-    clip_lr: float = _key(1e-2, _positive())
-    schedule: str = _key("cosine", _choice(SCHEDULES))
-    optimizer: str = _key("adam", _choice(RECON_OPTIMIZERS))
+    lr: float = _key(1e-2, _positive())
+    clip_lr: float = _key(0.3, _positive())
+    schedule: str = _key("linear", _choice(SCHEDULES))
+    optimizer: str = _key("sign", _choice(RECON_OPTIMIZERS))
     seed: int = _key(0, _integer(0))
     heldout: float = _key(0.0, _fraction())
     eval_every: int = _key(0, _integer(0))
@@ -523,6 +528,7 @@ class QatParams(_Section):
     enabled: true, false, or auto = on for 2- and 3-bit schemes (quantize.bits <= 3), where it measured
     best (docs/benchmarks/quality.md: GPTQ W3 g64 47.73 -> 32.16 with QAT), off at 4 bits and above.
     trainable: scales | scales+zeros | weights; loss: kl (to the FP model's top-k logits) | ce | ce+kl;
+    steps / lr: auto = 128 steps at lr 1e-2 at 2 bits, 64 at 5e-3 above (AUTO_QAT_STEPS, AUTO_QAT_LR);
     heldout: fraction of calibration sequences kept for early stopping (same data budget);
     checkpoint_every: steps between resumable checkpoints (0 = none); amp: the training forward's
     arithmetic, as recon.amp.
@@ -534,8 +540,8 @@ class QatParams(_Section):
     loss: str = _key("kl", _choice(QAT_LOSSES))
     kl_weight: float = _key(1.0, _positive())
     topk: int = _key(64, _integer(0))
-    steps: int = _key(64, _integer(0))
-    lr: float = _key(5e-3, _positive())
+    steps: int | str = _key("auto", _or_auto(_integer(0), "an integer >= 0"))
+    lr: float | str = _key("auto", _or_auto(_positive(), "a positive number"))
     batch_size: int = _key(4, _integer(1))
     grad_accum: int = _key(1, _integer(1))
     schedule: str = _key("cosine", _choice(SCHEDULES))
@@ -550,6 +556,14 @@ class QatParams(_Section):
     def active(self, bits: int) -> bool:
         """Whether the qat stage trains for a scheme of `bits` bits."""
         return bits <= 3 if self.enabled == "auto" else self.enabled
+
+    def resolved_steps(self, bits: int) -> int:
+        """`steps`, with auto chosen by the fewest bits (AUTO_QAT_STEPS, else DEFAULT_QAT_STEPS)."""
+        return AUTO_QAT_STEPS.get(bits, DEFAULT_QAT_STEPS) if self.steps == "auto" else self.steps
+
+    def resolved_lr(self, bits: int) -> float:
+        """`lr`, with auto chosen by the fewest bits (AUTO_QAT_LR, else DEFAULT_QAT_LR)."""
+        return AUTO_QAT_LR.get(bits, DEFAULT_QAT_LR) if self.lr == "auto" else self.lr
 
 
 @dataclass(frozen=True)

@@ -486,12 +486,13 @@ def _routing(block: dict) -> dict:
 # ---------------------------------------------------------------------------------------- qat
 
 
-def qat_config(qat: Any):
-    """The quantlib QATConfig from the qat section (params or its view)."""
+def qat_config(qat: Any, bits: int):
+    """The quantlib QATConfig from the qat section (params or its view) for a scheme whose fewest bits
+    are `bits` (steps and lr auto resolve by them)."""
     from quantlib.qat import QATConfig
 
-    return QATConfig(trainable=qat.trainable, loss=qat.loss, kl_weight=qat.kl_weight, topk=qat.topk, steps=qat.steps,
-                     lr=qat.lr, batch_size=qat.batch_size, grad_accum=qat.grad_accum, schedule=qat.schedule,
+    return QATConfig(trainable=qat.trainable, loss=qat.loss, kl_weight=qat.kl_weight, topk=qat.topk,
+                     steps=qat.resolved_steps(bits), lr=qat.resolved_lr(bits), batch_size=qat.batch_size, grad_accum=qat.grad_accum, schedule=qat.schedule,
                      heldout=qat.heldout, eval_every=qat.eval_every, patience=qat.patience,
                      grad_checkpoint=qat.grad_checkpoint, seed=qat.seed, amp=qat.amp)
 
@@ -505,7 +506,8 @@ def qat_stage(ctx: StageContext) -> dict:
     from .params import fewest_bits
 
     q = ctx.params.quantize
-    active = ctx.params.qat.active(fewest_bits(q.bits, q.mixed_from))  # the keys the stage declares
+    bits = fewest_bits(q.bits, q.mixed_from)  # the keys the stage declares
+    active = ctx.params.qat.active(bits)
     qdir, out = ctx.path(S.QUANTIZED), ctx.path(S.QAT)
     info = _read_json(qdir / "quantize.json")
     tmp = _fresh_tmp(out)
@@ -516,7 +518,7 @@ def qat_stage(ctx: StageContext) -> dict:
         atomic_write_json(tmp / "quantize.json", info | chain | {"qat": None})
         _swap(tmp, out)
         return {"enabled": 0}
-    rec, computed = _train_qat(ctx, qdir, info)
+    rec, computed = _train_qat(ctx, qdir, info, bits)
     st = rec["stats"]
     for step, loss in enumerate(st["curve"]):
         if loss is not None:
@@ -531,20 +533,20 @@ def qat_stage(ctx: StageContext) -> dict:
     sha = atomic_save_safetensors(tmp / "quantized.safetensors", load_safetensors_verified(rec["path"], rec["sha"]))
     stats = {k: v for k, v in st.items() if k not in ("seconds", "peak_mb")}
     atomic_write_json(tmp / "quantize.json", info | chain | {
-        "quantized_sha256": sha, "qat": stats | {"config": qat_config(ctx.params.qat).__dict__}})
+        "quantized_sha256": sha, "qat": stats | {"config": qat_config(ctx.params.qat, bits).__dict__}})
     _swap(tmp, out)
     return {"enabled": 1, "computed": computed, "init_heldout": st["init_heldout"], "best_heldout": st["best_heldout"],
             "resumed_at_step": -1 if rec["resumed_at"] is None else rec["resumed_at"]}
 
 
 @_prefect_flow("qat")
-def _train_qat(ctx: StageContext, qdir: Path, info: dict) -> tuple[dict, int]:
+def _train_qat(ctx: StageContext, qdir: Path, info: dict, bits: int) -> tuple[dict, int]:
     """The teacher and QAT tasks (a Prefect flow: only an active qat stage starts Prefect)."""
     from tasks.inputs import manifest_sha
     from tasks.io import file_ok
     from tasks.qat import qat_teacher_task, qat_train_task
 
-    cfg, model_dir = qat_config(ctx.params.qat), ctx.path(S.MODEL)
+    cfg, model_dir = qat_config(ctx.params.qat, bits), ctx.path(S.MODEL)
     tokens_dir, tokens = _tokens(ctx)
     common = dict(model_dir=str(model_dir), model_sha=manifest_sha(model_dir), calib_path=str(tokens_dir / "calib.safetensors"),
                   calib_sha=tokens["calib"]["sha256"], cache_dir=str(ctx.cache),

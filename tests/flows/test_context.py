@@ -21,7 +21,7 @@ def _ctx(stage: S.Stage, root: Path, params: PipelineParams | None = None) -> St
 def test_declared_keys_read_and_undeclared_keys_fail_naming_them(tmp_path):
     qat = S.get_stage("qat")
     view = _ctx(qat, tmp_path).params
-    assert view.quantize.bits == 4 and view.qat.steps == 64
+    assert view.quantize.bits == 4 and view.qat.steps == "auto"
     assert view.qat.active(4) is False  # a method of a wholly declared section
     with pytest.raises(UndeclaredInputError, match="stage qat reads quantize.group_size, which flows/stages.py"):
         view.quantize.group_size

@@ -63,6 +63,14 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     assert [QuantizeParams(bits=b).resolved_damp for b in (2, 3, 4, 8)] == [0.1, 0.1, 0.01, 0.01]
     assert QuantizeParams(bits=3, damp=0.05).resolved_damp == QuantizeParams(bits=4, damp=0.05).resolved_damp == 0.05
     assert p.qat.enabled == "auto" and not p.qat.active(4) and p.qat.active(3) and p.qat.active(2)
+    # QAT steps and rate auto: 128 at 1e-2 at 2 bits, 64 at 5e-3 above; numbers are taken as given
+    assert p.qat.steps == p.qat.lr == "auto"
+    assert [(p.qat.resolved_steps(b), p.qat.resolved_lr(b)) for b in (2, 3, 4)] == [(128, 1e-2), (64, 5e-3), (64, 5e-3)]
+    given = params_from_dict({"qat": {"steps": 7, "lr": 1e-3}}).qat
+    assert (given.resolved_steps(2), given.resolved_lr(2)) == (7, 1e-3)
+    from flows.pipeline import qat_config
+
+    assert (qat_config(p.qat, 2).steps, qat_config(p.qat, 2).lr, qat_config(p.qat, 3).steps) == (128, 1e-2, 64)
     assert p.pack.format == "auto" and p.pack.resolved(sym=False) == "gptq_v2" and p.pack.resolved(sym=True) == "gptq"
     assert PackParams(format="gptq").resolved(sym=False) == "gptq"  # an explicit format is kept
     assert q.targets == ("blocks",)
@@ -291,7 +299,8 @@ def test_null_resolution() -> None:
     ({"qat": {"heldout": 1.0}}, "qat.heldout"),
     ({"qat": {"enabled": "yes"}}, "qat.enabled: expected true, false or 'auto'"),
     ({"qat": {"trainable": "everything"}}, "qat.trainable"),
-    ({"qat": {"steps": -1}}, "qat.steps"),
+    ({"qat": {"steps": -1}}, "qat.steps: must be 'auto' or an integer >= 0"),
+    ({"qat": {"lr": "fast"}}, "qat.lr: must be 'auto' or a positive number"),
     ({"qat": {"amp": "fp16"}}, "qat.amp"),
     ({"recon": {"amp": "half"}}, "recon.amp"),
 ])
@@ -313,8 +322,13 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
     q_in = params_from_dict({"quantize": {"method": "recon", "device": "cpu", "activations": "a4",
                                           "quantized_inputs": True}})
     assert quantize_job(q_in.quantize, q_in.recon).engine.act_inputs == "a4"  # the windows train on a4 inputs
-    q = qat_config(p.qat)
-    assert (q.steps, q.trainable, q.amp) == (5, "scales+zeros", "fp32")
+    q = qat_config(p.qat, 4)
+    assert (q.steps, q.lr, q.trainable, q.amp) == (5, 5e-3, "scales+zeros", "fp32")
+    # the section's defaults are the 2-bit recipe of the README: SignRound's update in single-block windows
+    d = quantize_job(QuantizeParams(bits=2, device="cpu"), params_from_dict({}).recon).method
+    assert (d.window, d.overlap, d.rounding, d.optimizer, d.schedule, d.loss, d.init, d.frozen_grid) == \
+        (1, 0, "signed", "sign", "linear", "mse", "rtn", False)
+    assert (d.iters, d.batch_size, d.lr, d.clip_lr) == (100, 4, 1e-2, 0.3)
 
 
 def test_damp_auto_reaches_every_hessian_solver_by_bits() -> None:
