@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
@@ -29,11 +28,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from quantlib.optim import AMP_MODES, uses_bf16
-from tasks.io import atomic_write_bytes, atomic_write_json
 from tasks.sources import load_model, load_tokenizer
 
 from . import commands as C
 from .bench import CALIB, _versions
+from .table import append_records
 
 DEFAULT_OUT = "docs/benchmarks/profile.json"
 CATEGORIES = (  # first match wins, on the op name
@@ -190,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.only in (None, "qat"):
         new.append(stamp | {"what": f"QAT steps (whole model), {arith}", "bf16": arith != "fp32"}
                    | profile_qat(model_dir, a.n_samples, a.seqlen, a.qat_steps, a.amp))
-    records = (json.loads(a.out.read_text()) if a.out.exists() else []) + new
-    atomic_write_json(a.out, records)
-    atomic_write_bytes(a.out.with_suffix(".md"), render_profile_md(records).encode())
+    append_records(a.out, new, render_profile_md)
     print(render_profile_md(new))
     return 0
 

@@ -28,11 +28,11 @@ from quantlib.engine import EngineConfig
 from quantlib.recon import ReconConfig
 from quantlib.spec import parse_scheme
 from quantlib.windows import reconstruct_model
-from tasks.io import atomic_write_bytes, atomic_write_json
 from tasks.sources import load_model, load_tokenizer
 
 from . import commands as C
 from .bench import CALIB, _versions
+from .table import append_records
 from .methods import parse_method
 
 __all__ = ["parse_config", "run_windows", "render_window_md"]
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
              "model": a.model}
     new = [stamp | r for r in run_windows(a.model, a.scheme, a.blocks, a.config, a.mirror, a.n_samples, a.seqlen)]
-    records = (json.loads(a.out.read_text()) if a.out.exists() else []) + new
-    atomic_write_json(a.out, records)
-    atomic_write_bytes(a.out.with_suffix(".md"), render_window_md(records).encode())
+    append_records(a.out, new, render_window_md)
     print(render_window_md(new))
     return 0
 
