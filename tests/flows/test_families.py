@@ -1,10 +1,9 @@
 """Every supported family through `ptq run` with the default params (quantize.method auto, qat auto)
-and the release loaded back: auto picks recon + QAT at 2 and 3 bits, GPTQ at 4, so a
+and the release loaded back: auto picks recon + QAT at 2 bits, BoA + QAT at 3, GPTQ at 4, so a
 family whose attention BoA or the reconstruction cannot handle fails here, not for a user.
 
-In CI Gemma3 (q/k norms, offset gains, sliding layers) runs at 3 bits (reconstruction + QAT) and
-GPT-2 with its LM head quantized too (every family runs every method, BoA included, in
-tests/flows/test_support.py);
+In CI Gemma3 runs at 3 bits (BoA, the path that once rejected q/k norms and fused projections) and
+GPT-2 with its LM head quantized too (every family runs every method in tests/flows/test_support.py);
 with PTQ_RUN_SLOW=1 every family runs at 2, 3 and 4 bits. The README's list of supported
 architectures is checked against the families these tests build."""
 from __future__ import annotations
@@ -79,7 +78,7 @@ def test_default_params_quantize_every_family(family, bits, family_source, tmp_p
     manifest = json.loads((project.release / "MANIFEST.json").read_text())
     assert manifest["files"], manifest
     info = json.loads((root / "data" / "quantized" / "quantize.json").read_text())
-    expected = {2: "ReconConfig", 3: "ReconConfig", 4: "GPTQConfig"}[bits]
+    expected = {2: "ReconConfig", 3: "BoAConfig", 4: "GPTQConfig"}[bits]
     assert info["method"] == expected and info["scheme"].startswith(f"w{bits}"), info["method"]
     ppl = json.loads((root / "metrics" / "metrics.json").read_text())["ppl"]  # of the release, loaded back
     assert ppl and all(1 < v < float("inf") for v in ppl.values()), ppl

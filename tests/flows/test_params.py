@@ -56,7 +56,7 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, "auto", 128)
     assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
     assert q.method == "auto" and q.resolved_method == "gptq"
-    assert QuantizeParams(bits=3).resolved_method == "recon"
+    assert QuantizeParams(bits=3).resolved_method == "boa"
     assert QuantizeParams(bits=2).resolved_method == "recon"
     assert QuantizeParams(bits=3, method="recon").resolved_method == "recon"
     # damping auto: 0.1 at 2 and 3 bits, 0.01 above; a number is taken as given at any bits
@@ -334,11 +334,11 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
 def test_damp_auto_reaches_every_hessian_solver_by_bits() -> None:
     from flows.pipeline import quantize_job
 
-    for quantize, damp in [({"bits": 3, "method": "boa"}, 0.1), ({"bits": 4}, 0.01), ({"bits": 3, "method": "gptq"}, 0.1),
-                           ({"bits": 4, "method": "boa"}, 0.01), ({"bits": 3, "method": "boa", "damp": 0.05}, 0.05)]:
+    for quantize, damp in [({"bits": 3}, 0.1), ({"bits": 4}, 0.01), ({"bits": 3, "method": "gptq"}, 0.1),
+                           ({"bits": 4, "method": "boa"}, 0.01), ({"bits": 3, "damp": 0.05}, 0.05)]:
         p = params_from_dict({"quantize": quantize})
         assert quantize_job(p.quantize, p.recon).method.damp == damp, quantize
-    for init in ("gptq", "boa"):  # recon (auto at 2 and 3 bits) passes it to the solver its windows start from
+    for init in ("gptq", "boa"):  # recon (auto at 2 bits) passes it to the solver its windows start from
         p = params_from_dict({"quantize": {"bits": 2}, "recon": {"init": init}})
         cfg = quantize_job(p.quantize, p.recon).method
         assert cfg.init_damp == 0.1 and _init_method(cfg).damp == 0.1
