@@ -492,7 +492,8 @@ def qat_config(qat: Any, bits: int):
     from quantlib.qat import QATConfig
 
     return QATConfig(trainable=qat.trainable, loss=qat.loss, kl_weight=qat.kl_weight, topk=qat.topk,
-                     steps=qat.resolved_steps(bits), lr=qat.resolved_lr(bits), batch_size=qat.batch_size, grad_accum=qat.grad_accum, schedule=qat.schedule,
+                     steps=qat.resolved_steps(bits), lr=qat.resolved_lr(bits), batch_size=qat.batch_size,
+                     grad_accum=qat.grad_accum, schedule=qat.schedule,
                      heldout=qat.heldout, eval_every=qat.eval_every, patience=qat.patience,
                      grad_checkpoint=qat.grad_checkpoint, seed=qat.seed, amp=qat.amp)
 

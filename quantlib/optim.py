@@ -1,7 +1,8 @@
 """The optimizer and learning-rate schedule shared by reconstruction windows and global QAT.
 
 AdamW without weight decay (or SignSGD, SignRound's p -= lr sign(grad)) over named parameter groups,
-each with its own base rate, scaled by one factor per step: a linear warm-up over the first `warmup` steps ((it + 1) / (warmup + 1)), then the
+each with its own base rate, scaled by one factor per step: a linear warm-up over the first `warmup`
+steps ((it + 1) / (warmup + 1)), then the
 schedule's shape over the remaining steps, t = (it - warmup) / (steps - warmup) clipped to [0, 1]:
 cosine 0.5 (1 + cos(pi t)), linear 1 - t, constant 1.
 
@@ -61,19 +62,21 @@ def optimizer_with_schedule(kind: str, groups: list[tuple[list[nn.Parameter], fl
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     if kind == "adam":
         return adamw_with_schedule(groups, steps, schedule, warmup)
+    return _scheduled(SignSGD([{"params": ps, "lr": lr} for ps, lr in groups if ps]), steps, schedule, warmup)
+
+
+def _scheduled(opt: torch.optim.Optimizer, steps: int, schedule: str, warmup: int):
+    """(opt, its LambdaLR following schedule_factor); an unknown schedule fails here."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    opt = SignSGD([{"params": ps, "lr": lr} for ps, lr in groups if ps])
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: schedule_factor(it, steps, schedule, warmup))
 
 
 def adamw_with_schedule(groups: list[tuple[list[nn.Parameter], float]], steps: int, schedule: str,
                         warmup: int = 0) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """(optimizer, scheduler) over [(parameters, base lr), ...]; empty groups are left out."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups if ps], weight_decay=0.0)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: schedule_factor(it, steps, schedule, warmup))
+    return _scheduled(torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups if ps], weight_decay=0.0),
+                      steps, schedule, warmup)
 
 
 def uses_bf16(device: torch.device, amp: str) -> bool:

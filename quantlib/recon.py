@@ -39,8 +39,7 @@ from .primitives import contiguous_groups, dequantize, expand, floor_ste, round_
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["ReconConfig", "OPTIMIZERS", "LearnableLinear", "latent_near_codes", "window_starts", "recon_loss", "ZETA",
-           "GAMMA"]
+__all__ = ["ReconConfig", "LearnableLinear", "latent_near_codes", "window_starts", "recon_loss", "ZETA", "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 ROUNDINGS = ("nearest", "adaround", "lora", "signed")
@@ -303,7 +302,8 @@ class LearnableLinear(nn.Module):
         out, g = self.s0.shape
         s, z = (self.s0, self.z0) if self.cfg.frozen_grid else (scale, zero)
         v = self.alpha.view(out, g, -1).clamp(-0.5, 0.5)
-        q = torch.clamp(round_ste(self.latent.view(out, g, -1) / s.unsqueeze(-1) + v) + z.unsqueeze(-1), 0, self.spec.maxq)
+        q = round_ste(self.latent.view(out, g, -1) / s.unsqueeze(-1) + v) + z.unsqueeze(-1)
+        q = torch.clamp(q, 0, self.spec.maxq)
         return dequantize(q, scale.unsqueeze(-1), zero.unsqueeze(-1)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
