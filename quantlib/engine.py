@@ -230,9 +230,12 @@ def quantize_block(
     method_cfg: object,
     cfg: EngineConfig,
     out_spill_dir: str | None = None,
-) -> tuple[dict[str, QuantizedWeight], ActivationStore, BlockStats]:
+    propagate: bool = True,
+) -> tuple[dict[str, QuantizedWeight], ActivationStore | None, BlockStats]:
     """Quantize block `index` in place (its weights become the dequantized ones) given its inputs
-    from the quantized prefix. Returns {module path: QuantizedWeight}, the block's outputs, stats."""
+    from the quantized prefix. Returns {module path: QuantizedWeight}, the block's outputs (None
+    without `propagate`: a caller that never reads them skips their pass over the calibration set),
+    stats."""
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -245,7 +248,7 @@ def quantize_block(
     hooks = [] if act is None else attach(block, adapter.linear_names(block), act)
     try:
         results, errors, routing, outputs, block_error = _solve_and_propagate(
-            adapter, index, block, inputs, call, spec, method_cfg, cfg, out_spill_dir)
+            adapter, index, block, inputs, call, spec, method_cfg, cfg, out_spill_dir, propagate)
     finally:
         for h in hooks:
             h.remove()
@@ -255,17 +258,20 @@ def quantize_block(
     return results, outputs, stats
 
 
-def _solve_and_propagate(adapter, index, block, inputs, call, spec, method_cfg, cfg, out_spill_dir):
-    """_solve_block, then the solved block's outputs (and its error against F(X) when measured)."""
+def _solve_and_propagate(adapter, index, block, inputs, call, spec, method_cfg, cfg, out_spill_dir, propagate=True):
+    """_solve_block, then the solved block's outputs (and its error against F(X) when measured);
+    without `propagate` neither (the error needs the outputs' pass)."""
     device = torch.device(cfg.device)
     ref = None
-    if cfg.measure_block_error:
+    if cfg.measure_block_error and propagate:
         ref = _Reference(block, min(cfg.block_error_batches or len(inputs), len(inputs)))
     try:
         results, errors, routing = _solve_block(adapter, index, block, inputs, call, spec, method_cfg, cfg, ref)
     finally:
         if ref is not None:
             ref.remove()
+    if not propagate:
+        return results, errors, routing, None, None
     outputs, block_error = _outputs(block, inputs, call, device, out_spill_dir, None if ref is None else ref.outputs)
     return results, errors, routing, outputs, block_error
 

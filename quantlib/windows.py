@@ -10,7 +10,7 @@ import copy
 import itertools
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -30,7 +30,7 @@ from .rtn import RTNConfig
 from .spec import Spec, spec_for
 
 __all__ = ["WindowStats", "WindowResult", "ReconState", "init_block", "install_block", "carry_block", "train_window",
-           "finalize_block", "run_window", "reconstruct_model", "forward_blocks", "fp_boundaries", "block_errors"]
+           "train_and_propagate", "finalize_block", "run_window", "reconstruct_model", "forward_blocks", "fp_boundaries", "block_errors"]
 
 
 @dataclass
@@ -86,15 +86,19 @@ def fp_boundaries(adapter: ModelAdapter, inputs: ActivationStore, calls: list[Bl
 
 
 def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call: BlockCall, spec: Spec,
-               cfg: ReconConfig, engine: EngineConfig, state: ReconState) -> ActivationStore:
+               cfg: ReconConfig, engine: EngineConfig, state: ReconState,
+               propagate: bool = True) -> ActivationStore | None:
     """GPTQ/RTN-initialize block `index` on the quantized prefix's inputs, swap its Linears for
-    LearnableLinears; returns the block's (init-quantized) outputs."""
+    LearnableLinears; returns the block's (init-quantized) outputs (None without `propagate`: the
+    window's last block, whose init outputs nothing reads, skips that pass)."""
     block = adapter.blocks[index]
     state.fp_blocks[index] = copy.deepcopy(block).cpu()
     if cfg.cfp:
         apply_cfp(adapter, block.to(engine.device), inputs, call.to(engine.device), CFPConfig(), engine.device)
     fp_weights = {n: adapter.get_weight(m).detach().float().clone() for n, m in adapter.linears(block).items()}
-    results, outputs, _ = quantize_block(adapter, index, inputs, call, spec, _init_method(cfg), engine)
+    # the init's own block error is never reported (the window's block_errors are): not measured
+    results, outputs, _ = quantize_block(adapter, index, inputs, call, spec, _init_method(cfg),
+                                         replace(engine, measure_block_error=False), propagate=propagate)
     prefix = f"{adapter.family.layers}.{index}."
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + index)
     modules = {}
@@ -181,15 +185,34 @@ def split_batches(n: int, heldout: float) -> tuple[list[int], list[int]]:
 def _eval_loss(blocks, calls, inputs: ActivationStore, targets: ActivationStore, cfg, device,
                batches: list[int] | None = None) -> float:
     """Mean loss per sequence over `batches` (all when None)."""
+    return _eval_pass(blocks, calls, inputs, targets, cfg, device, batches)[0]
+
+
+@torch.no_grad()
+def _eval_pass(blocks, calls, inputs: ActivationStore, targets: ActivationStore, cfg, device,
+               batches: list[int] | None = None, keep_after: int | None = None,
+               spill_dir: str | None = None) -> tuple[float, ActivationStore | None]:
+    """(mean loss per sequence over `batches` (all when None), with `keep_after` = k the outputs
+    of the first k blocks on every batch, else None): the window's final loss and the activations
+    it passes on in one pass over the calibration set. Batches in ascending order, as the loss sums."""
+    judged = set(range(len(inputs)) if batches is None else batches)
+    kept = None if keep_after is None else ActivationStore(spill_dir)
     total, n = 0.0, 0
-    for i in range(len(inputs)) if batches is None else batches:
-        x, t = inputs[i], targets[i]
+    for i in range(len(inputs)):
+        if i not in judged and kept is None:
+            continue
+        x = inputs[i]
         y = x.to(device)
-        for block, call in zip(blocks, calls):
+        for j, (block, call) in enumerate(zip(blocks, calls)):
             y = run_block(block, y, call)
-        total += float(recon_loss(y, t.to(device), cfg)) * x.shape[0]
-        n += x.shape[0]
-    return total / max(n, 1)
+            if kept is not None and j + 1 == keep_after:
+                kept.append(y)
+                if i not in judged:
+                    break
+        if i in judged:
+            total += float(recon_loss(y, targets[i].to(device), cfg)) * x.shape[0]
+            n += x.shape[0]
+    return total / max(n, 1), kept
 
 
 def _set_mode(modules: list[LearnableLinear], training: bool) -> None:
@@ -202,6 +225,16 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
                  device) -> WindowStats:
     """Train blocks [start, end) (their LearnableLinears) so that the output of block
     lookahead_end - 1 (the window's last block, or L frozen FP blocks later) matches targets."""
+    return train_and_propagate(adapter, start, end, lookahead_end, inputs, targets, calls, cfg, state, device)[0]
+
+
+def train_and_propagate(adapter: ModelAdapter, start: int, end: int, lookahead_end: int, inputs: ActivationStore,
+                        targets: ActivationStore, calls: list[BlockCall], cfg: ReconConfig, state: ReconState,
+                        device, keep_after: int | None = None,
+                        spill_dir: str | None = None) -> tuple[WindowStats, ActivationStore | None]:
+    """train_window, and with `keep_after` = k the hardened result's outputs of blocks
+    [start, start + k) on every batch, taken from the final loss's pass (None where that pass did
+    not run on the result kept: early stopping, or the guard keeping the init)."""
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,27 +257,29 @@ def train_window(adapter: ModelAdapter, start: int, end: int, lookahead_end: int
     curve, skipped = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start, train, judge) \
         if cfg.iters else ([], [])
     _set_mode(modules, False)
+    outputs = None
     if cfg.eval_every and cfg.iters:  # early stopping: the best evaluated state, or the init if none beat it
         kept = judge.best_state is None
         for m in [] if kept else modules:
             m.load_state_dict(judge.best_state[id(m)])
         loss_final = judge.best
     else:
-        loss_final = _eval_loss(blocks, dcalls, inputs, targets, cfg, device, judged)
+        loss_final, outputs = _eval_pass(blocks, dcalls, inputs, targets, cfg, device, judged, keep_after, spill_dir)
         kept = not loss_final <= loss_init  # NaN included
     if kept:  # never ship something worse than (or not comparable with) the initialization
         for m in modules:
             m.load_state_dict(init_state[id(m)])
-        loss_final = loss_init
+        loss_final, outputs = loss_init, None
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(False)
     for i in idx:
         adapter.blocks[i].to("cpu")
-    return WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device), curve,
-                       skipped_steps=skipped, heldout_batches=len(judged) if cfg.heldout else 0,
-                       heldout_curve=judge.curve, best_iter=judge.best_iter, stopped_early=judge.stopped,
-                       bf16=uses_bf16(device, cfg.amp))
+    stats = WindowStats(start, end, loss_init, loss_final, kept, time.perf_counter() - t0, peak_memory_mb(device),
+                        curve, skipped_steps=skipped, heldout_batches=len(judged) if cfg.heldout else 0,
+                        heldout_curve=judge.curve, best_iter=judge.best_iter, stopped_early=judge.stopped,
+                        bf16=uses_bf16(device, cfg.amp))
+    return stats, outputs
 
 
 class _Judge:
@@ -422,7 +457,7 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
                 x = forward_blocks([adapter.blocks[i].to(device)], [calls[i].to(device)], x, device)
             adapter.blocks[i].to("cpu")
         else:
-            x = init_block(adapter, i, x, calls[i], spec, cfg, engine, state)
+            x = init_block(adapter, i, x, calls[i], spec, cfg, engine, state, propagate=i + 1 < end)
     if cfg.target == "qin":
         targets = _targets(adapter, state, cfg, x_in, start, stop, calls, device)
     done = list(range(start, next_start))
@@ -431,18 +466,22 @@ def run_window(adapter: ModelAdapter, calls: list[BlockCall], x_in: ActivationSt
                                    engine.act_inputs)) if engine.measure_block_error else list
     with quantized_inputs(adapter, range(start, end), engine.act_inputs):  # the window trains as it will run
         before = errors()
-        st = train_window(adapter, start, end, stop, x_in, targets, calls, cfg, state, device)
+        # the final loss's pass also yields the finished blocks' outputs (their hardened forward is the
+        # finalized Linears' forward bit for bit: tests/quantlib/test_recon.py)
+        st, outputs = train_and_propagate(adapter, start, end, stop, x_in, targets, calls, cfg, state, device,
+                                          keep_after=len(done), spill_dir=spill_dir)
         after = errors()
     st.block_errors = [{"block": i, "before": b, "after": a} for i, b, a in zip(done, before, after)]
     results = {}
     for i in done:
         results.update(finalize_block(adapter, i, state))
     saved = {i: carry_block(adapter, i, state) for i in range(next_start, end)}
-    with quantized_inputs(adapter, done, engine.act_inputs):
-        outputs = forward_blocks([adapter.blocks[i].to(device) for i in done], [calls[i].to(device) for i in done],
-                                 x_in, device, spill_dir)
-    for i in done:
-        adapter.blocks[i].to("cpu")
+    if outputs is None:
+        with quantized_inputs(adapter, done, engine.act_inputs):
+            outputs = forward_blocks([adapter.blocks[i].to(device) for i in done],
+                                     [calls[i].to(device) for i in done], x_in, device, spill_dir)
+        for i in done:
+            adapter.blocks[i].to("cpu")
     return WindowResult(results, outputs, saved, st)
 
 

@@ -77,13 +77,13 @@ def test_a_window_whose_result_is_nan_keeps_its_init(monkeypatch):
     a, x, target, calls, state, mods = _window(cfg)
     init = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in mods.items()}
     evals = [0]
-    real = W._eval_loss
+    real = W._eval_pass
 
-    def nan_after_training(*args, **kw):  # the first call measures the init, the second the result
+    def nan_after_training(*args, **kw):  # the first pass measures the init, the second the result
         evals[0] += 1
-        return real(*args, **kw) if evals[0] == 1 else float("nan")
+        return real(*args, **kw) if evals[0] == 1 else (float("nan"), None)
 
-    monkeypatch.setattr(W, "_eval_loss", nan_after_training)
+    monkeypatch.setattr(W, "_eval_pass", nan_after_training)
     st = W.train_window(a, 0, 1, 1, x, target, calls, cfg, state, torch.device("cpu"))
     assert st.kept_init and st.loss_final == st.loss_init
     assert all(torch.equal(v, init[n][k]) for n, m in mods.items() for k, v in m.state_dict().items())

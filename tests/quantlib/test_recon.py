@@ -233,9 +233,9 @@ def test_lookahead_window_trains_through_frozen_fp_blocks(monkeypatch):
     _, _, _, fp_bounds = _captured()
     a = get_adapter(tiny_model())
     assert all(p.requires_grad for p in a.blocks[1].parameters())  # so a missed freeze would show
-    seen, original = [], W.train_window
+    seen, original = [], W.train_and_propagate
 
-    def spy(adapter, start, end, lookahead_end, inputs, targets, calls, cfg, state, device):
+    def spy(adapter, start, end, lookahead_end, inputs, targets, calls, cfg, state, device, **kw):
         ahead = range(end, lookahead_end)
         before = {i: {k: v.clone() for k, v in adapter.blocks[i].state_dict().items()} for i in ahead}
         blocks, bcalls = list(adapter.blocks)[start:lookahead_end], calls[start:lookahead_end]
@@ -243,7 +243,7 @@ def test_lookahead_window_trains_through_frozen_fp_blocks(monkeypatch):
             for m in state.learnables[i].values():
                 m.eval()  # the loss is measured with hard offsets
         loss_init = _loss_through(blocks, bcalls, inputs, targets, cfg)
-        st = original(adapter, start, end, lookahead_end, inputs, targets, calls, cfg, state, device)
+        st, outputs = original(adapter, start, end, lookahead_end, inputs, targets, calls, cfg, state, device, **kw)
         assert st.loss_init == pytest.approx(loss_init, rel=1e-6)
         assert not st.kept_init and st.loss_final < st.loss_init
         for i in ahead:
@@ -256,9 +256,9 @@ def test_lookahead_window_trains_through_frozen_fp_blocks(monkeypatch):
         assert st.loss_final == pytest.approx(_loss_through(blocks, bcalls, inputs, targets, cfg), rel=1e-6)
         assert torch.equal(targets.cat(), fp_bounds[lookahead_end].cat())
         seen.append((start, end, lookahead_end))
-        return st
+        return st, outputs
 
-    monkeypatch.setattr(W, "train_window", spy)
+    monkeypatch.setattr(W, "train_and_propagate", spy)
     cfg = ReconConfig(window=1, overlap=0, lookahead=1, rounding="adaround", loss="mse", iters=5)
     _, stats = reconstruct_model(a, tiny_ids(8, 32), SPEC, cfg, ENGINE)
     assert seen == [(0, 1, 2), (1, 2, 3), (2, 3, 3)]  # the last window has nothing to look ahead to
@@ -295,23 +295,23 @@ def test_overlap_reoptimizes_the_shared_block():
 
     cfg = ReconConfig(window=2, overlap=1, rounding="adaround", loss="mse", iters=15)
     snaps = {}
-    original = train_window
-
     import quantlib.windows as W
+
+    original = W.train_and_propagate
 
     def spy(adapter, start, end, *args, **kw):
         state = args[5]
         if 1 in state.learnables:
             snaps.setdefault((start, end), {n: m.alpha.detach().clone() for n, m in state.learnables[1].items()})
-        st = original(adapter, start, end, *args, **kw)
+        r = original(adapter, start, end, *args, **kw)
         snaps[("after", start, end)] = {n: m.alpha.detach().clone() for n, m in state.learnables.get(1, {}).items()}
-        return st
+        return r
 
-    W.train_window = spy
+    W.train_and_propagate = spy
     try:
         reconstruct_model(a, tiny_ids(8, 32), SPEC, cfg, ENGINE, on_window=snapshot)
     finally:
-        W.train_window = original
+        W.train_and_propagate = original
     assert seen == [(0, 2), (1, 3)]
     # block 1 enters window (1, 3) with the state window (0, 2) left, and window (1, 3) changes it again
     for n, alpha in snaps[(1, 3)].items():
@@ -724,3 +724,45 @@ def test_signed_rounding_is_round_of_w_over_s_plus_v_with_a_straight_through_gra
     torch.testing.assert_close(m.alpha.grad[inside], (probe * scale_)[inside])
     assert torch.all(m.alpha.grad[v.abs() > 0.5] == 0)
     assert m.regularizer(2.0) == 0
+
+
+@pytest.mark.parametrize("cfg, window, nxt, passes", [
+    # 2 calibration batches; block-batch forwards without grad: init loss 2, final loss + outputs 2
+    (ReconConfig(window=1, overlap=0, init="rtn", rounding="signed", optimizer="sign", schedule="linear", lr=0.05,
+                 loss="mse", iters=6), (0, 1), 1, 4),
+    # batch 1 judged: init loss 1, final pass 2 (batch 0 only for its outputs)
+    (ReconConfig(window=1, overlap=0, init="rtn", rounding="signed", optimizer="sign", schedule="linear", lr=0.05,
+                 loss="mse", iters=6, heldout=0.5), (0, 1), 1, 3),
+    # GPTQ init: 4 Hessian groups x 2 batches per block, block 0's outputs 2 (block 1 is initialized
+    # on them); init loss and final loss 2 x 2 blocks, block 0's outputs kept on the way
+    (ReconConfig(window=2, overlap=1, init="gptq", rounding="adaround", loss="mse", iters=6), (0, 2), 1,
+     8 + 2 + 8 + 4 + 4),
+    (ReconConfig(window=1, overlap=0, init="rtn", rounding="nearest", loss="mse", iters=0), (0, 1), 1, 4),
+])
+def test_window_passes_on_its_final_loss_pass_outputs_bit_for_bit(monkeypatch, cfg, window, nxt, passes):
+    """The activations a window passes on come from its final loss's pass (hardened LearnableLinears,
+    the judged batches and the rest), and equal the finalized blocks' forward exactly; no other
+    no-grad pass runs (the RTN init of a window's last block, whose outputs nothing reads, runs
+    none): a regression back to separate passes fails the count."""
+    import quantlib.capture as Cap
+    import quantlib.engine as E
+    import quantlib.windows as W
+
+    a, x, calls, bounds = _captured()
+    seen = []
+
+    def counting(block, xb, call):
+        if not torch.is_grad_enabled():
+            seen.append(xb.shape[0])
+        return Cap.run_block(block, xb, call)
+
+    monkeypatch.setattr(W, "run_block", counting)
+    monkeypatch.setattr(E, "run_block", counting)
+    r = W.run_window(a, calls, x, bounds[window[1]], window, nxt, SPEC, cfg, ENGINE)
+    assert len(x) == 2 and len(seen) == passes
+    assert not r.stats.kept_init and r.stats.loss_final <= r.stats.loss_init
+    done = [a.blocks[i] for i in range(window[0], nxt)]
+    assert not any(isinstance(m, LearnableLinear) for b in done for m in b.modules())
+    expect = forward_blocks(done, calls[window[0]:nxt], x, torch.device("cpu"))
+    assert len(r.outputs) == len(x)
+    assert all(torch.equal(got, want) for got, want in zip(r.outputs, expect))
