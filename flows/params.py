@@ -308,7 +308,8 @@ class FetchModelParams(_Section):
 
     dtype: what every stage loads and runs the model in: capture, blocks, QAT (its trainable scales
     and optimizer state stay float32) and evaluation (bfloat16 / float16 halve host memory and the
-    activation shards; Hessians and the GPTQ/BoA solves stay float32; recon windows need float32).
+    activation shards; Hessians and the GPTQ/BoA solves stay float32; recon windows run the blocks
+    and activations in it, their learned rounding, clipping and optimizer state stay float32).
     rotate: residual applies QuaRot's residual-stream and per-head rotations (quantlib.rotation) to
     the fetched model, FP-exact, before anything reads it: data/model holds the rotated checkpoint
     (float32 tensors, its config keeping the fetched dtype that releases are packed in; norms folded
@@ -693,9 +694,6 @@ class PipelineParams:
         for f in fields(self):
             if not isinstance(getattr(self, f.name), f.default_factory):
                 raise _expected(f.name, f.default_factory.__name__, getattr(self, f.name))
-        if self.fetch_model.dtype != "float32" and self.quantize.resolved_method == "recon":
-            raise ParamsError(f"fetch_model.dtype: recon windows train in float32; {self.fetch_model.dtype} is for "
-                              "rtn, gptq and boa (set fetch_model.dtype: float32 or another quantize.method)")
         if self.quantize.activations is not None and self.pack.format not in ("auto", "compressed-tensors"):
             raise ParamsError(f"quantize.activations: {self.quantize.activations} needs a release format that records "
                               f"activation quantization; pack.format {self.pack.format} cannot (set pack.format: "

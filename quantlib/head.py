@@ -4,7 +4,8 @@ On small models the head is a large share of the weights (SmolLM2-135M: 28M of 1
 input embeddings). It is solved after the last block, from that block's outputs with the final norm
 applied (the head's true inputs on the quantized prefix): GPTQ with H = 2/N sum x x^T for the
 Hessian methods (gptq, boa: attention-aware Hessians do not apply to the head; recon: its
-initialization method, the head is in no window), round-to-nearest for rtn.
+initialization method, and GPTQ where that is round-to-nearest: the head is in no window, so a
+data-free start would be its final codes), round-to-nearest for rtn.
 
 Tied embeddings: quantizing the head unties it. The input embeddings stay full precision, the
 release stores both and says tie_word_embeddings: false (`untie_head`).
@@ -34,10 +35,14 @@ def head_name(adapter: ModelAdapter) -> str:
 
 def head_method(method_cfg: object) -> object:
     """The per-Linear method the head is solved with, for a job's method config."""
+    from .gptq import GPTQConfig
     from .recon import ReconConfig
     from .windows import _init_method
 
-    return _init_method(method_cfg) if isinstance(method_cfg, ReconConfig) else method_cfg  # in no window
+    if not isinstance(method_cfg, ReconConfig):
+        return method_cfg
+    # in no window: an RTN start would never be refined, GPTQ on the prefix's outputs costs one solve
+    return GPTQConfig(damp=method_cfg.init_damp) if method_cfg.init == "rtn" else _init_method(method_cfg)
 
 
 def head_inputs(adapter: ModelAdapter, last_output: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,8 @@ def test_gptq_head_beats_rtn_head_on_its_hessian():
 
 def test_head_method_follows_the_job():
     assert isinstance(head_method(ReconConfig(init="boa")), BoAConfig)
-    assert isinstance(head_method(ReconConfig(init="rtn")), RTNConfig)
+    assert head_method(ReconConfig(init="gptq", init_damp=0.1)) == GPTQConfig(damp=0.1)
+    # an RTN-started recon job solves its head by GPTQ: the head is in no window to refine its codes
+    assert head_method(ReconConfig(init="rtn", init_damp=0.05)) == GPTQConfig(damp=0.05)
     gptq = GPTQConfig(damp=0.05)
     assert head_method(gptq) is gptq

@@ -766,3 +766,26 @@ def test_window_passes_on_its_final_loss_pass_outputs_bit_for_bit(monkeypatch, c
     expect = forward_blocks(done, calls[window[0]:nxt], x, torch.device("cpu"))
     assert len(r.outputs) == len(x)
     assert all(torch.equal(got, want) for got, want in zip(r.outputs, expect))
+
+
+def test_windows_on_a_bfloat16_model_train_and_pass_on_bfloat16_activations():
+    """A bf16 source (fetch_model.dtype: bfloat16): the windows run its bf16 blocks, lower their
+    losses, leave bf16 weights holding the hardened codes, and pass on bf16 activations equal to the
+    finalized bf16 block's forward; the learned state stays float32."""
+    import quantlib.windows as W
+
+    a = get_adapter(tiny_model().to(torch.bfloat16))
+    batches, calls = capture_block_inputs(a, tiny_ids(8, 32), 4)
+    x = ActivationStore.from_batches(batches)
+    bounds = fp_boundaries(a, x, calls, torch.device("cpu"))
+    assert x[0].dtype == bounds[1][0].dtype == torch.bfloat16
+    cfg = ReconConfig(window=1, overlap=0, init="rtn", rounding="signed", optimizer="sign", schedule="linear",
+                      lr=0.05, loss="mse", iters=8)
+    r = W.run_window(a, calls, x, bounds[1], (0, 1), 1, SPEC, cfg, ENGINE)
+    assert not r.stats.kept_init and r.stats.loss_final < r.stats.loss_init
+    assert all(p.dtype == torch.bfloat16 for p in a.blocks[0].parameters())
+    for name, m in a.linears(a.blocks[0]).items():
+        want = r.results[f"{a.family.layers}.0.{name}"].dequantize().to(torch.bfloat16)
+        assert torch.equal(a.get_weight(m), want), name
+    expect = forward_blocks([a.blocks[0]], calls[:1], x, torch.device("cpu"))
+    assert all(got.dtype == torch.bfloat16 and torch.equal(got, want) for got, want in zip(r.outputs, expect))
