@@ -257,19 +257,8 @@ def train_and_propagate(adapter: ModelAdapter, start: int, end: int, lookahead_e
     curve, skipped = _train(blocks, dcalls, modules, inputs, targets, cfg, device, loss_init, start, train, judge) \
         if cfg.iters else ([], [])
     _set_mode(modules, False)
-    outputs = None
-    if cfg.eval_every and cfg.iters:  # early stopping: the best evaluated state, or the init if none beat it
-        kept = judge.best_state is None
-        for m in [] if kept else modules:
-            m.load_state_dict(judge.best_state[id(m)])
-        loss_final = judge.best
-    else:
-        loss_final, outputs = _eval_pass(blocks, dcalls, inputs, targets, cfg, device, judged, keep_after, spill_dir)
-        kept = not loss_final <= loss_init  # NaN included
-    if kept:  # never ship something worse than (or not comparable with) the initialization
-        for m in modules:
-            m.load_state_dict(init_state[id(m)])
-        loss_final, outputs = loss_init, None
+    loss_final, kept, outputs = _settle(modules, cfg, judge, init_state, loss_init, lambda: _eval_pass(
+        blocks, dcalls, inputs, targets, cfg, device, judged, keep_after, spill_dir))
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(False)
@@ -280,6 +269,27 @@ def train_and_propagate(adapter: ModelAdapter, start: int, end: int, lookahead_e
                         heldout_curve=judge.curve, best_iter=judge.best_iter, stopped_early=judge.stopped,
                         bf16=uses_bf16(device, cfg.amp))
     return stats, outputs
+
+
+def _settle(modules: list[LearnableLinear], cfg: ReconConfig, judge: "_Judge", init_state: dict, loss_init: float,
+            final_pass: Callable[[], tuple[float, ActivationStore | None]]):
+    """Load the state the window ships; (its loss, whether it is the init, the outputs of the final
+    pass or None). Early stopping ships the best evaluated state, the init if none beat it; without
+    it the trained state, unless its loss is not below the init's (NaN included)."""
+    outputs = None
+    if cfg.eval_every and cfg.iters:
+        kept = judge.best_state is None
+        for m in [] if kept else modules:
+            m.load_state_dict(judge.best_state[id(m)])
+        loss_final = judge.best
+    else:
+        loss_final, outputs = final_pass()
+        kept = not loss_final <= loss_init
+    if kept:  # never ship something worse than (or not comparable with) the initialization
+        for m in modules:
+            m.load_state_dict(init_state[id(m)])
+        loss_final, outputs = loss_init, None
+    return loss_final, kept, outputs
 
 
 class _Judge:
