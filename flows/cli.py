@@ -99,6 +99,8 @@ def _add_solver(p: argparse.ArgumentParser) -> None:
     t.add_argument("--qat-lr", type=float)
     t.add_argument("--qat-batch-size", type=int)
     t.add_argument("--qat-heldout", type=float, help="fraction of calibration sequences held out for early stopping")
+    t.add_argument("--qat-patience", type=int, help="stop QAT after this many held-out evaluations without "
+                   "improvement (0: run every step; the best state is kept either way)")
     t.add_argument("--qat-topk", type=int, help="teacher logits cached as top-k (0 = full)")
     t.add_argument("--qat-amp", choices=("auto", "bf16", "fp32"), help="QAT's training arithmetic, as --amp")
 

@@ -45,7 +45,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 RECON_FLAGS = ("window", "overlap", "lookahead", "rounding", "rank", "iters", "loss", "lr", "clip_lr", "optimizer",
                "schedule", "init", "grid", "cfp", "heldout", "eval_every", "patience", "amp")
 QAT_FLAGS = {"qat_trainable": "trainable", "qat_loss": "loss", "qat_steps": "steps", "qat_lr": "lr",
-             "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk", "qat_amp": "amp"}
+             "qat_batch_size": "batch_size", "qat_heldout": "heldout", "qat_topk": "topk", "qat_amp": "amp",
+             "qat_patience": "patience"}
 
 
 def method_choice(args: argparse.Namespace, name: str) -> MethodChoice:

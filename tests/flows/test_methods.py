@@ -128,3 +128,18 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_cli_qat_and_window_flags_reach_the_configs():
+    """--qat-* flags become QATConfig fields (a flag missing from QAT_FLAGS would be parsed and
+    silently dropped), recon flags ReconConfig fields."""
+    from flows.cli import _parser
+    from flows.cli_impl import method_choice
+
+    args = _parser().parse_args(["bench", "quality", "--methods", "recon-k1+qat", "--qat-patience", "0",
+                                 "--qat-lr", "0.01", "--qat-heldout", "0.25", "--patience", "2", "--eval-every", "5",
+                                 "--heldout", "0.5"])
+    m = method_choice(args, "recon-k1+qat")
+    assert (m.qat.patience, m.qat.lr, m.qat.heldout) == (0, 0.01, 0.25)
+    assert (m.base.patience, m.base.eval_every, m.base.heldout) == (2, 5, 0.5)
+    assert parse_method("recon-k1+qat").qat.patience == 3  # the default it overrides
