@@ -51,11 +51,10 @@ __all__ = [
 
 METHODS = ("auto", "rtn", "gptq", "boa", "recon")
 # quantize.method: auto, by bits: the best measured on the benchmark protocol (docs/protocol.md) with qat on
-# (docs/benchmarks/quality.md, wiki / python-docs: W2 g64 recon+qat128 47.40 / 98.01 against boa-d0.1+qat160
-# 64.55 / 151.16). At W3 g64 recon+qat (30.29 / 18.29, one seed) also beats boa+qat (31.30 / 21.13), but
-# recon windows train in float32 only (fetch_model.dtype) and their RTN start gives the LM head no measured
-# error: boa stays the 3-bit auto until both are handled.
-AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "boa"}, "gptq"
+# (docs/benchmarks/quality.md, wiki / python-docs, means over calibration seeds 0-2): W2 g64 recon+qat128
+# 47.67 / 93.09 against boa-d0.1+qat160 64.55 / 151.16 (one seed); W3 g64 recon+qat 30.47 / 18.61 against
+# boa-d0.1+qat 31.30 / 21.13. Windows run on a bf16 source too; an RTN-started job solves the LM head by GPTQ.
+AUTO_METHODS, HIGH_BIT_METHOD = {2: "recon", 3: "recon"}, "gptq"
 # quantize.damp auto, by bits: at 2 and 3 bits damping 0.1 scores better on both texts (it fits the Hessians
 # less to the calibration text); at 4 bits per channel it trades wiki for python-docs, so 0.01 stays
 # (docs/benchmarks/transfer.md).
@@ -453,8 +452,10 @@ class QuantizeParams(_Section):
                               f"inputs; {self.resolved_method} reads none); choose one of them, or "
                               "quantized_inputs: false")
         if self.inputs == "fp" and self.resolved_method == "recon":
-            raise ParamsError("quantize.inputs: fp applies to rtn, gptq and boa; recon windows are trained on the "
-                              "quantized prefix's outputs (set quantize.inputs: quantized, or another method)")
+            auto = " (quantize.method auto is recon at this many bits)" if self.method == "auto" else ""
+            raise ParamsError(f"quantize.inputs: fp applies to rtn, gptq and boa; recon windows are trained on the "
+                              f"quantized prefix's outputs{auto}: set quantize.inputs: quantized, or quantize.method: "
+                              "gptq or boa")
 
     @property
     def resolved_method(self) -> str:

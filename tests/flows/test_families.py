@@ -1,8 +1,8 @@
 """Every supported family through `ptq run` with the default params (quantize.method auto, qat auto)
-and the release loaded back: auto picks recon + QAT at 2 bits, BoA + QAT at 3, GPTQ at 4, so a
-family whose attention BoA or the reconstruction cannot handle fails here, not for a user.
+and the release loaded back: auto picks recon + QAT at 2 and 3 bits, GPTQ at 4, so a family whose
+attention the reconstruction cannot handle fails here, not for a user.
 
-In CI Gemma3 runs at 3 bits (BoA, the path that once rejected q/k norms and fused projections) and
+In CI Gemma3 runs at 3 bits (recon: q/k norms, offset gains and fused projections through a window) and
 GPT-2 with its LM head quantized too (every family runs every method in tests/flows/test_support.py);
 with PTQ_RUN_SLOW=1 every family runs at 2, 3 and 4 bits. The README's list of supported
 architectures is checked against the families these tests build."""
@@ -78,7 +78,7 @@ def test_default_params_quantize_every_family(family, bits, family_source, tmp_p
     manifest = json.loads((project.release / "MANIFEST.json").read_text())
     assert manifest["files"], manifest
     info = json.loads((root / "data" / "quantized" / "quantize.json").read_text())
-    expected = {2: "ReconConfig", 3: "BoAConfig", 4: "GPTQConfig"}[bits]
+    expected = {2: "ReconConfig", 3: "ReconConfig", 4: "GPTQConfig"}[bits]
     assert info["method"] == expected and info["scheme"].startswith(f"w{bits}"), info["method"]
     ppl = json.loads((root / "metrics" / "metrics.json").read_text())["ppl"]  # of the release, loaded back
     assert ppl and all(1 < v < float("inf") for v in ppl.values()), ppl
@@ -95,7 +95,7 @@ def test_readme_lists_exactly_the_families_the_tests_build():
 
 
 def test_bfloat16_end_to_end(family_source, tmp_path_factory, base_env):
-    """fetch_model.dtype: bfloat16 on a bf16 source, 3 bits (BoA + QAT), a GPTQ-format release: the
+    """fetch_model.dtype: bfloat16 on a bf16 source, 3 bits (recon + QAT), a GPTQ-format release: the
     release keeps bf16 for its unquantized tensors, and the evaluate stage scored the release as a
     bf16 model (its perplexity is the one our loader gives in bf16, not in float32)."""
     from safetensors.torch import load_file
@@ -125,8 +125,9 @@ def test_bfloat16_end_to_end(family_source, tmp_path_factory, base_env):
 
 def test_lm_head_target_on_a_tied_model(family_source, tmp_path_factory, base_env):
     """quantize.targets [blocks, lm_head] on GPT-2 (head tied to wte, a plain Linear beside Conv1D
-    blocks) at 3 bits: BoA for the blocks, GPTQ for the head from the last block's outputs, QAT over
-    both; the release packs the head, keeps wte full precision, unties them, and loads back."""
+    blocks) at 3 bits: recon windows for the blocks (RTN start), GPTQ for the head from the last
+    block's outputs (it is in no window), QAT over both; the release packs the head, keeps wte full
+    precision, unties them, and loads back."""
     from safetensors.torch import load_file
 
     root = clone_checkout(tmp_path_factory.mktemp("family") / "head")

@@ -56,9 +56,13 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     assert (q.bits, q.group_size, q.sym, q.act_order, q.damp, q.block_size) == (4, 64, False, True, "auto", 128)
     assert (q.true_sequential, q.clip_search, q.batch_size, q.spill_to_disk, q.device) == (True, False, 8, False, "auto")
     assert q.method == "auto" and q.resolved_method == "gptq"
-    assert QuantizeParams(bits=3).resolved_method == "boa"
+    assert QuantizeParams(bits=3).resolved_method == "recon"
     assert QuantizeParams(bits=2).resolved_method == "recon"
     assert QuantizeParams(bits=3, method="recon").resolved_method == "recon"
+    # recon trains on the quantized prefix: FP inputs are refused, naming the auto choice and the fix
+    with pytest.raises(ParamsError, match=r"auto is recon at this many bits\): set quantize.inputs: quantized"):
+        QuantizeParams(bits=3, inputs="fp")
+    assert QuantizeParams(bits=3, inputs="fp", method="boa").resolved_method == "boa"
     # damping auto: 0.1 at 2 and 3 bits, 0.01 above; a number is taken as given at any bits
     assert [QuantizeParams(bits=b).resolved_damp for b in (2, 3, 4, 8)] == [0.1, 0.1, 0.01, 0.01]
     assert QuantizeParams(bits=3, damp=0.05).resolved_damp == QuantizeParams(bits=4, damp=0.05).resolved_damp == 0.05
@@ -334,14 +338,20 @@ def test_recon_and_qat_sections_build_their_quantlib_configs() -> None:
 def test_damp_auto_reaches_every_hessian_solver_by_bits() -> None:
     from flows.pipeline import quantize_job
 
-    for quantize, damp in [({"bits": 3}, 0.1), ({"bits": 4}, 0.01), ({"bits": 3, "method": "gptq"}, 0.1),
-                           ({"bits": 4, "method": "boa"}, 0.01), ({"bits": 3, "damp": 0.05}, 0.05)]:
+    from quantlib.head import head_method
+
+    for quantize, damp in [({"bits": 3, "method": "boa"}, 0.1), ({"bits": 4}, 0.01),
+                           ({"bits": 3, "method": "gptq"}, 0.1), ({"bits": 4, "method": "boa"}, 0.01),
+                           ({"bits": 3, "damp": 0.05, "method": "boa"}, 0.05)]:
         p = params_from_dict({"quantize": quantize})
         assert quantize_job(p.quantize, p.recon).method.damp == damp, quantize
-    for init in ("gptq", "boa"):  # recon (auto at 2 bits) passes it to the solver its windows start from
+    for init in ("gptq", "boa"):  # recon (auto at 2 and 3 bits) passes it to the solver its windows start from
         p = params_from_dict({"quantize": {"bits": 2}, "recon": {"init": init}})
         cfg = quantize_job(p.quantize, p.recon).method
         assert cfg.init_damp == 0.1 and _init_method(cfg).damp == 0.1
+    p = params_from_dict({"quantize": {"bits": 3}})
+    cfg = quantize_job(p.quantize, p.recon).method
+    assert cfg.init == "rtn" and head_method(cfg).damp == 0.1  # and to the GPTQ solve of an RTN start's head
 
 
 def test_params_offer_exactly_the_amp_modes_quantlib_runs() -> None:
