@@ -75,6 +75,9 @@ def test_defaults_load_from_empty_file(tmp_path: Path) -> None:
     from flows.pipeline import qat_config
 
     assert (qat_config(p.qat, 2).steps, qat_config(p.qat, 2).lr, qat_config(p.qat, 3).steps) == (128, 1e-2, 64)
+    # QAT runs every step by default (the best held-out state still ships): patience 3 cut a W3 run
+    # whose held-out loss rose before it fell (README); the bench's +qat keeps QATConfig's 3
+    assert p.qat.patience == qat_config(p.qat, 3).patience == 0
     assert p.pack.format == "auto" and p.pack.resolved(sym=False) == "gptq_v2" and p.pack.resolved(sym=True) == "gptq"
     assert PackParams(format="gptq").resolved(sym=False) == "gptq"  # an explicit format is kept
     assert q.targets == ("blocks",)
