@@ -2,9 +2,9 @@
 
 AdamW without weight decay (or SignSGD, SignRound's p -= lr sign(grad)) over named parameter groups,
 each with its own base rate, scaled by one factor per step: a linear warm-up over the first `warmup`
-steps ((it + 1) / (warmup + 1)), then the
-schedule's shape over the remaining steps, t = (it - warmup) / (steps - warmup) clipped to [0, 1]:
-cosine 0.5 (1 + cos(pi t)), linear 1 - t, constant 1.
+steps ((it + 1) / (warmup + 1)), then the schedule's shape over the remaining steps, with
+t = (it - warmup) / (steps - warmup) clipped to [0, 1]: cosine 0.5 (1 + cos(pi t)), linear 1 - t,
+constant 1.
 
 The training forward's arithmetic (`training_autocast`) is shared too: `amp` "fp32" runs it exactly,
 "bf16" under bf16 autocast (matmuls and attention in bf16, reductions such as softmax and the losses

@@ -30,7 +30,8 @@ from .rtn import RTNConfig
 from .spec import Spec, spec_for
 
 __all__ = ["WindowStats", "WindowResult", "ReconState", "init_block", "install_block", "carry_block", "train_window",
-           "train_and_propagate", "finalize_block", "run_window", "reconstruct_model", "forward_blocks", "fp_boundaries", "block_errors"]
+           "train_and_propagate", "finalize_block", "run_window", "reconstruct_model", "forward_blocks",
+           "fp_boundaries", "block_errors"]
 
 
 @dataclass
