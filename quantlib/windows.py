@@ -31,7 +31,7 @@ from .spec import Spec, spec_for
 
 __all__ = ["WindowStats", "WindowResult", "ReconState", "init_block", "install_block", "carry_block", "train_window",
            "train_and_propagate", "finalize_block", "run_window", "reconstruct_model", "forward_blocks",
-           "fp_boundaries", "block_errors"]
+           "fp_boundaries", "FPCursor", "block_errors"]
 
 
 @dataclass
@@ -84,6 +84,28 @@ def fp_boundaries(adapter: ModelAdapter, inputs: ActivationStore, calls: list[Bl
         bounds.append(forward_blocks([block], [calls[i].to(device)], bounds[-1], device))
         block.to("cpu")
     return bounds
+
+
+class FPCursor:
+    """FP activations at a block boundary that only moves forward: `at(t)` runs the FP blocks from
+    the current boundary up to boundary t (0: the inputs, t: the output of block t - 1) and keeps
+    that one store. A run of windows asks for non-decreasing boundaries, all at or past blocks no
+    window has touched yet, so this gives fp_boundaries(...)[t] bit for bit while holding one store
+    instead of n + 1 (at 512 x 512 calibration tokens on a 576-wide model, 0.6 GB instead of 19)."""
+
+    def __init__(self, adapter: ModelAdapter, inputs: ActivationStore, calls: list[BlockCall], device) -> None:
+        self.adapter, self.calls, self.device = adapter, calls, device
+        self.index, self.store = 0, inputs
+
+    def at(self, t: int) -> ActivationStore:
+        if t < self.index:
+            raise ValueError(f"FP boundary {t} asked after boundary {self.index}: the cursor only moves forward")
+        for i in range(self.index, t):
+            block = self.adapter.blocks[i].to(self.device)
+            self.store = forward_blocks([block], [self.calls[i].to(self.device)], self.store, self.device)
+            block.to("cpu")
+        self.index = t
+        return self.store
 
 
 def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call: BlockCall, spec: Spec,
@@ -507,11 +529,11 @@ def reconstruct_model(
     device = torch.device(engine.device)
     batches, calls = capture_block_inputs(adapter, calib_ids, engine.batch_size)
     x_in = ActivationStore.from_batches(batches)
-    bounds = fp_boundaries(adapter, x_in, calls, device) if cfg.target == "fp" else None
+    fp = FPCursor(adapter, x_in, calls, device) if cfg.target == "fp" else None  # advanced before each window
     results, stats, carry = {}, [], {}
     for w, (start, end) in enumerate(windows):
         nxt = windows[w + 1][0] if w + 1 < len(windows) else n
-        targets = bounds[min(end + cfg.lookahead, n)] if bounds is not None else None
+        targets = fp.at(min(end + cfg.lookahead, n)) if fp is not None else None
         r = run_window(adapter, calls, x_in, targets, (start, end), nxt, spec, cfg, engine, carry)
         results |= r.results
         x_in, carry = r.outputs, r.carry

@@ -265,6 +265,32 @@ def test_lookahead_window_trains_through_frozen_fp_blocks(monkeypatch):
     assert [(st.start, st.end) for st in stats] == [(0, 1), (1, 2), (2, 3)]
 
 
+def test_windows_targets_are_the_pristine_fp_boundaries_with_overlap_lookahead_and_cfp(monkeypatch):
+    """reconstruct_model advances one FP store window by window (FPCursor) instead of keeping all
+    n + 1 boundaries: with overlap, look-ahead and CFP (which rewrites the blocks it initializes),
+    every window's targets are still the untouched FP model's boundary min(end + L, n), bit for bit;
+    a boundary behind the cursor is refused."""
+    import quantlib.windows as W
+
+    _, _, _, fp_bounds = _captured()
+    a = get_adapter(tiny_model())
+    seen, original = [], W.train_and_propagate
+
+    def spy(adapter, start, end, lookahead_end, inputs, targets, *args, **kw):
+        assert torch.equal(targets.cat(), fp_bounds[lookahead_end].cat())
+        seen.append((start, end, lookahead_end))
+        return original(adapter, start, end, lookahead_end, inputs, targets, *args, **kw)
+
+    monkeypatch.setattr(W, "train_and_propagate", spy)
+    cfg = ReconConfig(window=2, overlap=1, lookahead=1, rounding="signed", loss="mse", iters=3, cfp=True)
+    reconstruct_model(a, tiny_ids(8, 32), SPEC, cfg, ENGINE)
+    assert seen == [(0, 2, 3), (1, 3, 3)]
+    cursor = W.FPCursor(a, fp_bounds[0], _captured()[2], torch.device("cpu"))
+    cursor.at(2)
+    with pytest.raises(ValueError, match="boundary 1 asked after boundary 2"):
+        cursor.at(1)
+
+
 def test_lookahead_block_shapes_what_the_window_learns():
     """The training loss flows through the frozen look-ahead block: scaling one of its weights (after
     the FP targets are taken) changes the first step's loss and the rounding the window learns."""
