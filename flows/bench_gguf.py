@@ -3,7 +3,8 @@
 On the default model and the protocol of docs/protocol.md (calibration 128 x 512 from the first half of
 WikiText-2 test, 16 windows x 1024 from its second half), for each scheme (`w4g32`, or `w4g32:Q4_K`
 to add a K-quant type):
-  ours        the scheme quantized by `--method` (gptq by default), scored as our fake-quant model;
+  ours        the scheme quantized by `--method` (gptq by default), or the codes of a `ptq quantize`
+              output (`--codes DIR`: any method, QAT included), scored as our fake-quant model;
   ours.gguf   the same codes written by `pack.format: gguf` and read back by transformers' GGUF
               loader (a reader that is not ours): equal to `ours` up to the fp16 block scales;
   rtn.gguf    the FP weights quantized by the gguf package's reference quantizer for the type (what
@@ -21,6 +22,8 @@ lie on a Q4_1 grid.
 
     python -m flows.bench_gguf --schemes w4g32:Q4_K w2g64:Q2_K    # appends to docs/benchmarks/gguf.json
     python -m flows.bench_gguf --decode                            # decode tokens/s: torch vs llama.cpp
+    ptq quantize --method recon+qat128 --bits 2 --group-size 64 --out q2    # then its codes in Q2_K:
+    python -m flows.bench_gguf --codes q2 --schemes w2g64:Q2_K
 """
 from __future__ import annotations
 
@@ -40,11 +43,13 @@ import torch
 
 from .bench_kernels import DECODE_PROMPT, _decode_tokens_per_s
 
-__all__ = ["run_gguf", "run_gguf_decode", "render_gguf_md", "SCHEMES"]
+__all__ = ["run_gguf", "run_gguf_decode", "render_gguf_md", "read_codes", "SCHEMES"]
 
 DEFAULT_OUT = "docs/benchmarks/gguf.json"
 SCHEMES = ("w4g32s", "w4g32:Q4_K", "w5g32", "w8g32s")  # Q4_0, Q4_1 (+ Q4_K), Q5_1, Q8_0
 TOOL = Path(__file__).with_name("llama_cpp_tool.py")
+# what a --codes row records of the `ptq quantize` run that made its codes
+CODES_KEYS = ("method", "method_config", "qat_config", "calib", "seed", "quantized_sha256", "quant_seconds")
 
 
 def _rtn_blocks(model, names: list[str], kind: str) -> dict[str, tuple[str, torch.Tensor]]:
@@ -98,6 +103,50 @@ def _row(scheme: str, kind: str, label: str, ppl: float | None, path: Path | Non
             "settings": settings, "path": str(path) if path else None, **extra}
 
 
+def read_codes(folder: Path, model: str, schemes: tuple[str, ...]) -> tuple[dict, dict]:
+    """(codes by module, quantization.json) of a `ptq quantize --out` folder, checked before any work:
+    its files match its MANIFEST, it was made from `model` with weight-only codes of one scheme (no
+    rotation, activation quantizers or mixed plan: a GGUF file of the source's other tensors cannot
+    carry them), and every `schemes` entry names that scheme."""
+    from tasks.io import verify_manifest
+    from tasks.qat import load_quantized
+
+    info_path = folder / "quantization.json"
+    if not info_path.is_file():
+        raise ValueError(f"--codes {folder}: no quantization.json; give the --out folder of a `ptq quantize` run")
+    info = json.loads(info_path.read_text())
+    if "format" in info or "quantized_sha256" not in info:
+        raise ValueError(f"--codes {folder}: a release folder, not a `ptq quantize --out` folder (which keeps the "
+                         "codes in quantized.safetensors); give the folder `ptq quantize --out` wrote")
+    bad = verify_manifest(folder)
+    if bad:
+        raise ValueError(f"--codes {folder}: {', '.join(bad)} differ from its MANIFEST.json; re-run ptq quantize")
+    if info.get("model") != model:
+        raise ValueError(f"--codes {folder} was made from {info.get('model')!r}, not --model {model!r}; pass "
+                         f"--model {info.get('model')}")
+    for key in ("rotation", "activations", "mixed", "smooth"):
+        if info.get(key):
+            raise ValueError(f"--codes {folder} was made with {key} {info[key]!r}, which a GGUF file of the source "
+                             f"model's other tensors does not carry; quantize without it")
+    wrong = [s for s in schemes if s.partition(":")[0] != info["spec"]["name"]]
+    if wrong:
+        raise ValueError(f"--schemes {' '.join(wrong)}: the codes in {folder} are {info['spec']['name']}; pass "
+                         f"--schemes {info['spec']['name']} or {info['spec']['name']}:K_TYPE")
+    return load_quantized(folder / "quantized.safetensors", info["quantized_sha256"], info["modules"]), info
+
+
+def _given(model_dir: Path, data, codes: dict, info: dict):
+    """(codes, fake-quant perplexity, the seconds `ptq quantize` recorded) of read_codes' output."""
+    from tasks.qat import apply_quantized
+    from tasks.sources import load_model
+
+    from . import commands as C
+
+    model = load_model(model_dir)
+    apply_quantized(model, codes)
+    return codes, C.eval_ppl(model, data.windows), float(info["quant_seconds"])
+
+
 def _ours(model_dir: Path, data, spec, method: str):
     """(codes by module, fake-quant perplexity, seconds) of `method` at `spec` on the protocol data."""
     from quantlib.engine import EngineConfig
@@ -141,7 +190,9 @@ def _k_rows(model_dir: Path, data, results: dict, scheme: str, kind: str, method
     return out
 
 
-def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path, llama: str | None) -> list[dict]:
+def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path, llama: str | None,
+                given: tuple[dict, dict] | None = None) -> list[dict]:
+    """The rows of one scheme; `given` = read_codes' (codes, info) instead of quantizing by `method`."""
     from quantlib.gguf import gguf_blocks, gguf_type
     from quantlib.spec import parse_scheme
     from tasks.gguf_release import write_gguf_file
@@ -151,7 +202,13 @@ def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path, llam
     spec = parse_scheme(name)
     kind = gguf_type(spec)
     settings = {"n_samples": int(data.calib.shape[0]), "seqlen": int(data.calib.shape[1]), "windows": len(data.windows)}
-    results, ppl, seconds = _ours(model_dir, data, spec, method)
+    if given is None:
+        results, ppl, seconds = _ours(model_dir, data, spec, method)
+    else:  # the codes' own calibration and configs, so the row says how they were made
+        results, ppl, seconds = _given(model_dir, data, *given)
+        method = given[1]["method"]
+        settings = {"n_samples": given[1]["n_samples"], "seqlen": given[1]["seqlen"], "windows": len(data.windows),
+                    "codes": {k: given[1].get(k) for k in CODES_KEYS}}
     names = sorted(results)
     rows = [_row(name, kind, method, ppl, None, seconds, settings)]
     path = tmp / f"{name}-{method}.gguf"
@@ -214,12 +271,17 @@ def _stamp(model: str, command: str) -> dict:
 
 
 def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, out: Path,
-             llama: str | None = None) -> list[dict]:
+             llama: str | None = None, codes: Path | None = None) -> list[dict]:
+    """Rows per scheme (module docstring), appended to `out`; `codes`: a `ptq quantize --out` folder
+    whose codes replace `method` (its calibration size replaces `n_samples`)."""
     from tasks.sources import load_model, load_tokenizer
 
     from . import commands as C
     from .bench import CALIB
 
+    given = None if codes is None else read_codes(Path(codes), model, schemes)  # refused before any work
+    if given is not None:
+        n_samples = given[1]["n_samples"]
     model_dir = C.cached_model(model)
     calib = dict(CALIB, n=n_samples)
     data = C.protocol_data(load_tokenizer(model_dir), "wikitext2", None, **calib)
@@ -229,7 +291,7 @@ def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, 
     probe = _tokenizer_probe(model_dir) if llama else []
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in schemes:  # each scheme's rows are written as soon as they exist
-            done = _with_llama_cpp(_one_scheme(model_dir, data, scheme, method, Path(tmp), llama), llama,
+            done = _with_llama_cpp(_one_scheme(model_dir, data, scheme, method, Path(tmp), llama, given), llama,
                                    data.windows, Path(tmp), probe)
             done = [{k: v for k, v in r.items() if k != "path"} | stamp | {"fp32_ppl": fp} for r in done]
             for r in done:
@@ -334,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="SCHEME or SCHEME:K_TYPE, e.g. w4g32:Q4_K")
     p.add_argument("--method", default="gptq")
+    p.add_argument("--codes", type=Path, default=None, metavar="DIR",
+                   help="the --out folder of a `ptq quantize` run: its codes (any method, +qat included) instead of "
+                        "quantizing with --method")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     p.add_argument("--llama-cpp", default=os.environ.get("PTQ_LLAMA_CPP_PYTHON"),
@@ -348,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         scheme, _, kind = a.decode_scheme.partition(":")
         run_gguf_decode(a.model, scheme, kind or "Q4_K", a.new_tokens, a.out, a.llama_cpp)
     else:
-        run_gguf(a.model, tuple(a.schemes), a.method, a.n_samples, a.out, a.llama_cpp)
+        run_gguf(a.model, tuple(a.schemes), a.method, a.n_samples, a.out, a.llama_cpp, a.codes)
     return 0
 
 

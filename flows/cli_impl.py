@@ -5,6 +5,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -90,6 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         results, _ = C.refine_qat(model, data.calib, results, method.qat, teacher)
     seconds = time.perf_counter() - t0 + rotate_seconds
     info = {"method": method.label, "spec": C.spec_dict(spec), "model": args.model, "calib": args.calib,
+            "method_config": asdict(method.base), "qat_config": None if method.qat is None else asdict(method.qat),
             "mixed": None if mixed is None else {p: s.name for p, s in plan.layers},
             "activations": args.activations, "input_scales": scales_to_json(input_scales(model)),
             "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,

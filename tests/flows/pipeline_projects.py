@@ -193,3 +193,21 @@ def build_tiny_source(folder: Path) -> Path:
 
 def have_git() -> bool:
     return shutil.which("git") is not None
+
+
+def char_llama_source(tmp_path: Path):
+    """(model, text): a tiny random Llama with a character tokenizer saved as the local model folder
+    tmp_path/src (with its MANIFEST), and tmp_path/t.txt, a text long enough for `ptq quantize`'s
+    calibration draw and the protocol's 16 x 1024 evaluation windows."""
+    from tasks.io import write_manifest
+
+    from tests.quantlib.tiny import tiny_model
+    from tests.tasks.test_gguf_release import _char_tokenizer
+
+    model, tok = tiny_model("llama"), _char_tokenizer(128)
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    write_manifest(tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 1000)
+    return model, text

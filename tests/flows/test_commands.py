@@ -161,17 +161,12 @@ def test_ptq_quantize_with_rotation_writes_what_ptq_eval_loads_back(tmp_path):
     from flows.cli_impl import _eval_model
     from quantlib.actquant import attached, input_scales
     from quantlib.rotation import OnlineRotation
-    from tasks.io import write_manifest
 
-    from tests.quantlib.tiny import tiny_ids, tiny_model
-    from tests.tasks.test_gguf_release import _char_tokenizer
+    from pipeline_projects import char_llama_source
 
-    model, tok = tiny_model("llama"), _char_tokenizer(128)
-    model.save_pretrained(tmp_path / "src")
-    tok.save_pretrained(tmp_path / "src")
-    write_manifest(tmp_path / "src")
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 1000)  # the protocol evaluates 16 x 1024 tokens of it
+    from tests.quantlib.tiny import tiny_ids
+
+    model, text = char_llama_source(tmp_path)
     common = ["quantize", "--model", str(tmp_path / "src"), "--calib", str(text), "--n-samples", "4", "--seqlen", "32",
               "--method", "rtn", "--bits", "8", "--per-channel", "--rotate", "full"]
     assert main([*common, "--out", str(tmp_path / "w8")]) == 0
@@ -202,17 +197,10 @@ def test_ptq_quantize_mixed_writes_each_linear_on_its_planned_grid(tmp_path):
 
     from flows.cli import main
     from quantlib.qweight import QuantizedWeight, bits_per_weight
-    from tasks.io import write_manifest
 
-    from tests.quantlib.tiny import tiny_model
-    from tests.tasks.test_gguf_release import _char_tokenizer
+    from pipeline_projects import char_llama_source
 
-    model, tok = tiny_model("llama"), _char_tokenizer(128)
-    model.save_pretrained(tmp_path / "src")
-    tok.save_pretrained(tmp_path / "src")
-    write_manifest(tmp_path / "src")
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 1000)
+    _, text = char_llama_source(tmp_path)
     assert main(["quantize", "--model", str(tmp_path / "src"), "--calib", str(text), "--n-samples", "4", "--seqlen", "32",
                  "--method", "gptq", "--bits", "3", "--group-size", "32", "--mixed-from", "w2g32,w4g32",
                  "--mixed-samples", "2", "--out", str(tmp_path / "mix")]) == 0
