@@ -14,6 +14,7 @@ Grammar (see METHOD_FORMS):
           | rtn | gptq | boa                      initializer
           | i<n>                                  iterations
           | cfp                                   CBQ outlier pre-processing of each block
+          | cfpa                                  its activation half only (no weight truncation)
           | bf16                                  train the windows under bf16 autocast (amp)
           | sign                                  SignRound's optimizer (p -= lr sign(grad)), linear decay, lr 1/iters
 -bf16 after +qat trains QAT under bf16 autocast (QATConfig.amp; quantlib.optim.training_autocast).
@@ -45,7 +46,8 @@ METHOD_FORMS = (
     "then -bf16 to train QAT under bf16 autocast (e.g. boa+qat128, boa+qat-bf16, gptq-d0.1); "
     "recon parts: k<window>[o<overlap>][L<lookahead>], L<n> or la<n> (look-ahead), "
     f"a rounding ({', '.join(ROUNDINGS)}), a loss ({', '.join(LOSSES)}), an init ({', '.join(INITS)}), "
-    "i<iterations>, cfp (CBQ outlier pre-processing), bf16 (windows under bf16 autocast), sign (SignRound's "
+    "i<iterations>, cfp (CBQ outlier pre-processing), cfpa (its activation half only), "
+    "bf16 (windows under bf16 autocast), sign (SignRound's "
     "optimizer, linear decay); "
     "e.g. recon-k2o1-gptq-i40+qat128"
 )
@@ -186,6 +188,8 @@ def _recon_parts(parts: list[str], name: str) -> dict[str, Any]:
             kw["iters"] = int(m[1])
         elif part == "cfp":
             kw["cfp"] = True
+        elif part == "cfpa":
+            kw["cfp"], kw["cfp_weights"] = True, False
         elif part == "bf16":
             kw["amp"] = "bf16"
         elif part == "sign":

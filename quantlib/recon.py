@@ -69,6 +69,7 @@ class ReconConfig:
     kl_weight: float = 1.0
     target: str = "fp"
     cfp: bool = False  # CBQ coarse-to-fine outlier pre-processing of each block before its init
+    cfp_weights: bool = True  # with cfp: also truncate weight outliers (False: its FP-exact activation half only)
     init: str = "gptq"
     init_damp: float = 0.01  # the gptq/boa init's Hessian damping (GPTQConfig.damp)
     grid: str = "auto"
@@ -106,6 +107,7 @@ class ReconConfig:
         _check(0 < self.init_damp < 1, f"init_damp must be in (0, 1), got {self.init_damp}")
         _check(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
+        _check(self.cfp or self.cfp_weights, "cfp_weights=False selects CFP's activation half: it needs cfp=True")
         for name in ("lr", "clip_lr", "weight_lr", "kl_weight", "reg_weight", "grad_clip"):
             _check(getattr(self, name) > 0 or (name in ("reg_weight", "kl_weight") and getattr(self, name) == 0),
                    f"{name} must be positive, got {getattr(self, name)}")

@@ -117,7 +117,8 @@ def init_block(adapter: ModelAdapter, index: int, inputs: ActivationStore, call:
     block = adapter.blocks[index]
     state.fp_blocks[index] = copy.deepcopy(block).cpu()
     if cfg.cfp:
-        apply_cfp(adapter, block.to(engine.device), inputs, call.to(engine.device), CFPConfig(), engine.device)
+        apply_cfp(adapter, block.to(engine.device), inputs, call.to(engine.device), CFPConfig(weights=cfg.cfp_weights),
+                  engine.device)
     fp_weights = {n: adapter.get_weight(m).detach().float().clone() for n, m in adapter.linears(block).items()}
     # the init's own block error is never reported (the window's block_errors are): not measured
     results, outputs, _ = quantize_block(adapter, index, inputs, call, spec, _init_method(cfg),

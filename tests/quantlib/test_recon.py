@@ -411,6 +411,29 @@ def test_cfp_equivalent_transform_keeps_fp_outputs(family):
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cfp_weights", [True, False])
+def test_a_window_applies_cfps_weight_half_only_when_asked(monkeypatch, cfp_weights):
+    """recon-...-cfpa (cfp_weights=False) runs CFP's activation half alone: a planted weight outlier
+    reaches the init's codes, where cfp truncates it; the option without cfp is refused."""
+    import quantlib.windows as W
+
+    a, x, calls, _ = _captured()
+    w = a.blocks[0].get_submodule("mlp.down_proj").weight
+    with torch.no_grad():
+        w[0, :2] = 40 * w.abs().mean()
+    big, seen, original = float(w[0, 0]), [], W.apply_cfp
+    monkeypatch.setattr(W, "apply_cfp", lambda *args: seen.append(args[4]) or original(*args))
+    state = ReconState()
+    cfg = ReconConfig(window=1, overlap=0, init="rtn", cfp=True, cfp_weights=cfp_weights)
+    init_block(a, 0, x, calls[0], QuantSpec(8, None), cfg, ENGINE, state)
+    assert [c.weights for c in seen] == [cfp_weights]
+    with torch.no_grad():
+        got = float(state.learnables[0]["mlp.down_proj"].weight_hat(hard=True)[0, 0])
+    assert (got < 0.5 * big) if cfp_weights else (got == pytest.approx(big, rel=0.01))
+    with pytest.raises(ValueError, match="cfp_weights=False selects CFP's activation half"):
+        ReconConfig(cfp_weights=False)
+
+
 def test_cfp_truncates_planted_weight_outliers_to_the_largest_kept_magnitude():
     """Per row, the fine split puts the planted +-40 above every Gaussian value: exactly those 2 x 8
     entries are outliers, each is clipped to the row's largest kept |w| with its sign, every other
