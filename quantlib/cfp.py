@@ -67,18 +67,30 @@ def weight_outlier_threshold(w_row: torch.Tensor, cfg: CFPConfig) -> float | Non
 
 
 def _thresholds(w: torch.Tensor, cfg: CFPConfig) -> list[float | None]:
-    """weight_outlier_threshold of every row of (out, in) w: the quartiles, means and variances of
-    all rows at once, the fine split only on rows with >= 2 candidates."""
+    """weight_outlier_threshold of every row of (out, in) w, all rows at once: each row's candidates
+    sorted to its front (the rest padded with zeros after them), prefix sums of v and v^2 (float64)
+    give every split of every row, and rows with fewer than 2 candidates have none. The sums run in
+    _fine_split's order, so each row's cut equals _fine_split on that row alone."""
+    if w.shape[1] < 2:
+        return [None] * w.shape[0]
     a = w.abs().float()
     ref = a.mean(1, keepdim=True).clamp_min(1e-30)  # (out, 1)
     u = a / ref
     cand = u > _iqr_upper(u, cfg.iqr_k)  # the IQR rule is scale-free: the same set as on |w|
-    lam = cfg.lam * u.var(1, unbiased=False)  # (out,)
-    out: list[float | None] = [None] * w.shape[0]
-    for r in (cand.sum(1) >= 2).nonzero().flatten().tolist():
-        values, _ = torch.sort(u[r][cand[r]])
-        out[r] = _fine_split(values, float(lam[r])) * float(ref[r])
-    return out
+    lam = (cfg.lam * u.var(1, unbiased=False)).double()  # (out,)
+    n = cand.sum(1)  # (out,) candidates per row
+    v = torch.sort(torch.where(cand, u, torch.inf), dim=1).values  # (out, in): candidates first, ascending
+    z = torch.where(n[:, None] > torch.arange(u.shape[1]), v, 0).double()
+    c1, c2 = z.cumsum(1), (z * z).cumsum(1)  # (out, in); the last column: each row's totals
+    s1, s2 = c1[:, :-1], c2[:, :-1]  # (out, in - 1): sums of the low set, the first i = 1, 2, ... values
+    i = torch.arange(1, u.shape[1], dtype=torch.float64)
+    hi_n = (n[:, None] - i).clamp_min(1)  # splits at i >= n are masked below
+    lo_mean, lo_sq = s1 / i, s2 / i
+    hi_mean, hi_sq = (c1[:, -1:] - s1) / hi_n, (c2[:, -1:] - s2) / hi_n
+    var = (lo_sq - lo_mean ** 2).clamp_min(0) + (hi_sq - hi_mean ** 2).clamp_min(0)
+    score = torch.where(i < n[:, None], (hi_mean - lo_mean) - lam[:, None] * var, -torch.inf)
+    thr = v.gather(1, score.argmax(1, keepdim=True)).double() * ref.double()  # (out, 1)
+    return [float(t) if k >= 2 else None for t, k in zip(thr[:, 0].tolist(), n.tolist())]
 
 
 def truncate_weight_outliers(w: torch.Tensor, cfg: CFPConfig) -> tuple[torch.Tensor, int]:

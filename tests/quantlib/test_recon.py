@@ -487,6 +487,28 @@ def test_window_block_errors_on_the_first_batches_only():
     assert all(e > 0 for e in sample + full) and sample != full
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_cfp_thresholds_of_all_rows_at_once_equal_each_rows_own_split(seed):
+    """The batched thresholds (every row's split from one padded sort and prefix sums) equal
+    _fine_split run on each row's own sorted candidates, bit for bit, on rows with many, two, one
+    and no candidates, and with lam other than 1."""
+    from quantlib.cfp import _fine_split, _iqr_upper, _thresholds
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 96, generator=g)
+    w[:16, :5] *= torch.linspace(4, 30, 5)  # planted outliers of several sizes
+    w[16, 0] = 25.0  # one planted value
+    w[17] = 1.0 - 1e-3 * torch.arange(96)  # nearly flat: no candidates
+    for cfg in (CFPConfig(), CFPConfig(lam=0.3)):
+        u = w.abs() / w.abs().mean(1, keepdim=True)
+        cand = u > _iqr_upper(u, cfg.iqr_k)
+        lam = cfg.lam * u.var(1, unbiased=False)
+        want = [_fine_split(torch.sort(u[r][cand[r]]).values, float(lam[r])) * float(w[r].abs().mean())
+                if int(cand[r].sum()) >= 2 else None for r in range(w.shape[0])]
+        assert _thresholds(w, cfg) == want
+        assert want[17] is None and all(t is not None for t in want[:16])
+
+
 def _loop_split(values, lam):
     """The fine split by its definition, one candidate split at a time."""
     best, thr = -float("inf"), float(values[-1])
