@@ -31,6 +31,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -105,34 +106,58 @@ def _row(scheme: str, kind: str, label: str, ppl: float | None, path: Path | Non
 
 def read_codes(folder: Path, model: str, schemes: tuple[str, ...]) -> tuple[dict, dict]:
     """(codes by module, quantization.json) of a `ptq quantize --out` folder, checked before any work:
-    its files match its MANIFEST, it was made from `model` with weight-only codes of one scheme (no
-    rotation, activation quantizers or mixed plan: a GGUF file of the source's other tensors cannot
-    carry them), and every `schemes` entry names that scheme."""
+    its files match its MANIFEST, it was made from `model`, only its Linears' weights differ from the
+    source (a GGUF file here takes every other tensor from the source), its scheme has a GGUF type, and
+    every `schemes` entry names that scheme."""
+    from quantlib.gguf import gguf_type
+    from quantlib.spec import parse_scheme
     from tasks.io import verify_manifest
     from tasks.qat import load_quantized
 
-    info_path = folder / "quantization.json"
-    if not info_path.is_file():
-        raise ValueError(f"--codes {folder}: no quantization.json; give the --out folder of a `ptq quantize` run")
-    info = json.loads(info_path.read_text())
-    if "format" in info or "quantized_sha256" not in info:
-        raise ValueError(f"--codes {folder}: a release folder, not a `ptq quantize --out` folder (which keeps the "
-                         "codes in quantized.safetensors); give the folder `ptq quantize --out` wrote")
+    info = _codes_info(folder)
     bad = verify_manifest(folder)
     if bad:
         raise ValueError(f"--codes {folder}: {', '.join(bad)} differ from its MANIFEST.json; re-run ptq quantize")
     if info.get("model") != model:
         raise ValueError(f"--codes {folder} was made from {info.get('model')!r}, not --model {model!r}; pass "
                          f"--model {info.get('model')}")
-    for key in ("rotation", "activations", "mixed", "smooth"):
-        if info.get(key):
-            raise ValueError(f"--codes {folder} was made with {key} {info[key]!r}, which a GGUF file of the source "
-                             f"model's other tensors does not carry; quantize without it")
-    wrong = [s for s in schemes if s.partition(":")[0] != info["spec"]["name"]]
+    changed = _beyond_the_linears(info)
+    if changed:
+        raise ValueError(f"--codes {folder} was made with {changed}, which changes more than the quantized weights; "
+                         "a GGUF file of its codes and the source model's other tensors cannot carry it: quantize "
+                         "without it")
+    name = info["spec"]["name"]
+    gguf_type(parse_scheme(name))  # refuses a scheme with no GGUF type, naming the fix
+    wrong = [s for s in schemes if parse_scheme(s.partition(":")[0]).name != name]
     if wrong:
-        raise ValueError(f"--schemes {' '.join(wrong)}: the codes in {folder} are {info['spec']['name']}; pass "
-                         f"--schemes {info['spec']['name']} or {info['spec']['name']}:K_TYPE")
+        raise ValueError(f"--schemes {' '.join(wrong)}: the codes in {folder} are {name}; pass --schemes {name} "
+                         f"or {name}:K_TYPE")
     return load_quantized(folder / "quantized.safetensors", info["quantized_sha256"], info["modules"]), info
+
+
+def _codes_info(folder: Path) -> dict:
+    """quantization.json of a `ptq quantize --out` folder (a release folder is refused)."""
+    path = folder / "quantization.json"
+    if not path.is_file():
+        raise ValueError(f"--codes {folder}: no quantization.json; give the --out folder of a `ptq quantize` run")
+    info = json.loads(path.read_text())
+    if "format" in info or "quantized_sha256" not in info:
+        raise ValueError(f"--codes {folder}: a release folder, not a `ptq quantize --out` folder (which keeps the "
+                         "codes in quantized.safetensors); give the folder `ptq quantize --out` wrote")
+    return info
+
+
+def _beyond_the_linears(info: dict) -> str | None:
+    """What in a `ptq quantize` run changed tensors besides the quantized Linears' weights (norms,
+    embeddings, online transforms) or mixed their schemes; None when nothing did."""
+    for key in ("rotation", "activations", "mixed", "smooth"):  # None when unused (smooth 0 is a setting)
+        if info.get(key) is not None:
+            return f"{key} {info[key]!r}"
+    if (info.get("method_config") or {}).get("cfp") or re.search(r"-cfpa?(-|\+|$)", info.get("method", "")):
+        return "CFP (it rescales the norms)"
+    if (info.get("qat_config") or {}).get("train_norms"):
+        return "QAT's trainable norms"
+    return None
 
 
 def _given(model_dir: Path, data, codes: dict, info: dict):
@@ -395,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.bench_gguf", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="SCHEME or SCHEME:K_TYPE, e.g. w4g32:Q4_K")
-    p.add_argument("--method", default="gptq")
+    p.add_argument("--method", default=None, help="block-wise method to quantize with (default gptq)")
     p.add_argument("--codes", type=Path, default=None, metavar="DIR",
                    help="the --out folder of a `ptq quantize` run: its codes (any method, +qat included) instead of "
                         "quantizing with --method")
-    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128)")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     p.add_argument("--llama-cpp", default=os.environ.get("PTQ_LLAMA_CPP_PYTHON"),
                    help="a Python with llama-cpp-python (make llama-cpp-env); default $PTQ_LLAMA_CPP_PYTHON")
@@ -413,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         scheme, _, kind = a.decode_scheme.partition(":")
         run_gguf_decode(a.model, scheme, kind or "Q4_K", a.new_tokens, a.out, a.llama_cpp)
     else:
-        run_gguf(a.model, tuple(a.schemes), a.method, a.n_samples, a.out, a.llama_cpp, a.codes)
+        if a.codes is not None and (a.method or a.n_samples):
+            p.error("--codes takes the method and calibration its `ptq quantize` run recorded: drop --method and "
+                    "--n-samples")
+        run_gguf(a.model, tuple(a.schemes), a.method or "gptq", a.n_samples or 128, a.out, a.llama_cpp, a.codes)
     return 0
 
 

@@ -47,8 +47,7 @@ METHOD_FORMS = (
     "recon parts: k<window>[o<overlap>][L<lookahead>], L<n> or la<n> (look-ahead), "
     f"a rounding ({', '.join(ROUNDINGS)}), a loss ({', '.join(LOSSES)}), an init ({', '.join(INITS)}), "
     "i<iterations>, cfp (CBQ outlier pre-processing), cfpa (its activation half only), "
-    "bf16 (windows under bf16 autocast), sign (SignRound's "
-    "optimizer, linear decay); "
+    "bf16 (windows under bf16 autocast), sign (SignRound's optimizer, linear decay); "
     "e.g. recon-k2o1-gptq-i40+qat128"
 )
 _QAT_SUFFIX = re.compile(r"(.+)\+qat(\d+)?(-bf16)?")
@@ -189,6 +188,9 @@ def _recon_parts(parts: list[str], name: str) -> dict[str, Any]:
         elif part == "cfp":
             kw["cfp"] = True
         elif part == "cfpa":
+            if "cfp" in parts:
+                raise ValueError(f"method {name!r}: cfp (both halves) and cfpa (the activation half) exclude "
+                                 "each other; keep one")
             kw["cfp"], kw["cfp_weights"] = True, False
         elif part == "bf16":
             kw["amp"] = "bf16"

@@ -48,7 +48,7 @@ def _fine_split(values: torch.Tensor, lam: float) -> float:
     v and v^2 (float64), the first best split on ties."""
     v = values.double()
     n = v.numel()
-    i = torch.arange(1, n, dtype=torch.float64)  # the low set is v[:i]
+    i = torch.arange(1, n, dtype=torch.float64, device=v.device)  # the low set is v[:i]
     s1, s2 = v.cumsum(0), (v * v).cumsum(0)
     lo_mean, lo_sq = s1[:-1] / i, s2[:-1] / i
     hi_mean, hi_sq = (s1[-1] - s1[:-1]) / (n - i), (s2[-1] - s2[:-1]) / (n - i)
@@ -79,11 +79,12 @@ def _thresholds(w: torch.Tensor, cfg: CFPConfig) -> list[float | None]:
     cand = u > _iqr_upper(u, cfg.iqr_k)  # the IQR rule is scale-free: the same set as on |w|
     lam = (cfg.lam * u.var(1, unbiased=False)).double()  # (out,)
     n = cand.sum(1)  # (out,) candidates per row
-    v = torch.sort(torch.where(cand, u, torch.inf), dim=1).values  # (out, in): candidates first, ascending
-    z = torch.where(n[:, None] > torch.arange(u.shape[1]), v, 0).double()
-    c1, c2 = z.cumsum(1), (z * z).cumsum(1)  # (out, in); the last column: each row's totals
-    s1, s2 = c1[:, :-1], c2[:, :-1]  # (out, in - 1): sums of the low set, the first i = 1, 2, ... values
-    i = torch.arange(1, u.shape[1], dtype=torch.float64)
+    k = max(int(n.max()), 2)  # the widest row's candidates: columns past k hold none
+    v = torch.sort(torch.where(cand, u, torch.inf), dim=1).values[:, :k]  # (out, k): candidates first, ascending
+    z = torch.where(n[:, None] > torch.arange(k, device=w.device), v, 0).double()
+    c1, c2 = z.cumsum(1), (z * z).cumsum(1)  # (out, k); the last column: each row's totals
+    s1, s2 = c1[:, :-1], c2[:, :-1]  # (out, k - 1): sums of the low set, the first i = 1, 2, ... values
+    i = torch.arange(1, k, dtype=torch.float64, device=w.device)
     hi_n = (n[:, None] - i).clamp_min(1)  # splits at i >= n are masked below
     lo_mean, lo_sq = s1 / i, s2 / i
     hi_mean, hi_sq = (c1[:, -1:] - s1) / hi_n, (c2[:, -1:] - s2) / hi_n

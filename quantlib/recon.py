@@ -107,7 +107,8 @@ class ReconConfig:
         _check(0 < self.init_damp < 1, f"init_damp must be in (0, 1), got {self.init_damp}")
         _check(self.grid in GRIDS, f"grid must be one of {GRIDS}, got {self.grid!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
-        _check(self.cfp or self.cfp_weights, "cfp_weights=False selects CFP's activation half: it needs cfp=True")
+        _check(self.cfp or self.cfp_weights,
+               "cfp_weights=False (method part cfpa) selects CFP's activation half: it needs cfp=True")
         for name in ("lr", "clip_lr", "weight_lr", "kl_weight", "reg_weight", "grad_clip"):
             _check(getattr(self, name) > 0 or (name in ("reg_weight", "kl_weight") and getattr(self, name) == 0),
                    f"{name} must be positive, got {getattr(self, name)}")

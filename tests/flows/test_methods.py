@@ -72,12 +72,13 @@ def test_gptq_and_boa_take_a_damping_part():
     ("gptq+foo", "cannot parse '+foo'"),
     ("gptq+qat-fp16", "cannot parse '+qat-fp16'"),
     ("gptq-i40", "cannot parse 'i40'"),
+    ("recon-cfp-cfpa", "cfp (both halves) and cfpa (the activation half) exclude each other"),
 ])
 def test_bad_names_fail_clearly(name, message):
     with pytest.raises(ValueError, match=re.escape(message)) as e:
         parse_method(name)
     assert name in str(e.value)
-    if "overlap" not in message:  # a parse error lists the accepted forms
+    if "overlap" not in message and "exclude" not in message:  # a parse error lists the accepted forms
         assert METHOD_FORMS in str(e.value)
 
 

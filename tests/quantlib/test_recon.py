@@ -265,14 +265,17 @@ def test_lookahead_window_trains_through_frozen_fp_blocks(monkeypatch):
     assert [(st.start, st.end) for st in stats] == [(0, 1), (1, 2), (2, 3)]
 
 
-def test_windows_targets_are_the_pristine_fp_boundaries_with_overlap_lookahead_and_cfp(monkeypatch):
+@pytest.mark.parametrize("lookahead, asked", [(0, [(0, 2, 2), (1, 3, 3)]), (1, [(0, 2, 3), (1, 3, 3)])])
+def test_windows_targets_are_the_pristine_fp_boundaries_with_overlap_lookahead_and_cfp(monkeypatch, lookahead,
+                                                                                        asked):
     """reconstruct_model advances one FP store window by window (FPCursor) instead of keeping all
-    n + 1 boundaries: with overlap, look-ahead and CFP (which rewrites the blocks it initializes),
-    every window's targets are still the untouched FP model's boundary min(end + L, n), bit for bit;
-    a boundary behind the cursor is refused."""
+    n + 1 boundaries: with overlap and CFP (which rewrites the blocks it initializes), every window's
+    targets are still the untouched FP model's boundary min(end + L, n), bit for bit. Without
+    look-ahead the cursor moves from boundary 2 to 3 after window (0, 2) has run CFP on blocks 0-1
+    and carried block 1; a boundary behind the cursor is refused."""
     import quantlib.windows as W
 
-    _, _, _, fp_bounds = _captured()
+    _, _, calls, fp_bounds = _captured()
     a = get_adapter(tiny_model())
     seen, original = [], W.train_and_propagate
 
@@ -282,10 +285,10 @@ def test_windows_targets_are_the_pristine_fp_boundaries_with_overlap_lookahead_a
         return original(adapter, start, end, lookahead_end, inputs, targets, *args, **kw)
 
     monkeypatch.setattr(W, "train_and_propagate", spy)
-    cfg = ReconConfig(window=2, overlap=1, lookahead=1, rounding="signed", loss="mse", iters=3, cfp=True)
+    cfg = ReconConfig(window=2, overlap=1, lookahead=lookahead, rounding="signed", loss="mse", iters=3, cfp=True)
     reconstruct_model(a, tiny_ids(8, 32), SPEC, cfg, ENGINE)
-    assert seen == [(0, 2, 3), (1, 3, 3)]
-    cursor = W.FPCursor(a, fp_bounds[0], _captured()[2], torch.device("cpu"))
+    assert seen == asked
+    cursor = W.FPCursor(get_adapter(tiny_model()), fp_bounds[0], calls, torch.device("cpu"))
     cursor.at(2)
     with pytest.raises(ValueError, match="boundary 1 asked after boundary 2"):
         cursor.at(1)
@@ -430,7 +433,7 @@ def test_a_window_applies_cfps_weight_half_only_when_asked(monkeypatch, cfp_weig
     with torch.no_grad():
         got = float(state.learnables[0]["mlp.down_proj"].weight_hat(hard=True)[0, 0])
     assert (got < 0.5 * big) if cfp_weights else (got == pytest.approx(big, rel=0.01))
-    with pytest.raises(ValueError, match="cfp_weights=False selects CFP's activation half"):
+    with pytest.raises(ValueError, match=r"cfp_weights=False \(method part cfpa\) selects CFP's activation half"):
         ReconConfig(cfp_weights=False)
 
 
@@ -499,6 +502,8 @@ def test_cfp_thresholds_of_all_rows_at_once_equal_each_rows_own_split(seed):
     w[:16, :5] *= torch.linspace(4, 30, 5)  # planted outliers of several sizes
     w[16, 0] = 25.0  # one planted value
     w[17] = 1.0 - 1e-3 * torch.arange(96)  # nearly flat: no candidates
+    w[18], w[19] = 1.0, 1.0  # flat rows (IQR 0) with exactly one and exactly two values above them
+    w[18, 0], w[19, :2] = 50.0, torch.tensor([50.0, 60.0])
     for cfg in (CFPConfig(), CFPConfig(lam=0.3)):
         u = w.abs() / w.abs().mean(1, keepdim=True)
         cand = u > _iqr_upper(u, cfg.iqr_k)
@@ -506,7 +511,9 @@ def test_cfp_thresholds_of_all_rows_at_once_equal_each_rows_own_split(seed):
         want = [_fine_split(torch.sort(u[r][cand[r]]).values, float(lam[r])) * float(w[r].abs().mean())
                 if int(cand[r].sum()) >= 2 else None for r in range(w.shape[0])]
         assert _thresholds(w, cfg) == want
-        assert want[17] is None and all(t is not None for t in want[:16])
+        counts = cand.sum(1).tolist()
+        assert counts[17:20] == [0, 1, 2] and want[17] is None and want[18] is None and want[19] is not None
+        assert all(t is not None for t in want[:16]) and max(counts) > 2
 
 
 def _loop_split(values, lam):
