@@ -111,7 +111,7 @@ def profile_recon(model_dir: Path, n: int, seqlen: int, iters: int, amp: str = "
     _keep_blocks(model, 2)
     data = C.protocol_data(tok, "wikitext2", None, **(CALIB | {"n": n, "seqlen": seqlen}))
     cfg = parse_method(f"recon-k2o1-gptq-i{iters}", recon={"amp": amp}).base
-    labels = [(W, "init_block", "init (GPTQ)"), (W, "fp_boundaries", "FP targets"), (W, "_train", "training loop"),
+    labels = [(W, "init_block", "init (GPTQ)"), (W.FPCursor, "at", "FP targets"), (W, "_train", "training loop"),
               (W, "_eval_loss", "loss before/after"), (W, "recon_loss", "loss (mse+kl)"),
               (LearnableLinear, "weight_hat", "fake-quant")]
     with _labelled(labels), profile(activities=[ProfilerActivity.CPU]) as prof:
