@@ -160,8 +160,8 @@ def _beyond_the_linears(info: dict) -> str | None:
     return None
 
 
-def _given(model_dir: Path, data, codes: dict, info: dict):
-    """(codes, fake-quant perplexity, the seconds `ptq quantize` recorded) of read_codes' output."""
+def _given_ppl(model_dir: Path, data, codes: dict) -> float:
+    """Fake-quant perplexity of read_codes' codes put into the source model."""
     from tasks.qat import apply_quantized
     from tasks.sources import load_model
 
@@ -169,7 +169,7 @@ def _given(model_dir: Path, data, codes: dict, info: dict):
 
     model = load_model(model_dir)
     apply_quantized(model, codes)
-    return codes, C.eval_ppl(model, data.windows), float(info["quant_seconds"])
+    return C.eval_ppl(model, data.windows)
 
 
 def _ours(model_dir: Path, data, spec, method: str):
@@ -229,11 +229,10 @@ def _one_scheme(model_dir: Path, data, scheme: str, method: str, tmp: Path, llam
     settings = {"n_samples": int(data.calib.shape[0]), "seqlen": int(data.calib.shape[1]), "windows": len(data.windows)}
     if given is None:
         results, ppl, seconds = _ours(model_dir, data, spec, method)
-    else:  # the codes' own calibration and configs, so the row says how they were made
-        results, ppl, seconds = _given(model_dir, data, *given)
-        method = given[1]["method"]
-        settings = {"n_samples": given[1]["n_samples"], "seqlen": given[1]["seqlen"], "windows": len(data.windows),
-                    "codes": {k: given[1].get(k) for k in CODES_KEYS}}
+    else:  # data.calib has the codes' size (run_gguf); the row records how they were made
+        (results, info), method = given, given[1]["method"]
+        ppl, seconds = _given_ppl(model_dir, data, results), float(info["quant_seconds"])
+        settings["codes"] = {k: info.get(k) for k in CODES_KEYS}
     names = sorted(results)
     rows = [_row(name, kind, method, ppl, None, seconds, settings)]
     path = tmp / f"{name}-{method}.gguf"
@@ -305,10 +304,9 @@ def run_gguf(model: str, schemes: tuple[str, ...], method: str, n_samples: int, 
     from .bench import CALIB
 
     given = None if codes is None else read_codes(Path(codes), model, schemes)  # refused before any work
-    if given is not None:
-        n_samples = given[1]["n_samples"]
     model_dir = C.cached_model(model)
-    calib = dict(CALIB, n=n_samples)
+    calib = dict(CALIB, n=n_samples) if given is None else dict(CALIB, n=given[1]["n_samples"],
+                                                                  seqlen=given[1]["seqlen"])
     data = C.protocol_data(load_tokenizer(model_dir), "wikitext2", None, **calib)
     fp = C.eval_ppl(load_model(model_dir), data.windows)
     stamp = _stamp(model, "python -m flows.bench_gguf " + shlex.join(sys.argv[1:]))

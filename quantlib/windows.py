@@ -77,13 +77,10 @@ def forward_blocks(blocks: list[nn.Module], calls: list[BlockCall], inputs: Acti
 
 
 def fp_boundaries(adapter: ModelAdapter, inputs: ActivationStore, calls: list[BlockCall], device) -> list[ActivationStore]:
-    """FP activations at every block boundary: [inputs, out(block 0), ..., out(block n-1)]."""
-    bounds = [inputs]
-    for i, block in enumerate(adapter.blocks):
-        block.to(device)
-        bounds.append(forward_blocks([block], [calls[i].to(device)], bounds[-1], device))
-        block.to("cpu")
-    return bounds
+    """FP activations at every block boundary: [inputs, out(block 0), ..., out(block n-1)], all held
+    at once (reconstruct_model keeps only the one it needs: FPCursor)."""
+    cursor = FPCursor(adapter, inputs, calls, device)
+    return [inputs] + [cursor.at(t) for t in range(1, len(adapter.blocks) + 1)]
 
 
 class FPCursor:
