@@ -58,11 +58,15 @@ gptqmodel-env: $(GM_STAMP)
 
 # llama.cpp itself (llama-cpp-python built from source, for this CPU), for flows/bench_gguf.py's
 # llama.cpp rows: ~10 min here on 2 cores. Then PTQ_LLAMA_CPP_PYTHON=.venv-llama-cpp/bin/python.
+# AMX off: on this VM (cpuid lists amx_tile/amx_int8, the kernel grants the tile state) ggml's AMX
+# matmul still died on its first tileloadd (SIGILL, invalid opcode) when scoring a Q6_K file
 LC_VENV := .venv-llama-cpp
+LC_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 llama-cpp-env:
 	python3 -m venv $(LC_VENV)
 	$(LC_VENV)/bin/pip install -q -U pip
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_C_FLAGS='$(LC_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LC_NO_AMX)'" \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(LC_VENV)/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 
 # llm-compressor, the measured peer of the weight-and-activation rows (flows/bench_peer.py), in its own

@@ -18,6 +18,7 @@ from quantlib.rotation import attach_online, check_rotatable, rotate_model
 from quantlib.mixed import MixedConfig, plan_mixed
 from quantlib.qweight import bits_per_weight
 from quantlib.spec import QuantSpec, parse_scheme
+from quantlib.windows import WindowStats
 from tasks.sources import load_model, load_tokenizer
 from tasks.inputs import evaluation_ids
 from tasks.textdata import calibration_parts, parse_calibration_source, parse_text_source
@@ -56,6 +57,16 @@ def method_choice(args: argparse.Namespace, name: str) -> MethodChoice:
     qat = {k: getattr(args, f) for f, k in QAT_FLAGS.items() if getattr(args, f, None) is not None}
     return parse_method(name, act_order=args.act_order, damp=args.damp, block_size=args.block_size,
                         clip_search=args.clip_search, recon=recon, qat=qat)
+
+
+def stats_info(stats: list) -> dict:
+    """What quantization.json keeps of the quantize stats: each Linear's relative output error
+    (block-wise methods: engine.BlockStats), or each reconstruction window's blocks and its hardened
+    loss at the init and as shipped (windows.WindowStats; the guard keeps the init when training lost)."""
+    if stats and isinstance(stats[0], WindowStats):
+        return {"windows": [{"blocks": list(range(s.start, s.end)), "loss_init": s.loss_init, "loss_final": s.loss_final,
+                             "kept_init": s.kept_init} for s in stats]}
+    return {"layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -97,7 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "quantized_inputs": engine.act_inputs is not None, "smooth": args.smooth,
             "rotation": rotation, "modules": sorted(results),
             "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "quant_seconds": seconds,
-            "layer_errors": {f"{s.index}.{k}": v for s in stats for k, v in s.layer_errors.items()}}
+            **stats_info(stats)}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     C.save_quantized(tmp, model, tok, results, info)

@@ -210,3 +210,31 @@ def test_ptq_quantize_mixed_writes_each_linear_on_its_planned_grid(tmp_path):
     stored = {p: QuantizedWeight.from_state_dict(tensors, p) for p in plan}
     assert {p: qw.spec.name for p, qw in stored.items()} == plan
     assert bits_per_weight(stored) <= 3 + 19 / 32
+
+
+def test_ptq_quantize_recon_with_qat_writes_codes_the_gguf_bench_reads(tmp_path):
+    """`ptq quantize --method recon-...+qat`: the run the GGUF bench's --codes is built for. It once
+    crashed after 40 minutes of work, at the end, reading Linear errors off the windows' stats; now
+    quantization.json keeps each window's losses, and the folder's codes are the dense weights it
+    wrote."""
+    from safetensors.torch import load_file
+
+    from flows.bench_gguf import read_codes
+    from flows.cli import main
+
+    from pipeline_projects import char_llama_source
+
+    _, text = char_llama_source(tmp_path)
+    assert main(["quantize", "--model", str(tmp_path / "src"), "--calib", str(text), "--n-samples", "8", "--seqlen", "32",
+                 "--method", "recon-k1-rtn-i2+qat2", "--bits", "2", "--group-size", "32", "--qat-patience", "0",
+                 "--out", str(tmp_path / "q")]) == 0
+    info = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert [w["blocks"] for w in info["windows"]] == [[0], [1], [2]] and "layer_errors" not in info
+    assert all(w["loss_final"] <= w["loss_init"] for w in info["windows"])
+    codes, given = read_codes(tmp_path / "q", str(tmp_path / "src"), ("w2g32",))
+    assert given["method"] == "recon-k1-rtn-i2+qat2" and given["qat_config"]["steps"] == 2
+    dense = T.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).state_dict()
+    stored = load_file(tmp_path / "q" / "quantized.safetensors")
+    for name, qw in codes.items():
+        assert torch.equal(qw.dequantize(), dense[name + ".weight"]), name
+    assert set(codes) == {n.rsplit(".", 1)[0] for n in stored if n.endswith(".qweight")}
