@@ -22,7 +22,9 @@ lie on a Q4_1 grid.
 
     python -m flows.bench_gguf --schemes w4g32:Q4_K w2g64:Q2_K    # appends to docs/benchmarks/gguf.json
     python -m flows.bench_gguf --decode                            # decode tokens/s: torch vs llama.cpp
-    ptq quantize --method recon+qat128 --bits 2 --group-size 64 --out q2    # then its codes in Q2_K:
+    # the 2-bit default's codes in Q2_K (one command line each):
+    ptq quantize --method recon-k1-rtn-signed-sign-mse-i100-bf16+qat128-bf16 --bits 2 --group-size 64
+        --clip-lr 0.3 --grid learned --qat-lr 0.01 --qat-patience 0 --out q2
     python -m flows.bench_gguf --codes q2 --schemes w2g64:Q2_K
 """
 from __future__ import annotations
